@@ -1,0 +1,301 @@
+"""Fused SphericalSGD step: one Triton launch updates every row of many tensors.
+
+The launch works on a pointer table: one entry per tensor (param, grad, per-row
+state ``s``, prior, step counter, row count) and one entry per program (which
+tensor, first row). So a step over 1000 small concept tensors is one launch,
+not 1000; a single packed tensor of a million rows is the same launch with a
+one-row table. The math is :func:`dti_fast.sphere.spherical_sgd_step_reference`,
+accumulated in fp32 whatever the storage dtype.
+
+Tensors of one launch share a device, param dtype, grad dtype and vector size;
+:func:`fused_spherical_sgd` buckets its inputs by these and launches once per
+bucket (normally one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["fused_spherical_sgd", "MAX_SINGLE_PASS_DIM"]
+
+#: Rows up to this size are held in registers and read once; longer rows are
+#: streamed in chunks (four passes over the row).
+MAX_SINGLE_PASS_DIM = 8192
+
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+}
+
+
+@triton.jit
+def _adjusted_grad(grad_ptr, mu_ptr, offs, mask, inv_scale, kappa, HAS_SCALE: tl.constexpr, HAS_PRIOR: tl.constexpr):
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = g * inv_scale
+    if HAS_PRIOR:
+        g = g - kappa * tl.load(mu_ptr + offs, mask=mask, other=0.0)
+    return g
+
+
+@triton.jit
+def _spherical_sgd_kernel(
+    meta_ptr,
+    blocks_ptr,
+    grad_scale_ptr,
+    found_inf_ptr,
+    lr,
+    kappa,
+    beta,
+    log2_beta,
+    eps,
+    D,
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    HAS_PRIOR: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BIAS_CORRECTION: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # meta rows (int64): param, grad, s, prior, step pointers; row count.
+    # blocks rows (int32): tensor index, first row of this program.
+    pid = tl.program_id(0)
+    tensor = tl.load(blocks_ptr + 2 * pid).to(tl.int64)
+    row0 = tl.load(blocks_ptr + 2 * pid + 1).to(tl.int64)
+    meta = meta_ptr + tensor * 6
+    p_ptr = tl.load(meta + 0).to(tl.pointer_type(PARAM_DTYPE))
+    g_ptr = tl.load(meta + 1).to(tl.pointer_type(GRAD_DTYPE))
+    s_ptr = tl.load(meta + 2).to(tl.pointer_type(tl.float32))
+    mu_ptr = tl.load(meta + 3).to(tl.pointer_type(tl.float32))
+    step_ptr = tl.load(meta + 4).to(tl.pointer_type(tl.float32))
+    n_rows = tl.load(meta + 5)
+
+    rows = row0 + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_mask = rows < n_rows
+    cols = tl.arange(0, BLOCK_D)
+
+    inv_scale = 1.0
+    if HAS_SCALE:
+        inv_scale = 1.0 / tl.load(grad_scale_ptr)
+    write = row_mask
+    if HAS_FOUND_INF:
+        write = row_mask & (tl.load(found_inf_ptr) == 0.0)
+
+    if SINGLE_PASS:
+        offs = rows[:, None] * D + cols[None, :]
+        mask = row_mask[:, None] & (cols < D)[None, :]
+        v = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = _adjusted_grad(g_ptr, mu_ptr, offs, mask, inv_scale, kappa, HAS_SCALE, HAS_PRIOR)
+        gv = tl.sum(g * v, axis=1)
+        g = g - gv[:, None] * v
+        if NORMALIZE:
+            s = beta * tl.load(s_ptr + rows, mask=row_mask, other=0.0) + (1.0 - beta) * tl.sum(g * g, axis=1)
+            tl.store(s_ptr + rows, s, mask=write)
+            if BIAS_CORRECTION:
+                s = s / (1.0 - tl.exp2(tl.load(step_ptr) * log2_beta))
+            coef = lr / (tl.sqrt(s) + eps)
+            coef = tl.where(row_mask, coef, 0.0)
+        else:
+            coef = lr + tl.zeros([BLOCK_R], dtype=tl.float32)
+        v = v - coef[:, None] * g
+        norm = tl.where(row_mask, tl.sqrt(tl.sum(v * v, axis=1)), 1.0)  # padding rows: no 0/0
+        v = v / norm[:, None]
+        tl.store(p_ptr + offs, v.to(PARAM_DTYPE), mask=mask & write[:, None])
+    else:
+        # Rows longer than one block: stream them. Pass 1: g.v.
+        gv = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c in range(0, D, BLOCK_D):
+            offs = rows[:, None] * D + (c + cols)[None, :]
+            mask = row_mask[:, None] & ((c + cols) < D)[None, :]
+            v = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            g = _adjusted_grad(g_ptr, mu_ptr, offs, mask, inv_scale, kappa, HAS_SCALE, HAS_PRIOR)
+            gv += tl.sum(g * v, axis=1)
+        # Pass 2: the tangent gradient's norm gives the step size.
+        if NORMALIZE:
+            gg = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for c in range(0, D, BLOCK_D):
+                offs = rows[:, None] * D + (c + cols)[None, :]
+                mask = row_mask[:, None] & ((c + cols) < D)[None, :]
+                v = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                g = _adjusted_grad(g_ptr, mu_ptr, offs, mask, inv_scale, kappa, HAS_SCALE, HAS_PRIOR)
+                g = g - gv[:, None] * v
+                gg += tl.sum(g * g, axis=1)
+            s = beta * tl.load(s_ptr + rows, mask=row_mask, other=0.0) + (1.0 - beta) * gg
+            tl.store(s_ptr + rows, s, mask=write)
+            if BIAS_CORRECTION:
+                s = s / (1.0 - tl.exp2(tl.load(step_ptr) * log2_beta))
+            coef = lr / (tl.sqrt(s) + eps)
+            coef = tl.where(row_mask, coef, 0.0)
+        else:
+            coef = lr + tl.zeros([BLOCK_R], dtype=tl.float32)
+        # Pass 3: norm of the updated row; pass 4: write it retracted.
+        nn = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c in range(0, D, BLOCK_D):
+            offs = rows[:, None] * D + (c + cols)[None, :]
+            mask = row_mask[:, None] & ((c + cols) < D)[None, :]
+            v = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            g = _adjusted_grad(g_ptr, mu_ptr, offs, mask, inv_scale, kappa, HAS_SCALE, HAS_PRIOR)
+            v = v - coef[:, None] * (g - gv[:, None] * v)
+            nn += tl.sum(v * v, axis=1)
+        inv_norm = 1.0 / tl.where(row_mask, tl.sqrt(nn), 1.0)
+        for c in range(0, D, BLOCK_D):
+            offs = rows[:, None] * D + (c + cols)[None, :]
+            mask = row_mask[:, None] & ((c + cols) < D)[None, :]
+            v = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            g = _adjusted_grad(g_ptr, mu_ptr, offs, mask, inv_scale, kappa, HAS_SCALE, HAS_PRIOR)
+            v = (v - coef[:, None] * (g - gv[:, None] * v)) * inv_norm[:, None]
+            tl.store(p_ptr + offs, v.to(PARAM_DTYPE), mask=mask & write[:, None])
+
+
+def _launch_config(dim: int) -> tuple[int, int, bool, int]:
+    """(BLOCK_R, BLOCK_D, SINGLE_PASS, num_warps) for rows of ``dim`` elements."""
+    if dim <= MAX_SINGLE_PASS_DIM:
+        block_d = triton.next_power_of_2(dim)
+        single = True
+    else:
+        block_d = 2048
+        single = False
+    block_r = max(1, min(64, 4096 // block_d))
+    num_warps = 4 if block_r * block_d <= 2048 else 8
+    return block_r, block_d, single, num_warps
+
+
+class _LaunchCache:
+    """Device-side pointer and block tables, rebuilt only when pointers or shapes change."""
+
+    def __init__(self) -> None:
+        self._meta: dict = {}
+        self._blocks: dict = {}
+
+    def meta(self, bucket: tuple, entries: tuple, device: torch.device) -> torch.Tensor:
+        hit = self._meta.get(bucket)
+        if hit is not None and hit[0] == entries:
+            return hit[1]
+        if len(self._meta) > 64:
+            self._meta.clear()
+        table = _to_device(torch.tensor(entries, dtype=torch.int64), device)
+        self._meta[bucket] = (entries, table)
+        return table
+
+    def blocks(self, rows: tuple[int, ...], block_r: int, device: torch.device) -> torch.Tensor:
+        key = (rows, block_r, device)
+        hit = self._blocks.get(key)
+        if hit is not None:
+            return hit
+        if len(self._blocks) > 64:
+            self._blocks.clear()
+        n_blocks = torch.tensor([(r + block_r - 1) // block_r for r in rows], dtype=torch.int64)
+        total = int(n_blocks.sum())
+        tensor_of_block = torch.repeat_interleave(torch.arange(len(rows)), n_blocks)
+        first_block = torch.cumsum(n_blocks, 0) - n_blocks
+        row_of_block = (torch.arange(total) - first_block[tensor_of_block]) * block_r
+        table = torch.stack([tensor_of_block, row_of_block], dim=1).to(torch.int32).contiguous()
+        table = _to_device(table, device)
+        self._blocks[key] = table
+        return table
+
+
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        # Pinned memory makes the copy asynchronous: no host sync in the step.
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
+
+
+_DEFAULT_CACHE = _LaunchCache()
+
+
+def fused_spherical_sgd(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    row_states: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    priors: Optional[Sequence[torch.Tensor]],
+    *,
+    lr: float,
+    kappa: float,
+    beta: float,
+    eps: float,
+    normalize: bool,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    cache: Optional[_LaunchCache] = None,
+) -> None:
+    """Apply one SphericalSGD step in place with the Triton kernel.
+
+    ``params`` must be contiguous; ``row_states`` are fp32 tensors of shape
+    ``param.shape[:-1]``; ``steps`` fp32 scalar tensors already counting this
+    step; ``priors`` fp32 unit-row tensors shaped like the params (used when
+    ``kappa != 0``). ``grad_scale``/``found_inf`` are a GradScaler's device
+    tensors: grads are divided by the scale and nothing is written when
+    ``found_inf`` is nonzero, without a host sync.
+    """
+    cache = cache or _DEFAULT_CACHE
+    has_prior = kappa != 0.0
+    buckets: dict[tuple, list[int]] = {}
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if not p.is_contiguous():
+            raise ValueError(
+                f"fused SphericalSGD needs contiguous params; param {i} of shape {tuple(p.shape)} is not "
+                "(make it contiguous, or use fused=False)"
+            )
+        if p.dtype not in _TL_DTYPES or g.dtype not in _TL_DTYPES:
+            raise TypeError(f"fused SphericalSGD supports fp32/bf16/fp16, got param {p.dtype}, grad {g.dtype}")
+        buckets.setdefault((p.device, p.dtype, g.dtype, p.shape[-1]), []).append(i)
+
+    for bucket, idx in buckets.items():
+        device, p_dtype, g_dtype, dim = bucket
+        # Contiguous copies of grads stay referenced here until the launch is queued.
+        bucket_grads = [grads[i].contiguous() for i in idx]
+        entries = tuple(
+            (
+                params[i].data_ptr(),
+                g.data_ptr(),
+                row_states[i].data_ptr(),
+                priors[i].data_ptr() if has_prior else 0,
+                steps[i].data_ptr(),
+                params[i].numel() // dim,
+            )
+            for i, g in zip(idx, bucket_grads)
+        )
+        meta = cache.meta(bucket, entries, device)
+        block_r, block_d, single, num_warps = _launch_config(dim)
+        blocks = cache.blocks(tuple(e[5] for e in entries), block_r, device)
+        n_programs = blocks.shape[0]
+        if n_programs == 0:
+            continue
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            _spherical_sgd_kernel[(n_programs,)](
+                meta,
+                blocks,
+                grad_scale if grad_scale is not None else meta,
+                found_inf if found_inf is not None else meta,
+                float(lr),
+                float(kappa),
+                float(beta),
+                math.log2(beta) if beta > 0 else 0.0,
+                float(eps),
+                dim,
+                PARAM_DTYPE=_TL_DTYPES[p_dtype],
+                GRAD_DTYPE=_TL_DTYPES[g_dtype],
+                HAS_PRIOR=has_prior,
+                NORMALIZE=bool(normalize),
+                BIAS_CORRECTION=bool(normalize) and beta > 0,
+                HAS_SCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None,
+                SINGLE_PASS=single,
+                BLOCK_R=block_r,
+                BLOCK_D=block_d,
+                num_warps=num_warps,
+            )
