@@ -1,0 +1,174 @@
+"""Learned token embeddings on top of a frozen vocabulary.
+
+:class:`DirectionalEmbedding` replaces a text encoder's input embedding. Ids of
+the original vocabulary look up the frozen table; each added id returns
+``m* * v`` (DTI) or a free vector ``e`` (plain TI) for its row. Every concept's
+rows are one small parameter of shape (n_vectors, dim), so the optimizer sees
+only the learned rows (no state for the ~49k frozen ones), each concept keeps
+its own step count, and concepts absent from a batch are skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .sphere import norm_scale, project_to_sphere
+
+__all__ = ["DirectionalEmbedding", "ConceptTokens", "add_concept_tokens", "install_embedding", "initializer_ids"]
+
+
+@dataclass
+class ConceptTokens:
+    """The tokens of one concept in one tokenizer: placeholder strings and their ids."""
+
+    tokens: list[str]
+    ids: list[int]
+    init_ids: list[int]
+
+    @property
+    def prompt_string(self) -> str:
+        """What stands for the concept in a prompt: its tokens joined by spaces."""
+        return " ".join(self.tokens)
+
+
+def initializer_ids(tokenizer, words: str, concept: str = "?") -> list[int]:
+    """Token ids of the initializer word(s), without special tokens."""
+    ids = tokenizer(words, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(
+            f"concept {concept!r}: initializer {words!r} tokenizes to nothing; use ordinary word(s) such as the class noun"
+        )
+    return list(ids)
+
+
+def add_concept_tokens(tokenizer, placeholder: str, n_vectors: int, concept: str = "?") -> ConceptTokens:
+    """Add ``placeholder``, ``placeholder_1``, ... to ``tokenizer``; refuse tokens it already has."""
+    tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, n_vectors)]
+    vocab = tokenizer.get_vocab()
+    for tok in tokens:
+        # In the vocabulary either literally (an added token) or as one ordinary
+        # word piece ("dog" is "dog</w>" in CLIP's BPE table).
+        if tok in vocab or len(tokenizer(tok, add_special_tokens=False)["input_ids"]) == 1:
+            raise ValueError(
+                f"concept {concept!r}: placeholder token {tok!r} is already in the tokenizer's vocabulary; "
+                "choose another placeholder (e.g. '<my-concept>')"
+            )
+    added = tokenizer.add_tokens(tokens)
+    if added != len(tokens):
+        raise ValueError(f"concept {concept!r}: could not add placeholder tokens {tokens} to the tokenizer")
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    for tok, i in zip(tokens, ids):
+        # A placeholder must stay one token when it is written in a prompt.
+        if tokenizer(tok, add_special_tokens=False)["input_ids"] != [i]:
+            raise ValueError(f"concept {concept!r}: placeholder {tok!r} does not tokenize as one token; pick another")
+    return ConceptTokens(tokens=tokens, ids=list(ids), init_ids=[])
+
+
+class DirectionalEmbedding(nn.Module):
+    """A frozen vocabulary plus learned rows for added token ids.
+
+    Args:
+        base: the encoder's original input embedding (kept frozen).
+        first_id: the id of the first added token (the tokenizer's length
+            before placeholders were added).
+        scale: ``m*``: a statistic name ("mean", "min", "max") of the
+            vocabulary's row norms, or a float. ``None`` means plain TI: rows
+            are free vectors used as they are.
+    """
+
+    def __init__(self, base: nn.Embedding, first_id: int, scale: Union[str, float, None] = "mean") -> None:
+        super().__init__()
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        self.first_id = int(first_id)
+        self.spherical = scale is not None
+        self.scale = norm_scale(base.weight, scale) if scale is not None else 1.0
+        self.rows = nn.ParameterList()
+        self.priors: list[torch.Tensor] = []
+        self.row_ids: list[list[int]] = []
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # transformers reads .weight of the input embedding in a few places (dtype/device).
+        return self.base.weight
+
+    def add_concept(self, token_ids: Sequence[int], init: torch.Tensor, prior: torch.Tensor) -> int:
+        """Register the rows of one concept; returns its index.
+
+        ``init`` is the start (DTI: normalized here; TI: used as is), ``prior``
+        the vMF mean (normalized here). Both are (n_vectors, dim).
+        """
+        expected = self.first_id + sum(len(ids) for ids in self.row_ids)
+        if list(token_ids) != list(range(expected, expected + len(token_ids))):
+            raise ValueError(
+                f"token ids {list(token_ids)} must continue the added ids at {expected}; add concepts in tokenizer order"
+            )
+        init = init.detach().float().to(self.base.weight.device)
+        if self.spherical:
+            init = project_to_sphere(init, "initial direction")
+        self.rows.append(nn.Parameter(init.clone().contiguous()))
+        self.priors.append(project_to_sphere(prior.detach().float(), "vMF prior").to(init.device).contiguous())
+        self.row_ids.append(list(token_ids))
+        return len(self.rows) - 1
+
+    def vectors(self, index: int) -> torch.Tensor:
+        """The embedding vectors of concept ``index`` as used in the forward (m* v or e), fp32."""
+        return (self.rows[index] * self.scale).detach().clone()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids.clamp(max=self.first_id - 1))
+        if len(self.rows) == 0:
+            return out
+        table = torch.cat(list(self.rows)) if len(self.rows) > 1 else self.rows[0]
+        added = input_ids - self.first_id
+        is_added = (added >= 0) & (added < table.shape[0])
+        learned = F.embedding(added.clamp(min=0, max=table.shape[0] - 1), table)
+        if self.spherical:
+            learned = learned * self.scale
+        return torch.where(is_added.unsqueeze(-1), learned.to(out.dtype), out)
+
+
+def install_embedding(text_encoder: nn.Module, tokenizer_len_before: int, scale: Union[str, float, None]) -> DirectionalEmbedding:
+    """Swap ``text_encoder``'s input embedding for a :class:`DirectionalEmbedding`; returns it."""
+    base = text_encoder.get_input_embeddings()
+    if isinstance(base, DirectionalEmbedding):
+        raise ValueError("this text encoder already has a DirectionalEmbedding installed")
+    if not isinstance(base, nn.Embedding):
+        raise TypeError(f"the text encoder's input embedding is a {type(base).__name__}, expected nn.Embedding")
+    if tokenizer_len_before > base.num_embeddings:
+        raise ValueError(
+            f"the tokenizer has {tokenizer_len_before} tokens but the text encoder's table only "
+            f"{base.num_embeddings} rows: tokenizer and text encoder do not belong together"
+        )
+    emb = DirectionalEmbedding(base, first_id=tokenizer_len_before, scale=scale)
+    text_encoder.set_input_embeddings(emb)
+    return emb
+
+
+def mean_direction(base: nn.Embedding) -> torch.Tensor:
+    """The normalized mean of the vocabulary rows (the "mean" initialization)."""
+    return project_to_sphere(base.weight.detach().float().mean(0, keepdim=True), "vocabulary mean")[0]
+
+
+def start_rows(
+    base: nn.Embedding, init_ids: Sequence[int], mode: str, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Starting rows for one concept: "token" (initializer embedding), "random" or "mean"."""
+    n = len(init_ids)
+    weight = base.weight.detach().float()
+    if mode == "token":
+        return weight[list(init_ids)].clone()
+    if mode == "random":
+        return torch.randn(n, weight.shape[1], generator=generator).to(weight.device)
+    if mode == "mean":
+        return mean_direction(base).expand(n, -1).clone()
+    raise ValueError(f"init mode must be 'token', 'random' or 'mean', got {mode!r}")

@@ -1,0 +1,149 @@
+"""Writing learned concepts in the formats other tools load.
+
+Per concept, under ``<output>/<concept>/``:
+
+- ``learned_embeds.safetensors``: diffusers' format, ``{placeholder: (n_vectors, dim)}``
+  for the first text encoder; ``learned_embeds_2.safetensors`` for SDXL's second.
+  ``pipe.load_textual_inversion(folder_or_file)`` loads it; multi-vector
+  concepts expand to ``<name> <name>_1 ...`` as diffusers does.
+- A1111's format: SD ``<concept>.pt`` with ``string_to_param``; SDXL
+  ``<concept>.safetensors`` with ``clip_l`` and ``clip_g``.
+- ``concept.json``: what was trained (method, m*, norms, steps, initializer).
+- With ``export_ti_rescaled`` (TI only): the same files under ``rescaled/``
+  with every vector scaled to the vocabulary's m* (the paper's TI-rescaled).
+
+Exported vectors are ``m* * v`` for DTI, so any TI loader uses them as is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .io import save_safetensors, save_torch, write_json
+from .sphere import norm_scale
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .trainer import _Job
+
+__all__ = ["export_job", "write_concept_files", "validation_grids"]
+
+
+def write_concept_files(folder: Path, name: str, placeholder: str, vectors: list[torch.Tensor], family: str,
+                        steps: int) -> list[Path]:
+    """Write one concept's vectors (one (n, dim) tensor per text encoder) in every format."""
+    written = [save_safetensors({placeholder: vectors[0]}, folder / "learned_embeds.safetensors")]
+    if family == "sdxl":
+        written.append(save_safetensors({placeholder: vectors[1]}, folder / "learned_embeds_2.safetensors"))
+        written.append(save_safetensors({"clip_l": vectors[0], "clip_g": vectors[1]}, folder / f"{name}.safetensors"))
+    else:
+        a1111 = {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": vectors[0].detach().cpu().contiguous()},
+            "name": name,
+            "step": steps,
+            "sd_checkpoint": None,
+            "sd_checkpoint_name": None,
+        }
+        written.append(save_torch(a1111, folder / f"{name}.pt"))
+    return written
+
+
+def export_job(job: "_Job") -> tuple[dict[str, Path], dict[str, list[torch.Tensor]]]:
+    """Export every concept of a finished job; returns the folders and the vectors written."""
+    cfg = job.cfg
+    out = Path(cfg.output_dir)
+    dirs, all_vectors = {}, {}
+    vocab_scales = [norm_scale(emb.base.weight, cfg.norm_scale) for emb in job.embeddings]
+    for i, c in enumerate(cfg.concepts):
+        folder = out / c.name
+        vectors = [emb.vectors(i).cpu() for emb in job.embeddings]
+        steps = job.done[c.name]
+        write_concept_files(folder, c.name, c.placeholder, vectors, job.parts.family, steps)
+        info = {
+            "name": c.name,
+            "placeholder": c.placeholder,
+            "tokens": job.tokens[0][i].tokens,
+            "prompt_string": job.tokens[0][i].prompt_string,
+            "init": c.init,
+            "class_noun": c.class_noun,
+            "kind": c.kind,
+            "method": cfg.method,
+            "steps": steps,
+            "model": cfg.model,
+            "family": job.parts.family,
+            "encoders": [
+                {
+                    "scale": emb.scale if emb.spherical else None,
+                    "vocab_scale": vocab_scales[e],
+                    "dim": emb.embedding_dim,
+                    "norms": [float(n) for n in torch.linalg.vector_norm(vectors[e], dim=-1)],
+                }
+                for e, emb in enumerate(job.embeddings)
+            ],
+        }
+        if cfg.export_ti_rescaled and cfg.method == "ti":
+            rescaled = [
+                v / torch.linalg.vector_norm(v, dim=-1, keepdim=True) * s for v, s in zip(vectors, vocab_scales)
+            ]
+            write_concept_files(folder / "rescaled", c.name, c.placeholder, rescaled, job.parts.family, steps)
+            info["rescaled"] = "rescaled/"
+        write_json(info, folder / "concept.json")
+        dirs[c.name] = folder
+        all_vectors[c.name] = vectors
+    return dirs, all_vectors
+
+
+def _pipeline(job: "_Job"):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    parts = job.parts
+    scheduler = DDIMScheduler.from_config(parts.noise_scheduler.config)
+    if parts.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
+            tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1], unet=parts.unet, scheduler=scheduler,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0], unet=parts.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _grid(images: list, columns: int):
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * w, rows * h), "white")
+    for k, img in enumerate(images):
+        sheet.paste(img, ((k % columns) * w, (k // columns) * h))
+    return sheet
+
+
+def validation_grids(job: "_Job") -> list[Path]:
+    """Generate each validation prompt (``{}`` = the concept) with the learned vectors; save a grid per concept."""
+    from .io import atomic_write
+
+    cfg = job.cfg
+    pipe = _pipeline(job)
+    written = []
+    for i, c in enumerate(cfg.concepts):
+        # The bare placeholder: diffusers' pipelines expand it to all of the concept's tokens.
+        prompts = [p.replace("{}", c.placeholder) for p in cfg.validation_prompts]
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        with torch.no_grad():
+            images = pipe(
+                prompts, num_inference_steps=cfg.validation_inference_steps, generator=gen,
+                height=cfg.resolution, width=cfg.resolution,
+            ).images
+        sheet = _grid(images, columns=min(4, len(images)))
+        path = Path(cfg.output_dir) / c.name / "samples.png"
+        atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
+        written.append(path)
+    return written

@@ -1,0 +1,79 @@
+"""Crash-safe file writes and safe reads.
+
+Every file dti_fast produces is written to a temporary file in the target
+folder, flushed to disk, then renamed over the target: a reader (or a resumed
+job) sees the old file or the new one, never half of one. Reads of untrusted
+files never execute code: safetensors, or ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["atomic_write", "save_safetensors", "load_safetensors", "save_torch", "load_torch", "write_json"]
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` and move the result to ``path`` atomically (fsynced)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> Path:
+    """Write ``tensors`` (made contiguous, on the CPU) as a safetensors file, atomically."""
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=metadata))
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file onto the CPU, with an error that names the file."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises several types for corrupt files
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); re-export it") from err
+
+
+def save_torch(obj: Any, path: Path) -> Path:
+    """``torch.save`` atomically (for A1111's .pt format; contents must be plain data and tensors)."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``: a pickle that would run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{path} could not be loaded safely ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "only tensors and plain data are accepted from .pt/.bin files: re-export it as safetensors"
+        ) from err
+
+
+def write_json(obj: Any, path: Path) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
