@@ -17,6 +17,7 @@ setup(
     packages=["dti_fast", "dti_fast.kernels"],
     package_dir={"dti_fast": "dti_fast", "dti_fast.kernels": "kernels"},
     include_package_data=True,
+    package_data={"dti_fast": ["assets/clip_tokenizer/*", "assets/dreambooth_mini/*.txt", "assets/dreambooth_mini/*/*"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
