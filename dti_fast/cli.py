@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tomllib
 from dataclasses import fields
@@ -239,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "DreamBooth images (several concepts in one job), and the TI baseline on the same "
                           "concepts; write the outputs and print where they are and the learned norms.")
     demo.add_argument("--output", type=Path, default=Path("dti-demo-output"), help="output folder (default ./dti-demo-output)")
-    demo.add_argument("--steps", type=_positive_int, default=60, help="steps per concept (default 60)")
+    demo.add_argument("--steps", type=_positive_int, default=300, help="steps per concept (default 300)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(func=_cmd_demo)
 
@@ -263,11 +264,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep diffusers'/transformers' info chatter (weight-loading bars, notices) off the console."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("diffusers", "transformers", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.set_verbosity_error()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if not os.environ.get("DTI_FAST_VERBOSE"):
+        _quiet_libraries()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, PermissionError) as err:
+        if os.environ.get("DTI_FAST_DEBUG"):
+            raise
         print(f"dti-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
 

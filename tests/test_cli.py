@@ -1,0 +1,113 @@
+"""The dti-fast command: flags, job files, errors, the demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dti_fast.cli import build_parser, load_job_file, main
+from dti_fast.demo import demo_images_dir
+
+TRAIN_FLAGS = [
+    "--config", "--model", "--output", "--concept", "--method", "--steps", "--batch-size", "--max-batch",
+    "--resolution", "--lr", "--no-scale-lr", "--kappa", "--beta", "--scale", "--init", "--weight-decay", "--seed",
+    "--checkpoint-every", "--keep-checkpoints", "--resume", "--precision", "--device", "--validation-prompt",
+    "--validation-inference-steps", "--export-ti-rescaled", "--no-progress",
+]
+
+
+def test_train_help_documents_every_flag():
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    text = train.format_help()
+    for flag in TRAIN_FLAGS:
+        assert flag in text, flag
+    for action in train._actions:
+        assert action.help, f"undocumented flag {action.option_strings}"
+
+
+def test_console_script_help_runs():
+    out = subprocess.run([sys.executable, "-m", "dti_fast.cli", "--help"], capture_output=True, text=True, check=True)
+    for sub in ("train", "demo", "make-tiny-model", "optim-demo"):
+        assert sub in out.stdout
+
+
+def test_job_file_and_flags(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(
+        'model = "m"\noutput_dir = "out"\nsteps = 7\nscale_lr = false\n'
+        '[[concept]]\nname = "dog"\nimages = "photos/dog"\ninit = "dog"\nclass = "dog"\n'
+        '[[concept]]\nname = "bag"\nimages = "/abs/bag"\ninit = "red backpack"\nsteps = 3\n'
+    )
+    cfg = load_job_file(job)
+    assert cfg["steps"] == 7 and cfg["scale_lr"] is False
+    assert cfg["output_dir"] == tmp_path / "out"
+    dog, bag = cfg["concepts"]
+    assert dog.images == tmp_path / "photos/dog" and dog.class_noun == "dog" and dog.placeholder == "<dog>"
+    assert bag.images == Path("/abs/bag") and bag.steps == 3
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('model = "m"\nsteps = \n', "not valid TOML.*line 2"),
+        ('model = "m"\nstepz = 3\n', "unknown key 'stepz'"),
+        ('steps = "many"\n', "steps must be a number"),
+        ('[[concept]]\nname = "x"\nimages = "y"\n', "concept #1 lacks init"),
+        ('[[concept]]\nname = "x"\nimages = "y"\ninit = "dog"\ncolour = 1\n', "unknown key.*colour"),
+    ],
+)
+def test_malformed_job_files_are_named(tmp_path, text, match):
+    job = tmp_path / "job.toml"
+    job.write_text(text)
+    with pytest.raises(SystemExit, match=match):
+        load_job_file(job)
+
+
+def test_bad_flag_values_rejected(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "m", "--output", "o", "--concept", "x:y:z", "--steps", "0"])
+    assert "positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--concept", "only-a-name"])
+    assert "NAME:IMAGES_DIR:INIT" in capsys.readouterr().err
+
+
+def test_train_command_end_to_end(tmp_path, capsys):
+    model = tmp_path / "tiny"
+    assert main(["make-tiny-model", str(model), "--family", "sd"]) == 0
+    assert (model / "model_index.json").exists()
+    out = tmp_path / "out"
+    code = main([
+        "train", "--model", str(model), "--output", str(out), "--concept", f"dog:{demo_images_dir() / 'dog'}:dog",
+        "--concept", f"bag:{demo_images_dir() / 'backpack'}:red backpack", "--steps", "2", "--batch-size", "1",
+        "--resolution", "64", "--no-progress",
+    ])
+    assert code == 0
+    report = capsys.readouterr().out
+    assert "Trained 2 concept(s) with DTI" in report and str(out / "dog") in report
+    info = json.loads((out / "bag" / "concept.json").read_text())
+    assert info["tokens"] == ["<bag>", "<bag>_1"] and info["steps"] == 2
+
+
+def test_train_command_reports_bad_input_without_traceback(tmp_path, capsys):
+    code = main(["train", "--model", str(tmp_path / "missing-model"), "--output", str(tmp_path / "o"),
+                 "--concept", f"dog:{tmp_path / 'nowhere'}:dog", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "dti-fast train: error:" in err and "nowhere" in err
+
+
+def test_demo_runs_and_reports(tmp_path, capsys):
+    from dti_fast.demo import run_demo
+
+    results = run_demo(output=tmp_path / "demo", steps=3, progress=False)
+    text = capsys.readouterr().out
+    assert "Learned vector norms" in text
+    assert set(results) == {"dti", "ti"}
+    assert (tmp_path / "demo" / "dti" / "dog" / "samples.png").exists()
+    assert (tmp_path / "demo" / "ti" / "backpack" / "learned_embeds.safetensors").exists()
