@@ -65,6 +65,10 @@ def test_sd_dti_exports_load_in_diffusers_with_norm_mstar(tiny_sd, tmp_path):
         torch.testing.assert_close(loaded, vectors, rtol=0, atol=0)
         a1111 = load_torch(folder / f"{name}.pt")
         torch.testing.assert_close(a1111["string_to_param"]["*"], vectors, rtol=0, atol=0)
+    # Training moved the directions away from the initializer's.
+    init = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids(["dog</w>"])][0]
+    cos = torch.nn.functional.cosine_similarity(result.vectors["dog"][0][0], init.detach(), dim=0)
+    assert float(cos) < 1 - 1e-4
     # "red backpack" tokenizes to two pieces: two vectors.
     assert result.vectors["backpack"][0].shape[0] == 2
     assert result.vectors["dog"][0].shape[0] == 1
@@ -210,3 +214,26 @@ def test_image_folder_errors(tmp_path):
     (broken / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(ValueError, match="a.jpg could not be read"):
         load_concept_images(Concept("x", broken, "dog"), 64)
+
+
+def test_v_prediction_models_train(tiny_sd, tmp_path, monkeypatch):
+    """SD 2.x-style models predict v: the scheduler config decides the target."""
+    model = tmp_path / "vpred"
+    shutil.copytree(tiny_sd, model)
+    sched = model / "scheduler" / "scheduler_config.json"
+    cfg = __import__("json").loads(sched.read_text())
+    cfg["prediction_type"] = "v_prediction"
+    sched.write_text(__import__("json").dumps(cfg))
+    import dti_fast.trainer as trainer
+
+    seen = []
+    original = trainer._Job.loss
+
+    def spy(self, batch):
+        seen.append(self.parts.noise_scheduler.config.prediction_type)
+        return original(self, batch)
+
+    monkeypatch.setattr(trainer._Job, "loss", spy)
+    result = train(_config(model, tmp_path / "out", names=("dog",), steps=2))
+    assert seen == ["v_prediction", "v_prediction"]
+    assert result.skipped_steps == 0
