@@ -163,6 +163,10 @@ class SphericalSGD(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        # Checked for every group before any is stepped (kappa may be set after construction).
+        for group in self.param_groups:
+            if group["kappa"] != 0.0 and group["prior"] is None and any(p.grad is not None for p in group["params"]):
+                raise ValueError("kappa > 0 needs a 'prior' in the param group (one tensor per param)")
         for group in self.param_groups:
             params, grads, row_states, steps, priors = [], [], [], [], []
             for i, p in enumerate(group["params"]):
@@ -186,8 +190,6 @@ class SphericalSGD(Optimizer):
                     priors.append(group["prior"][i])
             if not params:
                 continue
-            if group["kappa"] != 0.0 and group["prior"] is None:
-                raise ValueError("kappa > 0 needs a 'prior' in the param group (one tensor per param)")
             spherical_sgd(
                 params,
                 grads,
@@ -249,7 +251,8 @@ def _check_fused_possible(params: Sequence[torch.Tensor]) -> None:
 
 def _resolve_fused(fused: Optional[bool], params: Sequence[torch.Tensor]) -> bool:
     if fused is None:
-        return all(p.is_cuda for p in params) and triton_available()
+        # The kernel works on contiguous rows; anything else takes the torch path.
+        return all(p.is_cuda and p.is_contiguous() for p in params) and triton_available()
     if fused:
         _check_fused_possible(params)
     return bool(fused)
@@ -300,8 +303,10 @@ def spherical_sgd(
             grad_scale=grad_scale, found_inf=found_inf, cache=cache,
         )
     if found_inf is not None:
-        # A skipped step does not count (as torch's fused optimizers do).
-        torch._foreach_sub_(list(steps), [found_inf.reshape(()).to(torch.float32)] * len(steps))
+        # A skipped step does not count (as torch's fused optimizers do). GradScaler's
+        # found_inf is a sum over devices (can be 2 or more): a skip undoes exactly one step.
+        skipped = (found_inf.reshape(()) > 0).to(torch.float32)
+        torch._foreach_sub_(list(steps), [skipped] * len(steps))
 
 
 def _packed_prior(priors: Sequence[torch.Tensor], dim: int, cache: dict) -> torch.Tensor:

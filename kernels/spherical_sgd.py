@@ -90,7 +90,10 @@ def _spherical_sgd_kernel(
         inv_scale = 1.0 / tl.load(grad_scale_ptr)
     write = row_mask
     if HAS_FOUND_INF:
-        write = row_mask & (tl.load(found_inf_ptr) == 0.0)
+        # Compared as a block, not as a broadcast scalar: Triton's CPU interpreter
+        # types a scalar comparison as float and then cannot `&` it with a mask.
+        found = tl.load(found_inf_ptr) + tl.zeros([BLOCK_R], dtype=tl.float32)
+        write = row_mask & (found == 0.0)
 
     if SINGLE_PASS:
         offs = rows[:, None] * D + cols[None, :]

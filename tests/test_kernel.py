@@ -1,0 +1,287 @@
+"""The Triton kernel (``fused=True``) against the reference and the vectorized path.
+
+On a machine without a GPU these run under Triton's interpreter on CPU tensors
+(conftest.py sets TRITON_INTERPRET=1); with a GPU they launch the compiled kernel
+on CUDA tensors. The interpreter is slow (~10 ms per step for small tensors,
+~100 ms for the streamed multi-pass rows), so the matrix below is pruned: every
+shape and every hyperparameter combination appears in fp32, and 16-bit storage is
+covered by a subset plus the strict one-step ulp test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dti_fast import SphericalSGD, spherical_sgd, spherical_sgd_step_reference  # noqa: E402
+from dti_fast.kernels import spherical_sgd as kmod  # noqa: E402
+
+# -- tolerances (see test_optim.py for the measurements behind them) -------------------------
+
+#: fp32 after 20 steps: op-order rounding only (~1e-7 per step, observed 1.5e-7).
+FP32_ATOL = 1e-5
+#: bf16 after 20 steps vs the reference in bf16: per-step 1-ulp rounding
+#: differences random-walk; the interpreter truncates fp32->bf16 (torch and the
+#: GPU round to nearest) which makes them one-sided. Observed 1.2e-2; 2.5e-2 is
+#: ~6 ulps for |x| in [0.5, 1).
+BF16_ATOL = 2.5e-2
+#: fp16: spacing 4.9e-4 in [0.5, 1); observed 2.4e-4.
+FP16_ATOL = 2e-3
+ATOL = {torch.float32: FP32_ATOL, torch.bfloat16: BF16_ATOL, torch.float16: FP16_ATOL}
+#: Row state s (fp32) inherits the rows' differences in 16-bit (observed 7e-4 relative).
+S_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+#: One step from the same stored state: both sides compute in fp32 and round once
+#: to the storage dtype, so they can differ by at most one spacing of that dtype
+#: (plus fp32 noise, far below it).
+ONE_STEP_ULPS = 1.0
+#: The fp32 row state after one step from identical inputs: fp32 rounding only.
+ONE_STEP_S_RTOL = 1e-5
+STEPS = 20
+LR = 0.05
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+# (beta, kappa, normalize)
+PLAIN = (0.0, 0.0, True)
+FULL = (0.9, 1e-2, True)        # running s with bias correction, and the vMF prior
+BETA = (0.9, 0.0, True)
+RSGD_PRIOR = (0.0, 1e-2, False)
+RSGD = (0.0, 0.0, False)
+HYPER_NAMES = {PLAIN: "plain-norm", FULL: "beta-prior", BETA: "beta", RSGD_PRIOR: "rsgd-prior", RSGD: "rsgd"}
+DTYPE_NAMES = {F32: "fp32", BF16: "bf16", F16: "fp16"}
+
+
+def _case(shapes, hyper, dtype, marks=()):
+    shape_id = "+".join("x".join(map(str, s)) for s in shapes)
+    return pytest.param(shapes, hyper, dtype, id=f"{shape_id}-{HYPER_NAMES[hyper]}-{DTYPE_NAMES[dtype]}", marks=marks)
+
+
+MULTI = [(1, 77), (5, 77), (2, 3, 77), (77,)]  # one group, four row counts, 1-D/2-D/3-D
+KERNEL_CASES = (
+    # fp32: every hyperparameter combination on a 2-D and a 3-D param...
+    [_case([(3, 77)], h, F32) for h in HYPER_NAMES]
+    + [_case([(2, 3, 768)], h, F32) for h in HYPER_NAMES]
+    # ...and the full and plain modes on the other vector sizes (1-D param included).
+    + [_case([s], h, F32) for s in [(768,), (4, 64), (2, 1280), (2, 2048), (1, 8192)] for h in (FULL, RSGD)]
+    + [_case(MULTI, h, F32) for h in (FULL, RSGD, BETA)]
+    # 16-bit storage.
+    + [
+        _case([(4, 64)], FULL, BF16),
+        _case([(2, 3, 768)], RSGD_PRIOR, BF16),
+        _case([(2, 1280)], FULL, BF16),
+        _case([(768,)], PLAIN, BF16),
+        _case(MULTI, FULL, BF16),
+        _case([(4, 64)], RSGD_PRIOR, F16),
+        _case([(2, 3, 768)], FULL, F16),
+        _case([(2, 2048)], FULL, F16),
+        _case([(3, 77)], PLAIN, F16),
+        _case(MULTI, FULL, F16),
+    ]
+    # Rows longer than MAX_SINGLE_PASS_DIM: the streamed multi-pass branch.
+    # (3, 8200) runs two programs of BLOCK_R=2 rows, the second half masked.
+    + [
+        _case([(3, 8200)], FULL, F32),
+        _case([(8200,)], RSGD, F32),
+        _case([(1, 8200)], FULL, BF16),
+    ]
+)
+
+
+@pytest.mark.parametrize("shapes, hyper, dtype", KERNEL_CASES)
+def test_kernel_matches_reference(helpers, device, shapes, hyper, dtype):
+    beta, kappa, normalize = hyper
+    problem = helpers.make_problem(shapes, STEPS, seed=11, with_prior=kappa > 0)
+    kw = dict(device=device, lr=LR, kappa=kappa, beta=beta, normalize=normalize)
+    reference = helpers.run_reference(problem, dtype=dtype, **kw)
+    params, opt = helpers.run_optimizer(problem, dtype=dtype, fused=True, **kw)
+    helpers.assert_matches_reference(params, opt, reference, atol=ATOL[dtype], s_rtol=S_RTOL[dtype],
+                                     normalize=normalize)
+
+
+def test_multi_pass_branch_is_used_above_the_single_pass_limit():
+    assert kmod.MAX_SINGLE_PASS_DIM == 8192  # the 8192/8200 cases above straddle it
+    assert kmod._launch_config(8192)[2] is True
+    assert kmod._launch_config(8200)[2] is False
+    for dim in (1, 64, 77, 768, 1280, 2048, 8192, 8200, 20000):
+        block_r, block_d, single, num_warps = kmod._launch_config(dim)
+        assert block_r >= 1 and (block_d & (block_d - 1)) == 0  # powers of two
+        assert block_d >= dim if single else block_d < dim
+        assert block_r == 1 or block_r * block_d <= 4096
+        assert num_warps in (4, 8)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(4, 64), (2, 768)])
+def test_kernel_one_step_is_within_one_ulp_of_reference(helpers, device, dtype, shape):
+    # The strict 16-bit check: from the same stored state, one kernel step and one
+    # reference step may differ only by the final rounding to the storage dtype.
+    gen = torch.Generator().manual_seed(3)
+    p = torch.nn.Parameter(helpers.unit_rows(shape, gen).to(device=device, dtype=dtype))
+    mu = torch.randn(shape, generator=gen)
+    kappa = 0.5  # large, so that a kernel that mishandled the prior would be off by several ulps
+    opt = SphericalSGD([{"params": [p], "prior": [mu]}], lr=LR, kappa=kappa, beta=0.9, fused=True)
+    s = torch.zeros(shape[:-1], device=device)
+    for t in range(1, 7):
+        g = (torch.randn(shape, generator=gen) / shape[-1] ** 0.5).to(device=device, dtype=dtype)
+        v0, s0 = p.detach().clone(), s
+        p.grad = g
+        opt.step()
+        ref_v, ref_s = spherical_sgd_step_reference(v0, g, s0, t, lr=LR, kappa=kappa, mu=mu.to(device), beta=0.9)
+        out = p.detach()
+        spacing = torch.maximum(helpers.ulp(out, dtype), helpers.ulp(ref_v, dtype))
+        excess = ((out.float() - ref_v.float()).abs() / spacing).max()
+        assert excess <= ONE_STEP_ULPS, f"step {t}: {float(excess):.2f} ulps apart"
+        torch.testing.assert_close(opt.state[p]["s"], ref_s, rtol=ONE_STEP_S_RTOL, atol=0)
+        s = opt.state[p]["s"].clone()
+
+
+# -- launches ----------------------------------------------------------------------------------
+
+
+class _LaunchRecorder:
+    """Stands in for the jitted kernel and records every launch's grid and dtypes."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches: list[tuple] = []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.launches.append((tuple(grid), kwargs["PARAM_DTYPE"], args[9]))  # args[9] is D
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    recorder = _LaunchRecorder(kmod._spherical_sgd_kernel)
+    monkeypatch.setattr(kmod, "_spherical_sgd_kernel", recorder)
+    return recorder.launches
+
+
+def test_many_params_one_launch_equals_vectorized(helpers, device, launches):
+    # 50 concept tensors of 4 rows: ONE launch of 50 programs per step (the
+    # pointer table), with results equal to the vectorized path.
+    n, steps = 50, 5
+    problem = helpers.make_problem([(4, 64)] * n, steps, seed=12, with_prior=True)
+    kw = dict(dtype=F32, device=device, lr=LR, kappa=1e-2, beta=0.9)
+    fused_params, fused_opt = helpers.run_optimizer(problem, fused=True, **kw)
+    assert len(launches) == steps
+    assert all(grid == (n,) for grid, _, _ in launches)
+    vec_params, vec_opt = helpers.run_optimizer(problem, fused=False, **kw)
+    for a, b in zip(fused_params, vec_params):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=FP32_ATOL, rtol=0)
+        torch.testing.assert_close(fused_opt.state[a]["s"], vec_opt.state[b]["s"], rtol=S_RTOL[F32], atol=0)
+
+
+def test_launch_tables_are_reused_while_pointers_stay(helpers, device):
+    # Grads written in place (same storage every step): the device-side pointer
+    # and block tables are built once, not per step.
+    problem = helpers.make_problem([(4, 64)] * 3, 4, seed=18)
+    params = [torch.nn.Parameter(x.clone().to(device)) for x in problem["inits"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = SphericalSGD(params, lr=LR, fused=True)
+    tables = []
+    for grads in problem["grads"]:
+        for p, g in zip(params, grads):
+            p.grad.copy_(g)
+        opt.step()
+        cache = opt._cache["launch"]
+        assert len(cache._meta) == 1 and len(cache._blocks) == 1
+        tables.append((next(iter(cache._meta.values()))[1], next(iter(cache._blocks.values()))))
+    assert all(t[0] is tables[0][0] and t[1] is tables[0][1] for t in tables)
+    reference = helpers.run_reference(problem, dtype=F32, device=device, lr=LR)
+    helpers.assert_matches_reference(params, opt, reference, atol=FP32_ATOL, s_rtol=S_RTOL[F32])
+
+
+def test_mixed_dtypes_and_sizes_in_one_group(helpers, device, launches):
+    # One group, params of two vector sizes and three dtypes: one launch per
+    # (dtype, size) bucket, each param equal to the reference in its own dtype.
+    shapes = [(3, 64), (2, 64), (4, 768), (1, 768), (2, 64)]
+    dtypes = [F32, BF16, F32, F16, F32]
+    problem = helpers.make_problem(shapes, 8, seed=13, with_prior=True)
+    kw = dict(device=device, lr=LR, kappa=1e-2, beta=0.9)
+    params, opt = helpers.run_optimizer(problem, dtype=dtypes, fused=True, **kw)
+    buckets = {(DTYPE_NAMES[d], s[-1]) for d, s in zip(dtypes, shapes)}
+    assert len(launches) == 8 * len(buckets)
+    fp32_64 = [grid for grid, dt, dim in launches if dim == 64 and dt == kmod._TL_DTYPES[F32]]
+    assert set(fp32_64) == {(2,)}  # (3, 64) and (2, 64) share one launch: one program each
+    for i, (p, dtype) in enumerate(zip(params, dtypes)):
+        single = {"inits": [problem["inits"][i]], "priors": [problem["priors"][i]],
+                  "grads": [[g[i]] for g in problem["grads"]]}
+        ref = helpers.run_reference(single, dtype=dtype, **kw)
+        helpers.assert_matches_reference([p], opt, ref, atol=ATOL[dtype], s_rtol=S_RTOL[dtype])
+
+
+def test_pointer_tables_follow_new_storage(helpers, device):
+    # The launch cache keys its pointer table on data pointers: a param whose
+    # storage is swapped (p.data = ...) must be updated in its NEW storage.
+    problem = helpers.make_problem([(3, 64)], 6, seed=14)
+    p = torch.nn.Parameter(problem["inits"][0].clone().to(device))
+    opt = SphericalSGD([p], lr=LR, beta=0.9, fused=True)
+    for grads in problem["grads"][:3]:
+        p.grad = grads[0].to(device)
+        opt.step()
+    old = p.data
+    old_copy = old.clone()
+    p.data = old.clone()  # same values, new storage
+    for grads in problem["grads"][3:]:
+        p.grad = grads[0].to(device)
+        opt.step()
+    assert torch.equal(old, old_copy)  # the kernel no longer writes the old storage
+    ref = helpers.run_reference(problem, dtype=F32, device=device, lr=LR, beta=0.9)
+    torch.testing.assert_close(p.detach(), ref[0][0], atol=FP32_ATOL, rtol=0)
+
+
+def test_non_contiguous_params_and_grads(helpers, device):
+    gen = torch.Generator().manual_seed(15)
+    rows = helpers.unit_rows((3, 64), gen).to(device)
+    strided = torch.nn.Parameter(rows.t().contiguous().t())  # shape (3, 64), not contiguous
+    assert not strided.is_contiguous()
+    strided.grad = torch.randn(3, 64, device=device)
+    with pytest.raises(ValueError, match="contiguous"):
+        SphericalSGD([strided], fused=True).step()
+    # The vectorized path takes it; the kernel takes a non-contiguous GRAD (copied).
+    g = torch.randn(64, 3, generator=gen).to(device).t()
+    assert not g.is_contiguous()
+    ref_v, _ = spherical_sgd_step_reference(rows, g, torch.zeros(3, device=device), 1, lr=LR)
+    vec = torch.nn.Parameter(rows.t().contiguous().t())
+    vec.grad = g
+    SphericalSGD([vec], lr=LR, fused=False).step()
+    ker = torch.nn.Parameter(rows.clone())
+    ker.grad = g
+    SphericalSGD([ker], lr=LR, fused=True).step()
+    torch.testing.assert_close(vec.detach(), ref_v, atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(ker.detach(), ref_v, atol=FP32_ATOL, rtol=0)
+
+
+def test_empty_param_in_a_group(helpers, device, fused):
+    problem = helpers.make_problem([(0, 64), (3, 64)], 4, seed=16, with_prior=True)
+    kw = dict(dtype=F32, device=device, lr=LR, kappa=1e-2, beta=0.9)
+    params, opt = helpers.run_optimizer(problem, fused=fused, **kw)
+    reference = helpers.run_reference(problem, **kw)
+    helpers.assert_matches_reference(params, opt, reference, atol=FP32_ATOL, s_rtol=S_RTOL[F32])
+
+
+def test_functional_fused_call_with_grad_scale(helpers, device):
+    # The functional entry point with a GradScaler-style device scale: grads are
+    # divided by it inside the kernel, as in the reference.
+    gen = torch.Generator().manual_seed(17)
+    v = helpers.unit_rows((5, 77), gen).to(device)
+    g = torch.randn(5, 77, generator=gen).to(device)
+    mu = helpers.unit_rows((5, 77), gen).to(device)
+    for fused in (False, True):
+        p, step = v.clone(), torch.tensor(2.0, device=device)
+        s = torch.rand(5, generator=torch.Generator().manual_seed(1)).to(device)
+        s0 = s.clone()
+        spherical_sgd([p], [1024.0 * g], [s], [step], [mu], lr=LR, kappa=0.1, beta=0.5, fused=fused,
+                      grad_scale=torch.tensor(1024.0, device=device), found_inf=torch.zeros(1, device=device))
+        ref_v, ref_s = spherical_sgd_step_reference(v, g, s0, 3, lr=LR, kappa=0.1, mu=mu, beta=0.5)
+        torch.testing.assert_close(p, ref_v, atol=FP32_ATOL, rtol=0)
+        torch.testing.assert_close(s, ref_s, rtol=1e-5, atol=0)
+        assert float(step) == 3.0
