@@ -142,6 +142,8 @@ def _report(result, cfg) -> None:
             for e, (v, s) in enumerate(zip(result.vectors[name], result.scales))
         )
         print(f"  {name}: {folder}  [{norms}]")
+    for name, why in result.stopped.items():
+        print(f"  {name} was stopped early: {why}")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -288,9 +290,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not os.environ.get("DTI_FAST_VERBOSE"):
         _quiet_libraries()
+    from .trainer import JobError, TrainingInterrupted
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as err:
+    except TrainingInterrupted as err:
+        print(f"dti-fast {args.command}: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except (ValueError, OSError, JobError) as err:
         if os.environ.get("DTI_FAST_DEBUG"):
             raise
         print(f"dti-fast {args.command}: error: {err}", file=sys.stderr)

@@ -159,6 +159,10 @@ def _load_rgb(path: Path) -> Image.Image:
 def load_concept_images(concept: Concept, resolution: int) -> ConceptImages:
     """Load and validate every image of ``concept``; resize the shorter side to ``resolution``.
 
+    EXIF orientation is applied; alpha is composited on white; palette, CMYK,
+    greyscale and 16-bit images are converted to 8-bit RGB. Images whose shorter
+    side is below ``resolution`` are refused (upscaling would train on blur).
+
     Raises ``FileNotFoundError``/``ValueError`` naming the folder or file and the fix.
     """
     folder = concept.images
@@ -179,8 +183,11 @@ def load_concept_images(concept: Concept, resolution: int) -> ConceptImages:
     for path in files:
         img = _load_rgb(path)
         w, h = img.size
-        if min(w, h) < 8:
-            raise ValueError(f"image {path} is {w}x{h} px: too small to train on; remove it")
+        if min(w, h) < resolution:
+            raise ValueError(
+                f"image {path} is {w}x{h} px, smaller than the training resolution {resolution}; "
+                "use a larger image or a lower --resolution"
+            )
         scale = resolution / min(w, h)
         new_size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
         img = img.resize(new_size, Image.Resampling.BICUBIC)

@@ -72,6 +72,7 @@ def export_job(job: "_Job") -> tuple[dict[str, Path], dict[str, list[torch.Tenso
             "kind": c.kind,
             "method": cfg.method,
             "steps": steps,
+            "status": ("stopped: " + job.stopped[c.name]) if c.name in job.stopped else "complete",
             "model": cfg.model,
             "family": job.parts.family,
             "encoders": [

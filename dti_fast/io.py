@@ -8,6 +8,7 @@ files never execute code: safetensors, or ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -37,6 +38,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except OSError as err:
+        tmp_path.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise OSError(err.errno, f"disk full while writing {path}; free space on that disk (or choose "
+                          "another output folder) and rerun with --resume") from err
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

@@ -11,8 +11,12 @@ depend on which other concepts share the job, and its own step count.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
+import signal
+import sys
+import threading
 import json
 import math
 import time
@@ -29,7 +33,7 @@ from .embedding import ConceptTokens, DirectionalEmbedding, add_concept_tokens, 
 from .io import load_safetensors, save_safetensors
 from .optim import SphericalSGD
 
-__all__ = ["TrainConfig", "TrainResult", "train", "METHODS"]
+__all__ = ["TrainConfig", "TrainResult", "train", "METHODS", "JobError", "OutputBusyError", "TrainingInterrupted"]
 
 METHODS = ("dti", "ti")
 DEFAULT_LR = {"dti": 0.01, "ti": 5e-3}
@@ -65,6 +69,7 @@ class TrainConfig:
     validation_inference_steps: int = 25
     export_ti_rescaled: bool = False
     progress: bool = True
+    max_bad_steps: int = 3
 
     def effective_lr(self) -> float:
         base = self.lr if self.lr is not None else DEFAULT_LR[self.method]
@@ -85,6 +90,86 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class JobError(RuntimeError):
+    """A job could not start or was stopped; the message says why and what to do."""
+
+
+class OutputBusyError(JobError):
+    """Another job holds the output folder."""
+
+
+class TrainingInterrupted(JobError):
+    """SIGINT/SIGTERM stopped the job after writing a checkpoint."""
+
+    def __init__(self, signum: int, checkpoint: Path) -> None:
+        self.signum = signum
+        self.checkpoint = checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name}; checkpoint written to {checkpoint}; rerun with --resume to continue")
+
+
+class _OutputLock:
+    """An exclusive lock on the output folder, so two jobs never write into one folder.
+
+    ``flock`` is released by the kernel when the process dies, kill -9 included.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / ".dti_fast.lock"
+        self.fh = None
+
+    def __enter__(self) -> "_OutputLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "a+", encoding="utf-8")
+        except OSError as err:
+            raise PermissionError(
+                f"output folder {self.path.parent} is not writable ({err.strerror}); choose another --output"
+            ) from err
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            fh.close()
+            raise OutputBusyError(
+                f"output folder {self.path.parent} is in use by another dti-fast job (pid {holder}); "
+                "wait for it to finish or choose another --output"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self.fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fh is not None:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
+
+
+class _StopSignals:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 @dataclass
 class TrainResult:
     """What a finished job produced and measured."""
@@ -97,6 +182,7 @@ class TrainResult:
     samples: int
     seconds: float
     skipped_steps: int
+    stopped: dict[str, str] = field(default_factory=dict)  # concept -> why it was stopped early
 
     @property
     def samples_per_second(self) -> float:
@@ -107,7 +193,8 @@ def validate_config(cfg: TrainConfig) -> None:
     """Refuse a bad job before anything expensive happens."""
     if cfg.method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
-    for name in ("steps", "batch_size", "resolution", "checkpoint_every", "keep_checkpoints", "validation_inference_steps"):
+    for name in ("steps", "batch_size", "resolution", "checkpoint_every", "keep_checkpoints",
+                 "validation_inference_steps", "max_bad_steps"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -136,7 +223,7 @@ def validate_config(cfg: TrainConfig) -> None:
     out = Path(cfg.output_dir)
     probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not probe_dir.is_dir():
-        raise ValueError(f"output folder {out} is not a folder")
+        raise ValueError(f"output folder {out} cannot be made: {probe_dir} is not a folder; choose another --output")
     if not os.access(probe_dir, os.W_OK):
         raise PermissionError(f"output folder {out} is not writable; choose another --output")
 
@@ -170,6 +257,8 @@ class _Job:
         self.shift = getattr(vae_cfg, "shift_factor", None) or 0.0
         self.generators = {c.name: _concept_generator(cfg.seed, c.name) for c in cfg.concepts}
         self.done = {c.name: 0 for c in cfg.concepts}
+        self.bad = {c.name: 0 for c in cfg.concepts}  # consecutive non-finite steps
+        self.stopped: dict[str, str] = {}
         self.job_step = 0
         self.samples = 0
         self.skipped = 0
@@ -221,7 +310,10 @@ class _Job:
 
     def pick_concepts(self) -> list[int]:
         cfg = self.cfg
-        active = [i for i, c in enumerate(cfg.concepts) if self.done[c.name] < cfg.concept_steps(c)]
+        active = [
+            i for i, c in enumerate(cfg.concepts)
+            if self.done[c.name] < cfg.concept_steps(c) and c.name not in self.stopped
+        ]
         if not active:
             return []
         per_step = len(active) if cfg.max_batch is None else max(1, cfg.max_batch // cfg.batch_size)
@@ -277,7 +369,8 @@ class _Job:
                 hidden.append(enc(ids)[0])
         return torch.cat(hidden, dim=-1), pooled
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's loss (sum of per-concept means) and the per-concept terms."""
         dev = self.device
         parts = self.parts
         with torch.no_grad():
@@ -305,36 +398,61 @@ class _Job:
                 kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(dev, hidden.dtype)}
             pred = parts.unet(noisy.to(hidden.dtype), t, encoder_hidden_states=hidden, **kwargs).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        # Sum of per-concept means: each concept's gradient is what it would get training alone.
-        weights = torch.full_like(per_sample, 1.0 / self.cfg.batch_size)
-        return (per_sample * weights).sum()
+        # Per-concept means, summed: each concept's gradient is what it would get training alone.
+        owners = torch.tensor(batch["owners"], device=per_sample.device)
+        per_concept = torch.zeros(len(self.cfg.concepts), device=per_sample.device)
+        per_concept = per_concept.index_add(0, owners, per_sample / self.cfg.batch_size)
+        return per_concept.sum(), per_concept
 
     def step(self) -> Optional[float]:
+        """One job step; returns the mean loss of the concepts that stepped (None when all are done)."""
         chosen = self.pick_concepts()
         if not chosen:
             return None
         batch = self.make_batch(chosen)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(batch)
-        loss.backward()
-        chosen_set = set(chosen)
-        loss_value = loss.detach().item()
-        finite = math.isfinite(loss_value)
-        for i in range(len(self.cfg.concepts)):
-            for p in self.concept_params(i):
-                if i not in chosen_set:
-                    p.grad = None  # absent concepts take no step (their own step count)
-                elif p.grad is not None and not finite:
-                    p.grad = None
-        if finite:
-            self.optimizer.step()
-        else:
-            self.skipped += 1
+        total, per_concept = self.loss(batch)
+        total.backward()
+        # One host sync: which chosen concepts have a finite loss and finite gradients.
+        flags = []
         for i in chosen:
-            self.done[self.cfg.concepts[i].name] += 1
+            ok = torch.isfinite(per_concept[i])
+            for p in self.concept_params(i):
+                if p.grad is not None:
+                    ok = ok & torch.isfinite(p.grad).all()
+            flags.append(ok)
+        good = torch.stack(flags).tolist()
+        losses = per_concept[chosen].detach().tolist()
+        chosen_set = set(chosen)
+        for i in range(len(self.cfg.concepts)):
+            if i not in chosen_set:
+                for p in self.concept_params(i):
+                    p.grad = None  # absent concepts take no step (their own step count)
+        stepped = []
+        for i, ok, value in zip(chosen, good, losses):
+            name = self.cfg.concepts[i].name
+            if ok:
+                self.bad[name] = 0
+                self.done[name] += 1
+                stepped.append(value)
+                continue
+            # Non-finite loss or gradient: this concept skips the step, its rows stay as they are.
+            for p in self.concept_params(i):
+                p.grad = None
+            self.skipped += 1
+            self.bad[name] += 1
+            if self.bad[name] >= self.cfg.max_bad_steps:
+                self.stopped[name] = (
+                    f"{self.bad[name]} steps in a row had a non-finite loss or gradient; stopped at step "
+                    f"{self.done[name]} (check its images, or lower the learning rate)"
+                )
+                print(f"dti-fast: concept {name!r} {self.stopped[name]}; the other concepts continue",
+                      file=sys.stderr)
+        if stepped:
+            self.optimizer.step()
         self.job_step += 1
         self.samples += len(batch["owners"])
-        return loss_value / len(chosen)
+        return sum(stepped) / len(stepped) if stepped else float("nan")
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -361,6 +479,8 @@ class _Job:
             "samples": str(self.samples),
             "skipped": str(self.skipped),
             "done": json.dumps(self.done),
+            "bad": json.dumps(self.bad),
+            "stopped": json.dumps(self.stopped),
         }
         path = self.checkpoint_dir() / f"step-{self.job_step:08d}.safetensors"
         save_safetensors(tensors, path, metadata=meta)
@@ -404,6 +524,8 @@ class _Job:
         self.samples = int(meta["samples"])
         self.skipped = int(meta["skipped"])
         self.done = json.loads(meta["done"])
+        self.bad = json.loads(meta["bad"])
+        self.stopped = json.loads(meta["stopped"])
 
     def latest_checkpoint(self) -> Optional[Path]:
         found = sorted(self.checkpoint_dir().glob("step-*.safetensors"))
@@ -411,9 +533,20 @@ class _Job:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run a training job and write every concept's outputs; returns what it made."""
+    """Run a training job and write every concept's outputs; returns what it made.
+
+    Bad input raises before the model loads. The output folder is locked for
+    the job's lifetime. SIGINT/SIGTERM write a checkpoint and raise
+    :class:`TrainingInterrupted`; ``resume=True`` continues from the newest
+    checkpoint and ends with the same vectors as an uninterrupted run.
+    """
     validate_config(cfg)
     images = [load_concept_images(c, cfg.resolution) for c in cfg.concepts]
+    with _OutputLock(Path(cfg.output_dir)), _StopSignals() as stop:
+        return _run(cfg, images, stop)
+
+
+def _run(cfg: TrainConfig, images: list[ConceptImages], stop: _StopSignals) -> TrainResult:
     job = _Job(cfg, images)
     if cfg.resume:
         latest = job.latest_checkpoint()
@@ -429,20 +562,26 @@ def train(cfg: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     samples_before = job.samples
     ema = None
-    while True:
-        before = sum(job.done.values())
-        loss = job.step()
-        if loss is None:
-            break
-        ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+    try:
+        while stop.signum is None:
+            before = sum(job.done.values())
+            loss = job.step()
+            if loss is None:
+                break
+            if math.isfinite(loss):
+                ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+            if bar is not None:
+                elapsed = time.perf_counter() - started
+                bar.update(sum(job.done.values()) - before)
+                bar.set_postfix(loss=f"{ema if ema is not None else float('nan'):.4f}",
+                                samples_s=f"{(job.samples - samples_before) / max(elapsed, 1e-9):.1f}")
+            if job.job_step % cfg.checkpoint_every == 0:
+                job.save_checkpoint()
+    finally:
         if bar is not None:
-            elapsed = time.perf_counter() - started
-            bar.update(sum(job.done.values()) - before)
-            bar.set_postfix(loss=f"{ema:.4f}", samples_s=f"{(job.samples - samples_before) / max(elapsed, 1e-9):.1f}")
-        if job.job_step % cfg.checkpoint_every == 0:
-            job.save_checkpoint()
-    if bar is not None:
-        bar.close()
+            bar.close()
+    if stop.signum is not None:
+        raise TrainingInterrupted(stop.signum, job.save_checkpoint())
     seconds = time.perf_counter() - started
     job.save_checkpoint()
     concept_dirs, vectors = export.export_job(job)
@@ -457,4 +596,5 @@ def train(cfg: TrainConfig) -> TrainResult:
         samples=job.samples - samples_before,
         seconds=seconds,
         skipped_steps=job.skipped,
+        stopped=dict(job.stopped),
     )
