@@ -1,0 +1,310 @@
+"""Bad input refused clearly, nothing learned lost, no code run from untrusted files."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from dti_fast.data import Concept, load_concept_images
+from dti_fast.demo import demo_images_dir
+from dti_fast.io import load_safetensors, load_torch, save_safetensors
+from dti_fast.trainer import OutputBusyError, TrainConfig, _OutputLock, train
+
+# The fuzz tests run in CI: keep each bounded in examples and time.
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory) -> Path:
+    from dti_fast.models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "sd", family="sd")
+
+
+def _cfg(model: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(model=str(model), output_dir=out, steps=3, batch_size=1, resolution=64, progress=False,
+                concepts=[Concept("dog", demo_images_dir() / "dog", "dog"),
+                          Concept("clock", demo_images_dir() / "clock", "clock")])
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# -- images ------------------------------------------------------------------------------
+
+
+def _gradient(h: int, w: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), np.full_like(x, 128)], -1).astype(np.uint8)
+
+
+def test_valid_unusual_images_load_right(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rgb = Image.fromarray(_gradient(80, 120))
+    rgb.convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    rgb.convert("P").save(folder / "palette.png")
+    grey16 = Image.fromarray((np.linspace(0, 65535, 80 * 120).reshape(80, 120)).astype(np.uint16))
+    grey16.save(folder / "grey16.png")
+    rgba = rgb.convert("RGBA")
+    alpha = np.array(rgba)
+    alpha[:, :60, 3] = 0  # left half transparent: must become white, not black
+    Image.fromarray(alpha).save(folder / "alpha.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise on display
+    rgb.save(folder / "rotated.jpg", exif=exif, quality=95)
+    rgb.save(folder / "plain.webp")
+    data = load_concept_images(Concept("x", folder, "dog"), 64)
+    by_name = {p.name: a for p, a in zip(data.files, data.arrays)}
+    assert set(by_name) == {"cmyk.jpg", "palette.png", "grey16.png", "alpha.png", "rotated.jpg", "plain.webp"}
+    for name, arr in by_name.items():
+        assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3, name
+        assert min(arr.shape[:2]) == 64, name
+    assert by_name["rotated.jpg"].shape[:2] == (96, 64)  # portrait after applying EXIF orientation
+    assert by_name["plain.webp"].shape[:2] == (64, 96)
+    assert by_name["alpha.png"][:, :20].min() > 240  # transparent part composited on white
+    grey = by_name["grey16.png"]
+    # The 16-bit ramp runs top (0) to bottom (65535): scaled to 8 bits, not clipped to white.
+    assert grey[0].mean() < 10 and grey[-1].mean() > 240 and 100 < grey[32].mean() < 160
+
+
+@pytest.mark.parametrize("kind", ["jpg", "png"])
+def test_truncated_images_refused_with_file_name(tmp_path, kind):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    buf = io.BytesIO()
+    Image.fromarray(_gradient(128, 128)).save(buf, format="JPEG" if kind == "jpg" else "PNG")
+    (folder / f"cut.{kind}").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ValueError, match=f"cut.{kind} could not be read"):
+        load_concept_images(Concept("x", folder, "dog"), 64)
+
+
+def test_image_smaller_than_resolution_refused(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(_gradient(40, 60)).save(folder / "small.png")
+    with pytest.raises(ValueError, match="small.png is 60x40 px, smaller than the training resolution 64"):
+        load_concept_images(Concept("x", folder, "dog"), 64)
+
+
+def test_initializer_that_tokenizes_to_nothing(tiny_sd):
+    from transformers import CLIPTokenizer
+
+    from dti_fast.embedding import initializer_ids
+
+    tok = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    with pytest.raises(ValueError, match="tokenizes to nothing"):
+        initializer_ids(tok, "\u3000", "x")
+    with pytest.raises(ValueError, match="initializer word"):
+        Concept("x", "somewhere", " ")
+
+
+# -- output folder -------------------------------------------------------------------------
+
+
+def test_second_job_on_same_output_refused(tiny_sd, tmp_path):
+    out = tmp_path / "out"
+    with _OutputLock(out):
+        with pytest.raises(OutputBusyError, match=f"pid {os.getpid()}"):
+            train(_cfg(tiny_sd, out))
+    train(_cfg(tiny_sd, out, steps=1))  # free again once the holder is gone
+
+
+def test_output_under_a_file_refused(tiny_sd, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="is not a folder"):
+        train(_cfg(tiny_sd, blocker / "out"))
+
+
+def test_full_disk_message(tmp_path, monkeypatch):
+    import dti_fast.io as dio
+
+    def no_space(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dio, "save_file", no_space)
+    with pytest.raises(OSError, match="disk full while writing .*x.safetensors.*--resume"):
+        save_safetensors({"a": torch.zeros(2)}, tmp_path / "x.safetensors")
+    assert not list(tmp_path.iterdir())  # no temp file left behind
+
+
+# -- numerical faults -----------------------------------------------------------------------
+
+
+def test_nan_concept_is_skipped_then_stopped_others_finish(tiny_sd, tmp_path, monkeypatch):
+    import dti_fast.trainer as trainer
+
+    original = trainer._Job.make_batch
+
+    def poisoned(self, chosen):
+        batch = original(self, chosen)
+        clock = [c.name for c in self.cfg.concepts].index("clock")
+        for k, owner in enumerate(batch["owners"]):
+            if owner == clock:
+                batch["pixels"][k] = float("nan")  # a broken image: NaN loss and gradient for the clock only
+        return batch
+
+    monkeypatch.setattr(trainer._Job, "make_batch", poisoned)
+    result = train(_cfg(tiny_sd, tmp_path / "out", steps=5, max_bad_steps=3))
+    assert "clock" in result.stopped and "non-finite" in result.stopped["clock"]
+    assert "dog" not in result.stopped
+    assert result.skipped_steps == 3
+    # The clock's rows never moved: still m* times its initializer's direction, on the sphere.
+    from dti_fast.models import load_model_parts
+
+    parts = load_model_parts(str(tiny_sd))
+    w = parts.text_encoders[0].get_input_embeddings().weight.detach()
+    init = w[parts.tokenizers[0]("clock", add_special_tokens=False)["input_ids"]]
+    expected = init / init.norm(dim=-1, keepdim=True) * result.scales[0]
+    torch.testing.assert_close(result.vectors["clock"][0], expected, rtol=1e-6, atol=1e-7)
+    assert torch.isfinite(result.vectors["dog"][0]).all()
+    info = (result.concept_dirs["clock"] / "concept.json").read_text()
+    assert '"status": "stopped:' in info
+
+
+# -- untrusted files -------------------------------------------------------------------------
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Evil.marker}",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    _Evil.marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"string_to_param": {"*": _Evil()}}, fh)
+    with pytest.raises(ValueError, match="could not be loaded safely"):
+        load_torch(path)
+    assert not _Evil.marker.exists()
+
+
+def test_tampered_checkpoint_shapes_refused(tiny_sd, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    train(_cfg(tiny_sd, out, steps=2, checkpoint_every=1))
+    ckpt = sorted((out / "checkpoints").glob("step-*.safetensors"))[-1]
+    with safe_open(str(ckpt), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_safetensors(ckpt)
+    tensors["rows/0/dog"] = torch.zeros(3, 5)
+    save_safetensors(tensors, ckpt, metadata=meta)
+    with pytest.raises(ValueError, match="rows of 'dog' have shape"):
+        train(_cfg(tiny_sd, out, steps=4, checkpoint_every=1, resume=True))
+
+
+# -- kill -9 and SIGTERM -------------------------------------------------------------------
+
+
+def _train_cmd(model: Path, out: Path, steps: int, resume: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "dti_fast.cli", "train", "--model", str(model), "--output", str(out),
+           "--concept", f"dog:{demo_images_dir() / 'dog'}:dog", "--concept", f"bag:{demo_images_dir() / 'backpack'}:red backpack",
+           "--steps", str(steps), "--batch-size", "1", "--resolution", "64", "--checkpoint-every", "1",
+           "--keep-checkpoints", "2", "--no-progress"]
+    return cmd + (["--resume"] if resume else [])
+
+
+def _wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list((out / "checkpoints").glob("step-*.safetensors")):
+            return
+        time.sleep(0.05)
+
+
+def test_kill_9_at_random_points_then_resume_matches_uninterrupted(tiny_sd, tmp_path):
+    steps = 12
+    reference = train(_cfg(tiny_sd, tmp_path / "ref", steps=steps, checkpoint_every=1, concepts=[
+        Concept("dog", demo_images_dir() / "dog", "dog"), Concept("bag", demo_images_dir() / "backpack", "red backpack")]))
+    out = tmp_path / "killed"
+    rng = random.Random(1234)
+    kills = 0
+    for trial in range(3):
+        proc = subprocess.Popen(_train_cmd(tiny_sd, out, steps, resume=trial > 0), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        _wait_for_checkpoint(out, proc)
+        time.sleep(rng.uniform(0.0, 0.6))
+        if proc.poll() is None:
+            proc.kill()  # SIGKILL: no handler runs
+            kills += 1
+        proc.wait(timeout=60)
+    assert kills >= 1
+    done = subprocess.run(_train_cmd(tiny_sd, out, steps, resume=True), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for name in ("dog", "bag"):
+        got = load_safetensors(out / name / "learned_embeds.safetensors")[f"<{name}>"]
+        torch.testing.assert_close(got, reference.vectors[name][0], rtol=0, atol=0)
+
+
+def test_sigterm_writes_checkpoint_and_exits_cleanly(tiny_sd, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_train_cmd(tiny_sd, out, 400, resume=False), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(out, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "--resume" in err
+    assert list((out / "checkpoints").glob("step-*.safetensors"))
+
+
+# -- fuzzing the loaders ----------------------------------------------------------------------
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_embedding_files_never_crash_or_run_code(tmp_path_factory, blob):
+    folder = tmp_path_factory.mktemp("fuzz")
+    for name in ("x.safetensors", "x.pt"):
+        path = folder / name
+        path.write_bytes(blob)
+        try:
+            obj = load_safetensors(path) if name.endswith("safetensors") else load_torch(path)
+        except ValueError:
+            continue
+        assert isinstance(obj, (dict, list, tuple, torch.Tensor, int, float, str, bytes, type(None)))
+
+
+@FUZZ
+@given(st.text(max_size=400))
+def test_fuzz_job_files_give_a_message_or_a_job(tmp_path_factory, text):
+    from dti_fast.cli import load_job_file
+
+    path = tmp_path_factory.mktemp("job") / "job.toml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        job = load_job_file(path)
+    except SystemExit as exit_:
+        assert str(exit_.code).startswith("dti-fast: job file")
+        return
+    assert isinstance(job["concepts"], list)
+
+
+@FUZZ
+@given(st.binary(min_size=0, max_size=4096), st.sampled_from([".jpg", ".png", ".webp"]))
+def test_fuzz_images_load_or_are_refused_by_name(tmp_path_factory, blob, suffix):
+    folder = tmp_path_factory.mktemp("img")
+    (folder / f"f{suffix}").write_bytes(blob)
+    try:
+        data = load_concept_images(Concept("x", folder, "dog"), 16)
+    except ValueError as err:
+        assert f"f{suffix}" in str(err)
+        return
+    assert data.arrays[0].dtype == np.uint8
