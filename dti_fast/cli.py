@@ -18,7 +18,8 @@ _JOB_KEYS: dict[str, Any] = {
     "resolution": int, "lr": float, "scale_lr": bool, "kappa": float, "beta": float, "norm_scale": None,
     "init": str, "weight_decay": float, "seed": int, "checkpoint_every": int, "keep_checkpoints": int,
     "resume": bool, "precision": str, "device": str, "validation_prompts": list,
-    "validation_inference_steps": int, "export_ti_rescaled": bool, "progress": bool,
+    "validation_inference_steps": int, "export_ti_rescaled": bool, "progress": bool, "max_bad_steps": int,
+    "parallel": str,
 }
 _CONCEPT_KEYS = {f.name for f in fields(Concept)} | {"class"}
 
@@ -220,6 +221,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validation-inference-steps", type=_positive_int, help="denoising steps of the samples (default 25)")
     p.add_argument("--export-ti-rescaled", action="store_const", const=True,
                    help="TI: also export vectors rescaled to m* (the paper's TI-rescaled baseline) under rescaled/")
+    p.add_argument("--max-bad-steps", type=_positive_int,
+                   help="stop a concept after this many steps in a row with a NaN/inf loss or gradient (default 3)")
+    p.add_argument("--parallel", choices=["shard", "data"],
+                   help="under torchrun / accelerate launch: shard (default) splits the concepts over the ranks; "
+                   "data trains every concept on every rank with different samples and all-reduced gradients "
+                   "(W ranks = one rank with W times the batch)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
 
 

@@ -51,8 +51,11 @@ def write_concept_files(folder: Path, name: str, placeholder: str, vectors: list
     return written
 
 
-def export_job(job: "_Job") -> tuple[dict[str, Path], dict[str, list[torch.Tensor]]]:
-    """Export every concept of a finished job; returns the folders and the vectors written."""
+def export_job(job: "_Job", write: bool = True) -> tuple[dict[str, Path], dict[str, list[torch.Tensor]]]:
+    """Export every concept of a finished job; returns the folders and the vectors.
+
+    ``write=False`` (data-parallel ranks other than the main one) only returns them.
+    """
     cfg = job.cfg
     out = Path(cfg.output_dir)
     dirs, all_vectors = {}, {}
@@ -61,6 +64,10 @@ def export_job(job: "_Job") -> tuple[dict[str, Path], dict[str, list[torch.Tenso
         folder = out / c.name
         vectors = [emb.vectors(i).cpu() for emb in job.embeddings]
         steps = job.done[c.name]
+        dirs[c.name] = folder
+        all_vectors[c.name] = vectors
+        if not write:
+            continue
         write_concept_files(folder, c.name, c.placeholder, vectors, job.parts.family, steps)
         info = {
             "name": c.name,
@@ -73,6 +80,7 @@ def export_job(job: "_Job") -> tuple[dict[str, Path], dict[str, list[torch.Tenso
             "method": cfg.method,
             "steps": steps,
             "status": ("stopped: " + job.stopped[c.name]) if c.name in job.stopped else "complete",
+            "fingerprint": cfg.concept_fingerprint(c, job.data_world),
             "model": cfg.model,
             "family": job.parts.family,
             "encoders": [
@@ -92,8 +100,6 @@ def export_job(job: "_Job") -> tuple[dict[str, Path], dict[str, list[torch.Tenso
             write_concept_files(folder / "rescaled", c.name, c.placeholder, rescaled, job.parts.family, steps)
             info["rescaled"] = "rescaled/"
         write_json(info, folder / "concept.json")
-        dirs[c.name] = folder
-        all_vectors[c.name] = vectors
     return dirs, all_vectors
 
 

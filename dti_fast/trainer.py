@@ -20,7 +20,7 @@ import threading
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from . import export
+from .distributed import DistContext, all_reduce_grads, shard_concepts
+from .distributed import setup as setup_distributed
 from .data import Concept, ConceptImages, load_concept_images, random_crop
 from .embedding import ConceptTokens, DirectionalEmbedding, add_concept_tokens, initializer_ids, install_embedding, start_rows
 from .io import load_safetensors, save_safetensors
@@ -37,7 +39,7 @@ __all__ = ["TrainConfig", "TrainResult", "train", "METHODS", "JobError", "Output
 
 METHODS = ("dti", "ti")
 DEFAULT_LR = {"dti": 0.01, "ti": 5e-3}
-CHECKPOINT_FORMAT = "dti_fast-checkpoint-1"
+CHECKPOINT_FORMAT = "dti_fast-checkpoint-2"
 
 
 @dataclass
@@ -70,23 +72,28 @@ class TrainConfig:
     export_ti_rescaled: bool = False
     progress: bool = True
     max_bad_steps: int = 3
+    parallel: str = "shard"
 
-    def effective_lr(self) -> float:
+    def effective_lr(self, data_world: int = 1) -> float:
+        """The learning rate, scaled by the global batch per concept unless ``scale_lr`` is off."""
         base = self.lr if self.lr is not None else DEFAULT_LR[self.method]
-        return base * self.batch_size if self.scale_lr else base
+        return base * self.batch_size * data_world if self.scale_lr else base
 
     def concept_steps(self, concept: Concept) -> int:
         return concept.steps if concept.steps is not None else self.steps
 
-    def fingerprint(self) -> str:
-        """A hash of everything that shapes the learned vectors (not progress or output options)."""
-        keys = ("model", "method", "batch_size", "max_batch", "resolution", "lr", "scale_lr", "kappa", "beta",
+    def concept_fingerprint(self, concept: Concept, data_world: int = 1) -> str:
+        """A hash of everything that shapes one concept's vectors (not step counts or output options).
+
+        Concepts train independently of their batch-mates, so a checkpoint of a
+        concept stays valid whichever job or shard it was trained in.
+        """
+        keys = ("model", "method", "batch_size", "resolution", "lr", "scale_lr", "kappa", "beta",
                 "norm_scale", "init", "weight_decay", "seed")
         data = {k: getattr(self, k) for k in keys}
-        data["concepts"] = [
-            {"name": c.name, "images": str(c.images), "init": c.init, "placeholder": c.placeholder, "kind": c.kind}
-            for c in self.concepts
-        ]
+        data["data_world"] = data_world
+        data["concept"] = {"name": concept.name, "images": str(concept.images), "init": concept.init,
+                           "placeholder": concept.placeholder, "kind": concept.kind}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -206,6 +213,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"lr must be positive, got {cfg.lr!r}")
     if cfg.kappa < 0 or not 0 <= cfg.beta < 1:
         raise ValueError(f"kappa must be >= 0 and beta in [0, 1), got kappa={cfg.kappa}, beta={cfg.beta}")
+    if cfg.parallel not in ("shard", "data"):
+        raise ValueError(f"parallel must be 'shard' or 'data', got {cfg.parallel!r}")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
     if cfg.init not in ("token", "random", "mean"):
@@ -236,14 +245,21 @@ def _concept_generator(seed: int, name: str) -> torch.Generator:
 class _Job:
     """The state of a running job (model, embeddings, optimizer, progress)."""
 
-    def __init__(self, cfg: TrainConfig, images: list[ConceptImages]) -> None:
+    def __init__(self, cfg: TrainConfig, images: list[ConceptImages], ctx: DistContext, checkpoint_dir: Path) -> None:
         from .models import load_model_parts
 
         self.cfg = cfg
         self.images = images
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-        )
+        self.ctx = ctx
+        self.data_world = ctx.world_size if cfg.parallel == "data" else 1
+        self.checkpoint_dir = checkpoint_dir
+        self.writes = ctx.is_main or cfg.parallel == "shard"
+        if cfg.device != "auto":
+            self.device = torch.device(cfg.device)
+        elif torch.cuda.is_available():
+            self.device = torch.device("cuda", ctx.local_rank if ctx.enabled else torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
         precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.parts = load_model_parts(cfg.model, dtype=self.weight_dtype, device=str(self.device))
@@ -297,7 +313,7 @@ class _Job:
     def _build_optimizer(self) -> None:
         cfg = self.cfg
         params = [p for emb in self.embeddings for p in emb.rows]
-        lr = cfg.effective_lr()
+        lr = cfg.effective_lr(self.data_world)
         if cfg.method == "dti":
             priors = [mu for emb in self.embeddings for mu in emb.priors]
             self.optimizer: torch.optim.Optimizer = SphericalSGD(
@@ -332,7 +348,10 @@ class _Job:
             c = cfg.concepts[ci]
             gen = self.generators[c.name]
             data = self.images[ci]
-            for _ in range(cfg.batch_size):
+            # Data parallel: every rank draws the global batch and keeps its own slice,
+            # so W ranks see exactly the samples one rank with W times the batch would.
+            mine = range(self.ctx.rank * cfg.batch_size, (self.ctx.rank + 1) * cfg.batch_size)
+            for k_sample in range(cfg.batch_size * self.data_world):
                 k = int(torch.randint(0, len(data.arrays), (1,), generator=gen))
                 px, (top, left) = random_crop(data.arrays[k], res, gen)
                 template = c.templates[int(torch.randint(0, len(c.templates), (1,), generator=gen))]
@@ -342,8 +361,17 @@ class _Job:
                 oh, ow = data.original_sizes[k]
                 time_ids.append([oh, ow, top, left, res, res])
                 timesteps.append(int(torch.randint(0, n_train, (1,), generator=gen)))
-                noises.append(torch.randn(self.latent_channels, lat, lat, generator=gen))
-                eps.append(torch.randn(self.latent_channels, lat, lat, generator=gen))
+                noise = torch.randn(self.latent_channels, lat, lat, generator=gen)
+                vae_eps = torch.randn(self.latent_channels, lat, lat, generator=gen)
+                if self.data_world > 1 and k_sample not in mine:
+                    pixels.pop()
+                    for enc_index in range(len(self.embeddings)):
+                        prompts[enc_index].pop()
+                    time_ids.pop()
+                    timesteps.pop()
+                    continue
+                noises.append(noise)
+                eps.append(vae_eps)
                 owners.append(ci)
         return {
             "pixels": torch.stack(pixels),
@@ -401,7 +429,7 @@ class _Job:
         # Per-concept means, summed: each concept's gradient is what it would get training alone.
         owners = torch.tensor(batch["owners"], device=per_sample.device)
         per_concept = torch.zeros(len(self.cfg.concepts), device=per_sample.device)
-        per_concept = per_concept.index_add(0, owners, per_sample / self.cfg.batch_size)
+        per_concept = per_concept.index_add(0, owners, per_sample / (self.cfg.batch_size * self.data_world))
         return per_concept.sum(), per_concept
 
     def step(self) -> Optional[float]:
@@ -413,7 +441,9 @@ class _Job:
         self.optimizer.zero_grad(set_to_none=True)
         total, per_concept = self.loss(batch)
         total.backward()
-        # One host sync: which chosen concepts have a finite loss and finite gradients.
+        if self.data_world > 1:
+            all_reduce_grads([p for emb in self.embeddings for p in emb.rows])
+            torch.distributed.all_reduce(per_concept.detach())        # One host sync: which chosen concepts have a finite loss and finite gradients.
         flags = []
         for i in chosen:
             ok = torch.isfinite(per_concept[i])
@@ -451,30 +481,32 @@ class _Job:
         if stepped:
             self.optimizer.step()
         self.job_step += 1
-        self.samples += len(batch["owners"])
+        self.samples += len(batch["owners"]) * self.data_world
         return sum(stepped) / len(stepped) if stepped else float("nan")
 
     # -- checkpoints ---------------------------------------------------------------------
+    # Every tensor is keyed by concept, so a concept's state can be picked up by
+    # any later job or shard with the same concept fingerprint.
 
-    def checkpoint_dir(self) -> Path:
-        return Path(self.cfg.output_dir) / "checkpoints"
+    def fingerprints(self) -> dict[str, str]:
+        return {c.name: self.cfg.concept_fingerprint(c, self.data_world) for c in self.cfg.concepts}
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Optional[Path]:
+        if not self.writes:
+            return None
         tensors: dict[str, torch.Tensor] = {}
         for e, emb in enumerate(self.embeddings):
             for i, c in enumerate(self.cfg.concepts):
-                tensors[f"rows/{e}/{c.name}"] = emb.rows[i].detach()
-        params = [p for emb in self.embeddings for p in emb.rows]
-        index = {id(p): k for k, p in enumerate(params)}
-        for p, st in self.optimizer.state.items():
-            for key, value in st.items():
-                if torch.is_tensor(value):
-                    tensors[f"optim/{index[id(p)]}/{key}"] = value.detach().reshape(value.shape)
+                p = emb.rows[i]
+                tensors[f"rows/{e}/{c.name}"] = p.detach()
+                for key, value in self.optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(value):
+                        tensors[f"optim/{e}/{c.name}/{key}"] = value.detach()
         for name, gen in self.generators.items():
             tensors[f"rng/{name}"] = gen.get_state()
         meta = {
             "format": CHECKPOINT_FORMAT,
-            "fingerprint": self.cfg.fingerprint(),
+            "fingerprints": json.dumps(self.fingerprints()),
             "job_step": str(self.job_step),
             "samples": str(self.samples),
             "skipped": str(self.skipped),
@@ -482,54 +514,98 @@ class _Job:
             "bad": json.dumps(self.bad),
             "stopped": json.dumps(self.stopped),
         }
-        path = self.checkpoint_dir() / f"step-{self.job_step:08d}.safetensors"
+        path = self.checkpoint_dir / f"step-{self.job_step:08d}.safetensors"
         save_safetensors(tensors, path, metadata=meta)
-        old = sorted(self.checkpoint_dir().glob("step-*.safetensors"))[: -self.cfg.keep_checkpoints]
-        for stale in old:
+        for stale in sorted(self.checkpoint_dir.glob("step-*.safetensors"))[: -self.cfg.keep_checkpoints]:
             stale.unlink(missing_ok=True)
         return path
 
-    def load_checkpoint(self, path: Path) -> None:
+    def restore(self) -> list[Path]:
+        """Load each concept's newest state from any checkpoint under <output>/checkpoints; returns the files used."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a dti_fast checkpoint; remove it or start without --resume")
-        if meta.get("fingerprint") != self.cfg.fingerprint():
-            raise ValueError(
-                f"checkpoint {path} belongs to a different job (model, concepts or hyper-parameters changed); "
-                "resume with the same settings, or use a new --output"
-            )
-        tensors = load_safetensors(path)
-        with torch.no_grad():
-            for e, emb in enumerate(self.embeddings):
-                for i, c in enumerate(self.cfg.concepts):
-                    saved = tensors[f"rows/{e}/{c.name}"]
-                    if saved.shape != emb.rows[i].shape:
-                        raise ValueError(f"checkpoint {path}: rows of {c.name!r} have shape {tuple(saved.shape)}, "
-                                         f"expected {tuple(emb.rows[i].shape)}")
+        root = Path(self.cfg.output_dir) / "checkpoints"
+        wanted = self.fingerprints()
+        best: dict[str, tuple[int, Path, dict]] = {}
+        foreign = []
+        for path in sorted(root.glob("**/step-*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    meta = fh.metadata() or {}
+            except Exception as err:
+                raise ValueError(f"{path} is not a readable checkpoint ({err}); delete it and rerun with --resume") from err
+            if meta.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"{path} is not a dti_fast checkpoint of this version; move it away or use a new --output")
+            saved = json.loads(meta["fingerprints"])
+            done = json.loads(meta["done"])
+            for name, fp in saved.items():
+                if name not in wanted:
+                    continue
+                if fp != wanted[name]:
+                    foreign.append(path)
+                    continue
+                if name not in best or done[name] > best[name][0]:
+                    best[name] = (done[name], path, meta)
+        if not best:
+            if foreign:
+                raise ValueError(
+                    f"checkpoint {foreign[0]} belongs to a different job (model, concepts or hyper-parameters "
+                    "changed); resume with the same settings, or use a new --output"
+                )
+            return []
+        param_index = {id(p): k for k, p in enumerate(p for emb in self.embeddings for p in emb.rows)}
+        state = {}
+        used: dict[Path, dict[str, torch.Tensor]] = {}
+        for name, (_, path, meta) in best.items():
+            if path not in used:
+                used[path] = load_safetensors(path)
+            tensors = used[path]
+            i = [c.name for c in self.cfg.concepts].index(name)
+            with torch.no_grad():
+                for e, emb in enumerate(self.embeddings):
+                    saved = tensors.get(f"rows/{e}/{name}")
+                    if saved is None or saved.shape != emb.rows[i].shape:
+                        got = "missing" if saved is None else f"shape {tuple(saved.shape)}"
+                        raise ValueError(f"checkpoint {path}: rows of {name!r} have {got}, expected "
+                                         f"{tuple(emb.rows[i].shape)}; delete it or use a new --output")
                     emb.rows[i].copy_(saved)
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim/"):
-                _, k, name = key.split("/", 2)
-                state.setdefault(int(k), {})[name] = value
+                    prefix = f"optim/{e}/{name}/"
+                    entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                    if entry:
+                        state[param_index[id(emb.rows[i])]] = entry
+            self.generators[name].set_state(tensors[f"rng/{name}"])
+            self.done[name] = json.loads(meta["done"])[name]
+            self.bad[name] = json.loads(meta["bad"])[name]
+            stopped = json.loads(meta["stopped"])
+            if name in stopped:
+                self.stopped[name] = stopped[name]
         current = self.optimizer.state_dict()
         current["state"] = state
         self.optimizer.load_state_dict(current)
-        for name, gen in self.generators.items():
-            gen.set_state(tensors[f"rng/{name}"])
-        self.job_step = int(meta["job_step"])
-        self.samples = int(meta["samples"])
-        self.skipped = int(meta["skipped"])
-        self.done = json.loads(meta["done"])
-        self.bad = json.loads(meta["bad"])
-        self.stopped = json.loads(meta["stopped"])
+        files = sorted({path for _, path, _ in best.values()})
+        if len(files) == 1:
+            meta = next(iter(best.values()))[2]
+            self.job_step = int(meta["job_step"])
+            self.samples = int(meta["samples"])
+            self.skipped = int(meta["skipped"])
+        else:
+            self.job_step = max(self.done.values())
+        return files
 
-    def latest_checkpoint(self) -> Optional[Path]:
-        found = sorted(self.checkpoint_dir().glob("step-*.safetensors"))
-        return found[-1] if found else None
+
+def _finished_concepts(cfg: TrainConfig, data_world: int) -> set[str]:
+    """Concepts whose exports are complete for these settings (skipped by --resume)."""
+    finished = set()
+    for c in cfg.concepts:
+        info_path = Path(cfg.output_dir) / c.name / "concept.json"
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if (info.get("status") == "complete" and info.get("fingerprint") == cfg.concept_fingerprint(c, data_world)
+                and info.get("steps") == cfg.concept_steps(c)):
+            finished.add(c.name)
+    return finished
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -538,20 +614,87 @@ def train(cfg: TrainConfig) -> TrainResult:
     Bad input raises before the model loads. The output folder is locked for
     the job's lifetime. SIGINT/SIGTERM write a checkpoint and raise
     :class:`TrainingInterrupted`; ``resume=True`` continues from the newest
-    checkpoint and ends with the same vectors as an uninterrupted run.
+    checkpoints and ends with the same vectors as an uninterrupted run. Under
+    a distributed launcher (``WORLD_SIZE > 1``) the concepts are sharded over
+    the ranks (``parallel="shard"``) or trained data-parallel
+    (``parallel="data"``); see :mod:`dti_fast.distributed`. The result holds
+    this rank's concepts.
     """
     validate_config(cfg)
-    images = [load_concept_images(c, cfg.resolution) for c in cfg.concepts]
-    with _OutputLock(Path(cfg.output_dir)), _StopSignals() as stop:
-        return _run(cfg, images, stop)
+    ctx = setup_distributed()
+    data_world = ctx.world_size if cfg.parallel == "data" else 1
+    subset = list(range(len(cfg.concepts)))
+    finished = _finished_concepts(cfg, data_world) if cfg.resume else set()
+    subset = [i for i in subset if cfg.concepts[i].name not in finished]
+    checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
+    if ctx.enabled and cfg.parallel == "shard":
+        shards = shard_concepts([cfg.concept_steps(cfg.concepts[i]) for i in subset], ctx.world_size)
+        subset = [subset[k] for k in shards[ctx.rank]]
+        checkpoint_dir = checkpoint_dir / f"rank{ctx.rank}-of-{ctx.world_size}"
+    mine = [cfg.concepts[i] for i in subset]
+    images = [load_concept_images(c, cfg.resolution) for c in mine]
+    sub_cfg = replace(cfg, concepts=mine, progress=cfg.progress and ctx.is_main)
+    lock = _OutputLock(Path(cfg.output_dir)) if ctx.is_main else contextlib.nullcontext()
+    with _agreed(lock, ctx), _StopSignals() as stop:
+        names = [c.name for c in mine]
+        ctx.write_status(Path(cfg.output_dir), "running", names)
+        try:
+            result = _run(sub_cfg, images, stop, ctx, checkpoint_dir) if mine else _empty_result(cfg)
+        except TrainingInterrupted as err:
+            ctx.write_status(Path(cfg.output_dir), f"interrupted by {signal.Signals(err.signum).name}", names)
+            raise
+        except BaseException as err:
+            ctx.write_status(Path(cfg.output_dir), f"failed ({type(err).__name__}: {err})", names)
+            raise
+        ctx.write_status(Path(cfg.output_dir), "done", names)
+        if ctx.enabled and cfg.parallel == "shard":
+            _report_rank_failures(cfg, ctx)
+        return result
 
 
-def _run(cfg: TrainConfig, images: list[ConceptImages], stop: _StopSignals) -> TrainResult:
-    job = _Job(cfg, images)
+@contextlib.contextmanager
+def _agreed(lock, ctx: DistContext):
+    """Enter ``lock`` on the main rank; every rank fails together if it could not be taken."""
+    error = None
+    try:
+        lock.__enter__()
+    except (JobError, OSError) as err:
+        error = err
+    if not ctx.agree(error is None):
+        if error is not None:
+            raise error
+        raise OutputBusyError("the main rank could not lock the output folder; see its error")
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _report_rank_failures(cfg: TrainConfig, ctx: DistContext) -> None:
+    """Wait for the other ranks; on the main rank, name ranks that failed and the concepts they held."""
+    from .distributed import failure_report
+
+    try:
+        torch.distributed.barrier()
+        problem = None
+    except Exception as err:  # a dead peer breaks the collective
+        problem = f"({type(err).__name__} while waiting for the other ranks)"
+    if ctx.is_main:
+        report = failure_report(Path(cfg.output_dir), ctx.world_size)
+        if report or problem:
+            raise JobError(report or problem)
+
+
+def _empty_result(cfg: TrainConfig) -> TrainResult:
+    return TrainResult(output_dir=Path(cfg.output_dir), concept_dirs={}, vectors={}, scales=[], job_steps=0,
+                       samples=0, seconds=0.0, skipped_steps=0)
+
+
+def _run(cfg: TrainConfig, images: list[ConceptImages], stop: _StopSignals, ctx: DistContext,
+         checkpoint_dir: Path) -> TrainResult:
+    job = _Job(cfg, images, ctx, checkpoint_dir)
     if cfg.resume:
-        latest = job.latest_checkpoint()
-        if latest is not None:
-            job.load_checkpoint(latest)
+        job.restore()
     total = sum(cfg.concept_steps(c) for c in cfg.concepts)
     already = sum(job.done.values())
     bar = None
@@ -581,11 +724,11 @@ def _run(cfg: TrainConfig, images: list[ConceptImages], stop: _StopSignals) -> T
         if bar is not None:
             bar.close()
     if stop.signum is not None:
-        raise TrainingInterrupted(stop.signum, job.save_checkpoint())
+        raise TrainingInterrupted(stop.signum, job.save_checkpoint() or checkpoint_dir)
     seconds = time.perf_counter() - started
     job.save_checkpoint()
-    concept_dirs, vectors = export.export_job(job)
-    if cfg.validation_prompts:
+    concept_dirs, vectors = export.export_job(job, write=job.writes)
+    if cfg.validation_prompts and job.writes:
         export.validation_grids(job)
     return TrainResult(
         output_dir=Path(cfg.output_dir),

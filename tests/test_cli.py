@@ -16,7 +16,7 @@ TRAIN_FLAGS = [
     "--config", "--model", "--output", "--concept", "--method", "--steps", "--batch-size", "--max-batch",
     "--resolution", "--lr", "--no-scale-lr", "--kappa", "--beta", "--scale", "--init", "--weight-decay", "--seed",
     "--checkpoint-every", "--keep-checkpoints", "--resume", "--precision", "--device", "--validation-prompt",
-    "--validation-inference-steps", "--export-ti-rescaled", "--no-progress",
+    "--validation-inference-steps", "--export-ti-rescaled", "--no-progress", "--max-bad-steps", "--parallel",
 ]
 
 
