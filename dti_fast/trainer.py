@@ -632,6 +632,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         subset = [subset[k] for k in shards[ctx.rank]]
         checkpoint_dir = checkpoint_dir / f"rank{ctx.rank}-of-{ctx.world_size}"
     mine = [cfg.concepts[i] for i in subset]
+    if cfg.resume and ctx.is_main and ctx.enabled:
+        from .distributed import failure_report
+
+        previous = failure_report(Path(cfg.output_dir), ctx.world_size)
+        if previous:
+            print(f"dti-fast: the previous run did not finish: {previous.split('. ')[0]}", file=sys.stderr)
+        print(f"dti-fast: resuming; {len(finished)} concept(s) finished, {len(cfg.concepts) - len(finished)} to train",
+              file=sys.stderr)
     images = [load_concept_images(c, cfg.resolution) for c in mine]
     sub_cfg = replace(cfg, concepts=mine, progress=cfg.progress and ctx.is_main)
     lock = _OutputLock(Path(cfg.output_dir)) if ctx.is_main else contextlib.nullcontext()
@@ -642,14 +650,22 @@ def train(cfg: TrainConfig) -> TrainResult:
             result = _run(sub_cfg, images, stop, ctx, checkpoint_dir) if mine else _empty_result(cfg)
         except TrainingInterrupted as err:
             ctx.write_status(Path(cfg.output_dir), f"interrupted by {signal.Signals(err.signum).name}", names)
+            if ctx.enabled and ctx.is_main:
+                from .distributed import failure_report
+
+                # A launcher stops every rank when one dies: say which one held what.
+                report = failure_report(Path(cfg.output_dir), ctx.world_size)
+                if report:
+                    print(f"dti-fast: {report}", file=sys.stderr)
             raise
         except BaseException as err:
             ctx.write_status(Path(cfg.output_dir), f"failed ({type(err).__name__}: {err})", names)
             raise
         ctx.write_status(Path(cfg.output_dir), "done", names)
-        if ctx.enabled and cfg.parallel == "shard":
-            _report_rank_failures(cfg, ctx)
-        return result
+    if ctx.enabled and cfg.parallel == "shard":
+        # Outside the signal handlers: a launcher tearing the job down may stop a rank that waits here.
+        _report_rank_failures(cfg, ctx)
+    return result
 
 
 @contextlib.contextmanager
