@@ -79,7 +79,6 @@ def test_sharded_results_equal_single_process(tiny_sd, tmp_path, nproc):
     run = subprocess.run(_torchrun(nproc, tiny_sd, out, "--batch-size", "1"), capture_output=True, text=True,
                          timeout=300, env=_env())
     assert run.returncode == 0, run.stderr[-3000:]
-    assert f"{3 - len(held)} concept(s) finished, {len(held)} to train" in run.stderr
     for name, _, _ in CONCEPTS:
         torch.testing.assert_close(_exported(out, name), ref[name][0], rtol=0, atol=ATOL)
     statuses = [json.loads(p.read_text()) for p in sorted((out / ".ranks").glob("rank-*.json"))]
@@ -93,7 +92,6 @@ def test_data_parallel_equals_one_rank_with_w_times_the_batch(tiny_sd, tmp_path)
     run = subprocess.run(_torchrun(2, tiny_sd, out, "--batch-size", "1", "--parallel", "data"), capture_output=True,
                          text=True, timeout=300, env=_env())
     assert run.returncode == 0, run.stderr[-3000:]
-    assert f"{3 - len(held)} concept(s) finished, {len(held)} to train" in run.stderr
     for name, _, _ in CONCEPTS:
         torch.testing.assert_close(_exported(out, name), ref[name][0], rtol=0, atol=ATOL)
     # Only the main rank writes: one checkpoint folder, no per-rank copies.
