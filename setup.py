@@ -17,7 +17,8 @@ setup(
     packages=["dti_fast", "dti_fast.kernels"],
     package_dir={"dti_fast": "dti_fast", "dti_fast.kernels": "kernels"},
     include_package_data=True,
-    package_data={"dti_fast": ["assets/clip_tokenizer/*", "assets/dreambooth_mini/*.txt", "assets/dreambooth_mini/*/*"]},
+    package_data={"dti_fast": ["assets/clip_tokenizer/*", "assets/dreambooth_mini/*.txt", "assets/dreambooth_mini/*/*",
+                              "assets/*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
@@ -29,6 +30,8 @@ setup(
         "pillow>=10.0",
         "tqdm>=4.60",
         "numpy>=1.24",
+        "sentencepiece>=0.1.99",  # SigLIP's tokenizer (text-fidelity metric)
+        "protobuf>=3.20",  # required by transformers' SiglipTokenizer
     ],
     extras_require={
         "dev": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.0", "geoopt>=0.5"],

@@ -230,6 +230,236 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
 
 
+def _int_list(text: str) -> list[int]:
+    """``0,1,2`` or ``0-3`` (inclusive) -> a list of ints."""
+    import re
+
+    out: list[int] = []
+    for part in (x.strip() for x in text.split(",")):
+        if not part:
+            continue
+        span = re.fullmatch(r"(\d+)-(\d+)", part)
+        if span:
+            out.extend(range(int(span.group(1)), int(span.group(2)) + 1))
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected integers like 0,1,2 or 0-3, got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
+    return out
+
+
+def _read_prompt_file(path: Path) -> list[str]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        prompts += _read_prompt_file(args.prompt_file)
+    if not prompts:
+        prompts = ["a photo of {}"]
+    result = generate(
+        args.model, args.concept, prompts, args.output, seeds=args.seeds, steps=args.steps, guidance=args.guidance,
+        negative_prompt=args.negative_prompt, height=args.height, width=args.width, batch_size=args.batch_size,
+        device=args.device, dtype=args.dtype, scheduler=args.scheduler, skip_existing=not args.overwrite,
+        grid=not args.no_grid, progress=args.progress,
+    )
+    print(f"{len(result.records)} image(s) in {result.output_dir} ({result.generated} generated now, "
+          f"{len(result.records) - result.generated} already there); manifest {result.manifest}")
+    for name, path in result.grids.items():
+        print(f"  contact sheet {name}: {path}")
+    return 0
+
+
+def _add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate images with learned concepts (diffusers pipeline)",
+                       description="Load a diffusers SD/SDXL pipeline, load the learned concepts with "
+                       "load_textual_inversion (SDXL: both encoders), and generate prompts x seeds; writes PNGs, "
+                       "images.json and a contact sheet per concept. Images already on disk are kept.")
+    p.add_argument("--concept", action="append", default=[], type=Path, required=True,
+                   help="a concept folder written by dti-fast train (or its rescaled/ folder, or an interpolation "
+                   "folder), or an embedding file; repeatable")
+    p.add_argument("--model", help="diffusers model folder or hub id (default: the model in the first concept's "
+                   "concept.json); must be the family the concepts were trained on")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="prompt; {} stands for the concept (run once per concept), a prompt without {} runs once "
+                   "as written (it may name placeholders); repeatable (default: 'a photo of {}')")
+    p.add_argument("--prompt-file", type=Path, help="text file with one prompt per line (# starts a comment)")
+    p.add_argument("--output", type=Path, required=True, help="output folder")
+    p.add_argument("--seeds", type=_int_list, default=[0], help="seeds, e.g. 0,1,2,3 or 0-3 (default 0); one image "
+                   "per prompt and seed, reproducible whatever the batch")
+    p.add_argument("--steps", type=_positive_int, default=30, help="denoising steps (default 30)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--negative-prompt", help="negative prompt for every image")
+    p.add_argument("--height", type=_positive_int, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=_positive_int, help="image width in pixels (default: the model's)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="images per pipeline call (default 4)")
+    p.add_argument("--scheduler", choices=["auto", "model", "ddim", "euler", "dpm", "pndm"], default="auto",
+                   help="sampler: auto (default) = the model's, DDIM instead of a training DDPM scheduler; model; "
+                   "ddim; euler; dpm (DPM-Solver++); pndm")
+    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="weights dtype: auto (default) = bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
+    p.add_argument("--no-grid", action="store_true", help="do not write the contact sheets")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no denoising progress bar")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_interpolate(args: argparse.Namespace) -> int:
+    from .interpolate import interpolate_concepts
+
+    out = args.output or Path(f"interp-{Path(args.a).name}-{Path(args.b).name}")
+    result = interpolate_concepts(
+        args.a, args.b, out, steps=args.steps, mode=args.mode, images=not args.no_images, model=args.model,
+        prompt=args.prompt, seed=args.seed, inference_steps=args.inference_steps, guidance=args.guidance,
+        resolution=args.resolution, device=args.device, dtype=args.dtype,
+    )
+    print(f"interpolated {args.a} -> {args.b} at t = {', '.join(f'{t:g}' for t in result.times)} "
+          f"({', '.join(result.modes)}) into {result.output_dir}")
+    for mode, folders in result.folders.items():
+        print(f"  {mode}: {len(folders)} concept folders under {result.output_dir / mode}")
+    for mode, path in result.strips.items():
+        print(f"  strip ({mode}): {path}")
+    return 0
+
+
+def _add_interpolate_parser(sub) -> None:
+    p = sub.add_parser("interpolate", help="slerp between two learned concepts: an embedding per t and an image strip",
+                       description="Interpolate two concepts vector by vector (SDXL: both encoders with the same t). "
+                       "DTI: slerp of the directions at the fixed norm m*. TI: lerp and/or slerp of the directions "
+                       "with linearly interpolated norms. Writes one concept folder per t (diffusers format, "
+                       "placeholder <a-b-t0.25>) and an image strip.")
+    p.add_argument("a", type=Path, help="first concept (folder written by dti-fast train, or an embedding file)")
+    p.add_argument("b", type=Path, help="second concept (same model and the same number of vectors as A)")
+    p.add_argument("--steps", type=int, default=5, help="number of t values in [0, 1], ends included (default 5)")
+    p.add_argument("--mode", choices=["auto", "slerp", "lerp", "both"], default="auto",
+                   help="auto (default): slerp for two DTI concepts, both lerp and slerp otherwise")
+    p.add_argument("--output", type=Path, help="output folder (default ./interp-A-B)")
+    p.add_argument("--model", help="model for the strip (default: the model in A's concept.json)")
+    p.add_argument("--prompt", default="a photo of {}", help="strip prompt, {} = the interpolated concept "
+                   "(default 'a photo of {}')")
+    p.add_argument("--seed", type=int, default=0, help="the strip's seed, the same at every t (default 0)")
+    p.add_argument("--inference-steps", type=_positive_int, default=30, help="denoising steps (default 30)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--resolution", type=_positive_int, help="strip image size in pixels (default: the model's)")
+    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="weights dtype: auto (default) = bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--no-images", action="store_true", help="only write the embeddings, no image strip")
+    p.set_defaults(func=_cmd_interpolate)
+
+
+def _cmd_suite(args: argparse.Namespace) -> int:
+    from .suite import SuiteConfig, run_suite
+
+    cfg = SuiteConfig(output_dir=args.output, model=args.model, data_dir=args.data, subjects_file=args.subjects_file,
+                      subjects=args.subject or None, quick=args.quick, force=args.force, progress=args.progress)
+    for key in ("steps", "batch_size", "resolution", "seed", "prompt_set", "prompts_file", "max_prompts", "seeds",
+                "inference_steps", "guidance", "gen_batch_size", "scheduler", "masks_dir", "dino_model",
+                "siglip_model", "clip_model", "device", "precision", "slerp_steps"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(cfg, key, value)
+    if args.methods:
+        cfg.methods = args.methods
+    if args.metrics:
+        cfg.metrics = args.metrics
+    if args.max_batch is not None:
+        cfg.max_batch = args.max_batch or None
+    if args.slerp_pair:
+        cfg.slerp_pair = tuple(args.slerp_pair)
+    result = run_suite(cfg)
+    print(f"\nsuite finished in {result.seconds:.1f} s (ran: {', '.join(result.ran) or 'nothing'}; "
+          f"skipped as done: {', '.join(result.skipped) or 'nothing'})")
+    keys = [k for k in ("image", "text", "clip_i", "clip_t") if k in cfg.metrics]
+    print(f"  {'method':<12}" + "".join(f"{k:>10}" for k in keys))
+    for method, row in result.table.items():
+        print(f"  {method:<12}" + "".join(f"{row.get(k, float('nan')):>10.4f}" for k in keys))
+    print(f"report: {result.report_md} (and {result.report_json.name})")
+    return 0
+
+
+def _comma_list(choices: Sequence[str]):
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}, got {text!r}")
+        return items
+    return parse
+
+
+def _pair(text: str) -> list[str]:
+    parts = [x.strip() for x in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected two subject names A,B, got {text!r}")
+    return parts
+
+
+def _add_suite_parser(sub) -> None:
+    p = sub.add_parser("suite", help="the TI-vs-DTI benchmark in one command: train, generate, score, report",
+                       description="Run the paper's protocol on a DreamBooth-layout folder: train every subject with "
+                       "each method (all subjects of a method in one job), generate the evaluation prompts x seeds, "
+                       "score (DINOv2 Image, SigLIP Text, CLIP-I, CLIP-T; per subject, then mean over subjects), and "
+                       "write report.json and report.md with plots. Resumable: a rerun skips finished stages. "
+                       "--quick: the tiny model, the shipped photos and tiny random-weight metric models "
+                       "(a smoke test, minutes on a CPU).")
+    p.add_argument("--output", type=Path, default=Path("dti-suite"), help="output folder (default ./dti-suite)")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny SD model, shipped dreambooth_mini, 20 "
+                   "steps, resolution 64, 3 prompts, 1 seed, tiny random-weight metric models (numbers mean nothing)")
+    p.add_argument("--model", help="diffusers SD 1.x/2.x or SDXL folder or hub id (required without --quick)")
+    p.add_argument("--data", type=Path, help="DreamBooth-layout folder, one sub-folder of photos per subject "
+                   "(required without --quick)")
+    p.add_argument("--subjects-file", type=Path, help="JSON {\"subjects\": {name: {\"class\", \"initialization\"}}} "
+                   "(default: the shipped DreamBooth list of 30 subjects)")
+    p.add_argument("--subject", action="append", default=[], help="run only this subject; repeatable (default: every "
+                   "subject of the list with a folder in --data)")
+    p.add_argument("--methods", type=_comma_list(["dti", "ti", "ti-rescaled"]),
+                   help="comma-separated subset of dti, ti, ti-rescaled (default all three; ti-rescaled reuses ti's "
+                   "training)")
+    p.add_argument("--steps", type=_positive_int, help="training steps per subject (default 400; --quick 20)")
+    p.add_argument("--batch-size", type=_positive_int, help="training images per subject per step (default 4)")
+    p.add_argument("--max-batch", type=int, help="most training images per forward pass, subjects take turns "
+                   "(default 16; 0 = every subject every step)")
+    p.add_argument("--resolution", type=_positive_int, help="training resolution (default: 768 for SDXL, else the "
+                   "model's native size)")
+    p.add_argument("--seed", type=int, help="training seed (default 0)")
+    p.add_argument("--prompt-set", help="prompt set of the prompts file: simple (default), complex_lv1, complex_lv2")
+    p.add_argument("--prompts-file", type=Path, help="prompts JSON (default: the shipped eval_prompts.json)")
+    p.add_argument("--max-prompts", type=_positive_int, help="use only the first N prompts of each kind (default all)")
+    p.add_argument("--seeds", type=_int_list, help="generation seeds, e.g. 0-3 (default 0,1,2,3; --quick 0)")
+    p.add_argument("--inference-steps", type=_positive_int, help="denoising steps (default 50; --quick 10)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--gen-batch-size", type=_positive_int, help="images per pipeline call (default 8)")
+    p.add_argument("--scheduler", choices=["auto", "model", "ddim", "euler", "dpm", "pndm"],
+                   help="sampler (default auto: the model's, DDIM instead of a training DDPM scheduler)")
+    p.add_argument("--masks", dest="masks_dir", type=Path, help="reference masks for the Image metric: "
+                   "<masks>/<subject>/<photo stem>.png, white = subject (default: unmasked references)")
+    p.add_argument("--dino-model", help="DINOv2 id or folder (default facebook/dinov2-base)")
+    p.add_argument("--siglip-model", help="SigLIP id or folder (default google/siglip-base-patch16-512)")
+    p.add_argument("--clip-model", help="CLIP id or folder (default openai/clip-vit-base-patch32)")
+    p.add_argument("--metrics", type=_comma_list(["image", "text", "clip_i", "clip_t"]),
+                   help="comma-separated subset of image, text, clip_i, clip_t (default all)")
+    p.add_argument("--slerp-pair", type=_pair, help="two subjects A,B for the slerp strip (default: the first two "
+                   "with the same number of vectors)")
+    p.add_argument("--slerp-steps", type=int, help="t values in the slerp strip (default 5)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="training and generation precision: auto (default) = bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--force", action="store_true", help="ignore the state file and redo every stage")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
+    p.set_defaults(func=_cmd_suite)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dti-fast",
@@ -270,6 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default 200)")
     toy.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     toy.set_defaults(func=_cmd_optim_demo)
+
+    _add_generate_parser(sub)
+    _add_interpolate_parser(sub)
+    _add_suite_parser(sub)
     return parser
 
 

@@ -195,3 +195,63 @@ def assert_matches_reference(
 
 
 _Helpers.assert_matches_reference = staticmethod(assert_matches_reference)
+
+
+# -- generate / interpolate / evaluate / suite: tiny models and trained concepts, built once per session --
+
+
+@pytest.fixture(scope="session")
+def eval_sd_model(tmp_path_factory):
+    """A tiny random-weight SD model folder (diffusers layout)."""
+    from dti_fast.models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("eval-models") / "sd", family="sd")
+
+
+@pytest.fixture(scope="session")
+def eval_sdxl_model(tmp_path_factory):
+    """A tiny random-weight SDXL model folder (two text encoders of widths 32 and 64)."""
+    from dti_fast.models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("eval-models") / "sdxl", family="sdxl")
+
+
+def _eval_concepts(*names):
+    from dti_fast.data import Concept
+    from dti_fast.demo import demo_images_dir
+
+    table = {"dog": ("dog", "dog"), "cat2": ("cat", "cat"), "backpack": ("red backpack", "backpack")}
+    return [Concept(name=n, images=demo_images_dir() / n, init=table[n][0], class_noun=table[n][1]) for n in names]
+
+
+@pytest.fixture(scope="session")
+def trained_sd(eval_sd_model, tmp_path_factory):
+    """DTI and TI (with rescaled/) concepts dog, cat2 (1 vector) and backpack (2 vectors) on the tiny SD model."""
+    from dti_fast.trainer import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("trained-sd")
+    out = {}
+    for method in ("dti", "ti"):
+        cfg = TrainConfig(model=str(eval_sd_model), output_dir=root / method,
+                          concepts=_eval_concepts("dog", "cat2", "backpack"), method=method, steps=2, batch_size=1,
+                          resolution=64, progress=False, export_ti_rescaled=(method == "ti"))
+        out[method] = train(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_sdxl(eval_sdxl_model, tmp_path_factory):
+    """DTI concepts dog and cat2 on the tiny SDXL model."""
+    from dti_fast.trainer import TrainConfig, train
+
+    cfg = TrainConfig(model=str(eval_sdxl_model), output_dir=tmp_path_factory.mktemp("trained-sdxl") / "dti",
+                      concepts=_eval_concepts("dog", "cat2"), steps=1, batch_size=1, resolution=64, progress=False)
+    return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_metrics(tmp_path_factory):
+    """Tiny random-weight DINOv2 / SigLIP / CLIP model folders: {"dino": path, "siglip": path, "clip": path}."""
+    from dti_fast.evaluate import make_tiny_metric_models
+
+    return make_tiny_metric_models(tmp_path_factory.mktemp("tiny-metrics"))

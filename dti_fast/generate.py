@@ -1,0 +1,509 @@
+"""Generating images with learned concepts: a diffusers pipeline with the embeddings loaded.
+
+:func:`read_concept` reads one concept as exported by training (a concept folder with
+``learned_embeds.safetensors`` [+ ``learned_embeds_2.safetensors`` for SDXL] and
+``concept.json``; its ``rescaled/`` folder; or a single embedding file).
+:func:`load_pipeline` builds ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` with
+``from_pretrained`` from a model folder or hub id (validated by :mod:`dti_fast.models` first),
+and :func:`load_concepts` loads concepts into it with diffusers' own
+``pipe.load_textual_inversion`` (SDXL: once per text encoder), after checking that every
+vector's size matches its text encoder. :func:`generate` runs prompts x seeds in batches (one
+CPU generator per image, so an image depends on its seed only, not on the batch it ran in),
+writes PNGs, a manifest and a contact sheet per concept, and skips images already on disk.
+
+In a prompt, ``{}`` stands for the concept: its placeholder in the text the model sees, its
+class noun in the text the metrics score (:func:`scoring_text`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .io import atomic_write, load_safetensors, load_torch, write_json
+
+__all__ = [
+    "ConceptEmbeddings",
+    "GenerateResult",
+    "ImageRecord",
+    "SCHEDULERS",
+    "expand_prompts",
+    "generate",
+    "load_concepts",
+    "load_pipeline",
+    "pipeline_family",
+    "read_concept",
+    "scoring_text",
+    "unload_concepts",
+]
+
+SCHEDULERS = ("auto", "model", "ddim", "euler", "dpm", "pndm")
+MANIFEST = "images.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading concepts
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConceptEmbeddings:
+    """One concept's learned vectors, per text encoder, and what concept.json says about it."""
+
+    name: str
+    placeholder: str
+    vectors: list[torch.Tensor]  # per encoder: (n_vectors, dim) fp32
+    files: list[Optional[Path]]  # per encoder: the diffusers-format file it came from (None: in memory)
+    info: dict[str, Any] = field(default_factory=dict)
+    source: Path = Path(".")
+
+    @property
+    def n_vectors(self) -> int:
+        return int(self.vectors[0].shape[0])
+
+    @property
+    def family(self) -> str:
+        return "sdxl" if len(self.vectors) == 2 else "sd"
+
+    @property
+    def tokens(self) -> list[str]:
+        return [self.placeholder] + [f"{self.placeholder}_{i}" for i in range(1, self.n_vectors)]
+
+    @property
+    def class_noun(self) -> Optional[str]:
+        return self.info.get("class_noun") or self.info.get("init")
+
+    @property
+    def method(self) -> Optional[str]:
+        return self.info.get("method")
+
+
+def _as_rows(t: torch.Tensor, where: str) -> torch.Tensor:
+    if not torch.is_tensor(t):
+        raise ValueError(f"{where}: expected a tensor of learned vectors, got {type(t).__name__}")
+    t = t.detach().float().cpu()
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    if t.dim() != 2 or t.shape[0] == 0:
+        raise ValueError(f"{where}: learned vectors must have shape (n_vectors, dim), got {tuple(t.shape)}")
+    return t
+
+
+def _read_diffusers_file(path: Path) -> tuple[str, torch.Tensor]:
+    data = load_safetensors(path)
+    if len(data) != 1:
+        raise ValueError(
+            f"{path} holds {len(data)} tensors ({', '.join(sorted(data)[:4])}); a diffusers textual-inversion file "
+            "holds one {placeholder: (n_vectors, dim)}: pass the concept folder written by dti-fast train"
+        )
+    key, value = next(iter(data.items()))
+    return key, _as_rows(value, str(path))
+
+
+def _concept_json(folder: Path) -> tuple[dict, Optional[str]]:
+    """concept.json of ``folder``; for a ``rescaled/`` folder the parent's (method 'ti-rescaled')."""
+    own = folder / "concept.json"
+    if own.is_file():
+        return json.loads(own.read_text(encoding="utf-8")), None
+    parent = folder.parent / "concept.json"
+    if folder.name == "rescaled" and parent.is_file():
+        info = json.loads(parent.read_text(encoding="utf-8"))
+        return info, "ti-rescaled"
+    return {}, None
+
+
+def read_concept(path: Union[str, Path], token: Optional[str] = None) -> ConceptEmbeddings:
+    """Read a concept: a folder written by training (or interpolation), its ``rescaled/`` folder, or a file.
+
+    Files: a diffusers ``.safetensors`` ``{placeholder: (n, dim)}`` (SD), an A1111 SDXL
+    ``.safetensors`` with ``clip_l``/``clip_g``, or an A1111 SD ``.pt`` (read with
+    ``weights_only=True``). ``token`` overrides the placeholder.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"concept {path} does not exist; pass a concept folder written by dti-fast train "
+                                "(with learned_embeds.safetensors) or an embedding file")
+    if path.is_dir():
+        first = path / "learned_embeds.safetensors"
+        if not first.is_file():
+            raise FileNotFoundError(
+                f"concept folder {path} has no learned_embeds.safetensors; pass the folder dti-fast train wrote for "
+                "the concept (<output>/<concept>/) or its rescaled/ folder"
+            )
+        info, method_override = _concept_json(path)
+        key, v1 = _read_diffusers_file(first)
+        vectors, files = [v1], [first]
+        second = path / "learned_embeds_2.safetensors"
+        if second.is_file():
+            key2, v2 = _read_diffusers_file(second)
+            if v2.shape[0] != v1.shape[0]:
+                raise ValueError(f"{second} holds {v2.shape[0]} vectors but {first} holds {v1.shape[0]}; re-export "
+                                 "the concept")
+            vectors.append(v2)
+            files.append(second)
+        elif info.get("family") == "sdxl":
+            raise FileNotFoundError(f"concept folder {path} is an SDXL concept (concept.json) but has no "
+                                    "learned_embeds_2.safetensors (the second text encoder's vectors); re-export it")
+        info = dict(info)
+        if method_override:
+            info["method"] = method_override
+            info["encoders"] = [
+                dict(enc, scale=None, norms=[float(n) for n in torch.linalg.vector_norm(v, dim=-1)])
+                for enc, v in zip(info.get("encoders", [{}] * len(vectors)), vectors)
+            ]
+        placeholder = token or info.get("placeholder") or key
+        name = info.get("name") or path.name
+        return ConceptEmbeddings(name=name, placeholder=placeholder, vectors=vectors, files=files, info=info,
+                                 source=path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        data = load_safetensors(path)
+        if set(data) == {"clip_l", "clip_g"}:
+            vectors = [_as_rows(data["clip_l"], f"{path} clip_l"), _as_rows(data["clip_g"], f"{path} clip_g")]
+            return ConceptEmbeddings(path.stem, token or f"<{path.stem}>", vectors, [None, None], {}, path)
+        key, v = _read_diffusers_file(path)
+        return ConceptEmbeddings(path.stem, token or key, [v], [path], {}, path)
+    if suffix in (".pt", ".bin"):
+        data = load_torch(path)
+        if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict) and data["string_to_param"]:
+            v = _as_rows(next(iter(data["string_to_param"].values())), str(path))
+            return ConceptEmbeddings(path.stem, token or f"<{path.stem}>", [v], [None], {}, path)
+        if isinstance(data, dict) and len(data) == 1:
+            key, value = next(iter(data.items()))
+            return ConceptEmbeddings(path.stem, token or key, [_as_rows(value, str(path))], [None], {}, path)
+        raise ValueError(f"{path} is not a textual-inversion file (no string_to_param, not one tensor)")
+    raise ValueError(f"concept {path}: unsupported file type {suffix!r}; pass a concept folder, a .safetensors "
+                     "or an A1111 .pt embedding")
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """``auto``: cuda if available; bf16 on a GPU, fp32 on the CPU."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype == "auto":
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif dtype in table:
+        dt = table[dtype]
+    else:
+        raise ValueError(f"dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
+    return dev, dt
+
+
+def _set_scheduler(pipe, scheduler: str) -> None:
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler)
+
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+    current = type(pipe.scheduler).__name__
+    if scheduler == "model" or (scheduler == "auto" and current != "DDPMScheduler"):
+        return
+    cls = {"auto": DDIMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
+           "dpm": DPMSolverMultistepScheduler, "pndm": PNDMScheduler}[scheduler]
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def load_pipeline(model: Union[str, Path], *, device: str = "auto", dtype: str = "auto", scheduler: str = "auto",
+                  progress: bool = False):
+    """A diffusers text-to-image pipeline of ``model`` (SD 1.x/2.x or SDXL folder or hub id), on ``device``.
+
+    ``scheduler``: "auto" keeps the model's scheduler unless it is the training DDPM one (then
+    DDIM), "model" keeps it always, or one of ddim, euler, dpm (DPM-Solver++), pndm.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from .models import _resolve
+
+    r = _resolve(str(model), None, None)
+    dev, dt = resolve_device_dtype(device, dtype)
+    kwargs: dict[str, Any] = dict(r.hub_kwargs, torch_dtype=dt)
+    if r.local:
+        kwargs["local_files_only"] = True
+    from diffusers.utils import logging as dlog
+
+    bars_were_off = not dlog.is_progress_bar_enabled()
+    if not progress:
+        dlog.disable_progress_bar()  # diffusers' "Loading pipeline components" bar
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)  # newer: dtype=
+            if r.family == "sdxl":
+                pipe = StableDiffusionXLPipeline.from_pretrained(r.source, **kwargs)
+            else:
+                pipe = StableDiffusionPipeline.from_pretrained(r.source, safety_checker=None,
+                                                               requires_safety_checker=False, **kwargs)
+    finally:
+        if not progress and not bars_were_off:
+            dlog.enable_progress_bar()
+    _set_scheduler(pipe, scheduler)
+    pipe.to(dev)
+    pipe.set_progress_bar_config(disable=not progress)
+    pipe._dti_fast_model = r.shown  # for error messages
+    return pipe
+
+
+def pipeline_family(pipe) -> str:
+    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+
+
+def _encoders(pipe) -> list[tuple[Any, Any]]:
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if pipeline_family(pipe) == "sdxl":
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
+def check_concept_fits(pipe, concept: ConceptEmbeddings) -> None:
+    """Raise ``ValueError`` naming the file when the concept's encoders or vector sizes do not fit ``pipe``."""
+    model = getattr(pipe, "_dti_fast_model", "the model")
+    pairs = _encoders(pipe)
+    fam = pipeline_family(pipe)
+    if len(concept.vectors) != len(pairs):
+        have = "two text encoders (SDXL)" if len(concept.vectors) == 2 else "one text encoder (SD 1.x/2.x)"
+        want = "SDXL, with two text encoders" if fam == "sdxl" else "SD 1.x/2.x, with one text encoder"
+        trained = concept.info.get("model")
+        raise ValueError(
+            f"concept {concept.source} holds vectors for {have} but model {model} is {want}; use the model the "
+            f"concept was trained on{f' ({trained})' if trained else ''} or train the concept on this model"
+        )
+    for e, ((_, enc), v, f) in enumerate(zip(pairs, concept.vectors, concept.files)):
+        dim = int(enc.get_input_embeddings().weight.shape[1])
+        if int(v.shape[-1]) != dim:
+            trained = concept.info.get("model")
+            raise ValueError(
+                f"{f or concept.source} holds vectors of size {int(v.shape[-1])} but text encoder {e + 1} of model "
+                f"{model} takes {dim}: the concept was trained for another model"
+                f"{f' ({trained})' if trained else ''} (e.g. an SD 1.5 embedding cannot go into SDXL or SD 2.x); "
+                "use that model or train the concept on this one"
+            )
+
+
+def load_concepts(pipe, concepts: Sequence[ConceptEmbeddings]) -> None:
+    """Load each concept with ``pipe.load_textual_inversion`` (SDXL: once per text encoder)."""
+    seen: dict[str, Path] = {}
+    for c in concepts:
+        if c.placeholder in seen:
+            raise ValueError(
+                f"concepts {seen[c.placeholder]} and {c.source} use the same placeholder {c.placeholder!r}; load "
+                "them into separate pipelines or give one another token"
+            )
+        seen[c.placeholder] = c.source
+        check_concept_fits(pipe, c)
+    for c in concepts:
+        for (tok, enc), v, f in zip(_encoders(pipe), c.vectors, c.files):
+            source: Any = str(f) if f is not None else {c.placeholder: v}
+            pipe.load_textual_inversion(source, token=c.placeholder, tokenizer=tok, text_encoder=enc)
+
+
+def unload_concepts(pipe, concepts: Sequence[ConceptEmbeddings]) -> None:
+    """Remove the concepts' tokens from every tokenizer and text encoder of ``pipe``."""
+    tokens = [t for c in concepts for t in c.tokens]
+    if tokens:
+        for tok, enc in _encoders(pipe):
+            vocab = tok.get_vocab()
+            present = [t for t in tokens if t in vocab]
+            if present:
+                pipe.unload_textual_inversion(tokens=present, tokenizer=tok, text_encoder=enc)
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------
+
+
+def scoring_text(prompt: str, class_noun: Optional[str], placeholders: Sequence[str] = ()) -> str:
+    """The prompt as the metrics see it: ``{}`` and the placeholder tokens replaced by the class noun."""
+    noun = class_noun or "object"
+    text = prompt.replace("{}", noun)
+    for p in sorted(placeholders, key=len, reverse=True):
+        # "<x>", or a multi-vector concept written out as "<x> <x>_1 <x>_2": one noun.
+        text = re.sub(re.escape(p) + r"(?:_\d+)?(?:\s+" + re.escape(p) + r"_\d+)*", lambda m: noun, text)
+    return text
+
+
+@dataclass
+class ImageRecord:
+    """One image to make: concept, prompt (``{}`` = subject), seed, where it goes."""
+
+    concept: Optional[str]
+    prompt_index: int
+    prompt: str  # the template, {} = the subject
+    prompt_text: str  # what the pipeline gets
+    text: str  # what the text metrics get (class noun instead of the placeholder)
+    seed: int
+    file: str  # relative to the output folder
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def expand_prompts(prompts: Union[Sequence[str], Mapping[str, Sequence[str]]], concepts: Sequence[ConceptEmbeddings],
+                   seeds: Sequence[int]) -> list[ImageRecord]:
+    """Prompts x seeds per concept: a prompt with ``{}`` runs once per concept, one without once alone.
+
+    ``prompts`` may also map each concept's name to its own prompt list (e.g. DreamBooth's
+    object and live prompt sets); every prompt of such a list needs ``{}``.
+    """
+    if isinstance(prompts, Mapping):
+        missing = [c.name for c in concepts if c.name not in prompts]
+        if missing:
+            raise ValueError(f"no prompts for concept(s) {', '.join(missing)}; give every concept a prompt list")
+        records = []
+        for c in concepts:
+            for rec in expand_prompts(list(prompts[c.name]), [c], seeds):
+                if rec.concept is None:
+                    raise ValueError(f"prompt {rec.prompt!r} of concept {c.name!r} has no {{}} for the concept")
+                records.append(rec)
+        return records
+    records: list[ImageRecord] = []
+    placeholders = [c.placeholder for c in concepts]
+    for i, prompt in enumerate(prompts):
+        if "{}" in prompt:
+            if not concepts:
+                raise ValueError(f"prompt {prompt!r} has {{}} for a concept but no concept was given; pass --concept")
+            targets = [(c.name, prompt.replace("{}", c.placeholder), scoring_text(prompt, c.class_noun)) for c in concepts]
+        else:
+            owner = next((c for c in concepts if c.placeholder in prompt), None)
+            noun = owner.class_noun if owner else None
+            targets = [(None, prompt, scoring_text(prompt, noun, placeholders))]
+        for name, text_in, text_scored in targets:
+            for seed in seeds:
+                folder = name if name is not None else "prompts"
+                records.append(ImageRecord(name, i, prompt, text_in, text_scored, int(seed),
+                                           f"{folder}/p{i:03d}_s{int(seed)}.png"))
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# Generating
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateResult:
+    output_dir: Path
+    records: list[ImageRecord]
+    grids: dict[str, Path]
+    manifest: Path
+    generated: int  # images made by this call (the rest were on disk already)
+
+
+def generate(
+    model: Union[str, Path, None],
+    concepts: Sequence[Union[str, Path, ConceptEmbeddings]],
+    prompts: Union[Sequence[str], Mapping[str, Sequence[str]]],
+    output_dir: Union[str, Path],
+    *,
+    seeds: Sequence[int] = (0,),
+    steps: int = 30,
+    guidance: float = 7.5,
+    negative_prompt: Optional[str] = None,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    batch_size: int = 4,
+    device: str = "auto",
+    dtype: str = "auto",
+    scheduler: str = "auto",
+    pipe=None,
+    skip_existing: bool = True,
+    grid: bool = True,
+    progress: bool = False,
+) -> GenerateResult:
+    """Generate ``prompts`` x ``seeds`` for every concept (``{}`` = the concept) and write PNGs.
+
+    ``prompts`` is one list for all concepts, or ``{concept name: prompts}``.
+
+    ``model`` defaults to the first concept's training model (concept.json). A ready ``pipe``
+    (from :func:`load_pipeline`) may be passed; the concepts are loaded into it and removed
+    again at the end. Images already on disk are kept (``skip_existing``). Writes
+    ``images.json`` (the records) and, with ``grid``, ``<concept>/grid.png``: prompts as rows,
+    seeds as columns.
+    """
+    from PIL import Image
+
+    from .plots import image_grid
+
+    if not prompts:
+        raise ValueError("no prompts: give at least one (use {} where the concept goes)")
+    if not seeds:
+        raise ValueError("no seeds: give at least one")
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (value <= 0 or value % 8):
+            raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+    loaded = [c if isinstance(c, ConceptEmbeddings) else read_concept(c) for c in concepts]
+    names = [c.name for c in loaded]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two concepts share the name {sorted(n for n in names if names.count(n) > 1)[0]!r} "
+                         "(their output folders would clash); rename one concept folder")
+    out = Path(output_dir)
+    records = expand_prompts(prompts, loaded, seeds)
+    pending = [r for r in records if not (skip_existing and (out / r.file).is_file())]
+    own_pipe = pipe is None
+    made = 0
+    if pending:
+        if own_pipe:
+            if model is None:
+                model = next((c.info.get("model") for c in loaded if c.info.get("model")), None)
+                if model is None:
+                    raise ValueError("no model given and the concepts' concept.json names none; pass --model")
+            pipe = load_pipeline(model, device=device, dtype=dtype, scheduler=scheduler, progress=progress)
+        load_concepts(pipe, loaded)
+        try:
+            for start in range(0, len(pending), batch_size):
+                batch = pending[start : start + batch_size]
+                gens = [torch.Generator(device="cpu").manual_seed(r.seed) for r in batch]
+                kwargs: dict[str, Any] = {}
+                if negative_prompt:
+                    kwargs["negative_prompt"] = [negative_prompt] * len(batch)
+                with torch.inference_mode():
+                    images = pipe(prompt=[r.prompt_text for r in batch], generator=gens, num_inference_steps=steps,
+                                  guidance_scale=guidance, height=height, width=width, **kwargs).images
+                for r, img in zip(batch, images):
+                    target = out / r.file
+                    atomic_write(target, lambda tmp, img=img: img.save(tmp, format="PNG"))
+                    made += 1
+        finally:
+            unload_concepts(pipe, loaded)
+    manifest = write_json({"records": [r.to_json() for r in records], "steps": steps, "guidance": guidance,
+                           "seeds": [int(s) for s in seeds],
+                           "prompts": {k: list(v) for k, v in prompts.items()} if isinstance(prompts, Mapping) else list(prompts),
+                           "concepts": {c.name: str(c.source) for c in loaded}}, out / MANIFEST)
+    grids: dict[str, Path] = {}
+    if grid:
+        by_folder: dict[str, list[ImageRecord]] = {}
+        for r in records:
+            by_folder.setdefault(r.file.split("/")[0], []).append(r)
+        for folder, recs in by_folder.items():
+            recs = sorted(recs, key=lambda r: (r.prompt_index, seeds.index(r.seed) if r.seed in seeds else r.seed))
+            imgs = []
+            for r in recs:
+                with Image.open(out / r.file) as im:
+                    imgs.append(im.convert("RGB"))
+            labels = [f"{r.prompt_index}/s{r.seed}: {r.text}" for r in recs]
+            sheet = image_grid(imgs, columns=len(seeds), labels=labels, min_tile=128, max_tile=256)
+            path = out / folder / "grid.png"
+            atomic_write(path, lambda tmp, sheet=sheet: sheet.save(tmp, format="PNG"))
+            grids[folder] = path
+    return GenerateResult(out, records, grids, manifest, made)
+
+
+def read_manifest(output_dir: Union[str, Path]) -> list[ImageRecord]:
+    """The image records :func:`generate` wrote to ``output_dir/images.json``."""
+    path = Path(output_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run dti-fast generate into {output_dir} first")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return [ImageRecord(**r) for r in data["records"]]

@@ -1,0 +1,722 @@
+"""The benchmark runner: the paper's TI-vs-DTI protocol in one command, resumable, with a report.
+
+:func:`run_suite` takes a DreamBooth-layout folder (one sub-folder of photos per subject) and
+the subject list (class noun and initializer words; the shipped
+``assets/dreambooth_subjects.json`` by default), and for each chosen method
+
+1. **trains** every subject at once, in ONE :func:`dti_fast.trainer.train` job (``ti-rescaled``
+   is the ``rescaled/`` export of the ``ti`` job: it trains nothing of its own),
+2. **generates** the evaluation prompts (``assets/eval_prompts.json``: object prompts for
+   objects, live prompts for cats and dogs) x seeds with the learned vectors,
+3. **scores** every image (DINOv2 Image, SigLIP Text, CLIP-I, CLIP-T; :mod:`dti_fast.evaluate`),
+   per subject then as the mean over subjects,
+
+then draws a slerp strip between two DTI subjects (and TI's lerp vs slerp) and writes
+``report.json`` and ``report.md`` with the table, a per-subject appendix and plots (the metric
+trade-off, learned norms against the vocabulary's norm histogram, the strips).
+
+Every stage records a fingerprint of what shaped it in ``suite_state.json``; a rerun skips the
+stages whose fingerprint is unchanged (a changed setting redoes that stage and those after
+it). An interrupted training resumes from its checkpoints, an interrupted generation keeps
+the images already written.
+
+``quick=True`` runs the whole protocol end to end on the tiny random-weight SD model, the four
+shipped DreamBooth subjects and tiny random-weight metric models: a smoke test of the
+machinery (its numbers mean nothing), a few minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .io import atomic_write, write_json
+
+__all__ = ["SUITE_METHODS", "SuiteConfig", "SuiteResult", "run_suite", "load_subjects", "prompt_sets"]
+
+SUITE_METHODS = ("dti", "ti", "ti-rescaled")
+LIVE_CLASSES = ("cat", "dog")
+STATE_FILE = "suite_state.json"
+STATE_VERSION = 1
+#: The paper's SDXL numbers (Image / Text) for comparison; from arXiv 2512.13672.
+PAPER_SDXL = {"ti": (0.561, 0.292), "ti-rescaled": (0.243, 0.466), "dti": (0.450, 0.522)}
+
+
+def _asset(name: str) -> Path:
+    return Path(str(resources.files("dti_fast") / "assets" / name))
+
+
+def default_subjects_file() -> Path:
+    return _asset("dreambooth_subjects.json")
+
+
+def default_prompts_file() -> Path:
+    return _asset("eval_prompts.json")
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{what} {path} is not valid JSON ({err}); fix the file") from None
+
+
+@dataclass
+class Subject:
+    name: str
+    class_noun: str
+    init: str
+    images: Path
+    live: bool
+
+
+def load_subjects(data_dir: Path, subjects_file: Optional[Path] = None, names: Optional[Sequence[str]] = None) -> list[Subject]:
+    """Subjects of ``subjects_file`` (``{"subjects": {name: {"class", "initialization"}}}``) found in ``data_dir``."""
+    subjects_file = Path(subjects_file) if subjects_file else default_subjects_file()
+    data = _read_json(subjects_file, "subjects file")
+    table = data.get("subjects") if isinstance(data, dict) else None
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"subjects file {subjects_file} has no \"subjects\" table of {{name: {{class, initialization}}}}")
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data folder {data_dir} does not exist; pass a DreamBooth-layout folder "
+                                "(one sub-folder of photos per subject)")
+    if names:
+        unknown = [n for n in names if n not in table]
+        if unknown:
+            raise ValueError(f"subject(s) {', '.join(unknown)} are not in {subjects_file}; add them there (class, "
+                             "initialization) or pass --subjects-file")
+        chosen = list(dict.fromkeys(names))
+        absent = [n for n in chosen if not (data_dir / n).is_dir()]
+        if absent:
+            raise FileNotFoundError(f"subject folder(s) {', '.join(str(data_dir / n) for n in absent)} do not exist")
+    else:
+        chosen = [n for n in sorted(table) if (data_dir / n).is_dir()]
+        if not chosen:
+            raise ValueError(f"none of the {len(table)} subjects of {subjects_file} has a folder in {data_dir}; pass "
+                             "the DreamBooth dataset folder (dataset/<subject>/*.jpg)")
+    out = []
+    for n in chosen:
+        entry = table[n]
+        if not isinstance(entry, dict) or not entry.get("class") or not entry.get("initialization"):
+            raise ValueError(f"subject {n!r} in {subjects_file} needs \"class\" and \"initialization\"")
+        live = entry.get("kind", "live" if entry["class"] in LIVE_CLASSES else "object") == "live"
+        out.append(Subject(n, entry["class"], entry["initialization"], data_dir / n, live))
+    return out
+
+
+def prompt_sets(prompts_file: Optional[Path] = None, prompt_set: str = "simple") -> dict[str, list[str]]:
+    """``{"object": [...], "live": [...]}`` of a prompt set of the prompts file."""
+    prompts_file = Path(prompts_file) if prompts_file else default_prompts_file()
+    data = _read_json(prompts_file, "prompts file")
+    sets = data.get("prompt_sets", {}) if isinstance(data, dict) else {}
+    if prompt_set not in sets:
+        raise ValueError(f"prompt set {prompt_set!r} is not in {prompts_file} (has: {', '.join(sorted(sets)) or 'none'})")
+    entry = sets[prompt_set]
+    out = {"object": list(entry.get("object_prompts", [])), "live": list(entry.get("live_prompts", []))}
+    for kind, plist in out.items():
+        if not plist:
+            raise ValueError(f"prompt set {prompt_set!r} of {prompts_file} has no {kind}_prompts")
+        bad = [p for p in plist if "{}" not in p]
+        if bad:
+            raise ValueError(f"prompt {bad[0]!r} of {prompts_file} has no {{}} for the subject")
+    return out
+
+
+@dataclass
+class SuiteConfig:
+    """One benchmark run. Defaults follow the paper's protocol (SDXL: resolution 768)."""
+
+    output_dir: Path
+    model: Optional[str] = None
+    data_dir: Optional[Path] = None
+    subjects_file: Optional[Path] = None
+    subjects: Optional[list[str]] = None
+    methods: list[str] = field(default_factory=lambda: list(SUITE_METHODS))
+    steps: int = 400
+    batch_size: int = 4
+    max_batch: Optional[int] = 16
+    resolution: Optional[int] = None
+    seed: int = 0
+    prompt_set: str = "simple"
+    prompts_file: Optional[Path] = None
+    max_prompts: Optional[int] = None
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    inference_steps: int = 50
+    guidance: float = 7.5
+    gen_batch_size: int = 8
+    scheduler: str = "auto"
+    masks_dir: Optional[Path] = None
+    dino_model: Optional[str] = None
+    siglip_model: Optional[str] = None
+    clip_model: Optional[str] = None
+    metrics: list[str] = field(default_factory=lambda: ["image", "text", "clip_i", "clip_t"])
+    device: str = "auto"
+    precision: str = "auto"
+    slerp_pair: Optional[tuple[str, str]] = None
+    slerp_steps: int = 5
+    quick: bool = False
+    force: bool = False
+    progress: bool = True
+
+    def apply_quick(self) -> None:
+        """The smoke-test settings (only those the caller left at their defaults change)."""
+        from .demo import demo_images_dir
+        from .evaluate import tiny_metric_models_path
+        from .models import tiny_model_path
+
+        defaults = SuiteConfig(output_dir=self.output_dir)
+        if self.model is None:
+            self.model = str(tiny_model_path("sd"))
+        if self.data_dir is None:
+            self.data_dir = demo_images_dir()
+        for name, value in (("steps", 20), ("batch_size", 1), ("max_batch", None), ("resolution", 64),
+                            ("max_prompts", 3), ("seeds", [0]), ("inference_steps", 10), ("gen_batch_size", 16)):
+            if getattr(self, name) == getattr(defaults, name):
+                setattr(self, name, value)
+        if not (self.dino_model and self.siglip_model and self.clip_model):
+            tiny = tiny_metric_models_path()
+            self.dino_model = self.dino_model or str(tiny["dino"])
+            self.siglip_model = self.siglip_model or str(tiny["siglip"])
+            self.clip_model = self.clip_model or str(tiny["clip"])
+
+    def validate(self) -> None:
+        if self.model is None:
+            raise ValueError("suite: give --model (a diffusers SD/SDXL folder or hub id), or use --quick")
+        if self.data_dir is None:
+            raise ValueError("suite: give --data (a DreamBooth-layout folder: <data>/<subject>/*.jpg), or use --quick")
+        bad = [m for m in self.methods if m not in SUITE_METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of {', '.join(SUITE_METHODS)}, got {self.methods}")
+        for name in ("steps", "batch_size", "inference_steps", "gen_batch_size", "slerp_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.slerp_steps < 2:
+            raise ValueError("slerp_steps must be at least 2")
+        if not self.seeds:
+            raise ValueError("give at least one seed")
+        if self.max_prompts is not None and self.max_prompts <= 0:
+            raise ValueError(f"max_prompts must be positive, got {self.max_prompts}")
+        if self.masks_dir is not None and not Path(self.masks_dir).is_dir():
+            raise FileNotFoundError(f"masks folder {self.masks_dir} does not exist (layout: <masks>/<subject>/<photo "
+                                    "stem>.png, white = subject)")
+
+
+@dataclass
+class SuiteResult:
+    output_dir: Path
+    report_json: Path
+    report_md: Path
+    table: dict[str, dict[str, float]]
+    ran: list[str]  # stages run by this call
+    skipped: list[str]  # stages found finished
+    seconds: float
+
+
+# --------------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------------
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _State:
+    def __init__(self, folder: Path, force: bool) -> None:
+        self.path = folder / STATE_FILE
+        self.data: dict[str, Any] = {"version": STATE_VERSION, "stages": {}}
+        if self.path.is_file() and not force:
+            try:
+                loaded = json.loads(self.path.read_text(encoding="utf-8"))
+                if loaded.get("version") == STATE_VERSION:
+                    self.data = loaded
+            except ValueError:
+                pass  # a damaged state file: everything reruns
+
+    def done(self, stage: str, fingerprint: str) -> bool:
+        entry = self.data["stages"].get(stage)
+        return bool(entry and entry.get("done") and entry.get("fingerprint") == fingerprint)
+
+    def previous(self, stage: str) -> Optional[str]:
+        entry = self.data["stages"].get(stage)
+        return entry.get("fingerprint") if entry else None
+
+    def start(self, stage: str, fingerprint: str) -> None:
+        self.data["stages"][stage] = {"fingerprint": fingerprint, "done": False}
+        self.save()
+
+    def finish(self, stage: str, fingerprint: str, seconds: float, **extra) -> None:
+        self.data["stages"][stage] = {"fingerprint": fingerprint, "done": True, "seconds": round(seconds, 3), **extra}
+        self.save()
+
+    def seconds(self, stage: str) -> Optional[float]:
+        return self.data["stages"].get(stage, {}).get("seconds")
+
+    def save(self) -> None:
+        write_json(self.data, self.path)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+class _Run:
+    def __init__(self, cfg: SuiteConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.subjects = load_subjects(Path(cfg.data_dir), cfg.subjects_file, cfg.subjects)
+        sets = prompt_sets(cfg.prompts_file, cfg.prompt_set)
+        if cfg.max_prompts:
+            sets = {k: v[: cfg.max_prompts] for k, v in sets.items()}
+        self.prompts = {s.name: sets["live" if s.live else "object"] for s in self.subjects}
+        from .models import _resolve
+
+        self.resolved = _resolve(str(cfg.model), None, None)
+        self.resolution = cfg.resolution or self._native_resolution()
+        self.state = _State(self.out, cfg.force)
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+        self._pipe = None
+        self._evaluator = None
+        self.log = print if cfg.progress else (lambda *a, **k: None)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _native_resolution(self) -> int:
+        if self.resolved.family == "sdxl":
+            return 768  # the paper's SDXL training resolution
+        from diffusers import UNet2DConditionModel
+
+        kw = {"local_files_only": True} if self.resolved.local else dict(self.resolved.hub_kwargs)
+        unet = UNet2DConditionModel.load_config(self.resolved.source, subfolder="unet", **kw)
+        vae = json.loads((Path(self.resolved.source) / "vae" / "config.json").read_text()) if self.resolved.local else {}
+        factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+        size = unet.get("sample_size", 64)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return int(size) * factor
+
+    def pipe(self):
+        if self._pipe is None:
+            from .generate import load_pipeline
+
+            self._pipe = load_pipeline(self.cfg.model, device=self.cfg.device, dtype=self.cfg.precision,
+                                       scheduler=self.cfg.scheduler)
+        return self._pipe
+
+    def evaluator(self):
+        if self._evaluator is None:
+            from .evaluate import Evaluator
+
+            self._evaluator = Evaluator(dino=self.cfg.dino_model, siglip=self.cfg.siglip_model, clip=self.cfg.clip_model,
+                                        device=self.cfg.device, metrics=list(self.cfg.metrics))
+        return self._evaluator
+
+    @staticmethod
+    def train_method(method: str) -> str:
+        return "ti" if method == "ti-rescaled" else method
+
+    def concept_dir(self, method: str, subject: str) -> Path:
+        base = self.out / "train" / self.train_method(method) / subject
+        return base / "rescaled" if method == "ti-rescaled" else base
+
+    def _stage(self, stage: str, fingerprint: str, outputs_exist: bool, work) -> None:
+        if self.state.done(stage, fingerprint) and outputs_exist:
+            self.skipped.append(stage)
+            self.log(f"[suite] {stage}: done before, skipped")
+            return
+        self.log(f"[suite] {stage} ...")
+        changed = self.cfg.force or self.state.previous(stage) not in (None, fingerprint)
+        self.state.start(stage, fingerprint)
+        t0 = time.perf_counter()
+        extra = work(changed) or {}
+        seconds = time.perf_counter() - t0
+        self.state.finish(stage, fingerprint, seconds, **extra)
+        self.ran.append(stage)
+        self.log(f"[suite] {stage}: {seconds:.1f} s")
+
+    # -- fingerprints ------------------------------------------------------------------------
+
+    def train_fp(self, method: str) -> str:
+        c = self.cfg
+        return _hash({
+            "method": self.train_method(method), "model": c.model, "steps": c.steps, "batch_size": c.batch_size,
+            "max_batch": c.max_batch, "resolution": self.resolution, "seed": c.seed, "precision": c.precision,
+            "subjects": [(s.name, s.init, s.class_noun, str(s.images),
+                          sorted(p.name for p in s.images.iterdir() if p.is_file())) for s in self.subjects],
+        })
+
+    def generate_fp(self, method: str) -> str:
+        c = self.cfg
+        return _hash({"train": self.train_fp(method), "method": method, "prompts": self.prompts, "seeds": c.seeds,
+                      "inference_steps": c.inference_steps, "guidance": c.guidance, "scheduler": c.scheduler,
+                      "precision": c.precision})
+
+    def score_fp(self, method: str) -> str:
+        c = self.cfg
+        return _hash({"generate": self.generate_fp(method), "models": [c.dino_model, c.siglip_model, c.clip_model],
+                      "metrics": c.metrics, "masks": str(c.masks_dir) if c.masks_dir else None})
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def train(self, method: str) -> None:
+        from .data import Concept
+        from .trainer import TrainConfig, train
+
+        tm = self.train_method(method)
+        folder = self.out / "train" / tm
+        c = self.cfg
+        max_batch = c.max_batch
+        if max_batch is not None and max_batch < c.batch_size:
+            max_batch = c.batch_size
+
+        def work(changed: bool):
+            if changed and folder.exists():
+                shutil.rmtree(folder)  # settings changed: the old checkpoints belong to another job
+            cfg = TrainConfig(
+                model=str(c.model), output_dir=folder,
+                concepts=[Concept(name=s.name, images=s.images, init=s.init, class_noun=s.class_noun) for s in self.subjects],
+                method=tm, steps=c.steps, batch_size=c.batch_size, max_batch=max_batch, resolution=self.resolution,
+                seed=c.seed, precision=c.precision, device=c.device, export_ti_rescaled=(tm == "ti"), resume=True,
+                checkpoint_every=max(1, min(100, c.steps)), progress=c.progress,
+            )
+            result = train(cfg)
+            return {"train_seconds": round(result.seconds, 3), "samples_per_second": round(result.samples_per_second, 2)}
+
+        exist = all((folder / s.name / "concept.json").is_file() for s in self.subjects)
+        self._stage(f"train:{tm}", self.train_fp(method), exist, work)
+
+    def generate(self, method: str) -> None:
+        from .generate import generate, read_concept
+
+        folder = self.out / "images" / method
+        c = self.cfg
+
+        def work(changed: bool):
+            if changed and folder.exists():
+                shutil.rmtree(folder)
+            concepts = [read_concept(self.concept_dir(method, s.name)) for s in self.subjects]
+            res = generate(None, concepts, self.prompts, folder, seeds=c.seeds, steps=c.inference_steps,
+                           guidance=c.guidance, batch_size=c.gen_batch_size, pipe=self.pipe())
+            return {"images": len(res.records), "generated": res.generated}
+
+        exist = (folder / "images.json").is_file()
+        self._stage(f"generate:{method}", self.generate_fp(method), exist, work)
+
+    def score(self, method: str) -> None:
+        from .evaluate import evaluate_generated
+
+        path = self.out / "scores" / f"{method}.json"
+        c = self.cfg
+
+        def work(changed: bool):
+            refs = {s.name: s.images for s in self.subjects}
+            masks = {s.name: Path(c.masks_dir) / s.name for s in self.subjects} if c.masks_dir else None
+            result = evaluate_generated(self.out / "images" / method, refs, self.evaluator(), masks=masks)
+            write_json(result, path)
+            return {}
+
+        self._stage(f"score:{method}", self.score_fp(method), path.is_file(), work)
+
+    def slerp(self) -> dict[str, dict[str, str]]:
+        """Strips between two subjects: DTI (slerp) and, when trained, TI (lerp vs slerp)."""
+        from .generate import read_concept
+        from .interpolate import interpolate_concepts
+
+        strips: dict[str, dict[str, str]] = {}
+        pair = self._slerp_pair()
+        if pair is None:
+            self.log("[suite] slerp: no two subjects with the same vector count; no strip")
+            return strips
+        a, b = pair
+        for tm in ("dti", "ti"):
+            if not any(self.train_method(m) == tm for m in self.cfg.methods):
+                continue
+            folder = self.out / "slerp" / tm
+            fp = _hash({"train": self.train_fp(tm), "pair": pair, "steps": self.cfg.slerp_steps, "seed": self.cfg.seed,
+                        "inference_steps": self.cfg.inference_steps, "guidance": self.cfg.guidance})
+
+            def work(changed: bool, tm=tm, folder=folder):
+                if folder.exists():
+                    shutil.rmtree(folder)
+                ca = read_concept(self.out / "train" / tm / a)
+                cb = read_concept(self.out / "train" / tm / b)
+                res = interpolate_concepts(ca, cb, folder, steps=self.cfg.slerp_steps,
+                                           mode="slerp" if tm == "dti" else "both", images=True, pipe=self.pipe(),
+                                           prompt="a photo of {}", seed=self.cfg.seed,
+                                           inference_steps=self.cfg.inference_steps, guidance=self.cfg.guidance)
+                return {"strips": {k: str(v.relative_to(self.out)) for k, v in res.strips.items()}}
+
+            meta_ok = (folder / "interpolation.json").is_file()
+            self._stage(f"slerp:{tm}", fp, meta_ok, work)
+            strips[tm] = self.state.data["stages"][f"slerp:{tm}"].get("strips", {})
+        return strips
+
+    def _slerp_pair(self) -> Optional[tuple[str, str]]:
+        from .generate import read_concept
+
+        names = [s.name for s in self.subjects]
+        if self.cfg.slerp_pair:
+            a, b = self.cfg.slerp_pair
+            for n in (a, b):
+                if n not in names:
+                    raise ValueError(f"slerp pair subject {n!r} is not among the suite's subjects ({', '.join(names)})")
+            return a, b
+        tm = "dti" if any(self.train_method(m) == "dti" for m in self.cfg.methods) else "ti"
+        counts = {n: read_concept(self.out / "train" / tm / n).n_vectors for n in names}
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                if counts[a] == counts[b]:
+                    return a, b
+        return None
+
+    # -- report ----------------------------------------------------------------------------
+
+    def vocab_norms(self) -> list[list[float]]:
+        """Row norms of each text encoder's original vocabulary (cached in the output folder)."""
+        cache = self.out / "vocab_norms.json"
+        fp = _hash({"model": self.cfg.model})
+        if cache.is_file():
+            data = json.loads(cache.read_text(encoding="utf-8"))
+            if data.get("fingerprint") == fp:
+                return data["norms"]
+        norms = [[float(v) for v in n] for n in _read_vocab_norms(self.resolved)]
+        write_json({"fingerprint": fp, "norms": norms}, cache)
+        return norms
+
+
+def _read_vocab_norms(resolved) -> list[torch.Tensor]:
+    """Norms of the token-embedding rows of text_encoder (and text_encoder_2), read from the weights file
+    when local (no model build), else through transformers."""
+    from safetensors import safe_open
+
+    subfolders = ["text_encoder"] + (["text_encoder_2"] if resolved.family == "sdxl" else [])
+    out = []
+    for sub in subfolders:
+        table = None
+        folder = Path(resolved.source) / sub
+        if resolved.local and folder.is_dir():
+            for f in sorted(folder.glob("*.safetensors")):
+                with safe_open(str(f), framework="pt") as fh:
+                    key = next((k for k in fh.keys() if k.endswith("token_embedding.weight")), None)
+                    if key is not None:
+                        table = fh.get_tensor(key)
+                        break
+        if table is None:
+            from transformers import CLIPTextModel
+
+            kw = {"local_files_only": True} if resolved.local else dict(resolved.hub_kwargs)
+            table = CLIPTextModel.from_pretrained(resolved.source, subfolder=sub, **kw).get_input_embeddings().weight
+        n = torch.linalg.vector_norm(table.detach().float(), dim=-1)
+        out.append(n[n > 0])
+    return out
+
+
+def _fmt(v: Optional[float], digits: int = 3) -> str:
+    if v is None or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+def _write_report(run: _Run, strips: dict[str, dict[str, str]], seconds: float) -> tuple[Path, Path, dict]:
+    from .evaluate import METRIC_LABELS, METRICS, is_tiny_metric_model
+    from .generate import read_concept
+    from .plots import norm_histogram, scatter_plot
+
+    cfg, out = run.cfg, run.out
+    scores = {m: json.loads((out / "scores" / f"{m}.json").read_text(encoding="utf-8")) for m in cfg.methods}
+    metrics = [m for m in METRICS if m in cfg.metrics]
+    table = {m: {k: scores[m]["mean"].get(k) for k in metrics} for m in cfg.methods}
+    per_subject = {m: scores[m]["subjects"] for m in cfg.methods}
+    random_metrics = {k: is_tiny_metric_model(v) for k, v in
+                      (("dino", cfg.dino_model), ("siglip", cfg.siglip_model), ("clip", cfg.clip_model)) if v}
+    tiny_model = bool(run.resolved.local and json.loads(
+        (Path(run.resolved.source) / "model_index.json").read_text(encoding="utf-8")).get("_dti_fast_tiny"))
+
+    # Learned norms per method and subject (per encoder), and the vocabulary's.
+    norms: dict[str, dict[str, list[list[float]]]] = {}
+    scales: list[Optional[float]] = []
+    for m in cfg.methods:
+        norms[m] = {}
+        for s in run.subjects:
+            c = read_concept(run.concept_dir(m, s.name))
+            norms[m][s.name] = [[float(x) for x in torch.linalg.vector_norm(v, dim=-1)] for v in c.vectors]
+            if not scales:
+                scales = [e.get("vocab_scale") for e in c.info.get("encoders", [])]
+    vocab = run.vocab_norms()
+
+    plots_dir = out / "plots"
+    plots: dict[str, str] = {}
+    if "image" in metrics and "text" in metrics:
+        series = {m: {"points": [(v.get("text", float("nan")), v.get("image", float("nan")))
+                                 for v in per_subject[m].values()],
+                      "mean": (table[m]["text"], table[m]["image"])} for m in cfg.methods}
+        img = scatter_plot(series, title="Subject similarity vs text fidelity (dots: subjects, discs: mean)",
+                           xlabel="Text (SigLIP)", ylabel="Image (DINOv2)")
+        atomic_write(plots_dir / "tradeoff.png", lambda tmp: img.save(tmp, format="PNG"))
+        plots["tradeoff"] = "plots/tradeoff.png"
+    for e, vn in enumerate(vocab):
+        marks = {m: [x for s in norms[m].values() for x in s[e]] for m in cfg.methods}
+        img = norm_histogram(vn, marks, reference=scales[e] if e < len(scales) else None,
+                             title=f"Text encoder {e + 1}: vocabulary norms (grey) and learned vectors (ticks)")
+        name = f"norms_encoder{e + 1}.png"
+        atomic_write(plots_dir / name, lambda tmp, img=img: img.save(tmp, format="PNG"))
+        plots[f"norms_encoder{e + 1}"] = f"plots/{name}"
+
+    n_images = {m: sum(scores[m]["images"].values()) for m in cfg.methods}
+    report = {
+        "title": "dti_fast benchmark: TI vs DTI",
+        "quick": cfg.quick,
+        "smoke_test": cfg.quick or tiny_model or any(random_metrics.values()),
+        "random_weight_metric_models": random_metrics,
+        "tiny_diffusion_model": tiny_model,
+        "model": str(cfg.model),
+        "family": run.resolved.family,
+        "data": str(cfg.data_dir),
+        "subjects": [asdict(s) | {"images": str(s.images)} for s in run.subjects],
+        "methods": list(cfg.methods),
+        "settings": {"steps": cfg.steps, "batch_size": cfg.batch_size, "max_batch": cfg.max_batch,
+                     "resolution": run.resolution, "seed": cfg.seed, "prompt_set": cfg.prompt_set,
+                     "prompts_per_subject": {s: len(p) for s, p in run.prompts.items()}, "seeds": cfg.seeds,
+                     "inference_steps": cfg.inference_steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler,
+                     "masks": str(cfg.masks_dir) if cfg.masks_dir else None},
+        "metric_models": scores[cfg.methods[0]].get("models", {}),
+        "table": table,
+        "per_subject": per_subject,
+        "images": n_images,
+        "norms": norms,
+        "vocab_scale": scales,
+        "vocab_norm_stats": [{"mean": float(torch.tensor(v).mean()), "std": float(torch.tensor(v).std()),
+                              "min": min(v), "max": max(v)} for v in vocab],
+        "paper_sdxl": {k: {"image": v[0], "text": v[1]} for k, v in PAPER_SDXL.items()},
+        "plots": plots,
+        "strips": strips,
+        "stage_seconds": {k: v.get("seconds") for k, v in run.state.data["stages"].items()},
+        "seconds_this_run": round(seconds, 2),
+    }
+    json_path = write_json(report, out / "report.json")
+    md = _markdown(report, metrics, METRIC_LABELS)
+    md_path = atomic_write(out / "report.md", lambda tmp: tmp.write_text(md, encoding="utf-8"))
+    return json_path, md_path, table
+
+
+def _label(method: str) -> str:
+    return {"dti": "DTI", "ti": "TI", "ti-rescaled": "TI-rescaled"}.get(method, method)
+
+
+def _markdown(r: dict, metrics: list[str], labels: dict[str, str]) -> str:
+    L: list[str] = []
+    L.append(f"# {r['title']}\n")
+    if r["smoke_test"]:
+        why = []
+        if r["tiny_diffusion_model"]:
+            why.append("the diffusion model is dti_fast's tiny random-weight SD model")
+        rnd = [k for k, v in r["random_weight_metric_models"].items() if v]
+        if rnd:
+            why.append(f"the metric models ({', '.join(rnd)}) are tiny RANDOM-WEIGHT stand-ins")
+        text = "; ".join(why)
+        L.append("> **Smoke test (`--quick`), not a benchmark.** " + text[:1].upper() + text[1:]
+                 + ". The numbers below check that the protocol runs end to end; they say nothing about TI or DTI.\n")
+    s = r["settings"]
+    L.append("## Setup\n")
+    L.append(f"- Model: `{r['model']}` ({r['family']}); data: `{r['data']}`; {len(r['subjects'])} subjects: "
+             + ", ".join(f"{x['name']} ({x['class_noun']}, init \"{x['init']}\")" for x in r["subjects"]))
+    L.append(f"- Training: {s['steps']} steps, batch {s['batch_size']} per subject, resolution {s['resolution']}, "
+             f"seed {s['seed']}; every subject of a method in one job")
+    n_prompts = sorted(set(s["prompts_per_subject"].values()))
+    L.append(f"- Generation: prompt set `{s['prompt_set']}` ({'/'.join(map(str, n_prompts))} prompts per subject) x "
+             f"seeds {s['seeds']}, {s['inference_steps']} steps, guidance {s['guidance']}, scheduler {s['scheduler']}")
+    L.append("- Metrics: " + ", ".join(f"{k}: `{v}`" for k, v in r["metric_models"].items())
+             + (f"; references masked with `{s['masks']}`" if s["masks"] else "; references unmasked")
+             + ". Per image (Image, CLIP-I: mean over the subject's references), mean per subject, then mean over "
+             "subjects. Text scores use the prompt with the class noun in place of the placeholder.\n")
+    L.append("## Results\n")
+    L.append("| Method | " + " | ".join(labels[m] for m in metrics) + " | images |")
+    L.append("| --- | " + " | ".join("---:" for _ in metrics) + " | ---: |")
+    for m, row in r["table"].items():
+        L.append(f"| {_label(m)} | "
+                 + " | ".join(_fmt(row.get(k)) for k in metrics) + f" | {r['images'][m]} |")
+    L.append("")
+    L.append("For reference, the paper's SDXL numbers (Image / Text): "
+             + ", ".join(f"{_label(k)} {v['image']:.3f} / {v['text']:.3f}"
+                         for k, v in r["paper_sdxl"].items()) + ".\n")
+    L.append("### Learned vector norms\n")
+    L.append("| Method | text encoder | mean norm | min | max | vocabulary m* (mean row norm) |")
+    L.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+    n_enc = max((len(v) for per in r["norms"].values() for v in per.values()), default=1)
+    for e in range(n_enc):
+        for m, per in r["norms"].items():
+            vals = [x for v in per.values() if e < len(v) for x in v[e]]
+            if not vals:
+                continue
+            scale = r["vocab_scale"][e] if e < len(r["vocab_scale"]) else None
+            L.append(f"| {_label(m)} | {e + 1} | {_fmt(sum(vals) / len(vals), 4)} | {_fmt(min(vals), 4)} | "
+                     f"{_fmt(max(vals), 4)} | {_fmt(scale, 4)} |")
+    L.append("")
+    L.append("## Plots\n")
+    if "tradeoff" in r["plots"]:
+        L.append("Subject similarity against text fidelity: a disc per method (the mean over subjects), a ring per "
+                 "subject. Up and right is better.\n")
+        L.append(f"![Image vs Text]({r['plots']['tradeoff']})\n")
+    for k, v in r["plots"].items():
+        if k.startswith("norms_"):
+            L.append(f"Learned vector norms ({k.split('_')[1].replace('encoder', 'text encoder ')}, ticks per method) "
+                     "against the histogram of the vocabulary's row norms; the dashed line is m*.\n")
+            L.append(f"![{k}]({v})\n")
+    for tm, strips in r["strips"].items():
+        if "all" in strips:  # TI: lerp and slerp rows in one image
+            L.append(f"**{_label(tm)}: lerp (top) vs slerp (bottom)** between two subjects:\n\n"
+                     f"![{tm} lerp vs slerp]({strips['all']})\n")
+            continue
+        for mode, path in strips.items():
+            L.append(f"**{_label(tm)} {mode}** between two subjects (fixed norm m*, one seed):\n\n"
+                     f"![{tm} {mode}]({path})\n")
+    L.append("## Appendix: per subject\n")
+    cols = [(m, k) for m in r["table"] for k in metrics]
+    L.append("| Subject | " + " | ".join(f"{_label(m)} {labels[k].split(' ')[0]}" for m, k in cols) + " |")
+    L.append("| --- | " + " | ".join("---:" for _ in cols) + " |")
+    for subj in [x["name"] for x in r["subjects"]]:
+        L.append(f"| {subj} | " + " | ".join(_fmt(r["per_subject"][m].get(subj, {}).get(k)) for m, k in cols) + " |")
+    L.append("")
+    L.append("Stage times (s): " + ", ".join(f"{k} {_fmt(v, 1)}" for k, v in r["stage_seconds"].items()) + ".\n")
+    return "\n".join(L)
+
+
+def run_suite(cfg: SuiteConfig) -> SuiteResult:
+    """Run (or resume) the benchmark; returns where the report is and the table."""
+    t0 = time.perf_counter()
+    if cfg.quick:
+        cfg.apply_quick()
+    cfg.validate()
+    run = _Run(cfg)
+    out = run.out
+    out.mkdir(parents=True, exist_ok=True)
+    write_json({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}, out / "suite_config.json")
+    trained = []
+    for m in cfg.methods:
+        tm = run.train_method(m)
+        if tm not in trained:
+            run.train(m)
+            trained.append(tm)
+    for m in cfg.methods:
+        run.generate(m)
+    for m in cfg.methods:
+        run.score(m)
+    strips = run.slerp()
+    seconds = time.perf_counter() - t0
+    json_path, md_path, table = _write_report(run, strips, seconds)
+    run.log(f"[suite] report: {md_path} ({seconds:.1f} s)")
+    return SuiteResult(out, json_path, md_path, table, run.ran, run.skipped, seconds)
