@@ -338,48 +338,42 @@ class _Job:
         start = (self.job_step * per_step) % len(active)
         return [active[(start + k) % len(active)] for k in range(per_step)]
 
-    def make_batch(self, chosen: Sequence[int]) -> dict:
-        cfg = self.cfg
-        res = cfg.resolution
+    def _draw_sample(self, ci: int) -> dict:
+        """One training sample of concept ``ci``, every random choice from the concept's own generator."""
+        c, data, gen = self.cfg.concepts[ci], self.images[ci], self.generators[self.cfg.concepts[ci].name]
+        res = self.cfg.resolution
         lat = res // self.vae_factor
-        pixels, prompts, time_ids, timesteps, noises, eps, owners = [], [[] for _ in self.embeddings], [], [], [], [], []
-        n_train = self.parts.noise_scheduler.config.num_train_timesteps
+        k = int(torch.randint(0, len(data.arrays), (1,), generator=gen))
+        pixels, (top, left) = random_crop(data.arrays[k], res, gen)
+        template = c.templates[int(torch.randint(0, len(c.templates), (1,), generator=gen))]
+        oh, ow = data.original_sizes[k]
+        return {
+            "pixels": pixels,
+            "prompts": [template.format(tokens[ci].prompt_string) for tokens in self.tokens],
+            "time_ids": [oh, ow, top, left, res, res],
+            "timestep": int(torch.randint(0, self.parts.noise_scheduler.config.num_train_timesteps, (1,), generator=gen)),
+            "noise": torch.randn(self.latent_channels, lat, lat, generator=gen),
+            "vae_eps": torch.randn(self.latent_channels, lat, lat, generator=gen),
+        }
+
+    def make_batch(self, chosen: Sequence[int]) -> dict:
+        """This rank's samples of the chosen concepts (``batch_size`` each)."""
+        b = self.cfg.batch_size
+        samples, owners = [], []
         for ci in chosen:
-            c = cfg.concepts[ci]
-            gen = self.generators[c.name]
-            data = self.images[ci]
             # Data parallel: every rank draws the global batch and keeps its own slice,
             # so W ranks see exactly the samples one rank with W times the batch would.
-            mine = range(self.ctx.rank * cfg.batch_size, (self.ctx.rank + 1) * cfg.batch_size)
-            for k_sample in range(cfg.batch_size * self.data_world):
-                k = int(torch.randint(0, len(data.arrays), (1,), generator=gen))
-                px, (top, left) = random_crop(data.arrays[k], res, gen)
-                template = c.templates[int(torch.randint(0, len(c.templates), (1,), generator=gen))]
-                pixels.append(px)
-                for enc_index in range(len(self.embeddings)):
-                    prompts[enc_index].append(template.format(self.tokens[enc_index][ci].prompt_string))
-                oh, ow = data.original_sizes[k]
-                time_ids.append([oh, ow, top, left, res, res])
-                timesteps.append(int(torch.randint(0, n_train, (1,), generator=gen)))
-                noise = torch.randn(self.latent_channels, lat, lat, generator=gen)
-                vae_eps = torch.randn(self.latent_channels, lat, lat, generator=gen)
-                if self.data_world > 1 and k_sample not in mine:
-                    pixels.pop()
-                    for enc_index in range(len(self.embeddings)):
-                        prompts[enc_index].pop()
-                    time_ids.pop()
-                    timesteps.pop()
-                    continue
-                noises.append(noise)
-                eps.append(vae_eps)
-                owners.append(ci)
+            drawn = [self._draw_sample(ci) for _ in range(b * self.data_world)]
+            mine = drawn[self.ctx.rank * b : (self.ctx.rank + 1) * b] if self.data_world > 1 else drawn
+            samples += mine
+            owners += [ci] * len(mine)
         return {
-            "pixels": torch.stack(pixels),
-            "prompts": prompts,
-            "time_ids": torch.tensor(time_ids, dtype=torch.float32),
-            "timesteps": torch.tensor(timesteps, dtype=torch.long),
-            "noise": torch.stack(noises),
-            "vae_eps": torch.stack(eps),
+            "pixels": torch.stack([s["pixels"] for s in samples]),
+            "prompts": [[s["prompts"][e] for s in samples] for e in range(len(self.embeddings))],
+            "time_ids": torch.tensor([s["time_ids"] for s in samples], dtype=torch.float32),
+            "timesteps": torch.tensor([s["timestep"] for s in samples], dtype=torch.long),
+            "noise": torch.stack([s["noise"] for s in samples]),
+            "vae_eps": torch.stack([s["vae_eps"] for s in samples]),
             "owners": owners,
         }
 
