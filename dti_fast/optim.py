@@ -321,6 +321,11 @@ def _packed_prior(priors: Sequence[torch.Tensor], dim: int, cache: dict) -> torc
     return packed
 
 
+# On the CPU the row math runs in blocks of about 1 MB per temporary: they stay in
+# cache and are reused, instead of being paged in afresh every step.
+_CPU_BLOCK_ELEMENTS = 1 << 18
+
+
 def _vectorized_spherical_sgd(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -337,57 +342,124 @@ def _vectorized_spherical_sgd(
     found_inf: Optional[torch.Tensor],
     cache: dict,
 ) -> None:
+    hyper = dict(lr=lr, kappa=kappa, beta=beta, eps=eps, normalize=normalize, grad_scale=grad_scale,
+                 found_inf=found_inf)
     buckets: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         buckets.setdefault((p.device, p.shape[-1]), []).append(i)
     for (device, dim), idx in buckets.items():
-        rows = [params[i].numel() // dim for i in idx]
-        if len(idx) == 1:
-            # One (packed) param: no concatenation, views only.
-            i = idx[0]
-            v = params[i].detach().reshape(-1, dim).float()
-            g_raw = grads[i].reshape(-1, dim)
-            s_old = row_states[i].reshape(-1)
-        else:
-            v = torch.cat([params[i].detach().reshape(-1, dim) for i in idx]).float()
-            g_raw = torch.cat([grads[i].reshape(-1, dim) for i in idx])
-            s_old = torch.cat([row_states[i].reshape(-1) for i in idx])
-        # ``g`` is a fresh tensor after the first op, so later in-place ops never touch p.grad.
-        g = g_raw.float() if g_raw.dtype != torch.float32 else g_raw
-        if grad_scale is not None:
-            g = g * grad_scale.reciprocal().to(torch.float32)
-        if kappa != 0.0:
-            g = torch.add(g, _packed_prior([priors[i] for i in idx], dim, cache), alpha=-kappa)
-        gv = torch.linalg.vecdot(g, v).unsqueeze(-1)
-        g = torch.addcmul(g, v, gv, value=-1.0)
-        if normalize:
-            s_new = torch.linalg.vecdot(g, g).mul_(1.0 - beta)
-            if beta != 0.0:
-                s_new.add_(s_old, alpha=beta)
-            s_hat = s_new
-            if beta != 0.0:
-                t = torch.stack([steps[i] for i in idx])
-                if len(idx) > 1:
-                    t = torch.repeat_interleave(t, _row_counts(rows, device, cache), output_size=v.shape[0])
-                else:
-                    t = t.expand(v.shape[0])
-                s_hat = s_new / (1.0 - torch.pow(beta, t))
-            coef = torch.sqrt(s_hat).add_(eps).reciprocal_().mul_(lr).unsqueeze(-1)
-            new_v = torch.addcmul(v, g, coef, value=-1.0)
-        else:
-            s_new = None
-            new_v = torch.add(v, g, alpha=-lr)
-        new_v.div_(torch.linalg.vector_norm(new_v, dim=-1, keepdim=True))
-        if found_inf is not None:
-            skip = found_inf.reshape(()) > 0
-            new_v = torch.where(skip, v, new_v)
+        limit = max(1, _CPU_BLOCK_ELEMENTS // dim) if device.type == "cpu" else None
+        for run in _runs(idx, [params[i].numel() // dim for i in idx], limit):
+            if len(run) == 1:
+                _step_one_param(params[run[0]], grads[run[0]], row_states[run[0]], steps[run[0]],
+                                priors[run[0]] if kappa != 0.0 else None, dim, limit, hyper)
+                continue
+            # Many params: one concatenation each way. 2-D params (the common case: one
+            # (vectors, dim) param per concept) need no views, which dominate at 1000s of params.
+            flat = all(params[i].dim() == 2 for i in run)
+            targets = [params[i] for i in run]
+            states = [row_states[i] for i in run]
+            rows = [params[i].shape[0] if flat else params[i].numel() // dim for i in run]
+            v = torch.cat(targets if flat else [t.reshape(-1, dim) for t in targets])
+            g = torch.cat([grads[i] for i in run] if flat else [grads[i].reshape(-1, dim) for i in run])
+            s_old = torch.cat(states if flat else [st.reshape(-1) for st in states])
+            mu = _packed_prior([priors[i] for i in run], dim, cache) if kappa != 0.0 else None
+            t_rows = None
+            if normalize and beta != 0.0:
+                t_rows = torch.repeat_interleave(torch.stack([steps[i] for i in run]), _row_counts(rows, device, cache),
+                                                 output_size=v.shape[0])
+            new_v, s_new = _update_rows(v, g, s_old, mu, t_rows, **hyper)
+            chunks = new_v.split(rows)
+            torch._foreach_copy_(targets, list(chunks) if flat else [c.view(t.shape) for c, t in zip(chunks, targets)])
             if s_new is not None:
-                s_new = torch.where(skip, s_old, s_new)
-        targets = [params[i] for i in idx]
-        torch._foreach_copy_(targets, [c.view(t.shape) for c, t in zip(new_v.split(rows), targets)])
+                chunks = s_new.split(rows)
+                torch._foreach_copy_(states, list(chunks) if flat else [c.view(st.shape) for c, st in zip(chunks, states)])
+
+
+def _runs(idx: list[int], rows: list[int], limit: Optional[int]) -> list[list[int]]:
+    """Consecutive params grouped into runs of at most ``limit`` rows (a larger param stands alone)."""
+    if limit is None:
+        return [idx]
+    runs, current, count = [], [], 0
+    for i, r in zip(idx, rows):
+        if current and count + r > limit:
+            runs.append(current)
+            current, count = [], 0
+        current.append(i)
+        count += r
+    if current:
+        runs.append(current)
+    return runs
+
+
+def _step_one_param(p, grad, s, step, mu, dim: int, limit: Optional[int], hyper: dict) -> None:
+    """Update one (possibly packed) param in blocks of ``limit`` rows, through views."""
+    rows = p.numel() // dim
+    if not p.is_contiguous() or limit is None or rows <= limit:
+        blocks = [(0, rows)]
+    else:
+        blocks = [(a, min(a + limit, rows)) for a in range(0, rows, limit)]
+    v_all = p.view(-1, dim) if p.is_contiguous() else p.reshape(-1, dim)
+    g_all = grad.reshape(-1, dim)
+    s_all = s.view(-1)
+    mu_all = mu.reshape(-1, dim) if mu is not None else None
+    t_rows = step if (hyper["normalize"] and hyper["beta"] != 0.0) else None
+    for a, b in blocks:
+        new_v, s_new = _update_rows(v_all[a:b], g_all[a:b], s_all[a:b], mu_all[a:b] if mu is not None else None,
+                                    t_rows, **hyper)
+        if p.is_contiguous():
+            v_all[a:b].copy_(new_v)
+        else:
+            p.copy_(new_v.view(p.shape))
         if s_new is not None:
-            states = [row_states[i] for i in idx]
-            torch._foreach_copy_(states, [c.view(s.shape) for c, s in zip(s_new.split(rows), states)])
+            s_all[a:b].copy_(s_new)
+
+
+def _update_rows(
+    v_raw: torch.Tensor,
+    g_raw: torch.Tensor,
+    s_old: torch.Tensor,
+    mu: Optional[torch.Tensor],
+    t_rows: Optional[torch.Tensor],
+    *,
+    lr: float,
+    kappa: float,
+    beta: float,
+    eps: float,
+    normalize: bool,
+    grad_scale: Optional[torch.Tensor],
+    found_inf: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The step on a block of rows (R, D); returns new rows (fp32) and new ``s`` (None without normalize).
+
+    Inputs may be views of params, grads and state: they are only read.
+    """
+    v = v_raw.float()
+    g = g_raw.float()
+    if grad_scale is not None:
+        g = g * grad_scale.reciprocal().to(torch.float32)
+    if kappa != 0.0:
+        g = torch.add(g, mu, alpha=-kappa)
+    gv = torch.linalg.vecdot(g, v).unsqueeze(-1)
+    g = torch.addcmul(g, v, gv, value=-1.0)  # a fresh tensor from here on: in-place ops are safe
+    s_new = None
+    if normalize:
+        s_new = torch.linalg.vecdot(g, g).mul_(1.0 - beta)
+        s_hat = s_new
+        if beta != 0.0:
+            s_new.add_(s_old, alpha=beta)
+            s_hat = s_new / (1.0 - torch.pow(beta, t_rows))
+        coef = torch.sqrt(s_hat).add_(eps).reciprocal_().mul_(lr).unsqueeze(-1)
+        new_v = g.mul_(coef).neg_().add_(v)
+    else:
+        new_v = g.mul_(-lr).add_(v)
+    new_v.div_(torch.linalg.vector_norm(new_v, dim=-1, keepdim=True))
+    if found_inf is not None:
+        skip = found_inf.reshape(()) > 0
+        new_v = torch.where(skip, v, new_v)
+        if s_new is not None:
+            s_new = torch.where(skip, s_old, s_new)
+    return new_v, s_new
 
 
 def _row_counts(rows: list[int], device: torch.device, cache: dict) -> torch.Tensor:
