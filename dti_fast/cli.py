@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "DreamBooth images (several concepts in one job), and the TI baseline on the same "
                           "concepts; write the outputs and print where they are and the learned norms.")
     demo.add_argument("--output", type=Path, default=Path("dti-demo-output"), help="output folder (default ./dti-demo-output)")
-    demo.add_argument("--steps", type=_positive_int, default=300, help="steps per concept (default 300)")
+    demo.add_argument("--steps", type=_positive_int, default=400, help="steps per concept (default 400, the paper's)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(func=_cmd_demo)
 

@@ -34,7 +34,7 @@ def demo_concepts(names=("dog", "clock", "backpack")) -> list[Concept]:
     return [Concept(name=n, images=root / n, init=DEMO_SUBJECTS[n][0], class_noun=DEMO_SUBJECTS[n][1]) for n in names]
 
 
-def run_demo(output: Path = Path("dti-demo-output"), steps: int = 300, seed: int = 0, progress: bool = True) -> dict:
+def run_demo(output: Path = Path("dti-demo-output"), steps: int = 400, seed: int = 0, progress: bool = True) -> dict:
     """Run the demo; returns {method: TrainResult}."""
     from .models import tiny_model_path
 
