@@ -35,6 +35,7 @@ from typing import Callable
 
 import pytest
 import torch
+from _machine import cpu_model
 
 from dti_fast import SphericalSGD, spherical_sgd_step_reference, triton_available
 
@@ -111,16 +112,7 @@ def device_name() -> str:
     """The GPU's name on CUDA, else the CPU model from /proc/cpuinfo."""
     if CUDA:
         return torch.cuda.get_device_name(DEVICE)
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "cpu"
+    return cpu_model()
 
 
 def step_bytes(case: Case, elem: int = 4) -> int:

@@ -19,6 +19,7 @@ import platform
 from pathlib import Path
 
 import pytest
+from _machine import cpu_model
 
 _RESULTS = pytest.StashKey[list]()
 _LOAD_START = pytest.StashKey[list]()
@@ -49,17 +50,6 @@ def _loadavg() -> list:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # -- the optimizer summary ------------------------------------------------------
@@ -144,7 +134,7 @@ def _optimizer_summary(records: list, load_start: list) -> dict:
         "date": datetime.date.today().isoformat(),
         "device": records[0]["device"] if records else None,
         "cuda": cuda,
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         **versions,
