@@ -14,12 +14,13 @@ from .data import Concept
 
 # TrainConfig fields a job file or flag may set, with the parser for each.
 _JOB_KEYS: dict[str, Any] = {
-    "model": str, "output_dir": Path, "method": str, "steps": int, "batch_size": int, "max_batch": int,
+    "model": str, "output_dir": Path, "method": str, "steps": int, "batch_size": int, "max_batch": None,
     "resolution": int, "lr": float, "scale_lr": bool, "kappa": float, "beta": float, "norm_scale": None,
     "init": str, "weight_decay": float, "seed": int, "checkpoint_every": int, "keep_checkpoints": int,
     "resume": bool, "precision": str, "device": str, "validation_prompts": list,
     "validation_inference_steps": int, "export_ti_rescaled": bool, "progress": bool, "max_bad_steps": int,
-    "parallel": str,
+    "parallel": str, "latent_cache": bool, "latent_cache_crops": int, "text_cache": bool, "attention": str, "gradient_checkpointing": bool,
+    "channels_last": bool, "optim_bits": int,
 }
 _CONCEPT_KEYS = {f.name for f in fields(Concept)} | {"class"}
 
@@ -195,8 +196,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    "direction with a vMF prior; ti: plain Textual Inversion (AdamW on a free vector)")
     p.add_argument("--steps", type=_positive_int, help="optimizer steps per concept (default 400)")
     p.add_argument("--batch-size", type=_positive_int, help="images per concept per step (default 4)")
-    p.add_argument("--max-batch", type=_positive_int, help="most images in one forward pass; concepts take turns "
-                   "when the job has more (default: every concept in every step)")
+    p.add_argument("--max-batch", type=_max_batch_value, help="most images in one forward pass; concepts take turns "
+                   "when the job has more (default: every concept in every step); 'auto' measures the step's "
+                   "memory and fills the device")
     p.add_argument("--resolution", type=_positive_int, help="training resolution in pixels (default 512)")
     p.add_argument("--lr", type=_positive_float, help="learning rate before batch scaling (default: dti 0.01, ti 5e-3)")
     p.add_argument("--no-scale-lr", dest="scale_lr", action="store_const", const=False,
@@ -227,7 +229,33 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="under torchrun / accelerate launch: shard (default) splits the concepts over the ranks; "
                    "data trains every concept on every rank with different samples and all-reduced gradients "
                    "(W ranks = one rank with W times the batch)")
+    perf = p.add_argument_group("throughput and memory")
+    perf.add_argument("--no-latent-cache", dest="latent_cache", action="store_const", const=False,
+                      help="VAE-encode every sampled crop every step, at any pixel offset (default: a fixed set of "
+                      "crops per image on the 8-pixel grid is encoded once and reused)")
+    perf.add_argument("--latent-cache-crops", type=_positive_int,
+                      help="most cached crops per image, evenly spaced 8-pixel offsets along the longer side "
+                      "(default 16)")
+    perf.add_argument("--text-cache", dest="text_cache", action=argparse.BooleanOptionalAction, default=None,
+                      help="reuse the text encoders' states before the first learned token (exact; off by "
+                      "default: see the README for the measured gain)")
+    perf.add_argument("--attention", choices=["sdpa", "xformers"],
+                      help="attention kernels: sdpa (default, PyTorch's fused attention) or xformers (CUDA, needs "
+                      "the xformers package)")
+    perf.add_argument("--gradient-checkpointing", action="store_const", const=True,
+                      help="recompute UNet and text-encoder activations in backward: less memory, more time")
+    perf.add_argument("--channels-last", action="store_const", const=True,
+                      help="run the UNet in channels-last memory format")
+    perf.add_argument("--optim-bits", type=int, choices=[32, 8],
+                      help="TI: keep AdamW's two moments blockwise in 8 bits (bitsandbytes); DTI's optimizer keeps "
+                      "one fp32 scalar per row, which this does not change (default 32)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+
+
+def _max_batch_value(text: str):
+    if text == "auto":
+        return text
+    return _positive_int(text)
 
 
 def _int_list(text: str) -> list[int]:

@@ -33,6 +33,7 @@ from .distributed import setup as setup_distributed
 from .data import Concept, ConceptImages, load_concept_images, random_crop
 from .embedding import ConceptTokens, DirectionalEmbedding, add_concept_tokens, initializer_ids, install_embedding, start_rows
 from .io import load_safetensors, save_safetensors
+from .latents import LatentCache
 from .optim import SphericalSGD
 
 __all__ = ["TrainConfig", "TrainResult", "train", "METHODS", "JobError", "OutputBusyError", "TrainingInterrupted"]
@@ -52,7 +53,7 @@ class TrainConfig:
     method: str = "dti"
     steps: int = 400
     batch_size: int = 4
-    max_batch: Optional[int] = None
+    max_batch: Union[int, str, None] = None  # None: every active concept each step; "auto": fit the device memory
     resolution: int = 512
     lr: Optional[float] = None
     scale_lr: bool = True
@@ -73,6 +74,14 @@ class TrainConfig:
     progress: bool = True
     max_bad_steps: int = 3
     parallel: str = "shard"
+    # Throughput and memory levers. Only the latent cache changes what is sampled (crops on a fixed grid).
+    latent_cache: bool = True
+    latent_cache_crops: int = 16
+    text_cache: bool = False
+    attention: str = "sdpa"
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    optim_bits: int = 32
 
     def effective_lr(self, data_world: int = 1) -> float:
         """The learning rate, scaled by the global batch per concept unless ``scale_lr`` is off."""
@@ -89,8 +98,10 @@ class TrainConfig:
         concept stays valid whichever job or shard it was trained in.
         """
         keys = ("model", "method", "batch_size", "resolution", "lr", "scale_lr", "kappa", "beta",
-                "norm_scale", "init", "weight_decay", "seed")
+                "norm_scale", "init", "weight_decay", "seed", "latent_cache", "optim_bits")
         data = {k: getattr(self, k) for k in keys}
+        if self.latent_cache:
+            data["latent_cache_crops"] = self.latent_cache_crops
         data["data_world"] = data_world
         data["concept"] = {"name": concept.name, "images": str(concept.images), "init": concept.init,
                            "placeholder": concept.placeholder, "kind": concept.kind}
@@ -190,6 +201,9 @@ class TrainResult:
     seconds: float
     skipped_steps: int
     stopped: dict[str, str] = field(default_factory=dict)  # concept -> why it was stopped early
+    peak_memory: Optional[int] = None  # bytes during the loop: CUDA max allocated, or the CPU process's peak RSS
+    batch_per_step: int = 0  # most images in one forward pass
+    device: str = ""
 
     @property
     def samples_per_second(self) -> float:
@@ -201,12 +215,31 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
     for name in ("steps", "batch_size", "resolution", "checkpoint_every", "keep_checkpoints",
-                 "validation_inference_steps", "max_bad_steps"):
+                 "validation_inference_steps", "max_bad_steps", "latent_cache_crops"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if cfg.max_batch is not None and cfg.max_batch < cfg.batch_size:
+    if cfg.max_batch == "auto":
+        pass
+    elif cfg.max_batch is not None and (not isinstance(cfg.max_batch, int) or isinstance(cfg.max_batch, bool)):
+        raise ValueError(f"max_batch must be a positive integer, 'auto' or None, got {cfg.max_batch!r}")
+    elif cfg.max_batch is not None and cfg.max_batch < cfg.batch_size:
         raise ValueError(f"max_batch ({cfg.max_batch}) must be at least batch_size ({cfg.batch_size})")
+    if cfg.attention not in ("sdpa", "xformers"):
+        raise ValueError(f"attention must be 'sdpa' or 'xformers', got {cfg.attention!r}")
+    if cfg.attention == "xformers":
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            raise ValueError("--attention xformers needs the xformers package, which is not installed: "
+                             "pip install 'dti-fast[xformers]' (a CUDA build matching torch), or use --attention sdpa")
+    if cfg.optim_bits not in (32, 8):
+        raise ValueError(f"optim_bits must be 32 or 8, got {cfg.optim_bits!r}")
+    if cfg.optim_bits == 8 and cfg.method == "ti":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("--optim-bits 8 needs bitsandbytes (pip install bitsandbytes), or use --optim-bits 32")
     if cfg.resolution % 8:
         raise ValueError(f"resolution must be a multiple of 8 (the VAE's factor), got {cfg.resolution}")
     if cfg.lr is not None and not cfg.lr > 0:
@@ -262,6 +295,8 @@ class _Job:
             self.device = torch.device("cpu")
         precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        if cfg.attention == "xformers" and self.device.type != "cuda":
+            raise ValueError(f"--attention xformers needs a CUDA device, not {self.device}; use --attention sdpa")
         self.parts = load_model_parts(cfg.model, dtype=self.weight_dtype, device=str(self.device))
         self.sdxl = self.parts.family == "sdxl"
         self._install_tokens()
@@ -271,6 +306,14 @@ class _Job:
         self.latent_channels = vae_cfg.latent_channels
         self.scaling = vae_cfg.scaling_factor
         self.shift = getattr(vae_cfg, "shift_factor", None) or 0.0
+        self._configure_model()
+        self._tokenize_templates()
+        self.latent_cache = (
+            LatentCache(self.parts.vae, images, cfg.resolution, self.vae_factor, self.device, self.weight_dtype,
+                        max_crops=cfg.latent_cache_crops)
+            if cfg.latent_cache else None
+        )
+        self.text_caches = self._text_caches() if cfg.text_cache else None
         self.generators = {c.name: _concept_generator(cfg.seed, c.name) for c in cfg.concepts}
         self.done = {c.name: 0 for c in cfg.concepts}
         self.bad = {c.name: 0 for c in cfg.concepts}  # consecutive non-finite steps
@@ -278,6 +321,8 @@ class _Job:
         self.job_step = 0
         self.samples = 0
         self.skipped = 0
+        self.concepts_per_step: Optional[int] = None  # set by plan_batch() for max_batch="auto"
+        self.max_images_per_step = 0
 
     # -- tokens and embeddings ----------------------------------------------------
 
@@ -307,6 +352,53 @@ class _Job:
             self.embeddings.append(emb)
             self.tokens.append(per_concept)
 
+    def _configure_model(self) -> None:
+        """Attention kernels, gradient checkpointing and memory format (none changes the math)."""
+        cfg, unet = self.cfg, self.parts.unet
+        if cfg.attention == "xformers":
+            for module in (unet, self.parts.vae):
+                module.enable_xformers_memory_efficient_attention()
+        else:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            # PyTorch's fused scaled_dot_product_attention (flash / memory-efficient kernels on CUDA).
+            for module in (unet, self.parts.vae):
+                module.set_attn_processor(AttnProcessor2_0())
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            for enc in self.parts.text_encoders:
+                if hasattr(enc, "activation_checkpointing_enable"):  # transformers >= 5
+                    enc.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    enc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                # transformers checkpoints only in training mode; CLIP's dropouts are 0, so the math is unchanged.
+                if not any(getattr(enc.config, k, 0.0) for k in ("dropout", "attention_dropout")):
+                    enc.train()
+        if cfg.channels_last:
+            unet.to(memory_format=torch.channels_last)
+
+    def _tokenize_templates(self) -> None:
+        """Token ids of every (concept, template) prompt, per encoder: tokenized once, on the device."""
+        self.prompt_ids: list[list[torch.Tensor]] = []  # per encoder, per concept: (n_templates, max_length)
+        for enc_index, tok in enumerate(self.parts.tokenizers):
+            per_concept = []
+            for ci, c in enumerate(self.cfg.concepts):
+                prompts = [t.format(self.tokens[enc_index][ci].prompt_string) for t in c.templates]
+                ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids
+                per_concept.append(ids.to(self.device))
+            self.prompt_ids.append(per_concept)
+
+    def _text_caches(self) -> list:
+        from .textcache import PrefixCachedTextEncoder
+
+        caches = []
+        for enc_index, (enc, emb) in enumerate(zip(self.parts.text_encoders, self.embeddings)):
+            pooled = self.sdxl and enc_index == len(self.parts.text_encoders) - 1
+            caches.append(PrefixCachedTextEncoder(enc, mode="penultimate" if self.sdxl else "last",
+                                                  pooled=pooled, first_learned_id=emb.first_id))
+        return caches
+
     def concept_params(self, index: int) -> list[torch.nn.Parameter]:
         return [emb.rows[index] for emb in self.embeddings]
 
@@ -319,7 +411,15 @@ class _Job:
             self.optimizer: torch.optim.Optimizer = SphericalSGD(
                 [{"params": params, "prior": priors}], lr=lr, kappa=cfg.kappa, beta=cfg.beta
             )
+        elif cfg.optim_bits == 8:
+            import bitsandbytes as bnb
+
+            # Both moments blockwise in 8 bits (blocks of 256 values, one fp32 absmax each).
+            # min_8bit_size=1: a concept's rows (n x 768) are below bitsandbytes' default threshold.
+            self.optimizer = bnb.optim.AdamW8bit(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
+                                                 min_8bit_size=1)
         else:
+            # DTI's SphericalSGD keeps one fp32 scalar per row, so optim_bits does not apply to it.
             self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
     # -- one step -------------------------------------------------------------------
@@ -332,7 +432,10 @@ class _Job:
         ]
         if not active:
             return []
-        per_step = len(active) if cfg.max_batch is None else max(1, cfg.max_batch // cfg.batch_size)
+        if self.concepts_per_step is not None:
+            per_step = self.concepts_per_step
+        else:
+            per_step = len(active) if cfg.max_batch is None else max(1, cfg.max_batch // cfg.batch_size)
         if per_step >= len(active):
             return active
         start = (self.job_step * per_step) % len(active)
@@ -344,12 +447,18 @@ class _Job:
         res = self.cfg.resolution
         lat = res // self.vae_factor
         k = int(torch.randint(0, len(data.arrays), (1,), generator=gen))
-        pixels, (top, left) = random_crop(data.arrays[k], res, gen)
-        template = c.templates[int(torch.randint(0, len(c.templates), (1,), generator=gen))]
+        if self.latent_cache is not None:
+            pixels = None
+            crop, top, left = self.latent_cache.draw(ci, k, gen)
+        else:
+            crop = None
+            pixels, (top, left) = random_crop(data.arrays[k], res, gen)
+        template = int(torch.randint(0, len(c.templates), (1,), generator=gen))
         oh, ow = data.original_sizes[k]
         return {
             "pixels": pixels,
-            "prompts": [template.format(tokens[ci].prompt_string) for tokens in self.tokens],
+            "crop": (ci, k, crop),
+            "template": template,
             "time_ids": [oh, ow, top, left, res, res],
             "timestep": int(torch.randint(0, self.parts.noise_scheduler.config.num_train_timesteps, (1,), generator=gen)),
             "noise": torch.randn(self.latent_channels, lat, lat, generator=gen),
@@ -367,25 +476,39 @@ class _Job:
             mine = drawn[self.ctx.rank * b : (self.ctx.rank + 1) * b] if self.data_world > 1 else drawn
             samples += mine
             owners += [ci] * len(mine)
-        return {
-            "pixels": torch.stack([s["pixels"] for s in samples]),
-            "prompts": [[s["prompts"][e] for s in samples] for e in range(len(self.embeddings))],
+        batch = {
+            "input_ids": [
+                torch.stack([self.prompt_ids[e][s["crop"][0]][s["template"]] for s in samples])
+                for e in range(len(self.embeddings))
+            ],
             "time_ids": torch.tensor([s["time_ids"] for s in samples], dtype=torch.float32),
             "timesteps": torch.tensor([s["timestep"] for s in samples], dtype=torch.long),
             "noise": torch.stack([s["noise"] for s in samples]),
             "vae_eps": torch.stack([s["vae_eps"] for s in samples]),
             "owners": owners,
         }
+        if self.latent_cache is not None:
+            with torch.no_grad():
+                batch["latents"] = self.latent_cache.latents([s["crop"] for s in samples], batch["vae_eps"])
+        else:
+            batch["pixels"] = torch.stack([s["pixels"] for s in samples])
+        return batch
 
-    def encode_text(self, prompts: list[list[str]]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def encode_text(self, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The UNet's text conditioning: hidden states (encoders concatenated) and SDXL's pooled embedding."""
         hidden, pooled = [], None
-        for enc_index, (tok, enc) in enumerate(zip(self.parts.tokenizers, self.parts.text_encoders)):
-            ids = tok(prompts[enc_index], padding="max_length", max_length=tok.model_max_length,
-                      truncation=True, return_tensors="pt").input_ids.to(self.device)
-            if self.sdxl:
+        last = len(self.parts.text_encoders) - 1
+        for enc_index, enc in enumerate(self.parts.text_encoders):
+            ids = input_ids[enc_index].to(self.device)
+            if self.text_caches is not None:
+                h, p = self.text_caches[enc_index](ids)
+                hidden.append(h)
+                if self.sdxl and enc_index == last:
+                    pooled = p
+            elif self.sdxl:
                 out = enc(ids, output_hidden_states=True)
                 hidden.append(out.hidden_states[-2])
-                if enc_index == len(self.parts.text_encoders) - 1:
+                if enc_index == last:
                     pooled = out[0]
             else:
                 hidden.append(enc(ids)[0])
@@ -396,8 +519,11 @@ class _Job:
         dev = self.device
         parts = self.parts
         with torch.no_grad():
-            dist = parts.vae.encode(batch["pixels"].to(dev, self.weight_dtype)).latent_dist
-            latents = dist.mean + dist.std * batch["vae_eps"].to(dev, dist.mean.dtype)
+            if "latents" in batch:
+                latents = batch["latents"]
+            else:
+                dist = parts.vae.encode(batch["pixels"].to(dev, self.weight_dtype)).latent_dist
+                latents = dist.mean + dist.std * batch["vae_eps"].to(dev, dist.mean.dtype)
             latents = ((latents - self.shift) * self.scaling).float()
         noise = batch["noise"].to(dev)
         t = batch["timesteps"].to(dev)
@@ -414,11 +540,14 @@ class _Job:
             raise ValueError(f"unsupported prediction_type {kind!r} in the model's scheduler config")
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if self.weight_dtype == torch.bfloat16 else contextlib.nullcontext()
         with autocast:
-            hidden, pooled = self.encode_text(batch["prompts"])
+            hidden, pooled = self.encode_text(batch["input_ids"])
             kwargs = {}
             if self.sdxl:
                 kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(dev, hidden.dtype)}
-            pred = parts.unet(noisy.to(hidden.dtype), t, encoder_hidden_states=hidden, **kwargs).sample
+            sample = noisy.to(hidden.dtype)
+            if self.cfg.channels_last:
+                sample = sample.contiguous(memory_format=torch.channels_last)
+            pred = parts.unet(sample, t, encoder_hidden_states=hidden, **kwargs).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         # Per-concept means, summed: each concept's gradient is what it would get training alone.
         owners = torch.tensor(batch["owners"], device=per_sample.device)
@@ -426,12 +555,90 @@ class _Job:
         per_concept = per_concept.index_add(0, owners, per_sample / (self.cfg.batch_size * self.data_world))
         return per_concept.sum(), per_concept
 
+    # -- filling the device (max_batch="auto") ------------------------------------------
+
+    def _probe(self, concepts: Sequence[int], measure_saved: bool = False) -> int:
+        """One forward+backward on ``concepts`` that changes no training state; returns saved-activation bytes."""
+        states = {i: self.generators[self.cfg.concepts[i].name].get_state() for i in concepts}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor):
+            if measure_saved and t.device == self.device:
+                try:
+                    key = t.untyped_storage().data_ptr()
+                    saved[key] = max(saved.get(key, 0), t.untyped_storage().nbytes())
+                except (RuntimeError, NotImplementedError):
+                    pass
+            return t
+
+        try:
+            batch = self.make_batch(list(concepts))
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                total, _ = self.loss(batch)
+            total.backward()
+        finally:
+            for i, state in states.items():
+                self.generators[self.cfg.concepts[i].name].set_state(state)
+            for p in (p for emb in self.embeddings for p in emb.rows):
+                p.grad = None
+        return sum(saved.values())
+
+    def plan_batch(self) -> int:
+        """Pick how many concepts share a step so the step fills the device's memory; returns that number.
+
+        CUDA: the peak of probe steps with 1 and 2 concepts gives a fixed and a
+        per-concept cost; the largest count that fits in free memory (less 10%
+        headroom) is then tried, and lowered on out-of-memory. CPU: the
+        per-concept cost is the activation memory saved for backward
+        (measured with saved-tensor hooks) against available RAM. Probe steps
+        leave rows, optimizer state and random generators untouched.
+        """
+        from .memory import peak_bytes, reset_peak, usable_bytes
+
+        active = [i for i, c in enumerate(self.cfg.concepts)
+                  if self.done[c.name] < self.cfg.concept_steps(c) and c.name not in self.stopped]
+        n = len(active)
+        fit = n
+        usable = usable_bytes(self.device)
+        if n > 1 and usable is not None:
+            if self.device.type == "cuda":
+                peaks = []
+                for k in (1, 2):
+                    torch.cuda.empty_cache()
+                    reset_peak(self.device)
+                    self._probe(active[:k])
+                    peaks.append(peak_bytes(self.device))
+                per_concept = max(peaks[1] - peaks[0], 1)
+                fit = int((usable - (peaks[0] - per_concept)) // per_concept)
+            else:
+                per_concept = max(self._probe(active[:1], measure_saved=True), 1)
+                rss = peak_bytes(self.device) or 0
+                # Activations plus as much again for their gradients and temporaries during backward.
+                fit = int((usable - rss) // (2 * per_concept))
+            fit = max(1, min(n, fit))
+            if self.device.type == "cuda":
+                while fit > 1:
+                    try:
+                        torch.cuda.empty_cache()
+                        self._probe(active[:fit])
+                        break
+                    except torch.cuda.OutOfMemoryError:
+                        fit = max(1, int(fit * 0.85))
+                torch.cuda.empty_cache()
+        if self.data_world > 1:
+            agreed = torch.tensor([fit], device=self.device if self.device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            fit = int(agreed.item())
+        self.concepts_per_step = fit
+        return fit
+
     def step(self) -> Optional[float]:
         """One job step; returns the mean loss of the concepts that stepped (None when all are done)."""
         chosen = self.pick_concepts()
         if not chosen:
             return None
         batch = self.make_batch(chosen)
+        self.max_images_per_step = max(self.max_images_per_step, len(batch["owners"]))
         self.optimizer.zero_grad(set_to_none=True)
         total, per_concept = self.loss(batch)
         total.backward()
@@ -489,13 +696,17 @@ class _Job:
         if not self.writes:
             return None
         tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, object] = {}
         for e, emb in enumerate(self.embeddings):
             for i, c in enumerate(self.cfg.concepts):
                 p = emb.rows[i]
                 tensors[f"rows/{e}/{c.name}"] = p.detach()
                 for key, value in self.optimizer.state.get(p, {}).items():
                     if torch.is_tensor(value):
-                        tensors[f"optim/{e}/{c.name}/{key}"] = value.detach()
+                        # A copy: some optimizers share a tensor between params (bitsandbytes' quantization maps).
+                        tensors[f"optim/{e}/{c.name}/{key}"] = value.detach().clone()
+                    elif isinstance(value, (bool, int, float)):  # e.g. bitsandbytes' integer step
+                        scalars[f"optim/{e}/{c.name}/{key}"] = value
         for name, gen in self.generators.items():
             tensors[f"rng/{name}"] = gen.get_state()
         meta = {
@@ -507,6 +718,7 @@ class _Job:
             "done": json.dumps(self.done),
             "bad": json.dumps(self.bad),
             "stopped": json.dumps(self.stopped),
+            "optim_scalars": json.dumps(scalars),
         }
         path = self.checkpoint_dir / f"step-{self.job_step:08d}.safetensors"
         save_safetensors(tensors, path, metadata=meta)
@@ -565,6 +777,8 @@ class _Job:
                     emb.rows[i].copy_(saved)
                     prefix = f"optim/{e}/{name}/"
                     entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                    scalars = json.loads(meta.get("optim_scalars", "{}"))
+                    entry.update({k[len(prefix):]: v for k, v in scalars.items() if k.startswith(prefix)})
                     if entry:
                         state[param_index[id(emb.rows[i])]] = entry
             self.generators[name].set_state(tensors[f"rng/{name}"])
@@ -702,9 +916,17 @@ def _empty_result(cfg: TrainConfig) -> TrainResult:
 
 def _run(cfg: TrainConfig, images: list[ConceptImages], stop: _StopSignals, ctx: DistContext,
          checkpoint_dir: Path) -> TrainResult:
+    from .memory import peak_bytes, reset_peak
+
     job = _Job(cfg, images, ctx, checkpoint_dir)
     if cfg.resume:
         job.restore()
+    if cfg.max_batch == "auto":
+        fit = job.plan_batch()
+        if cfg.progress:
+            print(f"dti-fast: max_batch auto: {fit} concept(s) x {cfg.batch_size} image(s) per step on {job.device}",
+                  file=sys.stderr)
+    reset_peak(job.device)
     total = sum(cfg.concept_steps(c) for c in cfg.concepts)
     already = sum(job.done.values())
     bar = None
@@ -736,6 +958,7 @@ def _run(cfg: TrainConfig, images: list[ConceptImages], stop: _StopSignals, ctx:
     if stop.signum is not None:
         raise TrainingInterrupted(stop.signum, job.save_checkpoint() or checkpoint_dir)
     seconds = time.perf_counter() - started
+    peak = peak_bytes(job.device)
     job.save_checkpoint()
     concept_dirs, vectors = export.export_job(job, write=job.writes)
     if cfg.validation_prompts and job.writes:
@@ -750,4 +973,7 @@ def _run(cfg: TrainConfig, images: list[ConceptImages], stop: _StopSignals, ctx:
         seconds=seconds,
         skipped_steps=job.skipped,
         stopped=dict(job.stopped),
+        peak_memory=peak,
+        batch_per_step=job.max_images_per_step,
+        device=str(job.device),
     )

@@ -156,7 +156,8 @@ def test_nan_concept_is_skipped_then_stopped_others_finish(tiny_sd, tmp_path, mo
         clock = [c.name for c in self.cfg.concepts].index("clock")
         for k, owner in enumerate(batch["owners"]):
             if owner == clock:
-                batch["pixels"][k] = float("nan")  # a broken image: NaN loss and gradient for the clock only
+                key = "latents" if "latents" in batch else "pixels"
+                batch[key][k] = float("nan")  # a broken image: NaN loss and gradient for the clock only
         return batch
 
     monkeypatch.setattr(trainer._Job, "make_batch", poisoned)
