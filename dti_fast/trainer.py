@@ -378,7 +378,7 @@ class _Job:
             unet.to(memory_format=torch.channels_last)
 
     def _tokenize_templates(self) -> None:
-        """Token ids of every (concept, template) prompt, per encoder: tokenized once, on the device."""
+        """Token ids of every (concept, template) prompt, per encoder: tokenized once."""
         self.prompt_ids: list[list[torch.Tensor]] = []  # per encoder, per concept: (n_templates, max_length)
         for enc_index, tok in enumerate(self.parts.tokenizers):
             per_concept = []
@@ -386,7 +386,7 @@ class _Job:
                 prompts = [t.format(self.tokens[enc_index][ci].prompt_string) for t in c.templates]
                 ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                           return_tensors="pt").input_ids
-                per_concept.append(ids.to(self.device))
+                per_concept.append(ids)  # on the CPU: the text cache reads them there without a device sync
             self.prompt_ids.append(per_concept)
 
     def _text_caches(self) -> list:
@@ -499,13 +499,14 @@ class _Job:
         hidden, pooled = [], None
         last = len(self.parts.text_encoders) - 1
         for enc_index, enc in enumerate(self.parts.text_encoders):
-            ids = input_ids[enc_index].to(self.device)
             if self.text_caches is not None:
-                h, p = self.text_caches[enc_index](ids)
+                h, p = self.text_caches[enc_index](input_ids[enc_index])
                 hidden.append(h)
                 if self.sdxl and enc_index == last:
                     pooled = p
-            elif self.sdxl:
+                continue
+            ids = input_ids[enc_index].to(self.device)
+            if self.sdxl:
                 out = enc(ids, output_hidden_states=True)
                 hidden.append(out.hidden_states[-2])
                 if enc_index == last:

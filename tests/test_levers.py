@@ -252,3 +252,17 @@ def test_auto_batch_takes_turns_when_memory_is_short(sd, tmp_path, monkeypatch):
 def test_bad_max_batch_refused(sd, tmp_path, value):
     with pytest.raises(ValueError, match="max_batch"):
         train(_config(sd, tmp_path / "out", max_batch=value))
+
+
+# -- text-encoder prefix cache in the trainer ----------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_text_cache_trains_the_same_vectors(family, sd, sdxl, tmp_path):
+    model = sd if family == "sd" else sdxl
+    names = ("dog", "backpack")
+    plain = train(_config(model, tmp_path / "plain", names=names, steps=4))
+    cached = train(_config(model, tmp_path / "cached", names=names, steps=4, text_cache=True))
+    for name in plain.vectors:
+        for a, b in zip(cached.vectors[name], plain.vectors[name]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
