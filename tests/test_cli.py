@@ -17,6 +17,8 @@ TRAIN_FLAGS = [
     "--resolution", "--lr", "--no-scale-lr", "--kappa", "--beta", "--scale", "--init", "--weight-decay", "--seed",
     "--checkpoint-every", "--keep-checkpoints", "--resume", "--precision", "--device", "--validation-prompt",
     "--validation-inference-steps", "--export-ti-rescaled", "--no-progress", "--max-bad-steps", "--parallel",
+    "--no-latent-cache", "--latent-cache-crops", "--text-cache", "--attention", "--gradient-checkpointing",
+    "--channels-last", "--optim-bits",
 ]
 
 
@@ -111,3 +113,37 @@ def test_demo_runs_and_reports(tmp_path, capsys):
     assert set(results) == {"dti", "ti"}
     assert (tmp_path / "demo" / "dti" / "dog" / "samples.png").exists()
     assert (tmp_path / "demo" / "ti" / "backpack" / "learned_embeds.safetensors").exists()
+
+
+def test_throughput_flags_reach_the_config(tmp_path):
+    from dti_fast.cli import _train_config
+
+    args = build_parser().parse_args([
+        "train", "--model", "m", "--output", str(tmp_path), "--concept", f"dog:{demo_images_dir() / 'dog'}:dog",
+        "--max-batch", "auto", "--no-latent-cache", "--latent-cache-crops", "4", "--text-cache", "--attention", "sdpa",
+        "--gradient-checkpointing", "--channels-last", "--optim-bits", "8",
+    ])
+    cfg = _train_config(args)
+    assert cfg.max_batch == "auto" and cfg.latent_cache is False and cfg.latent_cache_crops == 4
+    assert cfg.text_cache is True and cfg.gradient_checkpointing and cfg.channels_last and cfg.optim_bits == 8
+    plain = _train_config(build_parser().parse_args([
+        "train", "--model", "m", "--output", str(tmp_path), "--concept", f"dog:{demo_images_dir() / 'dog'}:dog"]))
+    assert plain.latent_cache is True and plain.text_cache is False and plain.max_batch is None
+
+
+def test_job_file_accepts_auto_max_batch(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text('model = "m"\noutput_dir = "out"\nmax_batch = "auto"\noptim_bits = 8\nlatent_cache = false\n')
+    cfg = load_job_file(job)
+    assert cfg["max_batch"] == "auto" and cfg["optim_bits"] == 8 and cfg["latent_cache"] is False
+
+
+def test_xformers_without_the_package_exits_2_with_the_fix(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else real(name, *a))
+    code = main(["train", "--model", "m", "--output", str(tmp_path / "o"), "--concept",
+                 f"dog:{demo_images_dir() / 'dog'}:dog", "--attention", "xformers", "--no-progress"])
+    assert code == 2
+    assert "pip install" in capsys.readouterr().err
