@@ -4,8 +4,10 @@
   pytest.ini only collects ``test_*.py``). A file named on the command line is
   collected by pytest itself.
 - ``bench_results``: a session-wide list the benchmarks append their timings to.
-- At the end of the session prints the ratio table of the optimizer benchmark
-  and, when ``DTI_BENCH_OUT`` names a file, writes it there as JSON. Ratios are
+- At the end of the session prints the ratio table of each benchmark that ran
+  (optimizer, trainer) and, when ``DTI_BENCH_OUT`` names a file, writes it
+  there as JSON (with both suites in one session: ``NAME.optimizer.json`` and
+  ``NAME.trainer.json`` beside it). Ratios are
   reported against the performance goals, never asserted. ``DTI_BENCH_NOTE``
   adds a free-text note (machine state, ...) to the JSON.
 """
@@ -211,16 +213,52 @@ def _print_table(tr, summary: dict) -> None:
         tr.write_line(f"goal: {goal['goal']}: {value} (target {goal['target']}) -> {status}")
 
 
+def _summaries(config: pytest.Config, final: bool) -> dict:
+    """{suite: summary} of the suites with records (final, nothing ran: the empty optimizer summary)."""
+    all_records = config.stash.get(_RESULTS, [])
+    load_start = config.stash.get(_LOAD_START, [])
+    out = {}
+    records = [r for r in all_records if r.get("suite") == "optimizer"]
+    trainer = [r for r in all_records if r.get("suite") == "trainer"]
+    if records or (final and not trainer):
+        out["optimizer"] = _optimizer_summary(records, load_start)
+    if trainer:
+        import _trainer_summary
+
+        out["trainer"] = _trainer_summary.summarize(trainer, load_start, _loadavg())
+    return out
+
+
+def _write_summaries(summaries: dict) -> list:
+    """Write to DTI_BENCH_OUT (one suite) or NAME.<suite>.json beside it (several); returns the paths."""
+    path = Path(os.environ["DTI_BENCH_OUT"])
+    written = []
+    for suite, summary in summaries.items():
+        target = path if len(summaries) == 1 else path.with_name(f"{path.stem}.{suite}{path.suffix}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(_compact_json(summary), encoding="utf-8")
+        written.append(target)
+    return written
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem) -> None:
+    """After each trainer benchmark, rewrite the summary: a run stopped by a timeout keeps what it measured."""
+    if os.environ.get("DTI_BENCH_OUT") and item.path.name == "bench_trainer.py":
+        _write_summaries(_summaries(item.config, final=False))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
-    records = [r for r in config.stash.get(_RESULTS, []) if r.get("suite") == "optimizer"]
     out = os.environ.get("DTI_BENCH_OUT")
-    if not records and not out:
+    summaries = _summaries(config, final=True)
+    optimizer = summaries.get("optimizer")
+    if not out and "trainer" not in summaries and not optimizer["cases"]:
         return
-    summary = _optimizer_summary(records, config.stash.get(_LOAD_START, []))
-    if records:
-        _print_table(terminalreporter, summary)
+    if optimizer and optimizer["cases"]:
+        _print_table(terminalreporter, optimizer)
+    if "trainer" in summaries:
+        import _trainer_summary
+
+        _trainer_summary.print_table(terminalreporter, summaries["trainer"])
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(_compact_json(summary), encoding="utf-8")
-        terminalreporter.write_line(f"ratio summary written to {path}")
+        for target in _write_summaries(summaries):
+            terminalreporter.write_line(f"ratio summary written to {target}")

@@ -15,6 +15,10 @@
 #                    (TRITON_INTERPRET unset) -> OUTDIR/junit_tests.xml
 #   bench_optimizer  bench/bench_optimizer.py -> OUTDIR/bench_optimizer.json
 #                    (pytest-benchmark) and OUTDIR/optimizer_ratios.json
+#   bench_trainer    bench/bench_trainer.py (SD 1.5 at 512 and SDXL at 1024,
+#                    random weights at real sizes) -> OUTDIR/bench_trainer.json
+#                    (pytest-benchmark) and OUTDIR/trainer_ratios.json (written
+#                    after every run, so a timeout keeps what was measured)
 # Everything printed also goes to OUTDIR/gpu_check.log; OUTDIR/summary.txt lists
 # each stage's status, exit code and seconds.
 #
@@ -23,7 +27,9 @@
 #                        python3, python, /opt/torch/.venv/bin/python3 that
 #                        imports torch, one that sees CUDA first)
 #   DTI_WHEELS           folder of wheels to install offline (default: wheels/)
-#   DTI_CHECK_BUDGET_S   overall budget in seconds (default 420: 7 minutes)
+#   DTI_CHECK_BUDGET_S   overall budget in seconds (default 480: 8 minutes)
+#   DTI_CHECK_STAGES     stages to run, space-separated (default: all; setup is
+#                        always run first), e.g. "env bench_trainer"
 #   DTI_BENCH_TARGET_S   timed seconds per benchmark (default here 0.5)
 #   DTI_REQUIRE_CUDA=1   fail when no CUDA GPU is usable (default: a machine
 #                        without any GPU runs everything on the CPU, with the
@@ -47,7 +53,7 @@ OUTDIR="$(cd "$1" && pwd)"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/dti_gpu_check.XXXXXX")"
 STATE="$WORK/state.sh"   # exports the stages hand on (PY, PYTHONPATH, ...)
 LOG="$OUTDIR/gpu_check.log"
-BUDGET_S="${DTI_CHECK_BUDGET_S:-420}"
+BUDGET_S="${DTI_CHECK_BUDGET_S:-480}"
 : >"$LOG"
 : >"$STATE"
 export REPO OUTDIR WORK STATE
@@ -230,14 +236,28 @@ stage_bench_optimizer() {
     --benchmark-json="$OUTDIR/bench_optimizer.json" --benchmark-columns=min,median,max,rounds
 }
 
+stage_bench_trainer() {
+  env -u TRITON_INTERPRET DTI_BENCH_OUT="$OUTDIR/trainer_ratios.json" \
+    "$PY" -m pytest bench/bench_trainer.py --benchmark-only -p no:cacheprovider \
+    --benchmark-json="$OUTDIR/bench_trainer.json" --benchmark-columns=min,rounds
+}
+
 add_stage setup 120
 add_stage env 60
-add_stage tests 180
-add_stage bench_optimizer 240
-# (later issues: add_stage bench_trainer ...)
+add_stage tests 150
+add_stage bench_trainer 240
+add_stage bench_optimizer 150
 
 # -- runner --------------------------------------------------------------------------
 
+if [ -n "${DTI_CHECK_STAGES:-}" ]; then
+  wanted=" setup $DTI_CHECK_STAGES "
+  kept=() kept_t=()
+  for i in "${!STAGES[@]}"; do
+    if [[ "$wanted" == *" ${STAGES[$i]} "* ]]; then kept+=("${STAGES[$i]}"); kept_t+=("${TIMEOUTS[$i]}"); fi
+  done
+  STAGES=("${kept[@]}") TIMEOUTS=("${kept_t[@]}")
+fi
 for name in "${STAGES[@]}"; do export -f "stage_$name"; done
 
 start=$SECONDS

@@ -41,6 +41,7 @@ __all__ = [
     "make_tiny_model",
     "required_parts",
     "tiny_model_path",
+    "write_model_folder",
 ]
 
 FAMILIES = ("sd", "sdxl")
@@ -623,29 +624,54 @@ def make_tiny_model(path: Union[str, os.PathLike], family: str = "sd", seed: int
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    out = Path(path).expanduser()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        te1 = CLIPTextModel(CLIPTextConfig(**_TINY_TEXT, **_TINY_TE1, pad_token_id=49407))
+        text_encoders = [CLIPTextModel(CLIPTextConfig(**_TINY_TEXT, **_TINY_TE1, pad_token_id=49407))]
         unet = _tiny_unet(family)
         vae = AutoencoderKL(**_TINY_VAE, scaling_factor=0.18215 if family == "sd" else 0.13025)
-        scheduler = DDPMScheduler(**SD_SCHEDULER_CONFIG)
-        tok1 = _clip_tokenizer(pad_token="<|endoftext|>")
-        if family == "sd":
-            pipe = StableDiffusionPipeline(
-                vae=vae, text_encoder=te1, tokenizer=tok1, unet=unet, scheduler=scheduler,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            )
-        else:
-            te2 = CLIPTextModelWithProjection(CLIPTextConfig(**_TINY_TEXT, **_TINY_TE2, pad_token_id=0))
-            tok2 = _clip_tokenizer(pad_token="!")
-            pipe = StableDiffusionXLPipeline(
-                vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
-                unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False,
-            )
+        if family == "sdxl":
+            text_encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**_TINY_TEXT, **_TINY_TE2, pad_token_id=0)))
+    return write_model_folder(path, family, unet=unet, vae=vae, text_encoders=text_encoders,
+                              index_extra={"_dti_fast_tiny": TINY_VERSION})
+
+
+def write_model_folder(
+    path: Union[str, os.PathLike],
+    family: str,
+    *,
+    unet: "UNet2DConditionModel",
+    vae: "AutoencoderKL",
+    text_encoders: List[torch.nn.Module],
+    index_extra: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Save ``family`` modules as a diffusers model folder :func:`load_model_parts` loads; returns it.
+
+    ``StableDiffusionPipeline`` layout for "sd" (``text_encoders``: ``[CLIPTextModel]``),
+    ``StableDiffusionXLPipeline`` for "sdxl" (plus a ``CLIPTextModelWithProjection``), with CLIP's
+    real BPE tokenizers (tokenizer_2 padding with "!"), the SD DDPM training schedule and no
+    safety checker. ``index_extra`` entries are added to ``model_index.json``.
+    """
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    out = Path(path).expanduser()
+    scheduler = DDPMScheduler(**SD_SCHEDULER_CONFIG)
+    tok1 = _clip_tokenizer(pad_token="<|endoftext|>")
+    if family == "sd":
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoders[0], tokenizer=tok1, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    elif family == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tok1,
+            tokenizer_2=_clip_tokenizer(pad_token="!"), unet=unet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=True, add_watermarker=False,
+        )
+    else:
+        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
     for name in ("tokenizer", "tokenizer_2"):
@@ -654,10 +680,11 @@ def make_tiny_model(path: Union[str, os.PathLike], family: str = "sd", seed: int
     for name in ("text_encoder", "text_encoder_2"):
         if (out / name).is_dir():
             _prefix_text_encoder_keys(out / name)
-    index_file = out / "model_index.json"
-    index = json.loads(index_file.read_text(encoding="utf-8"))
-    index["_dti_fast_tiny"] = TINY_VERSION
-    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if index_extra:
+        index_file = out / "model_index.json"
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        index.update(index_extra)
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out
 
 
