@@ -20,7 +20,7 @@ _JOB_KEYS: dict[str, Any] = {
     "resume": bool, "precision": str, "device": str, "validation_prompts": list,
     "validation_inference_steps": int, "export_ti_rescaled": bool, "progress": bool, "max_bad_steps": int,
     "parallel": str, "latent_cache": bool, "latent_cache_crops": int, "text_cache": bool, "attention": str, "gradient_checkpointing": bool,
-    "channels_last": bool, "optim_bits": int,
+    "channels_last": bool, "compile": bool, "optim_bits": int,
 }
 _CONCEPT_KEYS = {f.name for f in fields(Concept)} | {"class"}
 
@@ -246,6 +246,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                       help="recompute UNet and text-encoder activations in backward: less memory, more time")
     perf.add_argument("--channels-last", action="store_const", const=True,
                       help="run the UNet in channels-last memory format")
+    perf.add_argument("--compile", action="store_const", const=True,
+                      help="torch.compile the UNet: faster steps after a compile of a minute or more, so for long "
+                      "jobs (see the README's measurements)")
     perf.add_argument("--optim-bits", type=int, choices=[32, 8],
                       help="TI: keep AdamW's two moments blockwise in 8 bits (bitsandbytes); DTI's optimizer keeps "
                       "one fp32 scalar per row, which this does not change (default 32)")

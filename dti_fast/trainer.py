@@ -81,6 +81,7 @@ class TrainConfig:
     attention: str = "sdpa"
     gradient_checkpointing: bool = False
     channels_last: bool = False
+    compile: bool = False
     optim_bits: int = 32
 
     def effective_lr(self, data_world: int = 1) -> float:
@@ -376,6 +377,8 @@ class _Job:
                     enc.train()
         if cfg.channels_last:
             unet.to(memory_format=torch.channels_last)
+        # The training step's UNet; parts.unet stays the plain module (exports and sample pipelines use it).
+        self.unet = torch.compile(unet) if cfg.compile else unet
 
     def _tokenize_templates(self) -> None:
         """Token ids of every (concept, template) prompt, per encoder: tokenized once."""
@@ -548,7 +551,7 @@ class _Job:
             sample = noisy.to(hidden.dtype)
             if self.cfg.channels_last:
                 sample = sample.contiguous(memory_format=torch.channels_last)
-            pred = parts.unet(sample, t, encoder_hidden_states=hidden, **kwargs).sample
+            pred = self.unet(sample, t, encoder_hidden_states=hidden, **kwargs).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         # Per-concept means, summed: each concept's gradient is what it would get training alone.
         owners = torch.tensor(batch["owners"], device=per_sample.device)

@@ -18,7 +18,7 @@ TRAIN_FLAGS = [
     "--checkpoint-every", "--keep-checkpoints", "--resume", "--precision", "--device", "--validation-prompt",
     "--validation-inference-steps", "--export-ti-rescaled", "--no-progress", "--max-bad-steps", "--parallel",
     "--no-latent-cache", "--latent-cache-crops", "--text-cache", "--attention", "--gradient-checkpointing",
-    "--channels-last", "--optim-bits",
+    "--channels-last", "--compile", "--optim-bits",
 ]
 
 

@@ -266,3 +266,21 @@ def test_text_cache_trains_the_same_vectors(family, sd, sdxl, tmp_path):
     for name in plain.vectors:
         for a, b in zip(cached.vectors[name], plain.vectors[name]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_wraps_the_training_unet_and_keeps_the_vectors(sd, tmp_path, monkeypatch):
+    real_compile = torch.compile
+    compiled = []
+
+    def eager_compile(module=None, **kw):  # the wiring, without minutes of Inductor codegen on the CPU
+        if not isinstance(module, torch.nn.Module):  # libraries compile functions of their own on import
+            return real_compile(module, **kw) if module is not None else real_compile(**kw)
+        compiled.append(module)
+        return real_compile(module, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    plain = train(_config(sd, tmp_path / "plain"))
+    fast = train(_config(sd, tmp_path / "compiled", compile=True))
+    assert len(compiled) == 1 and type(compiled[0]).__name__ == "UNet2DConditionModel"
+    for name in plain.vectors:
+        torch.testing.assert_close(fast.vectors[name][0], plain.vectors[name][0], rtol=1e-5, atol=1e-6)
