@@ -19,7 +19,7 @@ _JOB_KEYS: dict[str, Any] = {
     "init": str, "weight_decay": float, "seed": int, "checkpoint_every": int, "keep_checkpoints": int,
     "resume": bool, "precision": str, "device": str, "validation_prompts": list,
     "validation_inference_steps": int, "export_ti_rescaled": bool, "progress": bool, "max_bad_steps": int,
-    "parallel": str, "latent_cache": bool, "latent_cache_crops": int, "text_cache": bool, "attention": str, "gradient_checkpointing": bool,
+    "parallel": str, "latent_cache": bool, "latent_cache_crops": int, "text_cache": None, "attention": str, "gradient_checkpointing": bool,
     "channels_last": bool, "compile": bool, "optim_bits": int,
 }
 _CONCEPT_KEYS = {f.name for f in fields(Concept)} | {"class"}
@@ -237,8 +237,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                       help="most cached crops per image, evenly spaced 8-pixel offsets along the longer side "
                       "(default 16)")
     perf.add_argument("--text-cache", dest="text_cache", action=argparse.BooleanOptionalAction, default=None,
-                      help="reuse the text encoders' states before the first learned token (exact; off by "
-                      "default: see the README for the measured gain)")
+                      help="reuse the text encoders' states before the first learned token and skip layers "
+                      "whose output is unused (exact; default: on for SDXL, off for SD, as measured)")
     perf.add_argument("--attention", choices=["sdpa", "xformers"],
                       help="attention kernels: sdpa (default, PyTorch's fused attention) or xformers (CUDA, needs "
                       "the xformers package)")

@@ -77,7 +77,7 @@ class TrainConfig:
     # Throughput and memory levers. Only the latent cache changes what is sampled (crops on a fixed grid).
     latent_cache: bool = True
     latent_cache_crops: int = 16
-    text_cache: bool = False
+    text_cache: Union[bool, str] = "auto"  # "auto": on for SDXL (measured faster), off for SD (no gain)
     attention: str = "sdpa"
     gradient_checkpointing: bool = False
     channels_last: bool = False
@@ -226,6 +226,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"max_batch must be a positive integer, 'auto' or None, got {cfg.max_batch!r}")
     elif cfg.max_batch is not None and cfg.max_batch < cfg.batch_size:
         raise ValueError(f"max_batch ({cfg.max_batch}) must be at least batch_size ({cfg.batch_size})")
+    if cfg.text_cache not in (True, False, "auto"):
+        raise ValueError(f"text_cache must be true, false or 'auto', got {cfg.text_cache!r}")
     if cfg.attention not in ("sdpa", "xformers"):
         raise ValueError(f"attention must be 'sdpa' or 'xformers', got {cfg.attention!r}")
     if cfg.attention == "xformers":
@@ -314,7 +316,8 @@ class _Job:
                         max_crops=cfg.latent_cache_crops)
             if cfg.latent_cache else None
         )
-        self.text_caches = self._text_caches() if cfg.text_cache else None
+        use_text_cache = cfg.text_cache if cfg.text_cache != "auto" else self.sdxl
+        self.text_caches = self._text_caches() if use_text_cache else None
         self.generators = {c.name: _concept_generator(cfg.seed, c.name) for c in cfg.concepts}
         self.done = {c.name: 0 for c in cfg.concepts}
         self.bad = {c.name: 0 for c in cfg.concepts}  # consecutive non-finite steps

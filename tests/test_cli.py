@@ -128,7 +128,7 @@ def test_throughput_flags_reach_the_config(tmp_path):
     assert cfg.text_cache is True and cfg.gradient_checkpointing and cfg.channels_last and cfg.optim_bits == 8
     plain = _train_config(build_parser().parse_args([
         "train", "--model", "m", "--output", str(tmp_path), "--concept", f"dog:{demo_images_dir() / 'dog'}:dog"]))
-    assert plain.latent_cache is True and plain.text_cache is False and plain.max_batch is None
+    assert plain.latent_cache is True and plain.text_cache == "auto" and plain.max_batch is None
 
 
 def test_job_file_accepts_auto_max_batch(tmp_path):

@@ -261,7 +261,7 @@ def test_bad_max_batch_refused(sd, tmp_path, value):
 def test_text_cache_trains_the_same_vectors(family, sd, sdxl, tmp_path):
     model = sd if family == "sd" else sdxl
     names = ("dog", "backpack")
-    plain = train(_config(model, tmp_path / "plain", names=names, steps=4))
+    plain = train(_config(model, tmp_path / "plain", names=names, steps=4, text_cache=False))
     cached = train(_config(model, tmp_path / "cached", names=names, steps=4, text_cache=True))
     for name in plain.vectors:
         for a, b in zip(cached.vectors[name], plain.vectors[name]):
@@ -284,3 +284,11 @@ def test_compile_wraps_the_training_unet_and_keeps_the_vectors(sd, tmp_path, mon
     assert len(compiled) == 1 and type(compiled[0]).__name__ == "UNet2DConditionModel"
     for name in plain.vectors:
         torch.testing.assert_close(fast.vectors[name][0], plain.vectors[name][0], rtol=1e-5, atol=1e-6)
+
+
+def test_text_cache_auto_is_on_for_sdxl_only(sd, sdxl, tmp_path):
+    assert _job(_config(sd, tmp_path / "a")).text_caches is None
+    caches = _job(_config(sdxl, tmp_path / "b")).text_caches
+    assert caches is not None and len(caches) == 2
+    with pytest.raises(ValueError, match="text_cache"):
+        train(_config(sd, tmp_path / "c", text_cache="yes"))
