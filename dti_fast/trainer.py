@@ -613,10 +613,23 @@ class _Job:
                 for k in (1, 2):
                     torch.cuda.empty_cache()
                     reset_peak(self.device)
-                    self._probe(active[:k])
+                    try:
+                        self._probe(active[:k])
+                    except torch.cuda.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        if k == 1:
+                            raise JobError(
+                                f"one concept's step (batch_size {self.cfg.batch_size} at {self.cfg.resolution} px) "
+                                f"does not fit in {self.device}'s memory; lower --batch-size or add "
+                                "--gradient-checkpointing"
+                            ) from None
+                        break
                     peaks.append(peak_bytes(self.device))
-                per_concept = max(peaks[1] - peaks[0], 1)
-                fit = int((usable - (peaks[0] - per_concept)) // per_concept)
+                if len(peaks) < 2:
+                    fit = 1
+                else:
+                    per_concept = max(peaks[1] - peaks[0], 1)
+                    fit = int((usable - (peaks[0] - per_concept)) // per_concept)
             else:
                 per_concept = max(self._probe(active[:1], measure_saved=True), 1)
                 rss = peak_bytes(self.device) or 0
