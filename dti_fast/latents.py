@@ -54,13 +54,10 @@ class LatentCache:
             raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor {factor}")
         if max_crops < 1:
             raise ValueError(f"max_crops must be at least 1, got {max_crops}")
-        self.resolution = resolution
-        self.max_crops = max_crops
         # per concept, per image: offsets [(top, left)], means (K, C, h, w), stds (K, C, h, w)
         self.offsets: list[list[list[tuple[int, int]]]] = []
         self.means: list[list[torch.Tensor]] = []
         self.stds: list[list[torch.Tensor]] = []
-        self.bytes = 0
         with torch.no_grad():
             for data in images:
                 offs, means, stds = [], [], []
@@ -76,13 +73,17 @@ class LatentCache:
                         m.append(dist.mean)
                         s.append(dist.std)
                     mean, std = torch.cat(m).contiguous(), torch.cat(s).contiguous()
-                    self.bytes += 2 * mean.numel() * mean.element_size()
                     offs.append(crops)
                     means.append(mean)
                     stds.append(std)
                 self.offsets.append(offs)
                 self.means.append(means)
                 self.stds.append(stds)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the cached posteriors take."""
+        return sum(t.numel() * t.element_size() for per in (self.means, self.stds) for ts in per for t in ts)
 
     @staticmethod
     def grid(height: int, width: int, resolution: int, factor: int, max_crops: int) -> list[tuple[int, int]]:

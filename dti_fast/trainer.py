@@ -430,12 +430,14 @@ class _Job:
 
     # -- one step -------------------------------------------------------------------
 
+    def active_concepts(self) -> list[int]:
+        """Indices of the concepts that still have steps to take and were not stopped."""
+        return [i for i, c in enumerate(self.cfg.concepts)
+                if self.done[c.name] < self.cfg.concept_steps(c) and c.name not in self.stopped]
+
     def pick_concepts(self) -> list[int]:
         cfg = self.cfg
-        active = [
-            i for i, c in enumerate(cfg.concepts)
-            if self.done[c.name] < cfg.concept_steps(c) and c.name not in self.stopped
-        ]
+        active = self.active_concepts()
         if not active:
             return []
         if self.concepts_per_step is not None:
@@ -602,8 +604,7 @@ class _Job:
         """
         from .memory import peak_bytes, reset_peak, usable_bytes
 
-        active = [i for i, c in enumerate(self.cfg.concepts)
-                  if self.done[c.name] < self.cfg.concept_steps(c) and c.name not in self.stopped]
+        active = self.active_concepts()
         n = len(active)
         fit = n
         usable = usable_bytes(self.device)
