@@ -39,22 +39,27 @@ __all__ = [
 
 # -- Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5) ------------------------------------
 
-SD15_UNET: Dict[str, Any] = dict(
-    sample_size=64,
+# What the SD 1.5 and SDXL UNet configs share.
+_UNET_COMMON: Dict[str, Any] = dict(
     in_channels=4,
     out_channels=4,
     center_input_sample=False,
     flip_sin_to_cos=True,
     freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280),
     layers_per_block=2,
     downsample_padding=1,
     mid_block_scale_factor=1,
     act_fn="silu",
     norm_num_groups=32,
     norm_eps=1e-5,
+)
+
+SD15_UNET: Dict[str, Any] = dict(
+    _UNET_COMMON,
+    sample_size=64,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
     cross_attention_dim=768,
     attention_head_dim=8,
 )
@@ -97,22 +102,12 @@ CLIP_L_TEXT: Dict[str, Any] = dict(
 # -- SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0) ---------------------------------
 
 SDXL_UNET: Dict[str, Any] = dict(
+    _UNET_COMMON,
     sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    center_input_sample=False,
-    flip_sin_to_cos=True,
-    freq_shift=0,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     mid_block_type="UNetMidBlock2DCrossAttn",
     block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    downsample_padding=1,
-    mid_block_scale_factor=1,
-    act_fn="silu",
-    norm_num_groups=32,
-    norm_eps=1e-5,
     cross_attention_dim=2048,
     transformer_layers_per_block=(1, 2, 10),
     attention_head_dim=(5, 10, 20),
@@ -144,22 +139,23 @@ PARAM_COUNTS: Dict[str, Dict[str, int]] = {
 
 # -- Reduced variants: the same block layout and conditioning, tiny widths ------------------
 
+_REDUCED_VAE = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64)
+_REDUCED_CLIP_L = dict(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
+                       num_attention_heads=4)
 _REDUCED = {
     "sd": {
         "unet": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
                      cross_attention_dim=32, attention_head_dim=4, sample_size=8),
-        "vae": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64),
-        "text_encoder": dict(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
-                             num_attention_heads=4),
+        "vae": _REDUCED_VAE,
+        "text_encoder": _REDUCED_CLIP_L,
     },
     "sdxl": {
         "unet": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
                      cross_attention_dim=32 + 64, transformer_layers_per_block=(1, 2, 2),
                      attention_head_dim=(2, 4, 4), addition_time_embed_dim=8,
                      projection_class_embeddings_input_dim=6 * 8 + 32, sample_size=8),
-        "vae": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64),
-        "text_encoder": dict(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
-                             num_attention_heads=4),
+        "vae": _REDUCED_VAE,
+        "text_encoder": _REDUCED_CLIP_L,
         "text_encoder_2": dict(hidden_size=64, intermediate_size=128, projection_dim=32, num_hidden_layers=2,
                                num_attention_heads=4),
     },
