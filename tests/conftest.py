@@ -32,6 +32,16 @@ TRITON = triton_available()
 _MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: tiny models gain nothing from threads, and on busy shared cores
+    extra threads cost 10x. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def device() -> str:
     """Where the tests' tensors live: "cuda" if available, else "cpu"."""

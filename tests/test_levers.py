@@ -78,6 +78,7 @@ def test_cached_latents_are_the_crops_own_encodings(sd, shape):
     assert len(offsets) == (long_side - 64) // 8 + 1
     eps = torch.randn(len(offsets), 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cached = cache.latents([(0, 0, k) for k in range(len(offsets))], eps)
+    assert cache.nbytes == 2 * len(offsets) * 4 * 8 * 8 * 4  # mean and std, fp32
     for k, (top, left) in enumerate(offsets):
         dist = _encode(vae, array, top, left, 64)
         torch.testing.assert_close(cached[k : k + 1], dist.mean + dist.std * eps[k : k + 1], rtol=1e-5, atol=1e-5)
@@ -164,26 +165,26 @@ def test_sdpa_is_the_default_attention(sd, tmp_path):
     assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
 
 
-def test_xformers_missing_is_refused_before_loading(sd, tmp_path, monkeypatch):
+def _fake_xformers(monkeypatch, installed: bool) -> None:
+    """Pretend xformers is (not) installed, and fail the test if the model loads before the check."""
     import importlib.util
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else real(name, *a))
     import dti_fast.models as models
 
+    real = importlib.util.find_spec
+    spec = object() if installed else None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "xformers" else real(name, *a))
     monkeypatch.setattr(models, "load_model_parts", lambda *a, **k: pytest.fail("model loaded before the check"))
+
+
+def test_xformers_missing_is_refused_before_loading(sd, tmp_path, monkeypatch):
+    _fake_xformers(monkeypatch, installed=False)
     with pytest.raises(ValueError, match=r"xformers package.*pip install"):
         train(_config(sd, tmp_path / "out", attention="xformers"))
 
 
 def test_xformers_on_cpu_is_refused_before_loading(sd, tmp_path, monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "xformers" else real(name, *a))
-    import dti_fast.models as models
-
-    monkeypatch.setattr(models, "load_model_parts", lambda *a, **k: pytest.fail("model loaded before the check"))
+    _fake_xformers(monkeypatch, installed=True)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         train(_config(sd, tmp_path / "out", attention="xformers", device="cpu"))
 
