@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["dti_fast", "dti_fast.kernels"],
+    packages=["dti_fast", "dti_fast.train", "dti_fast.testing", "dti_fast.kernels"],
     package_dir={"dti_fast": "dti_fast", "dti_fast.kernels": "kernels"},
     include_package_data=True,
     package_data={"dti_fast": ["assets/clip_tokenizer/*", "assets/dreambooth_mini/*.txt", "assets/dreambooth_mini/*/*",
@@ -25,7 +25,6 @@ setup(
         "diffusers>=0.30",
         "transformers>=4.44",
         "bitsandbytes>=0.43",
-        "pytest-benchmark>=4.0",
         "safetensors>=0.4",
         "pillow>=10.0",
         "tqdm>=4.60",
@@ -34,7 +33,7 @@ setup(
         "protobuf>=3.20",  # required by transformers' SiglipTokenizer
     ],
     extras_require={
-        "dev": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.0", "geoopt>=0.5"],
+        "dev": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.0", "geoopt>=0.5", "ruff>=0.6"],
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["dti-fast = dti_fast.cli:main"]},

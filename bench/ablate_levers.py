@@ -18,8 +18,8 @@ import torch
 from dti_fast.data import Concept, load_concept_images
 from dti_fast.demo import demo_images_dir
 from dti_fast.distributed import DistContext
-from dti_fast.models import tiny_model_path
-from dti_fast.trainer import TrainConfig, _Job
+from dti_fast.testing import tiny_model_path
+from dti_fast.train import TrainConfig, TrainingJob
 
 SUBJECTS = {"dog": "dog", "clock": "clock", "backpack": "red backpack"}
 VARIANTS = [
@@ -49,7 +49,7 @@ def main() -> None:
         out = Path(tempfile.mkdtemp())
         cfg = TrainConfig(model=str(tiny_model_path(args.family)), output_dir=out, concepts=concepts, steps=10**6,
                           batch_size=args.batch_size, resolution=64, progress=False, device=args.device, **kw)
-        job = _Job(cfg, images, DistContext(), out / "checkpoints")
+        job = TrainingJob(cfg, images, DistContext(), out / "checkpoints")
         job.step()  # warm-up
         jobs.append((label, job))
     times = {label: [] for label, _ in VARIANTS}

@@ -6,9 +6,9 @@ Run: ``python -m pytest bench/bench_trainer.py --benchmark-only``
 Cases (the ``case`` part of a test id):
 
 - ``tiny-sd-64``, ``tiny-sdxl-64``: the tiny random-weight models
-  (:func:`dti_fast.models.tiny_model_path`) at 64 px. CPU only.
+  (:func:`dti_fast.testing.tiny_model_path`) at 64 px. CPU only.
 - ``sd15-512``, ``sdxl-1024``: SD 1.5 and SDXL architectures at their real
-  sizes with random weights (:mod:`dti_fast.archs`; built on the GPU and
+  sizes with random weights (:mod:`dti_fast.testing.archs`; built on the GPU and
   written as a bf16 diffusers folder once per session, no downloads) at 512
   and 1024 px. CUDA only.
 
@@ -22,7 +22,7 @@ Runs (the last part of a test id), in this order within a case:
 - ``baseline``: one concept trained the way diffusers' textual-inversion
   example does (``bench/_baseline.py``): VAE encode every step, AdamW over the
   full embedding table with frozen-row restore, bf16 + SDPA on a GPU.
-- ``dti-1``: the same concept, steps and batch with ``dti_fast.trainer.train``
+- ``dti-1``: the same concept, steps and batch with ``dti_fast.train.train``
   and all levers.
 - ``dti-32``: a 32-concept job (the four shipped subjects under 32 names).
 - ``max-concurrent`` (``sdxl-1024`` only): the most SDXL concepts (one image
@@ -149,11 +149,11 @@ class _Inputs:
         if case.id not in self.models:
             t0 = time.perf_counter()
             if case.tiny:
-                from dti_fast.models import tiny_model_path
+                from dti_fast.testing import tiny_model_path
 
                 self.models[case.id] = tiny_model_path(case.family)
             else:
-                from dti_fast.archs import make_full_size_model
+                from dti_fast.testing.archs import make_full_size_model
 
                 # Random weights straight on the GPU, saved in bf16 (2.1 GB / 6.9 GB).
                 self.models[case.id] = make_full_size_model(self.root / f"model-{case.id}", case.family,
@@ -374,7 +374,7 @@ def _checkpointing_if_oom(run) -> dict:
 
 def run_dti(case: Case, model: Path, concepts: list[Concept], out: Path, *, steps: int, batch: int,
             max_batch, memory: bool = False) -> dict:
-    from dti_fast.trainer import TrainConfig, train
+    from dti_fast.train import TrainConfig, train
 
     lv = levers(memory)
     cfg = TrainConfig(model=str(model), output_dir=out, concepts=concepts, steps=steps, batch_size=batch,

@@ -1,57 +1,32 @@
-"""The ``dti-fast`` command: train, demo, make-tiny-model, optim-demo."""
+"""The ``dti-fast`` command: train, demo, make-tiny-model, optim-demo, generate, interpolate, suite.
+
+The train and suite flags derive from the settings declared in
+:class:`~dti_fast.train.TrainConfig` and :class:`~dti_fast.suite.SuiteConfig`.
+Every error a user can cause ends in one line naming the input and the fix
+(exit 2); anything unexpected ends in one line plus the path of a log file
+holding the traceback (``--debug`` prints it instead).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import tomllib
-from dataclasses import fields
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
+from . import settings as S
 from .data import Concept
+from .train.config import load_job_file  # re-exported: the job-file reader of the command
 
-# TrainConfig fields a job file or flag may set, with the parser for each.
-_JOB_KEYS: dict[str, Any] = {
-    "model": str, "output_dir": Path, "method": str, "steps": int, "batch_size": int, "max_batch": None,
-    "resolution": int, "lr": float, "scale_lr": bool, "kappa": float, "beta": float, "norm_scale": None,
-    "init": str, "weight_decay": float, "seed": int, "checkpoint_every": int, "keep_checkpoints": int,
-    "resume": bool, "precision": str, "device": str, "validation_prompts": list,
-    "validation_inference_steps": int, "export_ti_rescaled": bool, "progress": bool, "max_bad_steps": int,
-    "parallel": str, "latent_cache": bool, "latent_cache_crops": int, "text_cache": None, "attention": str, "gradient_checkpointing": bool,
-    "channels_last": bool, "compile": bool, "optim_bits": int,
-}
-_CONCEPT_KEYS = {f.name for f in fields(Concept)} | {"class"}
+__all__ = ["build_parser", "load_job_file", "main", "parse_concept_flag"]
 
 
-def _scale_value(text: str):
-    if text in ("mean", "min", "max"):
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--scale takes mean, min, max or a positive number, got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+_positive_int = S.argparse_type(S.POSITIVE_INT)
 
 
 def parse_concept_flag(text: str) -> Concept:
@@ -61,70 +36,23 @@ def parse_concept_flag(text: str) -> Concept:
         raise argparse.ArgumentTypeError(
             f"--concept {text!r}: expected NAME:IMAGES_DIR:INIT[:CLASS], e.g. dog:photos/dog:dog"
         )
+    if len(parts) > 4:
+        raise argparse.ArgumentTypeError(
+            f"--concept {text!r} has more than 3 colons, so its parts are ambiguous (a colon in the folder or in "
+            "the initializer?); use a job file ([[concept]] with name, images, init, class)"
+        )
     try:
-        return Concept(name=parts[0], images=Path(parts[1]), init=parts[2], class_noun=parts[3] if len(parts) > 3 else None)
+        return Concept(name=parts[0], images=Path(parts[1]).expanduser(), init=parts[2],
+                       class_noun=parts[3] if len(parts) > 3 else None)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def load_job_file(path: Path) -> dict[str, Any]:
-    """Read a TOML job file into TrainConfig keyword arguments (concepts resolved relative to the file)."""
-    try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SystemExit(f"dti-fast: job file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
-        raise SystemExit(f"dti-fast: job file {path} is not valid TOML: {err}") from None
-    job: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key == "concept":
-            continue
-        if key not in _JOB_KEYS:
-            raise SystemExit(f"dti-fast: job file {path}: unknown key {key!r} (known: {', '.join(sorted(_JOB_KEYS))})")
-        kind = _JOB_KEYS[key]
-        if kind is Path:
-            value = (Path(path).parent / value) if not Path(value).is_absolute() else Path(value)
-        elif kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise SystemExit(f"dti-fast: job file {path}: {key} must be a number, got {value!r}")
-        elif kind is int and not isinstance(value, int):
-            raise SystemExit(f"dti-fast: job file {path}: {key} must be an integer, got {value!r}")
-        elif kind is float:
-            value = float(value)
-        elif kind in (str, bool, list) and not isinstance(value, kind):
-            raise SystemExit(f"dti-fast: job file {path}: {key} must be a {kind.__name__}, got {value!r}")
-        job[key] = value
-    concepts = []
-    entries = raw.get("concept", [])
-    if not isinstance(entries, list):
-        raise SystemExit(f"dti-fast: job file {path}: write concepts as [[concept]] tables")
-    for n, entry in enumerate(entries, 1):
-        unknown = set(entry) - _CONCEPT_KEYS
-        if unknown:
-            raise SystemExit(f"dti-fast: job file {path}: concept #{n} has unknown key(s) {', '.join(sorted(unknown))}")
-        missing = {"name", "images", "init"} - set(entry)
-        if missing:
-            raise SystemExit(f"dti-fast: job file {path}: concept #{n} lacks {', '.join(sorted(missing))}")
-        entry = dict(entry)
-        if "class" in entry:
-            entry["class_noun"] = entry.pop("class")
-        images = Path(entry["images"])
-        entry["images"] = images if images.is_absolute() else Path(path).parent / images
-        try:
-            concepts.append(Concept(**entry))
-        except (TypeError, ValueError) as err:
-            raise SystemExit(f"dti-fast: job file {path}: concept #{n}: {err}") from None
-    job["concepts"] = concepts
-    return job
-
-
 def _train_config(args: argparse.Namespace):
-    from .trainer import TrainConfig
+    from .train import TrainConfig
 
     job: dict[str, Any] = load_job_file(args.config) if args.config else {"concepts": []}
-    for key in _JOB_KEYS:
-        value = getattr(args, key, None)
-        if value is not None and value != []:
-            job[key] = value
+    job.update(S.flag_values(args, TrainConfig))
     if args.concept:
         job["concepts"] = list(job.get("concepts", [])) + list(args.concept)
     for required in ("model", "output_dir"):
@@ -149,11 +77,14 @@ def _report(result, cfg) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .trainer import train
+    from .train import JobError, train
 
     cfg = _train_config(args)
     result = train(cfg)
     _report(result, cfg)
+    if result.stopped and len(result.stopped) == len(result.concept_dirs):
+        raise JobError(f"every concept was stopped early ({len(result.stopped)}); nothing usable was learned: check "
+                       "the images and lower the learning rate")
     return 0
 
 
@@ -165,7 +96,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from .models import make_tiny_model
+    from .testing import make_tiny_model
 
     path = make_tiny_model(args.dir, family=args.family, seed=args.seed)
     print(f"tiny {args.family} model written to {path}")
@@ -185,101 +116,24 @@ def _cmd_optim_demo(args: argparse.Namespace) -> int:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
     p.add_argument("--config", type=Path, help="TOML job file: the keys below (underscored) and [[concept]] tables "
                    "with name, images, init, and optionally class, placeholder, kind (object|style), steps")
-    p.add_argument("--model", help="diffusers model: a local folder or a hub id (SD 1.x/2.x or SDXL)")
-    p.add_argument("--output", dest="output_dir", type=Path, help="output folder (one sub-folder per concept)")
     p.add_argument("--concept", action="append", type=parse_concept_flag, default=[],
                    help="NAME:IMAGES_DIR:INIT[:CLASS]; repeat for many concepts trained together "
                    "(placeholder <NAME>; INIT's tokenizer pieces give the number of vectors)")
-    p.add_argument("--method", choices=["dti", "ti"], help="dti (default): fixed norm m*, Riemannian SGD on the "
-                   "direction with a vMF prior; ti: plain Textual Inversion (AdamW on a free vector)")
-    p.add_argument("--steps", type=_positive_int, help="optimizer steps per concept (default 400)")
-    p.add_argument("--batch-size", type=_positive_int, help="images per concept per step (default 4)")
-    p.add_argument("--max-batch", type=_max_batch_value, help="most images in one forward pass; concepts take turns "
-                   "when the job has more (default: every concept in every step); 'auto' measures the step's "
-                   "memory and fills the device")
-    p.add_argument("--resolution", type=_positive_int, help="training resolution in pixels (default 512)")
-    p.add_argument("--lr", type=_positive_float, help="learning rate before batch scaling (default: dti 0.01, ti 5e-3)")
-    p.add_argument("--no-scale-lr", dest="scale_lr", action="store_const", const=False,
-                   help="do not multiply the learning rate by --batch-size (scaled by default, as in the paper)")
-    p.add_argument("--kappa", type=float, help="DTI: vMF prior concentration (default 1e-4)")
-    p.add_argument("--beta", type=float, help="DTI: decay of the squared-gradient average (default 0)")
-    p.add_argument("--scale", dest="norm_scale", type=_scale_value,
-                   help="DTI: the fixed norm m*: mean (default), min or max of the vocabulary's norms, or a number")
-    p.add_argument("--init", choices=["token", "random", "mean"],
-                   help="start direction: the initializer's embedding (default), random, or the vocabulary mean")
-    p.add_argument("--weight-decay", type=float, help="TI: AdamW weight decay (default 1e-2)")
-    p.add_argument("--seed", type=int, help="random seed (default 0); seeded CPU runs repeat exactly")
-    p.add_argument("--checkpoint-every", type=_positive_int, help="job steps between checkpoints (default 100)")
-    p.add_argument("--keep-checkpoints", type=_positive_int, help="checkpoints kept (default 2)")
-    p.add_argument("--resume", action="store_const", const=True,
-                   help="continue from the newest checkpoint in the output folder (same settings required)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                   help="frozen weights and autocast: auto (default) = bf16 on a GPU, fp32 on a CPU")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--validation-prompt", dest="validation_prompts", action="append", default=[],
-                   help="prompt for a sample grid after training ({} stands for the concept); repeatable")
-    p.add_argument("--validation-inference-steps", type=_positive_int, help="denoising steps of the samples (default 25)")
-    p.add_argument("--export-ti-rescaled", action="store_const", const=True,
-                   help="TI: also export vectors rescaled to m* (the paper's TI-rescaled baseline) under rescaled/")
-    p.add_argument("--max-bad-steps", type=_positive_int,
-                   help="stop a concept after this many steps in a row with a NaN/inf loss or gradient (default 3)")
-    p.add_argument("--parallel", choices=["shard", "data"],
-                   help="under torchrun / accelerate launch: shard (default) splits the concepts over the ranks; "
-                   "data trains every concept on every rank with different samples and all-reduced gradients "
-                   "(W ranks = one rank with W times the batch)")
-    perf = p.add_argument_group("throughput and memory")
-    perf.add_argument("--no-latent-cache", dest="latent_cache", action="store_const", const=False,
-                      help="VAE-encode every sampled crop every step, at any pixel offset (default: a fixed set of "
-                      "crops per image on the 8-pixel grid is encoded once and reused)")
-    perf.add_argument("--latent-cache-crops", type=_positive_int,
-                      help="most cached crops per image, evenly spaced 8-pixel offsets along the longer side "
-                      "(default 16)")
-    perf.add_argument("--text-cache", dest="text_cache", action=argparse.BooleanOptionalAction, default=None,
-                      help="reuse the text encoders' states before the first learned token and skip layers "
-                      "whose output is unused (exact; default: on for SDXL, off for SD, as measured)")
-    perf.add_argument("--attention", choices=["sdpa", "xformers"],
-                      help="attention kernels: sdpa (default, PyTorch's fused attention) or xformers (CUDA, needs "
-                      "the xformers package)")
-    perf.add_argument("--gradient-checkpointing", action="store_const", const=True,
-                      help="recompute UNet and text-encoder activations in backward: less memory, more time")
-    perf.add_argument("--channels-last", action="store_const", const=True,
-                      help="run the UNet in channels-last memory format")
-    perf.add_argument("--compile", action="store_const", const=True,
-                      help="torch.compile the UNet: faster steps after a compile of a minute or more, so for long "
-                      "jobs (see the README's measurements)")
-    perf.add_argument("--optim-bits", type=int, choices=[32, 8],
-                      help="TI: keep AdamW's two moments blockwise in 8 bits (bitsandbytes); DTI's optimizer keeps "
-                      "one fp32 scalar per row, which this does not change (default 32)")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
-
-
-def _max_batch_value(text: str):
-    if text == "auto":
-        return text
-    return _positive_int(text)
+    S.add_arguments(p, TrainConfig)
 
 
 def _int_list(text: str) -> list[int]:
     """``0,1,2`` or ``0-3`` (inclusive) -> a list of ints."""
-    import re
+    from .suite import INT_LIST
 
-    out: list[int] = []
-    for part in (x.strip() for x in text.split(",")):
-        if not part:
-            continue
-        span = re.fullmatch(r"(\d+)-(\d+)", part)
-        if span:
-            out.extend(range(int(span.group(1)), int(span.group(2)) + 1))
-            continue
-        try:
-            out.append(int(part))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected integers like 0,1,2 or 0-3, got {text!r}") from None
-    if not out:
-        raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
-    return out
+    try:
+        return INT_LIST(text, from_text=True)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _read_prompt_file(path: Path) -> list[str]:
@@ -392,22 +246,7 @@ def _add_interpolate_parser(sub) -> None:
 def _cmd_suite(args: argparse.Namespace) -> int:
     from .suite import SuiteConfig, run_suite
 
-    cfg = SuiteConfig(output_dir=args.output, model=args.model, data_dir=args.data, subjects_file=args.subjects_file,
-                      subjects=args.subject or None, quick=args.quick, force=args.force, progress=args.progress)
-    for key in ("steps", "batch_size", "resolution", "seed", "prompt_set", "prompts_file", "max_prompts", "seeds",
-                "inference_steps", "guidance", "gen_batch_size", "scheduler", "masks_dir", "dino_model",
-                "siglip_model", "clip_model", "device", "precision", "slerp_steps"):
-        value = getattr(args, key)
-        if value is not None:
-            setattr(cfg, key, value)
-    if args.methods:
-        cfg.methods = args.methods
-    if args.metrics:
-        cfg.metrics = args.metrics
-    if args.max_batch is not None:
-        cfg.max_batch = args.max_batch or None
-    if args.slerp_pair:
-        cfg.slerp_pair = tuple(args.slerp_pair)
+    cfg = SuiteConfig(**S.flag_values(args, SuiteConfig))
     result = run_suite(cfg)
     print(f"\nsuite finished in {result.seconds:.1f} s (ran: {', '.join(result.ran) or 'nothing'}; "
           f"skipped as done: {', '.join(result.skipped) or 'nothing'})")
@@ -419,24 +258,9 @@ def _cmd_suite(args: argparse.Namespace) -> int:
     return 0
 
 
-def _comma_list(choices: Sequence[str]):
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in items if x not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}, got {text!r}")
-        return items
-    return parse
-
-
-def _pair(text: str) -> list[str]:
-    parts = [x.strip() for x in text.split(",")]
-    if len(parts) != 2 or not all(parts):
-        raise argparse.ArgumentTypeError(f"expected two subject names A,B, got {text!r}")
-    return parts
-
-
 def _add_suite_parser(sub) -> None:
+    from .suite import SuiteConfig
+
     p = sub.add_parser("suite", help="the TI-vs-DTI benchmark in one command: train, generate, score, report",
                        description="Run the paper's protocol on a DreamBooth-layout folder: train every subject with "
                        "each method (all subjects of a method in one job), generate the evaluation prompts x seeds, "
@@ -444,50 +268,7 @@ def _add_suite_parser(sub) -> None:
                        "write report.json and report.md with plots. Resumable: a rerun skips finished stages. "
                        "--quick: the tiny model, the shipped photos and tiny random-weight metric models "
                        "(a smoke test, minutes on a CPU).")
-    p.add_argument("--output", type=Path, default=Path("dti-suite"), help="output folder (default ./dti-suite)")
-    p.add_argument("--quick", action="store_true", help="smoke test: tiny SD model, shipped dreambooth_mini, 20 "
-                   "steps, resolution 64, 3 prompts, 1 seed, tiny random-weight metric models (numbers mean nothing)")
-    p.add_argument("--model", help="diffusers SD 1.x/2.x or SDXL folder or hub id (required without --quick)")
-    p.add_argument("--data", type=Path, help="DreamBooth-layout folder, one sub-folder of photos per subject "
-                   "(required without --quick)")
-    p.add_argument("--subjects-file", type=Path, help="JSON {\"subjects\": {name: {\"class\", \"initialization\"}}} "
-                   "(default: the shipped DreamBooth list of 30 subjects)")
-    p.add_argument("--subject", action="append", default=[], help="run only this subject; repeatable (default: every "
-                   "subject of the list with a folder in --data)")
-    p.add_argument("--methods", type=_comma_list(["dti", "ti", "ti-rescaled"]),
-                   help="comma-separated subset of dti, ti, ti-rescaled (default all three; ti-rescaled reuses ti's "
-                   "training)")
-    p.add_argument("--steps", type=_positive_int, help="training steps per subject (default 400; --quick 20)")
-    p.add_argument("--batch-size", type=_positive_int, help="training images per subject per step (default 4)")
-    p.add_argument("--max-batch", type=int, help="most training images per forward pass, subjects take turns "
-                   "(default 16; 0 = every subject every step)")
-    p.add_argument("--resolution", type=_positive_int, help="training resolution (default: 768 for SDXL, else the "
-                   "model's native size)")
-    p.add_argument("--seed", type=int, help="training seed (default 0)")
-    p.add_argument("--prompt-set", help="prompt set of the prompts file: simple (default), complex_lv1, complex_lv2")
-    p.add_argument("--prompts-file", type=Path, help="prompts JSON (default: the shipped eval_prompts.json)")
-    p.add_argument("--max-prompts", type=_positive_int, help="use only the first N prompts of each kind (default all)")
-    p.add_argument("--seeds", type=_int_list, help="generation seeds, e.g. 0-3 (default 0,1,2,3; --quick 0)")
-    p.add_argument("--inference-steps", type=_positive_int, help="denoising steps (default 50; --quick 10)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--gen-batch-size", type=_positive_int, help="images per pipeline call (default 8)")
-    p.add_argument("--scheduler", choices=["auto", "model", "ddim", "euler", "dpm", "pndm"],
-                   help="sampler (default auto: the model's, DDIM instead of a training DDPM scheduler)")
-    p.add_argument("--masks", dest="masks_dir", type=Path, help="reference masks for the Image metric: "
-                   "<masks>/<subject>/<photo stem>.png, white = subject (default: unmasked references)")
-    p.add_argument("--dino-model", help="DINOv2 id or folder (default facebook/dinov2-base)")
-    p.add_argument("--siglip-model", help="SigLIP id or folder (default google/siglip-base-patch16-512)")
-    p.add_argument("--clip-model", help="CLIP id or folder (default openai/clip-vit-base-patch32)")
-    p.add_argument("--metrics", type=_comma_list(["image", "text", "clip_i", "clip_t"]),
-                   help="comma-separated subset of image, text, clip_i, clip_t (default all)")
-    p.add_argument("--slerp-pair", type=_pair, help="two subjects A,B for the slerp strip (default: the first two "
-                   "with the same number of vectors)")
-    p.add_argument("--slerp-steps", type=int, help="t values in the slerp strip (default 5)")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                   help="training and generation precision: auto (default) = bf16 on a GPU, fp32 on a CPU")
-    p.add_argument("--force", action="store_true", help="ignore the state file and redo every stage")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
+    S.add_arguments(p, SuiteConfig)
     p.set_defaults(func=_cmd_suite)
 
 
@@ -496,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dti-fast",
         description="Directional Textual Inversion (arXiv 2512.13672) for diffusers models: learn token "
         "embeddings of fixed norm whose direction is trained on the sphere.",
+        epilog="--debug (anywhere on the command line) prints the full traceback of an error.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -558,22 +340,52 @@ def _quiet_libraries() -> None:
         pass
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _log_crash(command: str) -> Path | None:
+    """Write the current exception's traceback to a log file; returns its path (None if nothing can be written)."""
+    text = f"dti-fast {command} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n{traceback.format_exc()}"
+    for folder in (Path.cwd(), Path(tempfile.gettempdir())):
+        try:
+            fd, name = tempfile.mkstemp(prefix="dti-fast-error-", suffix=".log", dir=folder)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            return Path(name)
+        except OSError:
+            continue
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("DTI_FAST_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     if not os.environ.get("DTI_FAST_VERBOSE"):
         _quiet_libraries()
-    from .trainer import JobError, TrainingInterrupted
+    from .train import JobError, TrainingInterrupted
 
     try:
         return args.func(args)
     except TrainingInterrupted as err:
         print(f"dti-fast {args.command}: {err}", file=sys.stderr)
         return 128 + err.signum
+    except KeyboardInterrupt:
+        hint = ("; rerun the same command with --resume to continue from the last checkpoint (without one it starts "
+                "afresh)" if args.command == "train" else "")
+        print(f"dti-fast {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
     except (ValueError, OSError, JobError) as err:
-        if os.environ.get("DTI_FAST_DEBUG"):
+        if debug:
             raise
         print(f"dti-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug, or a failure nobody foresaw: one line and the traceback in a file
+        if debug:
+            raise
+        log = _log_crash(args.command)
+        where = f"; the traceback is in {log}" if log else ""
+        print(f"dti-fast {args.command}: unexpected error: {type(err).__name__}: {err}{where} (rerun with --debug "
+              "to print it; please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ resized to the resolution, a random square crop, no flip.
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -21,13 +23,20 @@ __all__ = [
     "Concept",
     "ConceptImages",
     "IMAGE_SUFFIXES",
+    "MAX_IMAGE_PIXELS",
     "OBJECT_TEMPLATES",
     "STYLE_TEMPLATES",
     "load_concept_images",
+    "load_rgb",
     "random_crop",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Photo formats PIL cannot decode without plug-ins: named in a warning instead of skipped silently.
+UNREADABLE_SUFFIXES = (".heic", ".heif", ".avif", ".jxl", ".cr2", ".nef", ".arw", ".dng", ".raw", ".psd", ".svg")
+MAX_IMAGE_PIXELS = 64_000_000
+"""Largest training image accepted (64 megapixels, e.g. 9800 x 6500): larger files, decompression bombs
+among them, are refused by name before they are decoded."""
 
 # The standard Textual Inversion prompt templates ("a photo of a {}" family).
 OBJECT_TEMPLATES = (
@@ -134,9 +143,21 @@ class ConceptImages:
     files: list[Path] = field(default_factory=list)
 
 
-def _load_rgb(path: Path) -> Image.Image:
+def _too_large(path: Path, w: int, h: int) -> ValueError:
+    return ValueError(f"image {path} is {w}x{h} px ({w * h / 1e6:.0f} megapixels), above the limit of "
+                      f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels; downscale it (a few megapixels is plenty for training)")
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode an image file to 8-bit RGB (EXIF orientation applied, alpha on white); ValueError naming the file.
+
+    The size is checked from the header first: files above :data:`MAX_IMAGE_PIXELS` are never decoded.
+    """
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise _too_large(path, w, h)
             im.load()  # decode fully now: a truncated file fails here, not mid-training
             im = ImageOps.exif_transpose(im)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -149,7 +170,13 @@ def _load_rgb(path: Path) -> Image.Image:
                 top = 65535.0 if arr.max() > 255 else 255.0
                 return Image.fromarray((arr / top * 255.0).round().astype(np.uint8)).convert("RGB")
             return im.convert("RGB")
+    except Image.DecompressionBombError:
+        raise ValueError(f"image {path} declares more pixels than PIL will decode (a decompression bomb or a "
+                         f"huge scan); the limit here is {MAX_IMAGE_PIXELS // 1_000_000} megapixels: downscale it or "
+                         "remove it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        if str(err).startswith(f"image {path} is "):
+            raise
         raise ValueError(
             f"image {path} could not be read ({err}); remove or replace the file (supported: "
             f"{', '.join(IMAGE_SUFFIXES)})"
@@ -172,16 +199,29 @@ def load_concept_images(concept: Concept, resolution: int) -> ConceptImages:
         raise ValueError(f"concept {concept.name!r}: {folder} is not a folder; point 'images' at a folder of images")
     entries = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+    unreadable = [p.name for p in entries if p.suffix.lower() in UNREADABLE_SUFFIXES]
+    if unreadable and files:
+        print(f"dti-fast: warning: concept {concept.name!r}: skipping {len(unreadable)} file(s) in a format PIL "
+              f"cannot read ({', '.join(unreadable[:5])}); convert them to JPEG or PNG to use them", file=sys.stderr)
     if not files:
+        nested = sorted({p.parent.relative_to(folder).as_posix() for p in folder.rglob("*")
+                         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.parent != folder})
         others = ", ".join(p.name for p in entries[:5])
+        if nested:
+            hint = f"; the photos are in sub-folder(s) {', '.join(nested[:5])}: point 'images' at the folder that holds them"
+        elif unreadable:
+            hint = f"; found only formats PIL cannot read ({', '.join(unreadable[:5])}): convert them to JPEG or PNG"
+        elif others:
+            hint = f"; found only: {others}"
+        else:
+            hint = "; the folder is empty"
         raise ValueError(
-            f"concept {concept.name!r}: no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}"
-            + (f"; found only: {others}" if others else "; the folder is empty")
+            f"concept {concept.name!r}: no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}" + hint
             + "); add the concept's photos there"
         )
     out = ConceptImages(concept)
     for path in files:
-        img = _load_rgb(path)
+        img = load_rgb(path)
         w, h = img.size
         if min(w, h) < resolution:
             raise ValueError(

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .data import Concept
-from .trainer import TrainConfig, train
+from .train import TrainConfig, train
 
 __all__ = ["run_demo", "demo_concepts", "DEMO_SUBJECTS"]
 
@@ -36,7 +36,7 @@ def demo_concepts(names=("dog", "clock", "backpack")) -> list[Concept]:
 
 def run_demo(output: Path = Path("dti-demo-output"), steps: int = 400, seed: int = 0, progress: bool = True) -> dict:
     """Run the demo; returns {method: TrainResult}."""
-    from .models import tiny_model_path
+    from .testing import tiny_model_path
 
     output = Path(output)
     model = tiny_model_path("sd")

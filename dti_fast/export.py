@@ -1,4 +1,4 @@
-"""Writing learned concepts in the formats other tools load.
+"""Writing learned concepts in the formats other tools load, from plain concept records.
 
 Per concept, under ``<output>/<concept>/``:
 
@@ -9,26 +9,85 @@ Per concept, under ``<output>/<concept>/``:
 - A1111's format: SD ``<concept>.pt`` with ``string_to_param``; SDXL
   ``<concept>.safetensors`` with ``clip_l`` and ``clip_g``.
 - ``concept.json``: what was trained (method, m*, norms, steps, initializer).
-- With ``export_ti_rescaled`` (TI only): the same files under ``rescaled/``
+- With ``ti_rescaled`` (TI only): the same files under ``rescaled/``
   with every vector scaled to the vocabulary's m* (the paper's TI-rescaled).
 
 Exported vectors are ``m* * v`` for DTI, so any TI loader uses them as is.
+The trainer hands over records, never itself: this module knows nothing of jobs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .io import save_safetensors, save_torch, write_json
-from .sphere import norm_scale
+from .data import Concept
+from .io import atomic_write, save_safetensors, save_torch, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import _Job
+    from .models import ModelParts
 
-__all__ = ["export_job", "write_concept_files", "validation_grids"]
+__all__ = ["ConceptRecord", "EncoderVectors", "export_concepts", "write_concept_files", "validation_grids"]
+
+
+@dataclass
+class EncoderVectors:
+    """One concept's learned vectors for one text encoder."""
+
+    vectors: torch.Tensor  # (n_vectors, dim) fp32 on the CPU, as exported (m* * v for DTI)
+    scale: float | None  # DTI's fixed norm m*; None for TI
+    vocab_scale: float  # the vocabulary's m* statistic (what TI-rescaled rescales to)
+
+
+@dataclass
+class ConceptRecord:
+    """What training produced for one concept: everything the exporters write."""
+
+    concept: Concept
+    tokens: list[str]
+    prompt_string: str
+    method: str
+    steps: int
+    stopped: str | None  # why the concept was stopped early, or None
+    fingerprint: str
+    model: str
+    family: str
+    encoders: list[EncoderVectors]
+
+    @property
+    def name(self) -> str:
+        return self.concept.name
+
+    def info(self) -> dict[str, Any]:
+        """The concept.json content."""
+        c = self.concept
+        return {
+            "name": c.name,
+            "placeholder": c.placeholder,
+            "tokens": self.tokens,
+            "prompt_string": self.prompt_string,
+            "init": c.init,
+            "class_noun": c.class_noun,
+            "kind": c.kind,
+            "method": self.method,
+            "steps": self.steps,
+            "status": f"stopped: {self.stopped}" if self.stopped else "complete",
+            "fingerprint": self.fingerprint,
+            "model": self.model,
+            "family": self.family,
+            "encoders": [
+                {
+                    "scale": e.scale,
+                    "vocab_scale": e.vocab_scale,
+                    "dim": int(e.vectors.shape[-1]),
+                    "norms": [float(n) for n in torch.linalg.vector_norm(e.vectors, dim=-1)],
+                }
+                for e in self.encoders
+            ],
+        }
 
 
 def write_concept_files(folder: Path, name: str, placeholder: str, vectors: list[torch.Tensor], family: str,
@@ -51,106 +110,48 @@ def write_concept_files(folder: Path, name: str, placeholder: str, vectors: list
     return written
 
 
-def export_job(job: "_Job", write: bool = True) -> tuple[dict[str, Path], dict[str, list[torch.Tensor]]]:
-    """Export every concept of a finished job; returns the folders and the vectors.
-
-    ``write=False`` (data-parallel ranks other than the main one) only returns them.
-    """
-    cfg = job.cfg
-    out = Path(cfg.output_dir)
-    dirs, all_vectors = {}, {}
-    vocab_scales = [norm_scale(emb.base.weight, cfg.norm_scale) for emb in job.embeddings]
-    for i, c in enumerate(cfg.concepts):
-        folder = out / c.name
-        vectors = [emb.vectors(i).cpu() for emb in job.embeddings]
-        steps = job.done[c.name]
-        dirs[c.name] = folder
-        all_vectors[c.name] = vectors
-        if not write:
+def export_concepts(output_dir: Path, records: list[ConceptRecord], ti_rescaled: bool = False) -> dict[str, Path]:
+    """Write every concept's files under ``<output_dir>/<name>/``; returns the folders."""
+    dirs = {}
+    for r in records:
+        folder = Path(output_dir) / r.name
+        dirs[r.name] = folder
+        vectors = [e.vectors for e in r.encoders]
+        info = r.info()
+        if not all(bool(torch.isfinite(v).all()) for v in vectors):
+            # Never hand a client NaN/inf vectors: only concept.json says what happened.
+            info["status"] = "failed: its vectors are not finite, so no embedding file was written"
+            write_json(info, folder / "concept.json")
             continue
-        write_concept_files(folder, c.name, c.placeholder, vectors, job.parts.family, steps)
-        info = {
-            "name": c.name,
-            "placeholder": c.placeholder,
-            "tokens": job.tokens[0][i].tokens,
-            "prompt_string": job.tokens[0][i].prompt_string,
-            "init": c.init,
-            "class_noun": c.class_noun,
-            "kind": c.kind,
-            "method": cfg.method,
-            "steps": steps,
-            "status": ("stopped: " + job.stopped[c.name]) if c.name in job.stopped else "complete",
-            "fingerprint": cfg.concept_fingerprint(c, job.data_world),
-            "model": cfg.model,
-            "family": job.parts.family,
-            "encoders": [
-                {
-                    "scale": emb.scale if emb.spherical else None,
-                    "vocab_scale": vocab_scales[e],
-                    "dim": emb.embedding_dim,
-                    "norms": [float(n) for n in torch.linalg.vector_norm(vectors[e], dim=-1)],
-                }
-                for e, emb in enumerate(job.embeddings)
-            ],
-        }
-        if cfg.export_ti_rescaled and cfg.method == "ti":
-            rescaled = [
-                v / torch.linalg.vector_norm(v, dim=-1, keepdim=True) * s for v, s in zip(vectors, vocab_scales)
-            ]
-            write_concept_files(folder / "rescaled", c.name, c.placeholder, rescaled, job.parts.family, steps)
+        write_concept_files(folder, r.name, r.concept.placeholder, vectors, r.family, r.steps)
+        if ti_rescaled and r.method == "ti":
+            rescaled = [e.vectors / torch.linalg.vector_norm(e.vectors, dim=-1, keepdim=True) * e.vocab_scale
+                        for e in r.encoders]
+            write_concept_files(folder / "rescaled", r.name, r.concept.placeholder, rescaled, r.family, r.steps)
             info["rescaled"] = "rescaled/"
         write_json(info, folder / "concept.json")
-    return dirs, all_vectors
+    return dirs
 
 
-def _pipeline(job: "_Job"):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+def validation_grids(parts: ModelParts, records: list[ConceptRecord], output_dir: Path, prompts: list[str], *,
+                     steps: int, seed: int, resolution: int) -> list[Path]:
+    """Generate each prompt (``{}`` = the concept) with the learned vectors; save ``<concept>/samples.png``.
 
-    parts = job.parts
-    scheduler = DDIMScheduler.from_config(parts.noise_scheduler.config)
-    if parts.family == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
-            tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1], unet=parts.unet, scheduler=scheduler,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0], unet=parts.unet,
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    ``parts`` must hold the concepts' tokens and rows (as the trainer's embeddings do).
+    """
+    from .models import pipeline_from_parts
+    from .plots import image_grid
 
-
-def _grid(images: list, columns: int):
-    from PIL import Image
-
-    w, h = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * w, rows * h), "white")
-    for k, img in enumerate(images):
-        sheet.paste(img, ((k % columns) * w, (k // columns) * h))
-    return sheet
-
-
-def validation_grids(job: "_Job") -> list[Path]:
-    """Generate each validation prompt (``{}`` = the concept) with the learned vectors; save a grid per concept."""
-    from .io import atomic_write
-
-    cfg = job.cfg
-    pipe = _pipeline(job)
+    pipe = pipeline_from_parts(parts)
     written = []
-    for i, c in enumerate(cfg.concepts):
+    for r in records:
         # The bare placeholder: diffusers' pipelines expand it to all of the concept's tokens.
-        prompts = [p.replace("{}", c.placeholder) for p in cfg.validation_prompts]
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        texts = [p.replace("{}", r.concept.placeholder) for p in prompts]
+        gen = torch.Generator(device="cpu").manual_seed(seed)
         with torch.no_grad():
-            images = pipe(
-                prompts, num_inference_steps=cfg.validation_inference_steps, generator=gen,
-                height=cfg.resolution, width=cfg.resolution,
-            ).images
-        sheet = _grid(images, columns=min(4, len(images)))
-        path = Path(cfg.output_dir) / c.name / "samples.png"
+            images = pipe(texts, num_inference_steps=steps, generator=gen, height=resolution, width=resolution).images
+        sheet = image_grid(images, columns=min(4, len(images)))
+        path = Path(output_dir) / r.name / "samples.png"
         atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
         written.append(path)
     return written

@@ -188,16 +188,11 @@ def read_concept(path: Union[str, Path], token: Optional[str] = None) -> Concept
 
 
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """``auto``: cuda if available; bf16 on a GPU, fp32 on the CPU."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if dtype == "auto":
-        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    elif dtype in table:
-        dt = table[dtype]
-    else:
-        raise ValueError(f"dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
-    return dev, dt
+    """``auto``: cuda if available; bf16 on a GPU, fp32 on the CPU (:func:`dti_fast.models.resolve_device`)."""
+    from .models import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    return dev, resolve_dtype(dtype, dev)
 
 
 def _set_scheduler(pipe, scheduler: str) -> None:
@@ -222,9 +217,9 @@ def load_pipeline(model: Union[str, Path], *, device: str = "auto", dtype: str =
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from .models import _resolve
+    from .models import resolve_source
 
-    r = _resolve(str(model), None, None)
+    r = resolve_source(str(model), None, None)
     dev, dt = resolve_device_dtype(device, dtype)
     kwargs: dict[str, Any] = dict(r.hub_kwargs, torch_dtype=dt)
     if r.local:

@@ -13,7 +13,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,8 +22,36 @@ from safetensors.torch import load_file, save_file
 __all__ = ["atomic_write", "save_safetensors", "load_safetensors", "save_torch", "load_torch", "write_json"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _disk_full(err: BaseException, folder: Path) -> bool:
+    """Whether ``err`` (of any type: safetensors and torch do not raise OSError) came from a full disk."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if getattr(seen, "errno", None) == errno.ENOSPC:
+            return True
+        text = str(seen)
+        if "No space left on device" in text or "os error 28" in text or "errno 28" in text.lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return os.statvfs(folder).f_bavail == 0
+    except OSError:
+        return False
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` and move the result to ``path`` atomically (fsynced)."""
+    """Call ``write(tmp_path)`` and move the result to ``path`` atomically (fsynced).
+
+    The file gets the mode the umask gives (as ``open`` would), not the temporary
+    file's 0600. A full disk, whatever exception the writer raised for it,
+    becomes ``OSError(ENOSPC)`` with a message that names the file and the fix;
+    the target is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -30,6 +59,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
@@ -38,10 +68,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as err:
+    except Exception as err:
         tmp_path.unlink(missing_ok=True)
-        if err.errno == errno.ENOSPC:
-            raise OSError(err.errno, f"disk full while writing {path}; free space on that disk (or choose "
+        if _disk_full(err, path.parent):
+            raise OSError(errno.ENOSPC, f"disk full while writing {path}; free space on that disk (or choose "
                           "another output folder) and rerun with --resume") from err
         raise
     except BaseException:
@@ -50,7 +80,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> Path:
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
     """Write ``tensors`` (made contiguous, on the CPU) as a safetensors file, atomically."""
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=metadata))

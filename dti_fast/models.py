@@ -1,14 +1,17 @@
-"""Loading diffusers Stable Diffusion (1.x/2.x) and SDXL models for DTI training, and tiny stand-ins.
+"""Model sources: where a diffusers model comes from, which family it is, and its frozen parts.
 
-:func:`load_model_parts` loads the frozen parts a textual-inversion run needs (tokenizers, text
-encoders, UNet, VAE, training noise scheduler) from a local diffusers folder or a Hugging Face
-model id, and fails early, before anything heavy loads, with a message that names the input and
-the fix.
+- :func:`resolve_source` decides, touching nothing heavy, whether a model is a
+  local diffusers folder or a hub id (cached or reachable), and its family;
+  :func:`detect_family` reads a folder's ``model_index.json``.
+- :func:`load_model_parts` loads the frozen parts a textual-inversion run needs
+  (tokenizers, text encoders, UNet, VAE, training noise scheduler) with
+  ``from_pretrained``, failing early with a message that names the input and the fix.
+- :func:`resolve_device` / :func:`resolve_dtype`: what "auto" means everywhere
+  (cuda when available; bf16 on a GPU, fp32 on a CPU).
+- :func:`pipeline_from_parts`: a diffusers text-to-image pipeline around loaded parts.
+- :func:`cache_root`: the folder dti_fast caches what it builds in.
 
-:func:`make_tiny_model` writes a tiny random-weight model in diffusers' real folder layout (with
-CLIP's real BPE tokenizer, shipped in ``dti_fast/assets/clip_tokenizer``), so the whole pipeline
-runs end to end on a CPU in seconds; :func:`tiny_model_path` builds one once and caches it.
-
+The tiny random-weight stand-ins for tests and the demo live in :mod:`dti_fast.testing`.
 diffusers and transformers are imported lazily, inside the functions.
 """
 
@@ -16,14 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
-import shutil
-import tempfile
 import threading
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,62 +34,22 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "FAMILIES",
-    "TINY_VERSION",
     "ModelParts",
-    "clip_tokenizer_files",
+    "ResolvedModel",
+    "cache_root",
     "detect_family",
+    "hub_reachable",
     "load_model_parts",
-    "make_tiny_model",
+    "looks_like_path",
+    "offline_by_env",
+    "pipeline_from_parts",
     "required_parts",
-    "tiny_model_path",
-    "write_model_folder",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_source",
 ]
 
 FAMILIES = ("sd", "sdxl")
-TINY_VERSION = 2
-"""Bumped whenever the tiny model's architecture changes; part of :func:`tiny_model_path`'s folder name."""
-
-ASSETS = Path(__file__).resolve().parent / "assets"
-CLIP_TOKENIZER_DIR = ASSETS / "clip_tokenizer"
-
-# The Stable Diffusion training noise schedule (SD 1.x, 2.x and SDXL share it).
-SD_SCHEDULER_CONFIG: Dict[str, Any] = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    prediction_type="epsilon",
-    clip_sample=False,
-    steps_offset=1,
-    timestep_spacing="leading",
-)
-
-# Per-family architecture of the tiny model. Text encoders are real CLIP text transformers
-# (pre-norm, causal mask, quick_gelu) with the real 49408-token vocabulary and 77 positions.
-_TINY_TEXT = dict(
-    vocab_size=49408,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    num_hidden_layers=3,
-    bos_token_id=49406,
-    eos_token_id=49407,
-)
-_TINY_TE1 = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, projection_dim=32)
-_TINY_TE2 = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, projection_dim=32)
-_TINY_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(8, 8, 16, 16),  # 4 blocks: 3 downsamples, 8x like the real SD VAE
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=4,
-    sample_size=64,
-)
-TINY_RESOLUTION = 64
-"""Pixel size the tiny models are built for (latents are 8x8)."""
-TIME_IDS = 6  # SDXL's added time ids: original size (2), crop top-left (2), target size (2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,16 +66,16 @@ class ModelParts:
     """
 
     family: str
-    tokenizers: List["CLIPTokenizer"]
-    text_encoders: List["CLIPTextModel"]
+    tokenizers: list["CLIPTokenizer"]
+    text_encoders: list["CLIPTextModel"]
     unet: "UNet2DConditionModel"
     vae: "AutoencoderKL"
     noise_scheduler: "DDPMScheduler"
     source: str
-    extras: Dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def hidden_sizes(self) -> List[int]:
+    def hidden_sizes(self) -> list[int]:
         """Token-embedding width of each text encoder (e.g. ``[768]`` or ``[768, 1280]``)."""
         return [int(te.config.hidden_size) for te in self.text_encoders]
 
@@ -131,7 +92,7 @@ class ModelParts:
         return int(size) * self.vae_scale_factor
 
 
-def required_parts(family: str) -> Tuple[str, ...]:
+def required_parts(family: str) -> tuple[str, ...]:
     """Subfolders a diffusers folder of ``family`` must have for :func:`load_model_parts`."""
     if family == "sd":
         return ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -141,7 +102,7 @@ def required_parts(family: str) -> Tuple[str, ...]:
 
 
 # Files that must be inside each subfolder (any one of each tuple).
-_PART_FILES: Dict[str, Tuple[Tuple[str, ...], ...]] = {
+_PART_FILES: dict[str, tuple[tuple[str, ...], ...]] = {
     "unet": (("config.json",),),
     "vae": (("config.json",),),
     "text_encoder": (("config.json",),),
@@ -158,7 +119,7 @@ _UNSUPPORTED_HINT = (
 )
 
 
-def _family_from_index(index: Dict[str, Any], where: str) -> Optional[str]:
+def _family_from_index(index: dict[str, Any], where: str) -> str | None:
     """Family from a parsed model_index.json, or None if it does not say."""
     cls = str(index.get("_class_name", ""))
 
@@ -177,7 +138,7 @@ def _family_from_index(index: Dict[str, Any], where: str) -> Optional[str]:
     return None
 
 
-def detect_family(path: Union[str, os.PathLike]) -> str:
+def detect_family(path: str | os.PathLike) -> str:
     """Return "sd" or "sdxl" for a local diffusers model folder.
 
     Reads ``model_index.json`` (``_class_name``, or whether ``text_encoder_2`` is listed); without
@@ -212,9 +173,9 @@ def detect_family(path: Union[str, os.PathLike]) -> str:
     )
 
 
-def _missing_parts(folder: Path, family: str, index: Optional[Dict[str, Any]] = None) -> List[str]:
+def _missing_parts(folder: Path, family: str, index: dict[str, Any] | None = None) -> list[str]:
     """Subfolders (``"unet/"``) or files (``"unet/config.json"``) that ``folder`` lacks."""
-    missing: List[str] = []
+    missing: list[str] = []
     for part in required_parts(family):
         sub = folder / part
         if not sub.is_dir():
@@ -229,7 +190,7 @@ def _missing_parts(folder: Path, family: str, index: Optional[Dict[str, Any]] = 
     return missing
 
 
-def _read_index(folder: Path) -> Optional[Dict[str, Any]]:
+def _read_index(folder: Path) -> dict[str, Any] | None:
     try:
         return json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -257,7 +218,7 @@ _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
-def _looks_like_path(model: str) -> bool:
+def looks_like_path(model: str) -> bool:
     """True when ``model`` can only be a filesystem path, not a hub id ("org/name" or "name")."""
     if model.startswith((".", "/", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", model):
         return True
@@ -270,7 +231,7 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _offline_by_env() -> bool:
+def offline_by_env() -> bool:
     """True when the environment forbids hub access (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
     if any(_env_true(n) for n in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
         return True
@@ -282,10 +243,10 @@ def _offline_by_env() -> bool:
         return False
 
 
-_REACHABLE: Dict[str, bool] = {}
+_REACHABLE: dict[str, bool] = {}
 
 
-def _hub_reachable(timeout: float = 2.0) -> bool:
+def hub_reachable(timeout: float = 2.0) -> bool:
     """Whether the Hugging Face endpoint answers within ``timeout`` seconds (cached per process).
 
     Uses huggingface_hub's own HTTP session (so proxies and custom endpoints apply) in a daemon
@@ -296,7 +257,7 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
     endpoint = constants.ENDPOINT
     if endpoint in _REACHABLE:
         return _REACHABLE[endpoint]
-    result: List[bool] = []
+    result: list[bool] = []
 
     def probe() -> None:
         try:
@@ -315,7 +276,7 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
     return ok
 
 
-def _cached_snapshot(repo_id: str, revision: Optional[str], cache_dir: Optional[str]) -> Optional[Path]:
+def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> Path | None:
     """The local snapshot folder of ``repo_id`` in the Hugging Face cache, or None (never touches the network)."""
     from huggingface_hub import snapshot_download, try_to_load_from_cache
 
@@ -340,22 +301,22 @@ def _offline_message(model: str, why: str) -> str:
 
 
 @dataclass
-class _Resolved:
+class ResolvedModel:
     source: str  # what from_pretrained gets: a local folder or a hub id
     shown: str  # what the user passed
     family: str
     local: bool
-    hub_kwargs: Dict[str, Any]
+    hub_kwargs: dict[str, Any]
 
 
-def _resolve(model: str, revision: Optional[str], cache_dir: Optional[str]) -> _Resolved:
+def resolve_source(model: str, revision: str | None, cache_dir: str | None) -> ResolvedModel:
     """Validate ``model`` and decide where to load it from, touching nothing heavy."""
     model = os.fspath(model)
     if not isinstance(model, str) or not model.strip():
         raise ValueError("model must be a diffusers model folder or a Hugging Face model id, got an empty string")
     path = Path(model).expanduser()
     if path.is_dir():
-        return _Resolved(str(path), model, _check_local_folder(path, model), True, {})
+        return ResolvedModel(str(path), model, _check_local_folder(path, model), True, {})
     if path.is_file():
         if path.suffix.lower() in _CHECKPOINT_SUFFIXES:
             raise ValueError(
@@ -364,7 +325,7 @@ def _resolve(model: str, revision: Optional[str], cache_dir: Optional[str]) -> _
                 "(StableDiffusionXLPipeline for SDXL) and pass the folder"
             )
         raise ValueError(f"model '{model}' is a file, not a folder; pass a diffusers model folder or a model id")
-    if _looks_like_path(model):
+    if looks_like_path(model):
         raise FileNotFoundError(
             f"model path '{model}' does not exist; pass an existing diffusers model folder (with model_index.json, "
             "unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a Hugging Face model id such as 'org/name'"
@@ -372,10 +333,10 @@ def _resolve(model: str, revision: Optional[str], cache_dir: Optional[str]) -> _
 
     # A hub id.
     cached = _cached_snapshot(model, revision, cache_dir)
-    if _offline_by_env():
+    if offline_by_env():
         online, why = False, "the hub is disabled here (HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1)"
     else:
-        online = _hub_reachable()
+        online = hub_reachable()
         why = "this machine cannot reach the hub (or HF_HUB_OFFLINE=1)"
     if not online:
         if cached is None:
@@ -387,7 +348,7 @@ def _resolve(model: str, revision: Optional[str], cache_dir: Optional[str]) -> _
                 f"{e}. The cached copy of '{model}' at {cached} is incomplete and the hub cannot be reached; "
                 "finish the download where there is network"
             ) from None
-        return _Resolved(str(cached), model, family, True, {})
+        return ResolvedModel(str(cached), model, family, True, {})
 
     # Online: fetch only model_index.json now (a few hundred bytes) to learn the family and the parts.
     from huggingface_hub import hf_hub_download
@@ -413,7 +374,7 @@ def _resolve(model: str, revision: Optional[str], cache_dir: Optional[str]) -> _
         ) from None
     except Exception as e:  # network trouble after the probe: fall back to the cache
         if cached is not None:
-            return _Resolved(str(cached), model, _check_local_folder(cached, model), True, {})
+            return ResolvedModel(str(cached), model, _check_local_folder(cached, model), True, {})
         raise FileNotFoundError(_offline_message(model, f"downloading from the hub failed ({type(e).__name__}: {e})")) from None
     index = json.loads(Path(index_file).read_text(encoding="utf-8"))
     family = _family_from_index(index, f"'{model}'") or "sd"
@@ -423,8 +384,8 @@ def _resolve(model: str, revision: Optional[str], cache_dir: Optional[str]) -> _
             f"model '{model}' ({family}) has no {', '.join(missing)} in its model_index.json (an SDXL refiner, for "
             f"one, has no text_encoder/); pass a base model. {_UNSUPPORTED_HINT}"
         )
-    kwargs: Dict[str, Any] = {"revision": revision, "cache_dir": cache_dir}
-    return _Resolved(model, model, family, False, kwargs)
+    kwargs: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir}
+    return ResolvedModel(model, model, family, False, kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,7 +393,7 @@ def _resolve(model: str, revision: Optional[str], cache_dir: Optional[str]) -> _
 # --------------------------------------------------------------------------------------------
 
 
-def _transformers_dtype_kwarg(dtype: torch.dtype) -> Dict[str, Any]:
+def _transformers_dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
     """``dtype=`` for transformers >= 4.56, ``torch_dtype=`` before."""
     import transformers
 
@@ -446,15 +407,44 @@ def _freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def _refused_pickle(err: BaseException) -> BaseException | None:
+    """The UnpicklingError behind ``err`` (diffusers wraps it in an OSError), or None."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, pickle.UnpicklingError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _check_parts_fit(src: str, r: ResolvedModel, hub: dict[str, Any]) -> None:
+    """Refuse, from the configs alone, a folder whose text encoders and UNet come from different models."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    unet = UNet2DConditionModel.load_config(src, subfolder="unet", **hub)
+    subs = ("text_encoder", "text_encoder_2") if r.family == "sdxl" else ("text_encoder",)
+    widths = [int(CLIPTextConfig.from_pretrained(src, subfolder=sub, **hub).hidden_size) for sub in subs]
+    cross = unet.get("cross_attention_dim")
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    if cross is not None and sum(widths) != int(cross):
+        given = " + ".join(str(w) for w in widths)
+        raise ValueError(
+            f"model '{r.shown}' does not fit together: its text encoder(s) give {given} = {sum(widths)} features "
+            f"per token but its UNet's cross-attention takes {cross}; the folder mixes parts of different models: "
+            "use the text encoders and UNet of one model"
+        )
+
+
 def load_model_parts(
-    model: Union[str, os.PathLike],
+    model: str | os.PathLike,
     *,
     dtype: torch.dtype = torch.float32,
-    device: Union[str, torch.device] = "cpu",
-    vae_dtype: Optional[torch.dtype] = None,
-    variant: Optional[str] = None,
-    revision: Optional[str] = None,
-    cache_dir: Optional[str] = None,
+    device: str | torch.device = "cpu",
+    vae_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
 ) -> ModelParts:
     """Load the frozen parts of an SD 1.x/2.x or SDXL model from a local folder or a hub model id.
 
@@ -469,7 +459,7 @@ def load_model_parts(
     when the input is a missing path, an incomplete folder, an unsupported pipeline, or a hub id
     that is neither cached nor reachable (offline: within about 2 s).
     """
-    r = _resolve(os.fspath(model), revision, cache_dir)  # validates before the heavy imports
+    r = resolve_source(os.fspath(model), revision, cache_dir)  # validates before the heavy imports
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -483,22 +473,33 @@ def load_model_parts(
         vae_config = AutoencoderKL.load_config(src, subfolder="vae", **hub)
         vae_dtype = torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", True) else dtype
 
-    tokenizers = [CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **hub)]
-    text_encoders: List[torch.nn.Module] = [
-        CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **tdtype, **weights)
-    ]
-    if r.family == "sdxl":
-        tokenizers.append(CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2", **hub))
-        text_encoders.append(
-            CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", **tdtype, **weights)
-        )
-    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype, **weights)
-    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=vae_dtype, **weights)
-    noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **hub)
+    _check_parts_fit(src, r, hub)
+    try:
+        tokenizers = [CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **hub)]
+        text_encoders: list[torch.nn.Module] = [
+            CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **tdtype, **weights)
+        ]
+        if r.family == "sdxl":
+            tokenizers.append(CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2", **hub))
+            text_encoders.append(
+                CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", **tdtype, **weights)
+            )
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype, **weights)
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=vae_dtype, **weights)
+        noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **hub)
+    except (pickle.UnpicklingError, OSError) as err:
+        refused = _refused_pickle(err)
+        if refused is None:
+            raise
+        raise ValueError(
+            f"model '{r.shown}' has weights stored as a pickle that torch refuses to load safely "
+            f"({str(refused).splitlines()[0][:120]}); no code from it ran. Use a model saved as safetensors "
+            "(e.g. DiffusionPipeline.from_pretrained(...).save_pretrained(folder) where the file is trusted)"
+        ) from None
     for module in (*text_encoders, unet, vae):
         _freeze(module).to(device)
 
-    extras: Dict[str, Any] = {}
+    extras: dict[str, Any] = {}
     index = _read_index(Path(src)) if r.local else None
     if index and index.get("_dti_fast_tiny"):
         extras["tiny"] = index["_dti_fast_tiny"]
@@ -514,181 +515,74 @@ def load_model_parts(
     )
 
 
+
+
 # --------------------------------------------------------------------------------------------
-# Tiny models
+# Devices, pipelines, caches
 # --------------------------------------------------------------------------------------------
 
-
-def clip_tokenizer_files() -> Tuple[Path, Path]:
-    """Paths of the shipped CLIP BPE files (``vocab.json``, ``merges.txt``; MIT, OpenAI CLIP)."""
-    vocab, merges = CLIP_TOKENIZER_DIR / "vocab.json", CLIP_TOKENIZER_DIR / "merges.txt"
-    if not (vocab.is_file() and merges.is_file()):
-        raise FileNotFoundError(
-            f"CLIP tokenizer files are missing from {CLIP_TOKENIZER_DIR}; reinstall dti_fast (they ship as package data)"
-        )
-    return vocab, merges
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _clip_tokenizer(pad_token: str) -> "CLIPTokenizer":
-    from transformers import CLIPTokenizer
+def resolve_device(device: str | torch.device = "auto", local_rank: int | None = None) -> torch.device:
+    """``auto``: the CUDA device (``local_rank``'s under a launcher) when CUDA is available, else the CPU.
 
-    clip_tokenizer_files()  # clear error if the package data is missing
-    return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), pad_token=pad_token, model_max_length=77)
-
-
-def _save_tokenizer(tok: "CLIPTokenizer", folder: Path) -> None:
-    """Save like the real SD repos: tokenizer_config, special_tokens_map, vocab.json, merges.txt."""
-    tok.save_pretrained(str(folder))
-    vocab, merges = clip_tokenizer_files()
-    for f in (vocab, merges):  # the slow tokenizer of transformers 4.x reads these two
-        if not (folder / f.name).exists():
-            shutil.copyfile(f, folder / f.name)
-    special = {
-        "bos_token": {"content": "<|startoftext|>", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},
-        "eos_token": {"content": "<|endoftext|>", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},
-        "pad_token": tok.pad_token,
-        "unk_token": {"content": "<|endoftext|>", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},
-    }
-    if not (folder / "special_tokens_map.json").exists():
-        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
-
-
-def _prefix_text_encoder_keys(folder: Path) -> None:
-    """Rewrite ``model.safetensors`` with the ``text_model.`` key prefix real SD checkpoints use.
-
-    transformers 5 saves ``CLIPTextModel`` without it; transformers 5 loads either form, while
-    transformers 4.x silently leaves unprefixed weights random.
+    An explicit device that this machine does not have (``cuda`` without CUDA,
+    a misspelt name) raises ValueError naming it and the fix.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    file = folder / "model.safetensors"
-    if not file.is_file():
-        return
-    with safe_open(str(file), "pt") as handle:
-        keys = list(handle.keys())
-        metadata = handle.metadata() or {}
-    if all(k.startswith(("text_model.", "text_projection.")) for k in keys):
-        return
-    tensors = load_file(str(file))
-    fixed = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in tensors.items()}
-    save_file(fixed, str(file), metadata={**metadata, "format": "pt"})
-
-
-def _tiny_unet(family: str) -> "UNet2DConditionModel":
-    from diffusers import UNet2DConditionModel
-
-    common = dict(
-        sample_size=TINY_RESOLUTION // 8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        norm_num_groups=8,
-    )
-    if family == "sd":  # SD 1.x shape: cross-attention blocks, the lowest-resolution block plain
-        return UNet2DConditionModel(
-            **common,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=_TINY_TE1["hidden_size"],
-            attention_head_dim=4,
-        )
-    # SDXL shape: no attention at the top resolution, linear projections, more transformer layers
-    # deeper, text_time added conditioning from the pooled bigG embedding and the 6 time ids.
-    time_dim = 8
-    return UNet2DConditionModel(
-        **common,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=_TINY_TE1["hidden_size"] + _TINY_TE2["hidden_size"],
-        transformer_layers_per_block=(1, 2),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=TIME_IDS * time_dim + _TINY_TE2["projection_dim"],
-    )
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this machine has no CUDA GPU that torch can use; use --device cpu "
+                             "(or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type not in ("cpu", "meta") and not getattr(torch, dev.type, None):
+        raise ValueError(f"device {device!r} is not available here; use auto, cpu or cuda")
+    return dev
 
 
-def make_tiny_model(path: Union[str, os.PathLike], family: str = "sd", seed: int = 0) -> Path:
-    """Write a tiny random-weight ``family`` ("sd" or "sdxl") model to ``path`` and return the folder.
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on a GPU, fp32 on a CPU; else fp32, bf16 or fp16."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
-    The folder has diffusers' real layout, saved with ``save_pretrained`` (safetensors): "sd" as a
-    ``StableDiffusionPipeline`` (unet, vae, text_encoder, tokenizer, scheduler; no safety checker),
-    "sdxl" as a ``StableDiffusionXLPipeline`` (plus text_encoder_2 with projection, tokenizer_2
-    padding with "!"). Tokenizers are CLIP's real BPE; text encoders are real CLIP text
-    transformers with hidden sizes 32 and 64 and the full 49408-token vocabulary; images are
-    64x64 px, latents 4x8x8. ``model_index.json`` carries ``"_dti_fast_tiny": <version>``.
-    Weights depend only on ``seed``; the global RNG state is left untouched.
+
+def pipeline_from_parts(parts: ModelParts, scheduler: Any = None):
+    """A diffusers SD / SDXL text-to-image pipeline around already loaded ``parts`` (no copies, no safety checker).
+
+    ``scheduler``: the sampling scheduler (default: DDIM from the training scheduler's config).
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoders = [CLIPTextModel(CLIPTextConfig(**_TINY_TEXT, **_TINY_TE1, pad_token_id=49407))]
-        unet = _tiny_unet(family)
-        vae = AutoencoderKL(**_TINY_VAE, scaling_factor=0.18215 if family == "sd" else 0.13025)
-        if family == "sdxl":
-            text_encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**_TINY_TEXT, **_TINY_TE2, pad_token_id=0)))
-    return write_model_folder(path, family, unet=unet, vae=vae, text_encoders=text_encoders,
-                              index_extra={"_dti_fast_tiny": TINY_VERSION})
-
-
-def write_model_folder(
-    path: Union[str, os.PathLike],
-    family: str,
-    *,
-    unet: "UNet2DConditionModel",
-    vae: "AutoencoderKL",
-    text_encoders: List[torch.nn.Module],
-    index_extra: Optional[Dict[str, Any]] = None,
-) -> Path:
-    """Save ``family`` modules as a diffusers model folder :func:`load_model_parts` loads; returns it.
-
-    ``StableDiffusionPipeline`` layout for "sd" (``text_encoders``: ``[CLIPTextModel]``),
-    ``StableDiffusionXLPipeline`` for "sdxl" (plus a ``CLIPTextModelWithProjection``), with CLIP's
-    real BPE tokenizers (tokenizer_2 padding with "!"), the SD DDPM training schedule and no
-    safety checker. ``index_extra`` entries are added to ``model_index.json``.
-    """
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    out = Path(path).expanduser()
-    scheduler = DDPMScheduler(**SD_SCHEDULER_CONFIG)
-    tok1 = _clip_tokenizer(pad_token="<|endoftext|>")
-    if family == "sd":
-        pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoders[0], tokenizer=tok1, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-    elif family == "sdxl":
+    if scheduler is None:
+        scheduler = DDIMScheduler.from_config(parts.noise_scheduler.config)
+    if parts.family == "sdxl":
         pipe = StableDiffusionXLPipeline(
-            vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tok1,
-            tokenizer_2=_clip_tokenizer(pad_token="!"), unet=unet, scheduler=scheduler,
-            force_zeros_for_empty_prompt=True, add_watermarker=False,
+            vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
+            tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1], unet=parts.unet, scheduler=scheduler,
         )
     else:
-        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    for name in ("tokenizer", "tokenizer_2"):
-        if (out / name).is_dir():
-            _save_tokenizer(getattr(pipe, name), out / name)
-    for name in ("text_encoder", "text_encoder_2"):
-        if (out / name).is_dir():
-            _prefix_text_encoder_keys(out / name)
-    if index_extra:
-        index_file = out / "model_index.json"
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-        index.update(index_extra)
-        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return out
+        pipe = StableDiffusionPipeline(
+            vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0], unet=parts.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
-def _default_cache_root() -> Path:
+def cache_root() -> Path:
     """``$DTI_FAST_CACHE``, else ``$XDG_CACHE_HOME/dti_fast``, else ``~/.cache/dti_fast``."""
     if os.environ.get("DTI_FAST_CACHE"):
         return Path(os.environ["DTI_FAST_CACHE"]).expanduser()
@@ -696,31 +590,3 @@ def _default_cache_root() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dti_fast"
 
 
-def tiny_model_path(family: str = "sd", cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
-    """Folder of the cached tiny ``family`` model, building it on first use.
-
-    Lives at ``<cache_dir>/tiny-<family>-v<TINY_VERSION>`` (default cache_dir: ``$DTI_FAST_CACHE``,
-    else ``~/.cache/dti_fast``). Built in a temporary sibling folder and renamed into place, so
-    concurrent callers never see a half-written model.
-    """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
-    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
-    final = root / f"tiny-{family}-v{TINY_VERSION}"
-    if (final / "model_index.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{family}-{uuid.uuid4().hex[:8]}-", dir=root))
-    try:
-        make_tiny_model(tmp, family=family, seed=0)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "model_index.json").is_file():  # lost a race to a broken folder: replace it
-                shutil.rmtree(final, ignore_errors=True)
-                os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final

@@ -4,7 +4,7 @@
 the subject list (class noun and initializer words; the shipped
 ``assets/dreambooth_subjects.json`` by default), and for each chosen method
 
-1. **trains** every subject at once, in ONE :func:`dti_fast.trainer.train` job (``ti-rescaled``
+1. **trains** every subject at once, in ONE :func:`dti_fast.train.train` job (``ti-rescaled``
    is the ``rescaled/`` export of the ``ti`` job: it trains nothing of its own),
 2. **generates** the evaluation prompts (``assets/eval_prompts.json``: object prompts for
    objects, live prompts for cats and dogs) x seeds with the learned vectors,
@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from . import settings as S
 from .io import atomic_write, write_json
 
 __all__ = ["SUITE_METHODS", "SuiteConfig", "SuiteResult", "run_suite", "load_subjects", "prompt_sets"]
@@ -134,47 +136,121 @@ def prompt_sets(prompts_file: Optional[Path] = None, prompt_set: str = "simple")
     return out
 
 
+def _comma_list(*choices: str) -> S.Kind:
+    describe = "a comma-separated subset of " + ", ".join(choices)
+
+    def convert(value: Any, from_text: bool) -> list[str]:
+        items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not items or any(x not in choices for x in items):
+            raise ValueError(f"must be {describe}, got {value!r}")
+        return list(items)
+
+    return S.Kind(describe, convert)
+
+
+def _int_list(value: Any, from_text: bool) -> list[int]:
+    """``0,1,2`` or ``0-3`` (inclusive), or a list of integers."""
+    if not isinstance(value, str):
+        return S.INTS(value)
+    out: list[int] = []
+    for part in (x.strip() for x in value.split(",")):
+        if not part:
+            continue
+        span = re.fullmatch(r"(-?\d+)-(-?\d+)", part)
+        try:
+            out.extend(range(int(span.group(1)), int(span.group(2)) + 1) if span else [int(part)])
+        except ValueError:
+            raise ValueError(f"must be integers like 0,1,2 or 0-3, got {value!r}") from None
+    if not out:
+        raise ValueError(f"must hold at least one integer, got {value!r}")
+    return out
+
+
+def _pair(value: Any, from_text: bool) -> tuple[str, str]:
+    parts = [x.strip() for x in value.split(",")] if isinstance(value, str) else list(value)
+    if len(parts) != 2 or not all(isinstance(x, str) and x for x in parts):
+        raise ValueError(f"must be two subject names A,B, got {value!r}")
+    return (parts[0], parts[1])
+
+
+INT_LIST = S.Kind("integers like 0,1,2 or 0-3", _int_list)
+PAIR = S.Kind("two subject names A,B", _pair)
+_SCHEDULERS = S.choice("auto", "model", "ddim", "euler", "dpm", "pndm")
+
+
 @dataclass
 class SuiteConfig:
     """One benchmark run. Defaults follow the paper's protocol (SDXL: resolution 768)."""
 
-    output_dir: Path
-    model: Optional[str] = None
-    data_dir: Optional[Path] = None
-    subjects_file: Optional[Path] = None
-    subjects: Optional[list[str]] = None
-    methods: list[str] = field(default_factory=lambda: list(SUITE_METHODS))
-    steps: int = 400
-    batch_size: int = 4
-    max_batch: Optional[int] = 16
-    resolution: Optional[int] = None
-    seed: int = 0
-    prompt_set: str = "simple"
-    prompts_file: Optional[Path] = None
-    max_prompts: Optional[int] = None
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    inference_steps: int = 50
-    guidance: float = 7.5
-    gen_batch_size: int = 8
-    scheduler: str = "auto"
-    masks_dir: Optional[Path] = None
-    dino_model: Optional[str] = None
-    siglip_model: Optional[str] = None
-    clip_model: Optional[str] = None
-    metrics: list[str] = field(default_factory=lambda: ["image", "text", "clip_i", "clip_t"])
-    device: str = "auto"
-    precision: str = "auto"
-    slerp_pair: Optional[tuple[str, str]] = None
-    slerp_steps: int = 5
-    quick: bool = False
-    force: bool = False
-    progress: bool = True
+    output_dir: Path = S.setting(Path("dti-suite"), kind=S.PATH, flag="--output", help="output folder",
+                                 default_text="default ./dti-suite")
+    model: str | None = S.setting(None, kind=S.optional(S.TEXT), help="diffusers SD 1.x/2.x or SDXL folder or hub id "
+                                  "(required without --quick)")
+    data_dir: Path | None = S.setting(None, kind=S.optional(S.PATH), flag="--data",
+                                      help="DreamBooth-layout folder, one sub-folder of photos per subject "
+                                      "(required without --quick)")
+    subjects_file: Path | None = S.setting(None, kind=S.optional(S.PATH),
+                                           help='JSON {"subjects": {name: {"class", "initialization"}}}',
+                                           default_text="default: the shipped DreamBooth list of 30 subjects")
+    subjects: list[str] | None = S.setting(None, kind=S.optional(S.TEXTS), flag="--subject", action="append",
+                                           help="run only this subject; repeatable",
+                                           default_text="default: every subject of the list with a folder in --data")
+    methods: list[str] = S.setting(kind=_comma_list(*SUITE_METHODS), default_factory=lambda: list(SUITE_METHODS),
+                                   help="comma-separated subset of dti, ti, ti-rescaled (ti-rescaled reuses ti's "
+                                   "training)", default_text="default all three")
+    steps: int = S.setting(400, kind=S.POSITIVE_INT, help="training steps per subject",
+                           default_text="default 400; --quick 20")
+    batch_size: int = S.setting(4, kind=S.POSITIVE_INT, help="training images per subject per step")
+    max_batch: int | None = S.setting(16, kind=S.optional(S.INT), help="most training images per forward pass, "
+                                      "subjects take turns (0 = every subject every step)")
+    resolution: int | None = S.setting(None, kind=S.optional(S.POSITIVE_INT), help="training resolution",
+                                       default_text="default: 768 for SDXL, else the model's native size")
+    seed: int = S.setting(0, kind=S.INT, help="training seed")
+    prompt_set: str = S.setting("simple", kind=S.TEXT, help="prompt set of the prompts file: simple, complex_lv1, "
+                                "complex_lv2")
+    prompts_file: Path | None = S.setting(None, kind=S.optional(S.PATH), help="prompts JSON",
+                                          default_text="default: the shipped eval_prompts.json")
+    max_prompts: int | None = S.setting(None, kind=S.optional(S.POSITIVE_INT),
+                                        help="use only the first N prompts of each kind", default_text="default all")
+    seeds: list[int] = S.setting(kind=INT_LIST, default_factory=lambda: [0, 1, 2, 3],
+                                 help="generation seeds, e.g. 0-3", default_text="default 0,1,2,3; --quick 0")
+    inference_steps: int = S.setting(50, kind=S.POSITIVE_INT, help="denoising steps",
+                                     default_text="default 50; --quick 10")
+    guidance: float = S.setting(7.5, kind=S.FLOAT, help="classifier-free guidance scale")
+    gen_batch_size: int = S.setting(8, kind=S.POSITIVE_INT, help="images per pipeline call")
+    scheduler: str = S.setting("auto", kind=_SCHEDULERS, help="sampler: auto = the model's, DDIM instead of a "
+                               "training DDPM scheduler")
+    masks_dir: Path | None = S.setting(None, kind=S.optional(S.PATH), flag="--masks",
+                                       help="reference masks for the Image metric: <masks>/<subject>/<photo stem>.png, "
+                                       "white = subject", default_text="default: unmasked references")
+    dino_model: str | None = S.setting(None, kind=S.optional(S.TEXT), help="DINOv2 id or folder",
+                                       default_text="default facebook/dinov2-base")
+    siglip_model: str | None = S.setting(None, kind=S.optional(S.TEXT), help="SigLIP id or folder",
+                                         default_text="default google/siglip-base-patch16-512")
+    clip_model: str | None = S.setting(None, kind=S.optional(S.TEXT), help="CLIP id or folder",
+                                       default_text="default openai/clip-vit-base-patch32")
+    metrics: list[str] = S.setting(kind=_comma_list("image", "text", "clip_i", "clip_t"),
+                                   default_factory=lambda: ["image", "text", "clip_i", "clip_t"],
+                                   help="comma-separated subset of image, text, clip_i, clip_t",
+                                   default_text="default all")
+    device: str = S.setting("auto", kind=S.TEXT, help="torch device", default_text="default: cuda if available, "
+                            "else cpu")
+    precision: str = S.setting("auto", kind=S.choice("auto", "fp32", "bf16"),
+                               help="training and generation precision: auto = bf16 on a GPU, fp32 on a CPU")
+    slerp_pair: tuple[str, str] | None = S.setting(None, kind=S.optional(PAIR), help="two subjects A,B for the "
+                                                   "slerp strip", default_text="default: the first two with the same "
+                                                   "number of vectors")
+    slerp_steps: int = S.setting(5, kind=S.POSITIVE_INT, help="t values in the slerp strip")
+    quick: bool = S.setting(False, kind=S.BOOL, action="true",
+                            help="smoke test: tiny SD model, shipped dreambooth_mini, 20 steps, resolution 64, 3 "
+                            "prompts, 1 seed, tiny random-weight metric models (numbers mean nothing)")
+    force: bool = S.setting(False, kind=S.BOOL, action="true", help="ignore the state file and redo every stage")
+    progress: bool = S.setting(True, kind=S.BOOL, flag="--no-progress", action="false", help="no progress output")
 
     def apply_quick(self) -> None:
         """The smoke-test settings (only those the caller left at their defaults change)."""
         from .demo import demo_images_dir
-        from .evaluate import tiny_metric_models_path
-        from .models import tiny_model_path
+        from .testing import tiny_metric_models_path, tiny_model_path
 
         defaults = SuiteConfig(output_dir=self.output_dir)
         if self.model is None:
@@ -196,19 +272,11 @@ class SuiteConfig:
             raise ValueError("suite: give --model (a diffusers SD/SDXL folder or hub id), or use --quick")
         if self.data_dir is None:
             raise ValueError("suite: give --data (a DreamBooth-layout folder: <data>/<subject>/*.jpg), or use --quick")
-        bad = [m for m in self.methods if m not in SUITE_METHODS]
-        if bad or not self.methods:
-            raise ValueError(f"methods must be a non-empty subset of {', '.join(SUITE_METHODS)}, got {self.methods}")
-        for name in ("steps", "batch_size", "inference_steps", "gen_batch_size", "slerp_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.max_batch == 0:
+            self.max_batch = None  # 0 on the command line: every subject every step
+        S.check_fields(self)
         if self.slerp_steps < 2:
             raise ValueError("slerp_steps must be at least 2")
-        if not self.seeds:
-            raise ValueError("give at least one seed")
-        if self.max_prompts is not None and self.max_prompts <= 0:
-            raise ValueError(f"max_prompts must be positive, got {self.max_prompts}")
         if self.masks_dir is not None and not Path(self.masks_dir).is_dir():
             raise FileNotFoundError(f"masks folder {self.masks_dir} does not exist (layout: <masks>/<subject>/<photo "
                                     "stem>.png, white = subject)")
@@ -283,9 +351,9 @@ class _Run:
         if cfg.max_prompts:
             sets = {k: v[: cfg.max_prompts] for k, v in sets.items()}
         self.prompts = {s.name: sets["live" if s.live else "object"] for s in self.subjects}
-        from .models import _resolve
+        from .models import resolve_source
 
-        self.resolved = _resolve(str(cfg.model), None, None)
+        self.resolved = resolve_source(str(cfg.model), None, None)
         self.resolution = cfg.resolution or self._native_resolution()
         self.state = _State(self.out, cfg.force)
         self.ran: list[str] = []
@@ -374,7 +442,7 @@ class _Run:
 
     def train(self, method: str) -> None:
         from .data import Concept
-        from .trainer import TrainConfig, train
+        from .train import TrainConfig, train
 
         tm = self.train_method(method)
         folder = self.out / "train" / tm
@@ -532,7 +600,8 @@ def _fmt(v: Optional[float], digits: int = 3) -> str:
 
 
 def _write_report(run: _Run, strips: dict[str, dict[str, str]], seconds: float) -> tuple[Path, Path, dict]:
-    from .evaluate import METRIC_LABELS, METRICS, is_tiny_metric_model
+    from .evaluate import METRIC_LABELS, METRICS
+    from .testing import is_tiny_metric_model
     from .generate import read_concept
     from .plots import norm_histogram, scatter_plot
 

@@ -213,7 +213,7 @@ _Helpers.assert_matches_reference = staticmethod(assert_matches_reference)
 @pytest.fixture(scope="session")
 def eval_sd_model(tmp_path_factory):
     """A tiny random-weight SD model folder (diffusers layout)."""
-    from dti_fast.models import make_tiny_model
+    from dti_fast.testing import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("eval-models") / "sd", family="sd")
 
@@ -221,7 +221,7 @@ def eval_sd_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def eval_sdxl_model(tmp_path_factory):
     """A tiny random-weight SDXL model folder (two text encoders of widths 32 and 64)."""
-    from dti_fast.models import make_tiny_model
+    from dti_fast.testing import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("eval-models") / "sdxl", family="sdxl")
 
@@ -237,7 +237,7 @@ def _eval_concepts(*names):
 @pytest.fixture(scope="session")
 def trained_sd(eval_sd_model, tmp_path_factory):
     """DTI and TI (with rescaled/) concepts dog, cat2 (1 vector) and backpack (2 vectors) on the tiny SD model."""
-    from dti_fast.trainer import TrainConfig, train
+    from dti_fast.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("trained-sd")
     out = {}
@@ -252,7 +252,7 @@ def trained_sd(eval_sd_model, tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_sdxl(eval_sdxl_model, tmp_path_factory):
     """DTI concepts dog and cat2 on the tiny SDXL model."""
-    from dti_fast.trainer import TrainConfig, train
+    from dti_fast.train import TrainConfig, train
 
     cfg = TrainConfig(model=str(eval_sdxl_model), output_dir=tmp_path_factory.mktemp("trained-sdxl") / "dti",
                       concepts=_eval_concepts("dog", "cat2"), steps=1, batch_size=1, resolution=64, progress=False)
@@ -262,6 +262,6 @@ def trained_sdxl(eval_sdxl_model, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_metrics(tmp_path_factory):
     """Tiny random-weight DINOv2 / SigLIP / CLIP model folders: {"dino": path, "siglip": path, "clip": path}."""
-    from dti_fast.evaluate import make_tiny_metric_models
+    from dti_fast.testing import make_tiny_metric_models
 
     return make_tiny_metric_models(tmp_path_factory.mktemp("tiny-metrics"))

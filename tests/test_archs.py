@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from dti_fast.archs import (  # noqa: E402
+from dti_fast.testing.archs import (  # noqa: E402
     PARAM_COUNTS,
     build_components,
     component_configs,
@@ -134,7 +134,7 @@ def test_reduced_sdxl_trains(tmp_path):
     """The trainer runs on the real SDXL layout (legacy eos id, text_time conditioning of real proportions)."""
     from dti_fast.data import Concept
     from dti_fast.demo import demo_images_dir
-    from dti_fast.trainer import TrainConfig, train
+    from dti_fast.train import TrainConfig, train
 
     folder = make_full_size_model(tmp_path / "sdxl", "sdxl", dtype=torch.float32, reduced=True)
     concepts = [Concept(name="dog", images=demo_images_dir() / "dog", init="dog")]

@@ -18,7 +18,7 @@ from dti_fast.data import Concept
 from dti_fast.demo import demo_images_dir
 from dti_fast.distributed import shard_concepts
 from dti_fast.io import load_safetensors
-from dti_fast.trainer import TrainConfig, train
+from dti_fast.train import TrainConfig, train
 
 # Batch composition changes float rounding in the UNet (a concept's samples are
 # the same whatever its batch-mates; see test_concept_in_a_mixed_job_trains_as_alone).
@@ -28,7 +28,7 @@ CONCEPTS = [("dog", "dog", "dog"), ("clock", "clock", "clock"), ("bag", "backpac
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory) -> Path:
-    from dti_fast.models import make_tiny_model
+    from dti_fast.testing import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "sd", family="sd")
 

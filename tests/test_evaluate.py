@@ -12,7 +12,8 @@ from PIL import Image
 
 from dti_fast.demo import demo_images_dir
 from dti_fast.evaluate import (ClipScorer, DinoScorer, Evaluator, SiglipScorer, aggregate, apply_mask,
-                               evaluate_generated, is_tiny_metric_model, load_references)
+                               evaluate_generated, load_references)
+from dti_fast.testing import is_tiny_metric_model
 from dti_fast.generate import ImageRecord
 from dti_fast.io import write_json
 

@@ -13,8 +13,10 @@ from dti_fast.data import Concept, ConceptImages, load_concept_images
 from dti_fast.demo import demo_images_dir
 from dti_fast.distributed import DistContext
 from dti_fast.latents import LatentCache
-from dti_fast.models import load_model_parts, tiny_model_path
-from dti_fast.trainer import TrainConfig, _Job, train
+from dti_fast.models import load_model_parts
+from dti_fast.testing import tiny_model_path
+from dti_fast.train import TrainConfig, TrainingJob, train
+from dti_fast.train.batching import plan_batch, probe
 
 INITS = {"dog": "dog", "clock": "clock", "backpack": "red backpack"}
 
@@ -36,12 +38,12 @@ def _config(model: Path, out: Path, names=("dog", "backpack"), **kw) -> TrainCon
     return TrainConfig(**base)
 
 
-def _job(cfg: TrainConfig) -> _Job:
+def _job(cfg: TrainConfig) -> TrainingJob:
     images = [load_concept_images(c, cfg.resolution) for c in cfg.concepts]
-    return _Job(cfg, images, DistContext(), Path(cfg.output_dir) / "checkpoints")
+    return TrainingJob(cfg, images, DistContext(), Path(cfg.output_dir) / "checkpoints")
 
 
-def _row_grads(job: _Job, chosen=(0, 1)) -> tuple[float, list[torch.Tensor]]:
+def _row_grads(job: TrainingJob, chosen=(0, 1)) -> tuple[float, list[torch.Tensor]]:
     for p in (p for emb in job.embeddings for p in emb.rows):
         p.grad = None
     total, _ = job.loss(job.make_batch(list(chosen)))
@@ -234,16 +236,18 @@ def test_auto_batch_takes_turns_when_memory_is_short(sd, tmp_path, monkeypatch):
 
     names = ("dog", "clock", "backpack")
     job = _job(_config(sd, tmp_path / "a", names=names, max_batch="auto"))
-    per_concept = job._probe([0], measure_saved=True)
+    per_concept = probe(job, [0], measure_saved=True)
     assert per_concept > 0
     # Pin the measured figures so the arithmetic is exact (saved bytes vary by a few bytes between probes).
-    monkeypatch.setattr(job, "_probe", lambda concepts, measure_saved=False: per_concept)
+    import dti_fast.train.batching as batching
+
+    monkeypatch.setattr(batching, "probe", lambda job, concepts, measure_saved=False: per_concept)
     rss = 3 << 30
     monkeypatch.setattr(memory, "peak_bytes", lambda device: rss)
     monkeypatch.setattr(memory, "usable_bytes", lambda device, headroom=0.1: rss + 2 * 2 * per_concept + 1)
-    assert job.plan_batch() == 2
+    assert plan_batch(job) == 2
     monkeypatch.setattr(memory, "usable_bytes", lambda device, headroom=0.1: rss)
-    assert job.plan_batch() == 1
+    assert plan_batch(job) == 1
     # Turns keep each concept's own samples: the same vectors as every concept in every step.
     plain = train(_config(sd, tmp_path / "plain", names=names))
     turns = train(_config(sd, tmp_path / "turns", names=names, max_batch="auto"))

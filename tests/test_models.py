@@ -14,15 +14,9 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from dti_fast import models  # noqa: E402
-from dti_fast.models import (  # noqa: E402
-    ModelParts,
-    clip_tokenizer_files,
-    detect_family,
-    load_model_parts,
-    make_tiny_model,
-    tiny_model_path,
-)
+from dti_fast import models, testing  # noqa: E402
+from dti_fast.models import ModelParts, detect_family, load_model_parts  # noqa: E402
+from dti_fast.testing import clip_tokenizer_files, make_tiny_model, tiny_model_path  # noqa: E402
 
 HIDDEN = {"sd": [32], "sdxl": [32, 64]}
 
@@ -67,7 +61,7 @@ def test_tiny_layout(tiny_dirs, family):
         assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
         subs += ["text_encoder_2", "tokenizer_2"]
     assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
-    assert index["_dti_fast_tiny"] == models.TINY_VERSION
+    assert index["_dti_fast_tiny"] == testing.TINY_VERSION
     for sub in subs:
         assert (d / sub).is_dir(), sub
     for sub in ("unet", "vae"):
@@ -157,7 +151,7 @@ def test_load_model_parts(parts, tiny_dirs, family):
     n = 1 if family == "sd" else 2
     assert len(p.tokenizers) == n and len(p.text_encoders) == n
     assert p.source == str(tiny_dirs[family])
-    assert p.extras.get("tiny") == models.TINY_VERSION
+    assert p.extras.get("tiny") == testing.TINY_VERSION
     for m in (*p.text_encoders, p.unet, p.vae):
         assert not m.training
         assert not any(q.requires_grad for q in m.parameters())
@@ -332,7 +326,7 @@ def test_unreachable_hub_is_detected_fast(monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setattr(models, "_REACHABLE", {})
     t0 = time.perf_counter()
-    assert models._hub_reachable(timeout=2.0) is False
+    assert models.hub_reachable(timeout=2.0) is False
     assert time.perf_counter() - t0 < 3.5
 
 
@@ -361,8 +355,8 @@ def test_online_id_resolves_to_the_hub(tiny_dirs, monkeypatch):
     import huggingface_hub
     from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
 
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=2.0: True)
-    monkeypatch.setattr(models, "_offline_by_env", lambda: False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=2.0: True)
+    monkeypatch.setattr(models, "offline_by_env", lambda: False)
     fetched = []
 
     def fake_download(repo_id, filename, **kw):
@@ -370,7 +364,7 @@ def test_online_id_resolves_to_the_hub(tiny_dirs, monkeypatch):
         return str(tiny_dirs["sdxl"] / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    r = models._resolve("org/some-sdxl", revision=None, cache_dir=None)
+    r = models.resolve_source("org/some-sdxl", revision=None, cache_dir=None)
     assert (r.source, r.family, r.local) == ("org/some-sdxl", "sdxl", False)
     assert fetched == ["model_index.json"]
 
@@ -381,7 +375,7 @@ def test_online_id_resolves_to_the_hub(tiny_dirs, monkeypatch):
 
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
         with pytest.raises(exc, match=words):
-            models._resolve("org/typo", revision=None, cache_dir=None)
+            models.resolve_source("org/typo", revision=None, cache_dir=None)
 
 
 def test_component_folder_hint(tiny_dirs, no_heavy_loading):
@@ -391,9 +385,9 @@ def test_component_folder_hint(tiny_dirs, no_heavy_loading):
 
 def test_looks_like_path():
     for s in ("/x", "./x", "../x", "~/x", "a/b/c", "C:\\models\\x", "x.safetensors", "a b"):
-        assert models._looks_like_path(s), s
+        assert models.looks_like_path(s), s
     for s in ("runwayml/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0", "gpt2"):
-        assert not models._looks_like_path(s), s
+        assert not models.looks_like_path(s), s
 
 
 # ------------------------------------------------------------------------------------------
@@ -403,7 +397,7 @@ def test_looks_like_path():
 
 def test_tiny_model_path_builds_once(tmp_path, tiny_dirs):
     d = tiny_model_path("sd", cache_dir=tmp_path)
-    assert d == tmp_path / f"tiny-sd-v{models.TINY_VERSION}"
+    assert d == tmp_path / f"tiny-sd-v{testing.TINY_VERSION}"
     assert detect_family(d) == "sd"
     stamp = (d / "model_index.json").stat().st_mtime_ns
     assert tiny_model_path("sd", cache_dir=tmp_path) == d
@@ -414,3 +408,44 @@ def test_tiny_model_path_builds_once(tmp_path, tiny_dirs):
         assert (d / f).read_bytes() == (tiny_dirs["sd"] / f).read_bytes()
     with pytest.raises(ValueError):
         tiny_model_path("sd3", cache_dir=tmp_path)
+
+
+def test_parts_of_different_models_are_refused_from_the_configs(tmp_path):
+    import shutil
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(tiny_model_path("sd"), folder)
+    cfg_file = folder / "unet" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["cross_attention_dim"] = 48
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"does not fit together: .* give 32 = 32 features .* takes 48"):
+        load_model_parts(folder)
+
+
+class _RunsCode:
+    marker = None
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {_RunsCode.marker}",))
+
+
+@pytest.mark.parametrize("part, weights, pickled", [
+    ("unet", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    ("text_encoder", "model.safetensors", "pytorch_model.bin"),
+])
+def test_pickled_weights_that_would_run_code_are_refused_by_name(tmp_path, part, weights, pickled):
+    import pickle
+    import shutil
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_path("sd"), folder)
+    _RunsCode.marker = tmp_path / "pwned"
+    (folder / part / weights).unlink()
+    with open(folder / part / pickled, "wb") as fh:
+        pickle.dump({"conv_in.weight": _RunsCode()}, fh)
+    with pytest.raises(ValueError, match="weights stored as a pickle that torch refuses to load safely"):
+        load_model_parts(folder)
+    assert not _RunsCode.marker.exists()

@@ -23,7 +23,8 @@ from PIL import Image
 from dti_fast.data import Concept, load_concept_images
 from dti_fast.demo import demo_images_dir
 from dti_fast.io import load_safetensors, load_torch, save_safetensors
-from dti_fast.trainer import OutputBusyError, TrainConfig, _OutputLock, train
+from dti_fast.train import OutputBusyError, TrainConfig, train
+from dti_fast.train.run import OutputLock
 
 # The fuzz tests run in CI: keep each bounded in examples and time.
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -31,7 +32,7 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory) -> Path:
-    from dti_fast.models import make_tiny_model
+    from dti_fast.testing import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "sd", family="sd")
 
@@ -113,12 +114,19 @@ def test_initializer_that_tokenizes_to_nothing(tiny_sd):
         Concept("x", "somewhere", " ")
 
 
+def test_initializer_longer_than_the_prompt_window_is_refused_before_training(tiny_sd, tmp_path):
+    long = Concept("x", demo_images_dir() / "dog", " ".join(["dog"] * 100))
+    with pytest.raises(ValueError, match=r"concept 'x': initializer .* gives 100 vectors.*window of 77"):
+        train(_cfg(tiny_sd, tmp_path / "out", concepts=[long]))
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
 # -- output folder -------------------------------------------------------------------------
 
 
 def test_second_job_on_same_output_refused(tiny_sd, tmp_path):
     out = tmp_path / "out"
-    with _OutputLock(out):
+    with OutputLock(out):
         with pytest.raises(OutputBusyError, match=f"pid {os.getpid()}"):
             train(_cfg(tiny_sd, out))
     train(_cfg(tiny_sd, out, steps=1))  # free again once the holder is gone
@@ -147,9 +155,9 @@ def test_full_disk_message(tmp_path, monkeypatch):
 
 
 def test_nan_concept_is_skipped_then_stopped_others_finish(tiny_sd, tmp_path, monkeypatch):
-    import dti_fast.trainer as trainer
+    from dti_fast.train import TrainingJob
 
-    original = trainer._Job.make_batch
+    original = TrainingJob.make_batch
 
     def poisoned(self, chosen):
         batch = original(self, chosen)
@@ -160,7 +168,7 @@ def test_nan_concept_is_skipped_then_stopped_others_finish(tiny_sd, tmp_path, mo
                 batch[key][k] = float("nan")  # a broken image: NaN loss and gradient for the clock only
         return batch
 
-    monkeypatch.setattr(trainer._Job, "make_batch", poisoned)
+    monkeypatch.setattr(TrainingJob, "make_batch", poisoned)
     result = train(_cfg(tiny_sd, tmp_path / "out", steps=5, max_bad_steps=3))
     assert "clock" in result.stopped and "non-finite" in result.stopped["clock"]
     assert "dog" not in result.stopped
@@ -196,18 +204,88 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     assert not _Evil.marker.exists()
 
 
+def _two_checkpoints(tiny_sd, out: Path) -> list[Path]:
+    """A finished 2-step job with a checkpoint after each step; returns them, oldest first."""
+    train(_cfg(tiny_sd, out, steps=2, checkpoint_every=1))
+    return sorted((out / "checkpoints").glob("step-*.safetensors"))
+
+
+def _resume_to_4(tiny_sd, out: Path) -> dict:
+    return train(_cfg(tiny_sd, out, steps=4, checkpoint_every=1, resume=True)).vectors
+
+
+def _flip_bits(path: Path, offset_from_end: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_4(tiny_sd, tmp_path_factory) -> dict:
+    return train(_cfg(tiny_sd, tmp_path_factory.mktemp("ref") / "out", steps=4, checkpoint_every=1)).vectors
+
+
+@pytest.mark.parametrize("damage", ["bit flip", "truncation", "bad rng state"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tiny_sd, tmp_path, capsys, damage,
+                                                                            uninterrupted_4):
+    out = tmp_path / "out"
+    older, newest = _two_checkpoints(tiny_sd, out)
+    if damage == "bit flip":
+        _flip_bits(newest, 5)  # inside the last tensor's bytes: the file still parses
+    elif damage == "truncation":
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(newest), framework="pt") as fh:
+            meta = fh.metadata()
+        tensors = load_safetensors(newest)
+        tensors["rng/dog"] = torch.zeros(7, dtype=torch.uint8)
+        meta.pop("checksum")  # as a checkpoint of the previous format would be: no checksum to catch it
+        save_safetensors(tensors, newest, metadata=meta)
+    vectors = _resume_to_4(tiny_sd, out)
+    err = capsys.readouterr().err
+    assert str(newest) in err and "warning" in err
+    for name in ("dog", "clock"):  # resumed from the older checkpoint: the same vectors as no interruption
+        assert torch.equal(vectors[name][0], uninterrupted_4[name][0]), name
+
+
+def test_dti_rows_off_the_sphere_are_not_restored(tiny_sd, tmp_path, capsys, uninterrupted_4):
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    older, newest = _two_checkpoints(tiny_sd, out)
+    with safe_open(str(newest), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_safetensors(newest)
+    tensors["rows/0/dog"] = tensors["rows/0/dog"] * 48.0
+    meta["checksum"] = __import__("dti_fast.train.checkpoint", fromlist=["_checksum"])._checksum(tensors)
+    save_safetensors(tensors, newest, metadata=meta)  # a consistent file with absurd rows
+    vectors = _resume_to_4(tiny_sd, out)
+    assert "not unit vectors" in capsys.readouterr().err
+    assert torch.equal(vectors["dog"][0], uninterrupted_4["dog"][0])
+
+
+def test_no_intact_checkpoint_is_a_clear_error(tiny_sd, tmp_path):
+    out = tmp_path / "out"
+    for path in _two_checkpoints(tiny_sd, out):
+        _flip_bits(path, 5)
+    with pytest.raises(ValueError, match="no intact checkpoint of concept .* delete the damaged files"):
+        _resume_to_4(tiny_sd, out)
+
+
 def test_tampered_checkpoint_shapes_refused(tiny_sd, tmp_path):
     from safetensors import safe_open
 
     out = tmp_path / "out"
-    train(_cfg(tiny_sd, out, steps=2, checkpoint_every=1))
+    train(_cfg(tiny_sd, out, steps=2, checkpoint_every=2))
     ckpt = sorted((out / "checkpoints").glob("step-*.safetensors"))[-1]
     with safe_open(str(ckpt), framework="pt") as fh:
         meta = fh.metadata()
     tensors = load_safetensors(ckpt)
     tensors["rows/0/dog"] = torch.zeros(3, 5)
     save_safetensors(tensors, ckpt, metadata=meta)
-    with pytest.raises(ValueError, match="rows of 'dog' have shape"):
+    with pytest.raises(ValueError, match="no intact checkpoint of concept 'dog'"):
         train(_cfg(tiny_sd, out, steps=4, checkpoint_every=1, resume=True))
 
 
@@ -309,3 +387,34 @@ def test_fuzz_images_load_or_are_refused_by_name(tmp_path_factory, blob, suffix)
         assert f"f{suffix}" in str(err)
         return
     assert data.arrays[0].dtype == np.uint8
+
+
+# -- the environment -----------------------------------------------------------------------
+
+_OOM_SCRIPT = """
+import resource, sys
+from pathlib import Path
+from dti_fast.cli import main
+model, out, photos = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+common = ["train", "--model", model, "--concept", f"dog:{photos}:dog", "--resolution", "320", "--no-progress",
+          "--no-latent-cache", "--steps", "1"]
+assert main(common + ["--output", str(out / "warm"), "--batch-size", "1"]) == 0
+# Cap the address space a little above what one image per step needed: 48 images per step cannot fit.
+peak = int([l for l in open("/proc/self/status") if l.startswith("VmPeak")][0].split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (peak + (256 << 20), resource.RLIM_INFINITY))
+sys.exit(main(common + ["--output", str(out / "big"), "--batch-size", "48"]))
+"""
+
+
+@pytest.mark.slow
+def test_running_out_of_memory_names_the_fix_and_saves_progress(tiny_sd, tmp_path):
+    """A real allocator failure (an address-space limit), not a raised exception."""
+    script = tmp_path / "oom.py"
+    script.write_text(_OOM_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(tiny_sd), str(tmp_path / "out"),
+                           str(demo_images_dir() / "dog")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "out of memory on cpu" in last and "--batch-size" in last and "--resume" in last
+    assert "Traceback" not in done.stderr
+    assert list((tmp_path / "out" / "big" / "checkpoints").glob("step-*.safetensors"))

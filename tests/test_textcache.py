@@ -7,7 +7,8 @@ import torch
 
 from dti_fast.data import OBJECT_TEMPLATES, STYLE_TEMPLATES
 from dti_fast.embedding import add_concept_tokens, initializer_ids, install_embedding, start_rows
-from dti_fast.models import load_model_parts, tiny_model_path
+from dti_fast.models import load_model_parts
+from dti_fast.testing import tiny_model_path
 from dti_fast.textcache import PrefixCachedTextEncoder
 
 ATOL = 1e-5
@@ -16,7 +17,7 @@ CONCEPTS = (("<dog>", "dog"), ("<pack>", "red leather backpack"))
 
 
 def _install(parts, seed: int = 0):
-    """Add the concepts' tokens and rows as the trainer's _Job._install_tokens does (random start rows)."""
+    """Add the concepts' tokens and rows as TrainingJob._install_tokens does (random start rows)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for tok, enc in zip(parts.tokenizers, parts.text_encoders):
@@ -59,7 +60,7 @@ def _ids(tok, prompts):
 
 
 def _reference(enc, ids, mode: str, pooled: bool):
-    """What the trainer computes (dti_fast.trainer._Job.encode_text)."""
+    """What the trainer computes (dti_fast.TrainingJob.encode_text)."""
     if mode == "penultimate":
         out = enc(ids, output_hidden_states=True)
         return out.hidden_states[-2], (out[0] if pooled else None)

@@ -11,7 +11,7 @@ import torch
 from dti_fast.data import Concept
 from dti_fast.demo import demo_images_dir
 from dti_fast.io import load_safetensors, load_torch
-from dti_fast.trainer import TrainConfig, train
+from dti_fast.train import TrainConfig, train
 
 # Exported DTI vectors are m* * v with v retracted in fp32: their norm is m* to
 # fp32 rounding (~1e-7 relative); 1e-5 leaves room for the sum in the norm.
@@ -20,14 +20,14 @@ NORM_RTOL = 1e-5
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
-    from dti_fast.models import make_tiny_model
+    from dti_fast.testing import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "sd", family="sd")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
-    from dti_fast.models import make_tiny_model
+    from dti_fast.testing import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "sdxl", family="sdxl")
 
@@ -186,12 +186,12 @@ def test_validation_grid_written(tiny_sd, tmp_path):
     ],
 )
 def test_bad_input_refused_before_training(tiny_sd, tmp_path, mutate, match, monkeypatch):
-    import dti_fast.trainer as trainer
+    from dti_fast.train import TrainingJob
 
     cfg = _config(tiny_sd, tmp_path / "out")
     mutate(cfg)
     calls = []
-    monkeypatch.setattr(trainer._Job, "step", lambda self: calls.append(1))
+    monkeypatch.setattr(TrainingJob, "step", lambda self: calls.append(1))
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         train(cfg)
     assert not calls
@@ -224,16 +224,16 @@ def test_v_prediction_models_train(tiny_sd, tmp_path, monkeypatch):
     cfg = __import__("json").loads(sched.read_text())
     cfg["prediction_type"] = "v_prediction"
     sched.write_text(__import__("json").dumps(cfg))
-    import dti_fast.trainer as trainer
+    from dti_fast.train import TrainingJob
 
     seen = []
-    original = trainer._Job.loss
+    original = TrainingJob.loss
 
     def spy(self, batch):
         seen.append(self.parts.noise_scheduler.config.prediction_type)
         return original(self, batch)
 
-    monkeypatch.setattr(trainer._Job, "loss", spy)
+    monkeypatch.setattr(TrainingJob, "loss", spy)
     result = train(_config(model, tmp_path / "out", names=("dog",), steps=2))
     assert seen == ["v_prediction", "v_prediction"]
     assert result.skipped_steps == 0

@@ -24,9 +24,11 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any
 
 import torch
+
+from .tiny import TINY_TE1, TINY_TE2, TINY_VAE
 
 __all__ = [
     "PARAM_COUNTS",
@@ -40,7 +42,7 @@ __all__ = [
 # -- Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5) ------------------------------------
 
 # What the SD 1.5 and SDXL UNet configs share.
-_UNET_COMMON: Dict[str, Any] = dict(
+_UNET_COMMON: dict[str, Any] = dict(
     in_channels=4,
     out_channels=4,
     center_input_sample=False,
@@ -54,7 +56,7 @@ _UNET_COMMON: Dict[str, Any] = dict(
     norm_eps=1e-5,
 )
 
-SD15_UNET: Dict[str, Any] = dict(
+SD15_UNET: dict[str, Any] = dict(
     _UNET_COMMON,
     sample_size=64,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -64,7 +66,7 @@ SD15_UNET: Dict[str, Any] = dict(
     attention_head_dim=8,
 )
 
-SD_VAE: Dict[str, Any] = dict(
+SD_VAE: dict[str, Any] = dict(
     in_channels=3,
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 4,
@@ -80,7 +82,7 @@ SD_VAE: Dict[str, Any] = dict(
 
 # CLIP ViT-L/14 text encoder (SD 1.5's text_encoder, SDXL's text_encoder). The legacy
 # eos_token_id=2 of the published config makes transformers pool at the highest token id.
-CLIP_L_TEXT: Dict[str, Any] = dict(
+CLIP_L_TEXT: dict[str, Any] = dict(
     vocab_size=49408,
     hidden_size=768,
     intermediate_size=3072,
@@ -101,7 +103,7 @@ CLIP_L_TEXT: Dict[str, Any] = dict(
 
 # -- SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0) ---------------------------------
 
-SDXL_UNET: Dict[str, Any] = dict(
+SDXL_UNET: dict[str, Any] = dict(
     _UNET_COMMON,
     sample_size=128,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -117,10 +119,10 @@ SDXL_UNET: Dict[str, Any] = dict(
     projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + pooled bigG 1280
 )
 
-SDXL_VAE: Dict[str, Any] = dict(SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+SDXL_VAE: dict[str, Any] = dict(SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
 
 # OpenCLIP ViT-bigG/14 text encoder with projection (SDXL's text_encoder_2).
-CLIP_BIGG_TEXT: Dict[str, Any] = dict(
+CLIP_BIGG_TEXT: dict[str, Any] = dict(
     CLIP_L_TEXT,
     hidden_size=1280,
     intermediate_size=5120,
@@ -130,7 +132,7 @@ CLIP_BIGG_TEXT: Dict[str, Any] = dict(
     hidden_act="gelu",
 )
 
-PARAM_COUNTS: Dict[str, Dict[str, int]] = {
+PARAM_COUNTS: dict[str, dict[str, int]] = {
     "sd": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
     "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
              "text_encoder_2": 694_659_840},
@@ -139,9 +141,9 @@ PARAM_COUNTS: Dict[str, Dict[str, int]] = {
 
 # -- Reduced variants: the same block layout and conditioning, tiny widths ------------------
 
-_REDUCED_VAE = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64)
-_REDUCED_CLIP_L = dict(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
-                       num_attention_heads=4)
+# The tiny model's configs (dti_fast.testing.tiny), with two text-encoder layers instead of three.
+_REDUCED_VAE = {k: TINY_VAE[k] for k in ("block_out_channels", "layers_per_block", "norm_num_groups", "sample_size")}
+_REDUCED_CLIP_L = dict(TINY_TE1, num_hidden_layers=2)
 _REDUCED = {
     "sd": {
         "unet": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
@@ -156,13 +158,12 @@ _REDUCED = {
                      projection_class_embeddings_input_dim=6 * 8 + 32, sample_size=8),
         "vae": _REDUCED_VAE,
         "text_encoder": _REDUCED_CLIP_L,
-        "text_encoder_2": dict(hidden_size=64, intermediate_size=128, projection_dim=32, num_hidden_layers=2,
-                               num_attention_heads=4),
+        "text_encoder_2": dict(TINY_TE2, num_hidden_layers=2),
     },
 }
 
 
-def component_configs(family: str, reduced: bool = False) -> Dict[str, Dict[str, Any]]:
+def component_configs(family: str, reduced: bool = False) -> dict[str, dict[str, Any]]:
     """Constructor kwargs of each component of ``family`` ("sd" or "sdxl").
 
     Keys: ``unet``, ``vae``, ``text_encoder`` and, for "sdxl", ``text_encoder_2``.
@@ -187,11 +188,11 @@ def component_configs(family: str, reduced: bool = False) -> Dict[str, Dict[str,
 def build_components(
     family: str,
     *,
-    device: Union[str, torch.device] = "cpu",
+    device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     reduced: bool = False,
-) -> Dict[str, torch.nn.Module]:
+) -> dict[str, torch.nn.Module]:
     """The random-weight modules of ``family``, created directly on ``device`` and cast to ``dtype``.
 
     On CUDA the default initializers run on the GPU (seconds for SDXL's 3.5 B
@@ -207,7 +208,7 @@ def build_components(
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     rng_devices = [device.index] if device.type == "cuda" else []
-    modules: Dict[str, torch.nn.Module] = {}
+    modules: dict[str, torch.nn.Module] = {}
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
         if device.type == "cuda":
@@ -243,7 +244,7 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
         dlogging.set_verbosity(level)
 
 
-def full_size_parts_meta(family: str) -> Dict[str, torch.nn.Module]:
+def full_size_parts_meta(family: str) -> dict[str, torch.nn.Module]:
     """The full-size modules of ``family`` on ``torch.device("meta")``: shapes without memory."""
     return build_components(family, device="meta")
 
@@ -254,10 +255,10 @@ def param_count(module: torch.nn.Module) -> int:
 
 
 def make_full_size_model(
-    path: Union[str, os.PathLike],
+    path: str | os.PathLike,
     family: str,
     dtype: torch.dtype = torch.bfloat16,
-    device: Union[str, torch.device] = "cpu",
+    device: str | torch.device = "cpu",
     seed: int = 0,
     reduced: bool = False,
 ) -> Path:
@@ -272,7 +273,7 @@ def make_full_size_model(
     ``"_dti_fast_random_arch": "<family>"`` (``"<family>-reduced"`` for the
     reduced variant). Full size: about 2.1 GB (sd) or 6.9 GB (sdxl) in bf16.
     """
-    from .models import write_model_folder
+    from .tiny import write_model_folder
 
     modules = build_components(family, device=device, dtype=dtype, seed=seed, reduced=reduced)
     text_encoders = [modules.pop("text_encoder")]

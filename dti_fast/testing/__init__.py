@@ -1,0 +1,36 @@
+"""Stand-ins for tests, benchmarks and the demo: nothing here is needed to train real models.
+
+- :mod:`.tiny`: tiny random-weight SD / SDXL models in diffusers' folder layout
+  (real tokenizer, real architecture families), built once and cached.
+- :mod:`.metric_models`: tiny random-weight DINOv2 / SigLIP / CLIP models.
+- :mod:`.archs`: SD 1.5 and SDXL at their real sizes with random weights, for
+  speed and memory figures.
+"""
+
+from .metric_models import is_tiny_metric_model, make_tiny_metric_models, tiny_metric_models_path
+from .tiny import (
+    SD_SCHEDULER_CONFIG,
+    TINY_RESOLUTION,
+    TINY_VERSION,
+    build_once,
+    clip_tokenizer,
+    clip_tokenizer_files,
+    make_tiny_model,
+    tiny_model_path,
+    write_model_folder,
+)
+
+__all__ = [
+    "SD_SCHEDULER_CONFIG",
+    "TINY_RESOLUTION",
+    "TINY_VERSION",
+    "build_once",
+    "clip_tokenizer",
+    "clip_tokenizer_files",
+    "is_tiny_metric_model",
+    "make_tiny_metric_models",
+    "make_tiny_model",
+    "tiny_metric_models_path",
+    "tiny_model_path",
+    "write_model_folder",
+]

@@ -1,0 +1,441 @@
+"""One training job's state and step: model and token setup, samples, the loss, the update.
+
+:class:`TrainingJob` reads like the loop it serves: it loads the frozen model
+once, installs one :class:`~dti_fast.embedding.DirectionalEmbedding` per text
+encoder, draws each concept's samples from the concept's own generator,
+computes the per-concept loss and takes the optimizer step. Choosing how many
+concepts share a step is :mod:`.batching`; saving and restoring is
+:mod:`.checkpoint`; the process around it is :mod:`.run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data import ConceptImages, random_crop
+from ..distributed import DistContext, all_reduce_grads
+from ..embedding import ConceptTokens, DirectionalEmbedding, add_concept_tokens, initializer_ids, install_embedding, start_rows
+from ..export import ConceptRecord, EncoderVectors
+from ..latents import LatentCache
+from .. import models
+from ..models import resolve_device, resolve_dtype
+from ..optim import SphericalSGD
+from ..sphere import norm_scale
+from .batching import pick_concepts
+from .config import TrainConfig
+
+__all__ = ["TrainingJob"]
+
+
+def _concept_generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+class TrainingJob:
+    """A running job's state: the frozen model, the learned rows, the optimizer, each concept's progress.
+
+    Built once per job (or per shard); :meth:`step` takes one step of the
+    concepts :func:`~dti_fast.train.batching.pick_concepts` chooses. Every
+    concept draws its samples from its own generator, so what it sees does not
+    depend on its batch-mates.
+    """
+
+    def __init__(self, cfg: TrainConfig, images: list[ConceptImages], ctx: DistContext | None = None,
+                 checkpoint_dir: Path | None = None) -> None:
+        ctx = ctx or DistContext()
+
+        self.cfg = cfg
+        self.images = images
+        self.ctx = ctx
+        self.data_world = ctx.world_size if cfg.parallel == "data" else 1
+        self.checkpoint_dir = checkpoint_dir or Path(cfg.output_dir) / "checkpoints"
+        self.writes = ctx.is_main or cfg.parallel == "shard"
+        self.device = resolve_device(cfg.device, ctx.local_rank if ctx.enabled else None)
+        self.weight_dtype = resolve_dtype(cfg.precision, self.device)
+        if cfg.attention == "xformers" and self.device.type != "cuda":
+            raise ValueError(f"--attention xformers needs a CUDA device, not {self.device}; use --attention sdpa")
+        self.parts = models.load_model_parts(cfg.model, dtype=self.weight_dtype, device=str(self.device))
+        self.sdxl = self.parts.family == "sdxl"
+        self._install_tokens()
+        self._build_optimizer()
+        vae_cfg = self.parts.vae.config
+        self.vae_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
+        self.latent_channels = vae_cfg.latent_channels
+        self.scaling = vae_cfg.scaling_factor
+        self.shift = getattr(vae_cfg, "shift_factor", None) or 0.0
+        self._configure_model()
+        self._tokenize_templates()
+        self.latent_cache = (
+            LatentCache(self.parts.vae, images, cfg.resolution, self.vae_factor, self.device, self.weight_dtype,
+                        max_crops=cfg.latent_cache_crops)
+            if cfg.latent_cache else None
+        )
+        use_text_cache = cfg.text_cache if cfg.text_cache != "auto" else self.sdxl
+        self.text_caches = self._text_caches() if use_text_cache else None
+        self.generators = {c.name: _concept_generator(cfg.seed, c.name) for c in cfg.concepts}
+        self.done = {c.name: 0 for c in cfg.concepts}
+        self.bad = {c.name: 0 for c in cfg.concepts}  # consecutive non-finite steps
+        self.stopped: dict[str, str] = {}
+        self.job_step = 0
+        self.samples = 0
+        self.skipped = 0
+        self.concepts_per_step: int | None = None  # set by batching.plan_batch() for max_batch="auto"
+        self.max_images_per_step = 0
+
+    # -- tokens and embeddings ----------------------------------------------------
+
+    def _install_tokens(self) -> None:
+        cfg = self.cfg
+        scale = cfg.norm_scale if cfg.method == "dti" else None
+        self.embeddings: list[DirectionalEmbedding] = []
+        self.tokens: list[list[ConceptTokens]] = []  # per encoder, per concept
+        init_gen = torch.Generator().manual_seed(cfg.seed)
+        for enc_index, (tok, enc) in enumerate(zip(self.parts.tokenizers, self.parts.text_encoders)):
+            emb = install_embedding(enc, len(tok), scale)
+            emb.to(self.device)
+            per_concept = []
+            for c in cfg.concepts:
+                init_ids = initializer_ids(tok, c.init, c.name)
+                if enc_index > 0 and len(init_ids) != len(self.tokens[0][len(per_concept)].ids):
+                    raise ValueError(
+                        f"concept {c.name!r}: initializer {c.init!r} gives a different number of pieces in the "
+                        "two tokenizers; choose initializer words both tokenize alike"
+                    )
+                ct = add_concept_tokens(tok, c.placeholder, len(init_ids), c.name)
+                ct.init_ids = init_ids
+                start = start_rows(emb.base, init_ids, cfg.init, init_gen)
+                prior = emb.base.weight.detach().float()[init_ids]
+                emb.add_concept(ct.ids, start, prior)
+                per_concept.append(ct)
+            self.embeddings.append(emb)
+            self.tokens.append(per_concept)
+
+    def _configure_model(self) -> None:
+        """Attention kernels, gradient checkpointing and memory format (none changes the math)."""
+        cfg, unet = self.cfg, self.parts.unet
+        if cfg.attention == "xformers":
+            for module in (unet, self.parts.vae):
+                module.enable_xformers_memory_efficient_attention()
+        else:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            # PyTorch's fused scaled_dot_product_attention (flash / memory-efficient kernels on CUDA).
+            for module in (unet, self.parts.vae):
+                module.set_attn_processor(AttnProcessor2_0())
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            for enc in self.parts.text_encoders:
+                if hasattr(enc, "activation_checkpointing_enable"):  # transformers >= 5
+                    enc.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    enc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                # transformers checkpoints only in training mode; CLIP's dropouts are 0, so the math is unchanged.
+                if not any(getattr(enc.config, k, 0.0) for k in ("dropout", "attention_dropout")):
+                    enc.train()
+        if cfg.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        # The training step's UNet; parts.unet stays the plain module (exports and sample pipelines use it).
+        self.unet = torch.compile(unet) if cfg.compile else unet
+
+    def _tokenize_templates(self) -> None:
+        """Token ids of every (concept, template) prompt, per encoder: tokenized once."""
+        self.prompt_ids: list[list[torch.Tensor]] = []  # per encoder, per concept: (n_templates, max_length)
+        for enc_index, tok in enumerate(self.parts.tokenizers):
+            per_concept = []
+            for ci, c in enumerate(self.cfg.concepts):
+                prompts = [t.format(self.tokens[enc_index][ci].prompt_string) for t in c.templates]
+                longest = max(len(x) for x in tok(prompts).input_ids)
+                if longest > tok.model_max_length:
+                    n = len(self.tokens[enc_index][ci].tokens)
+                    raise ValueError(
+                        f"concept {c.name!r}: initializer {c.init!r} gives {n} vectors, so its longest training "
+                        f"prompt takes {longest} tokens, more than the text encoder's window of "
+                        f"{tok.model_max_length}: the vectors past the window would never be trained; use a "
+                        "shorter initializer (a few words, such as the class noun)"
+                    )
+                ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids
+                per_concept.append(ids)  # on the CPU: the text cache reads them there without a device sync
+            self.prompt_ids.append(per_concept)
+
+    def _text_caches(self) -> list:
+        from ..textcache import PrefixCachedTextEncoder
+
+        caches = []
+        for enc_index, (enc, emb) in enumerate(zip(self.parts.text_encoders, self.embeddings)):
+            pooled = self.sdxl and enc_index == len(self.parts.text_encoders) - 1
+            caches.append(PrefixCachedTextEncoder(enc, mode="penultimate" if self.sdxl else "last",
+                                                  pooled=pooled, first_learned_id=emb.first_id))
+        return caches
+
+    def concept_params(self, index: int) -> list[torch.nn.Parameter]:
+        return [emb.rows[index] for emb in self.embeddings]
+
+    def _build_optimizer(self) -> None:
+        cfg = self.cfg
+        params = [p for emb in self.embeddings for p in emb.rows]
+        lr = cfg.effective_lr(self.data_world)
+        if cfg.method == "dti":
+            priors = [mu for emb in self.embeddings for mu in emb.priors]
+            self.optimizer: torch.optim.Optimizer = SphericalSGD(
+                [{"params": params, "prior": priors}], lr=lr, kappa=cfg.kappa, beta=cfg.beta
+            )
+        elif cfg.optim_bits == 8:
+            import bitsandbytes as bnb
+
+            # Both moments blockwise in 8 bits (blocks of 256 values, one fp32 absmax each).
+            # min_8bit_size=1: a concept's rows (n x 768) are below bitsandbytes' default threshold.
+            self.optimizer = bnb.optim.AdamW8bit(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
+                                                 min_8bit_size=1)
+        else:
+            # DTI's SphericalSGD keeps one fp32 scalar per row, so optim_bits does not apply to it.
+            self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+
+    # -- one step -------------------------------------------------------------------
+
+    def active_concepts(self) -> list[int]:
+        """Indices of the concepts that still have steps to take and were not stopped."""
+        return [i for i, c in enumerate(self.cfg.concepts)
+                if self.done[c.name] < self.cfg.concept_steps(c) and c.name not in self.stopped]
+
+
+    def _draw_sample(self, ci: int) -> dict:
+        """One training sample of concept ``ci``, every random choice from the concept's own generator."""
+        c, data, gen = self.cfg.concepts[ci], self.images[ci], self.generators[self.cfg.concepts[ci].name]
+        res = self.cfg.resolution
+        lat = res // self.vae_factor
+        k = int(torch.randint(0, len(data.arrays), (1,), generator=gen))
+        if self.latent_cache is not None:
+            pixels = None
+            crop, top, left = self.latent_cache.draw(ci, k, gen)
+        else:
+            crop = None
+            pixels, (top, left) = random_crop(data.arrays[k], res, gen)
+        template = int(torch.randint(0, len(c.templates), (1,), generator=gen))
+        oh, ow = data.original_sizes[k]
+        return {
+            "pixels": pixels,
+            "crop": (ci, k, crop),
+            "template": template,
+            "time_ids": [oh, ow, top, left, res, res],
+            "timestep": int(torch.randint(0, self.parts.noise_scheduler.config.num_train_timesteps, (1,), generator=gen)),
+            "noise": torch.randn(self.latent_channels, lat, lat, generator=gen),
+            "vae_eps": torch.randn(self.latent_channels, lat, lat, generator=gen),
+        }
+
+    def make_batch(self, chosen: Sequence[int]) -> dict:
+        """This rank's samples of the chosen concepts (``batch_size`` each)."""
+        b = self.cfg.batch_size
+        samples, owners = [], []
+        for ci in chosen:
+            # Data parallel: every rank draws the global batch and keeps its own slice,
+            # so W ranks see exactly the samples one rank with W times the batch would.
+            drawn = [self._draw_sample(ci) for _ in range(b * self.data_world)]
+            mine = drawn[self.ctx.rank * b : (self.ctx.rank + 1) * b] if self.data_world > 1 else drawn
+            samples += mine
+            owners += [ci] * len(mine)
+        batch = {
+            "input_ids": [
+                torch.stack([self.prompt_ids[e][s["crop"][0]][s["template"]] for s in samples])
+                for e in range(len(self.embeddings))
+            ],
+            "time_ids": torch.tensor([s["time_ids"] for s in samples], dtype=torch.float32),
+            "timesteps": torch.tensor([s["timestep"] for s in samples], dtype=torch.long),
+            "noise": torch.stack([s["noise"] for s in samples]),
+            "vae_eps": torch.stack([s["vae_eps"] for s in samples]),
+            "owners": owners,
+        }
+        if self.latent_cache is not None:
+            with torch.no_grad():
+                batch["latents"] = self.latent_cache.latents([s["crop"] for s in samples], batch["vae_eps"])
+        else:
+            batch["pixels"] = torch.stack([s["pixels"] for s in samples])
+        return batch
+
+    def encode_text(self, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The UNet's text conditioning: hidden states (encoders concatenated) and SDXL's pooled embedding."""
+        hidden, pooled = [], None
+        last = len(self.parts.text_encoders) - 1
+        for enc_index, enc in enumerate(self.parts.text_encoders):
+            if self.text_caches is not None:
+                h, p = self.text_caches[enc_index](input_ids[enc_index])
+                hidden.append(h)
+                if self.sdxl and enc_index == last:
+                    pooled = p
+                continue
+            ids = input_ids[enc_index].to(self.device)
+            if self.sdxl:
+                out = enc(ids, output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+                if enc_index == last:
+                    pooled = out[0]
+            else:
+                hidden.append(enc(ids)[0])
+        return torch.cat(hidden, dim=-1), pooled
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's loss (sum of per-concept means) and the per-concept terms."""
+        dev = self.device
+        parts = self.parts
+        with torch.no_grad():
+            if "latents" in batch:
+                latents = batch["latents"]
+            else:
+                dist = parts.vae.encode(batch["pixels"].to(dev, self.weight_dtype)).latent_dist
+                latents = dist.mean + dist.std * batch["vae_eps"].to(dev, dist.mean.dtype)
+            latents = ((latents - self.shift) * self.scaling).float()
+        noise = batch["noise"].to(dev)
+        t = batch["timesteps"].to(dev)
+        sched = parts.noise_scheduler
+        noisy = sched.add_noise(latents, noise, t)
+        kind = sched.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = sched.get_velocity(latents, noise, t)
+        elif kind == "sample":
+            target = latents
+        else:
+            raise ValueError(f"unsupported prediction_type {kind!r} in the model's scheduler config")
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if self.weight_dtype == torch.bfloat16 else contextlib.nullcontext()
+        with autocast:
+            hidden, pooled = self.encode_text(batch["input_ids"])
+            kwargs = {}
+            if self.sdxl:
+                kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(dev, hidden.dtype)}
+            sample = noisy.to(hidden.dtype)
+            if self.cfg.channels_last:
+                sample = sample.contiguous(memory_format=torch.channels_last)
+            pred = self.unet(sample, t, encoder_hidden_states=hidden, **kwargs).sample
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        # Per-concept means, summed: each concept's gradient is what it would get training alone.
+        owners = torch.tensor(batch["owners"], device=per_sample.device)
+        per_concept = torch.zeros(len(self.cfg.concepts), device=per_sample.device)
+        per_concept = per_concept.index_add(0, owners, per_sample / (self.cfg.batch_size * self.data_world))
+        return per_concept.sum(), per_concept
+
+    def step(self) -> float | None:
+        """One job step; returns the mean loss of the concepts that stepped (None when all are done)."""
+        chosen = pick_concepts(self)
+        if not chosen:
+            return None
+        batch = self.make_batch(chosen)
+        self.max_images_per_step = max(self.max_images_per_step, len(batch["owners"]))
+        self.optimizer.zero_grad(set_to_none=True)
+        total, per_concept = self.loss(batch)
+        total.backward()
+        if self.data_world > 1:
+            all_reduce_grads([p for emb in self.embeddings for p in emb.rows])
+            torch.distributed.all_reduce(per_concept.detach())
+        losses, ok = self._finite_losses_and_grads(chosen, per_concept)
+        chosen_set = set(chosen)
+        for i in range(len(self.cfg.concepts)):
+            if i not in chosen_set:
+                for p in self.concept_params(i):
+                    p.grad = None  # absent concepts take no step (their own step count)
+        for i, good in zip(chosen, ok):
+            if not good:  # non-finite loss or gradient: this concept skips the step, its rows stay as they are
+                for p in self.concept_params(i):
+                    p.grad = None
+        stepping = [i for i, good in zip(chosen, ok) if good]
+        if stepping:
+            stepping = self._update(stepping)
+        stepped = set(stepping)
+        for i, value in zip(chosen, losses):
+            name = self.cfg.concepts[i].name
+            if i in stepped:
+                self.bad[name] = 0
+                self.done[name] += 1
+            else:
+                self._bad_step(name)
+        self.job_step += 1
+        self.samples += len(batch["owners"]) * self.data_world
+        values = [v for i, v in zip(chosen, losses) if i in stepped]
+        return sum(values) / len(values) if values else float("nan")
+
+    def _finite_losses_and_grads(self, chosen: list[int], per_concept: torch.Tensor) -> tuple[list[float], list[bool]]:
+        """Each chosen concept's loss, and whether its loss and gradients are finite: one host copy."""
+        params = [[p for p in self.concept_params(i) if p.grad is not None] for i in chosen]
+        finite = torch.isfinite(per_concept[chosen].detach())
+        grads = [p.grad for ps in params for p in ps]
+        if grads:
+            owner = torch.repeat_interleave(torch.arange(len(chosen)), torch.tensor([len(ps) for ps in params]))
+            norms = torch.stack(torch._foreach_norm(grads)).float()  # inf or NaN iff a gradient entry is
+            bad = torch.zeros(len(chosen), device=norms.device).index_add_(
+                0, owner.to(norms.device), (~torch.isfinite(norms)).float())
+            finite = finite & (bad.to(finite.device) == 0)
+        losses, flags = torch.stack([per_concept[chosen].detach().float(), finite.float()]).tolist()
+        return losses, [f > 0 for f in flags]
+
+    def _update(self, stepping: list[int]) -> list[int]:
+        """The optimizer step; a concept whose rows it made non-finite gets its rows and state back.
+
+        Returns the concepts that stepped.
+        """
+        params = [p for i in stepping for p in self.concept_params(i)]
+        saved = {p: (p.detach().clone(), {k: v.clone() if torch.is_tensor(v) else v
+                                         for k, v in self.optimizer.state.get(p, {}).items()}) for p in params}
+        self.optimizer.step()
+        norms = torch.stack(torch._foreach_norm([p.detach() for p in params])).float()
+        per = len(self.embeddings)  # params per concept, in concept_params order
+        finite = torch.isfinite(norms).view(len(stepping), per).all(dim=1).tolist()
+        kept = []
+        for i, good in zip(stepping, finite):
+            if good:
+                kept.append(i)
+                continue
+            with torch.no_grad():
+                for p in self.concept_params(i):
+                    row, state = saved[p]
+                    p.copy_(row)
+                    if state:
+                        self.optimizer.state[p] = state
+                    else:
+                        self.optimizer.state.pop(p, None)
+        return kept
+
+    def _bad_step(self, name: str) -> None:
+        """Count a skipped step of concept ``name``; stop it after ``max_bad_steps`` in a row."""
+        self.skipped += 1
+        self.bad[name] += 1
+        if self.bad[name] >= self.cfg.max_bad_steps:
+            self.stopped[name] = (
+                f"{self.bad[name]} steps in a row had a non-finite loss, gradient or update; stopped at step "
+                f"{self.done[name]} (check its images, or lower the learning rate)"
+            )
+            print(f"dti-fast: concept {name!r} {self.stopped[name]}; the other concepts continue", file=sys.stderr)
+
+    # -- what the job made ----------------------------------------------------------------
+
+    def fingerprints(self) -> dict[str, str]:
+        return {c.name: self.cfg.concept_fingerprint(c, self.data_world) for c in self.cfg.concepts}
+
+    def concept_records(self) -> list[ConceptRecord]:
+        """Each concept's learned vectors and what was trained, as plain records for the exporters."""
+        cfg = self.cfg
+        vocab_scales = [norm_scale(emb.base.weight, cfg.norm_scale) for emb in self.embeddings]
+        records = []
+        for i, c in enumerate(cfg.concepts):
+            records.append(ConceptRecord(
+                concept=c,
+                tokens=list(self.tokens[0][i].tokens),
+                prompt_string=self.tokens[0][i].prompt_string,
+                method=cfg.method,
+                steps=self.done[c.name],
+                stopped=self.stopped.get(c.name),
+                fingerprint=cfg.concept_fingerprint(c, self.data_world),
+                model=cfg.model,
+                family=self.parts.family,
+                encoders=[EncoderVectors(vectors=emb.vectors(i).cpu(), scale=emb.scale if emb.spherical else None,
+                                         vocab_scale=vocab_scales[e])
+                          for e, emb in enumerate(self.embeddings)],
+            ))
+        return records

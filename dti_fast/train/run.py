@@ -1,0 +1,312 @@
+"""Running a job: validate, lock the output, handle signals and ranks, loop, checkpoint, export.
+
+:func:`train` is the entry point. Bad input raises before the model loads;
+the output folder is locked for the job's lifetime; SIGINT/SIGTERM write a
+checkpoint and raise :class:`~.errors.TrainingInterrupted`. Under a
+distributed launcher the concepts are sharded over the ranks or trained data
+parallel (:mod:`dti_fast.distributed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..data import ConceptImages, load_concept_images
+from ..distributed import DistContext, failure_report, shard_concepts
+from ..distributed import setup as setup_distributed
+from ..export import export_concepts, validation_grids
+from ..memory import peak_bytes, reset_peak
+from .batching import pick_concepts, plan_batch
+from .checkpoint import finished_concepts, restore_checkpoint, save_checkpoint
+from .config import TrainConfig, validate_config
+from .errors import JobError, OutputBusyError, TrainingInterrupted
+from .job import TrainingJob
+
+__all__ = ["OutputLock", "StopSignals", "TrainResult", "train"]
+
+
+class OutputLock:
+    """An exclusive lock on the output folder, so two jobs never write into one folder.
+
+    ``flock`` is released by the kernel when the process dies, kill -9 included.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / ".dti_fast.lock"
+        self.fh = None
+
+    def __enter__(self) -> "OutputLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "a+", encoding="utf-8")
+        except OSError as err:
+            raise PermissionError(
+                f"output folder {self.path.parent} is not writable ({err.strerror}); choose another --output"
+            ) from err
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            fh.close()
+            raise OutputBusyError(
+                f"output folder {self.path.parent} is in use by another dti-fast job (pid {holder}); "
+                "wait for it to finish or choose another --output"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self.fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fh is not None:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
+
+
+class StopSignals:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (main thread only).
+
+    A second signal does not wait for the step: it raises KeyboardInterrupt at
+    once. :meth:`release` hands the signals back (after the final checkpoint,
+    exports and sample grids answer Ctrl-C directly).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            self.release()
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def release(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@dataclass
+class TrainResult:
+    """What a finished job produced and measured."""
+
+    output_dir: Path
+    concept_dirs: dict[str, Path]
+    vectors: dict[str, list[torch.Tensor]]  # per concept, per encoder: (n_vectors, dim) fp32 as exported
+    scales: list[float]  # m* per encoder (1.0 for TI)
+    job_steps: int
+    samples: int
+    seconds: float
+    skipped_steps: int
+    stopped: dict[str, str] = field(default_factory=dict)  # concept -> why it was stopped early
+    peak_memory: int | None = None  # bytes during the loop: CUDA max allocated, or the CPU process's peak RSS
+    batch_per_step: int = 0  # most images in one forward pass
+    device: str = ""
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("nan")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run a training job and write every concept's outputs; returns what it made.
+
+    Bad input raises before the model loads. The output folder is locked for
+    the job's lifetime. SIGINT/SIGTERM write a checkpoint and raise
+    :class:`TrainingInterrupted`; ``resume=True`` continues from the newest
+    checkpoints and ends with the same vectors as an uninterrupted run. Under
+    a distributed launcher (``WORLD_SIZE > 1``) the concepts are sharded over
+    the ranks (``parallel="shard"``) or trained data-parallel
+    (``parallel="data"``); see :mod:`dti_fast.distributed`. The result holds
+    this rank's concepts.
+    """
+    validate_config(cfg)
+    ctx = setup_distributed()
+    data_world = ctx.world_size if cfg.parallel == "data" else 1
+    subset = list(range(len(cfg.concepts)))
+    finished = finished_concepts(cfg, data_world) if cfg.resume else set()
+    subset = [i for i in subset if cfg.concepts[i].name not in finished]
+    checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
+    if ctx.enabled and cfg.parallel == "shard":
+        shards = shard_concepts([cfg.concept_steps(cfg.concepts[i]) for i in subset], ctx.world_size)
+        subset = [subset[k] for k in shards[ctx.rank]]
+        checkpoint_dir = checkpoint_dir / f"rank{ctx.rank}-of-{ctx.world_size}"
+    mine = [cfg.concepts[i] for i in subset]
+    if cfg.resume and ctx.is_main and ctx.enabled:
+        previous = failure_report(Path(cfg.output_dir), ctx.world_size)
+        if previous:
+            print(f"dti-fast: the previous run did not finish: {previous.split('. ')[0]}", file=sys.stderr)
+        print(f"dti-fast: resuming; {len(finished)} concept(s) finished, {len(cfg.concepts) - len(finished)} to train",
+              file=sys.stderr)
+    images = [load_concept_images(c, cfg.resolution) for c in mine]
+    sub_cfg = replace(cfg, concepts=mine, progress=cfg.progress and ctx.is_main)
+    lock = OutputLock(Path(cfg.output_dir)) if ctx.is_main else contextlib.nullcontext()
+    with _agreed(lock, ctx), StopSignals() as stop:
+        names = [c.name for c in mine]
+        ctx.write_status(Path(cfg.output_dir), "running", names)
+        try:
+            result = _run(sub_cfg, images, stop, ctx, checkpoint_dir) if mine else _empty_result(cfg)
+        except TrainingInterrupted as err:
+            ctx.write_status(Path(cfg.output_dir), f"interrupted by {signal.Signals(err.signum).name}", names)
+            if ctx.enabled and ctx.is_main:
+                        # A launcher stops every rank when one dies: say which one held what.
+                report = failure_report(Path(cfg.output_dir), ctx.world_size)
+                if report:
+                    print(f"dti-fast: {report}", file=sys.stderr)
+            raise
+        except BaseException as err:
+            ctx.write_status(Path(cfg.output_dir), f"failed ({type(err).__name__}: {err})", names)
+            raise
+        ctx.write_status(Path(cfg.output_dir), "done", names)
+    if ctx.enabled and cfg.parallel == "shard":
+        # Outside the signal handlers: a launcher tearing the job down may stop a rank that waits here.
+        _report_rank_failures(cfg, ctx)
+    return result
+
+
+@contextlib.contextmanager
+def _agreed(lock, ctx: DistContext):
+    """Enter ``lock`` on the main rank; every rank fails together if it could not be taken."""
+    error = None
+    try:
+        lock.__enter__()
+    except (JobError, OSError) as err:
+        error = err
+    if not ctx.agree(error is None):
+        if error is not None:
+            raise error
+        raise OutputBusyError("the main rank could not lock the output folder; see its error")
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _report_rank_failures(cfg: TrainConfig, ctx: DistContext) -> None:
+    """Wait for the other ranks; on the main rank, name ranks that failed and the concepts they held."""
+    try:
+        torch.distributed.barrier()
+        problem = None
+    except Exception as err:  # a dead peer breaks the collective
+        problem = f"({type(err).__name__} while waiting for the other ranks)"
+    if ctx.is_main:
+        report = failure_report(Path(cfg.output_dir), ctx.world_size)
+        if report or problem:
+            raise JobError(report or problem)
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _empty_result(cfg: TrainConfig) -> TrainResult:
+    return TrainResult(output_dir=Path(cfg.output_dir), concept_dirs={}, vectors={}, scales=[], job_steps=0,
+                       samples=0, seconds=0.0, skipped_steps=0)
+
+
+def _run(cfg: TrainConfig, images: list[ConceptImages], stop: StopSignals, ctx: DistContext,
+         checkpoint_dir: Path) -> TrainResult:
+    """The loop: steps until every concept is done or a signal arrives, checkpoints, then the exports."""
+    job = TrainingJob(cfg, images, ctx, checkpoint_dir)
+    if cfg.resume:
+        restore_checkpoint(job)
+    if cfg.max_batch == "auto":
+        fit = plan_batch(job)
+        if cfg.progress:
+            print(f"dti-fast: max_batch auto: {fit} concept(s) x {cfg.batch_size} image(s) per step on {job.device}",
+                  file=sys.stderr)
+    reset_peak(job.device)
+    total = sum(cfg.concept_steps(c) for c in cfg.concepts)
+    already = sum(job.done.values())
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=already, unit="concept-step", dynamic_ncols=True, desc="training")
+    started = time.perf_counter()
+    samples_before = job.samples
+    ema = None
+    try:
+        while stop.signum is None:
+            before = sum(job.done.values())
+            try:
+                loss = job.step()
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not _out_of_memory(err):
+                    raise
+                # The step failed before its update, so the rows are as the last step left them: save them.
+                job.optimizer.zero_grad(set_to_none=True)
+                saved = save_checkpoint(job)
+                raise JobError(
+                    f"out of memory on {job.device} in a step of {len(pick_concepts(job))} concept(s) x "
+                    f"{cfg.batch_size} image(s) at {cfg.resolution} px; lower --batch-size, cap the concepts per "
+                    "step with --max-batch (or --max-batch auto), or add --gradient-checkpointing"
+                    + (f"; progress is saved in {saved}: rerun with --resume" if saved else "")
+                ) from None
+            if loss is None:
+                break
+            if math.isfinite(loss):
+                ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+            if bar is not None:
+                elapsed = time.perf_counter() - started
+                bar.update(sum(job.done.values()) - before)
+                bar.set_postfix(loss=f"{ema if ema is not None else float('nan'):.4f}",
+                                samples_s=f"{(job.samples - samples_before) / max(elapsed, 1e-9):.1f}")
+            if job.job_step % cfg.checkpoint_every == 0:
+                save_checkpoint(job)
+    finally:
+        if bar is not None:
+            bar.close()
+    if stop.signum is not None:
+        raise TrainingInterrupted(stop.signum, save_checkpoint(job) or checkpoint_dir)
+    seconds = time.perf_counter() - started
+    peak = peak_bytes(job.device)
+    save_checkpoint(job)
+    stop.release()  # everything learned is on disk: from here on a signal stops the job at once
+    records = job.concept_records()
+    concept_dirs = {r.name: Path(cfg.output_dir) / r.name for r in records}
+    vectors = {r.name: [e.vectors for e in r.encoders] for r in records}
+    if job.writes:
+        export_concepts(Path(cfg.output_dir), records, ti_rescaled=cfg.export_ti_rescaled)
+        if cfg.validation_prompts:
+            validation_grids(job.parts, records, cfg.output_dir, cfg.validation_prompts,
+                             steps=cfg.validation_inference_steps, seed=cfg.seed, resolution=cfg.resolution)
+    return TrainResult(
+        output_dir=Path(cfg.output_dir),
+        concept_dirs=concept_dirs,
+        vectors=vectors,
+        scales=[emb.scale for emb in job.embeddings],
+        job_steps=job.job_step,
+        samples=job.samples - samples_before,
+        seconds=seconds,
+        skipped_steps=job.skipped,
+        stopped=dict(job.stopped),
+        peak_memory=peak,
+        batch_per_step=job.max_images_per_step,
+        device=str(job.device),
+    )
