@@ -55,14 +55,15 @@ def _positive_float(text: str) -> float:
 
 
 def parse_concept_flag(text: str) -> Concept:
-    """``NAME:IMAGES_DIR:INIT[:CLASS]`` -> Concept (INIT may hold spaces)."""
+    """``NAME:IMAGES_DIR:INIT[:CLASS[:TRIGGER]]`` -> Concept (INIT may hold spaces; CLASS may be empty)."""
     parts = text.split(":")
     if len(parts) < 3 or not all(parts[:3]):
         raise argparse.ArgumentTypeError(
             f"--concept {text!r}: expected NAME:IMAGES_DIR:INIT[:CLASS], e.g. dog:photos/dog:dog"
         )
     try:
-        return Concept(name=parts[0], images=Path(parts[1]), init=parts[2], class_noun=parts[3] if len(parts) > 3 else None)
+        return Concept(name=parts[0], images=Path(parts[1]), init=parts[2], class_noun=parts[3] if len(parts) > 3 else None,
+                       trigger=parts[4] if len(parts) > 4 and parts[4] else None)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -136,6 +137,8 @@ def _train_config(args: argparse.Namespace):
 
 
 def _report(result, cfg) -> None:
+    from .concept_files import summary_lines
+
     print(f"\nTrained {len(result.concept_dirs)} concept(s) with {cfg.method.upper()} in {result.seconds:.1f} s "
           f"({result.samples_per_second:.1f} samples/s, {result.job_steps} steps, {result.skipped_steps} skipped).")
     for name, folder in result.concept_dirs.items():
@@ -144,6 +147,8 @@ def _report(result, cfg) -> None:
             for e, (v, s) in enumerate(zip(result.vectors[name], result.scales))
         )
         print(f"  {name}: {folder}  [{norms}]")
+        for line in summary_lines(folder):
+            print(line)
     for name, why in result.stopped.items():
         print(f"  {name} was stopped early: {why}")
 
@@ -186,12 +191,13 @@ def _cmd_optim_demo(args: argparse.Namespace) -> int:
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML job file: the keys below (underscored) and [[concept]] tables "
-                   "with name, images, init, and optionally class, placeholder, kind (object|style), steps")
+                   "with name, images, init, and optionally class, placeholder, trigger, kind (object|style), steps")
     p.add_argument("--model", help="diffusers model: a local folder or a hub id (SD 1.x/2.x or SDXL)")
     p.add_argument("--output", dest="output_dir", type=Path, help="output folder (one sub-folder per concept)")
     p.add_argument("--concept", action="append", type=parse_concept_flag, default=[],
-                   help="NAME:IMAGES_DIR:INIT[:CLASS]; repeat for many concepts trained together "
-                   "(placeholder <NAME>; INIT's tokenizer pieces give the number of vectors)")
+                   help="NAME:IMAGES_DIR:INIT[:CLASS[:TRIGGER]]; repeat for many concepts trained together "
+                   "(placeholder <NAME>; INIT's tokenizer pieces give the number of vectors; TRIGGER, the word "
+                   "A1111/ComfyUI type and the embedding files' name, defaults to NAME-METHOD)")
     p.add_argument("--method", choices=["dti", "ti"], help="dti (default): fixed norm m*, Riemannian SGD on the "
                    "direction with a vMF prior; ti: plain Textual Inversion (AdamW on a free vector)")
     p.add_argument("--steps", type=_positive_int, help="optimizer steps per concept (default 400)")

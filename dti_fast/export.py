@@ -6,9 +6,12 @@ Per concept, under ``<output>/<concept>/``:
   for the first text encoder; ``learned_embeds_2.safetensors`` for SDXL's second.
   ``pipe.load_textual_inversion(folder_or_file)`` loads it; multi-vector
   concepts expand to ``<name> <name>_1 ...`` as diffusers does.
-- A1111's format: SD ``<concept>.pt`` with ``string_to_param``; SDXL
-  ``<concept>.safetensors`` with ``clip_l`` and ``clip_g``.
-- ``concept.json``: what was trained (method, m*, norms, steps, initializer).
+- Files named by the concept's trigger (A1111/ComfyUI type the file name): SD
+  ``<trigger>.safetensors`` (``emb_params``) and ``<trigger>.pt`` (``string_to_param``, legacy
+  pickle); SDXL ``<trigger>.safetensors`` with ``clip_l`` and ``clip_g``
+  (:mod:`dti_fast.concept_files`).
+- ``concept.json``: what was trained (method, m*, norms, steps, initializer), the trigger and
+  the word to type in each client.
 - With ``export_ti_rescaled`` (TI only): the same files under ``rescaled/``
   with every vector scaled to the vocabulary's m* (the paper's TI-rescaled).
 
@@ -22,33 +25,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .io import save_safetensors, save_torch, write_json
+from .concept_files import client_info, concept_trigger, rescaled_trigger, write_concept_files
+from .io import write_json
 from .sphere import norm_scale
 
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import _Job
 
 __all__ = ["export_job", "write_concept_files", "validation_grids"]
-
-
-def write_concept_files(folder: Path, name: str, placeholder: str, vectors: list[torch.Tensor], family: str,
-                        steps: int) -> list[Path]:
-    """Write one concept's vectors (one (n, dim) tensor per text encoder) in every format."""
-    written = [save_safetensors({placeholder: vectors[0]}, folder / "learned_embeds.safetensors")]
-    if family == "sdxl":
-        written.append(save_safetensors({placeholder: vectors[1]}, folder / "learned_embeds_2.safetensors"))
-        written.append(save_safetensors({"clip_l": vectors[0], "clip_g": vectors[1]}, folder / f"{name}.safetensors"))
-    else:
-        a1111 = {
-            "string_to_token": {"*": 265},
-            "string_to_param": {"*": vectors[0].detach().cpu().contiguous()},
-            "name": name,
-            "step": steps,
-            "sd_checkpoint": None,
-            "sd_checkpoint_name": None,
-        }
-        written.append(save_torch(a1111, folder / f"{name}.pt"))
-    return written
 
 
 def export_job(job: "_Job", write: bool = True) -> tuple[dict[str, Path], dict[str, list[torch.Tensor]]]:
@@ -68,7 +52,8 @@ def export_job(job: "_Job", write: bool = True) -> tuple[dict[str, Path], dict[s
         all_vectors[c.name] = vectors
         if not write:
             continue
-        write_concept_files(folder, c.name, c.placeholder, vectors, job.parts.family, steps)
+        trigger = concept_trigger(c, cfg.method)
+        write_concept_files(folder, c.name, c.placeholder, vectors, job.parts.family, steps, trigger=trigger)
         info = {
             "name": c.name,
             "placeholder": c.placeholder,
@@ -92,13 +77,16 @@ def export_job(job: "_Job", write: bool = True) -> tuple[dict[str, Path], dict[s
                 }
                 for e, emb in enumerate(job.embeddings)
             ],
+            **client_info(trigger, c.placeholder, job.parts.family),
         }
         if cfg.export_ti_rescaled and cfg.method == "ti":
             rescaled = [
                 v / torch.linalg.vector_norm(v, dim=-1, keepdim=True) * s for v, s in zip(vectors, vocab_scales)
             ]
-            write_concept_files(folder / "rescaled", c.name, c.placeholder, rescaled, job.parts.family, steps)
+            write_concept_files(folder / "rescaled", c.name, c.placeholder, rescaled, job.parts.family, steps,
+                                trigger=rescaled_trigger(trigger))
             info["rescaled"] = "rescaled/"
+            info["rescaled_trigger"] = rescaled_trigger(trigger)
         write_json(info, folder / "concept.json")
     return dirs, all_vectors
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import export
+from .concept_files import validate_export_names, validate_trigger
 from .distributed import DistContext, all_reduce_grads, shard_concepts
 from .distributed import setup as setup_distributed
 from .data import Concept, ConceptImages, load_concept_images, random_crop
@@ -265,6 +266,7 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ValueError(f"placeholder {c.placeholder!r} is used by two concepts; give each its own")
         seen_names.add(c.name)
         seen_placeholders.add(c.placeholder)
+    validate_export_names(cfg.concepts, cfg.method, rescaled=cfg.export_ti_rescaled and cfg.method == "ti")
     out = Path(cfg.output_dir)
     probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not probe_dir.is_dir():
@@ -339,6 +341,8 @@ class _Job:
         for enc_index, (tok, enc) in enumerate(zip(self.parts.tokenizers, self.parts.text_encoders)):
             emb = install_embedding(enc, len(tok), scale)
             emb.to(self.device)
+            for c in cfg.concepts:
+                validate_trigger(tok, c, cfg.method)
             per_concept = []
             for c in cfg.concepts:
                 init_ids = initializer_ids(tok, c.init, c.name)
