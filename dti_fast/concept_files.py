@@ -188,13 +188,14 @@ def client_info(trigger: str, placeholder: str, family: str) -> dict[str, Any]:
         "files": {"diffusers": list(DIFFUSERS_FILES[: 2 if family == "sdxl" else 1]), "a1111": files},
         "clients": {
             "AUTOMATIC1111": {"file": files, "type": trigger,
-                              "how": f"copy {' or '.join(files)} into models/embeddings/ and type {trigger}"},
+                              "how": f"copy {st}" + (f" (or {trigger}.pt; one of the two)" if family != "sdxl" else "")
+                                     + f" into models/embeddings/ and type {trigger}"},
             "ComfyUI": {"file": st, "type": f"embedding:{trigger}",
                         "how": f"copy {st} into models/embeddings/ and type embedding:{trigger}"},
             "InvokeAI": {"file": st, "type": f"<{trigger}>",
                          "how": f"install {st} (not learned_embeds*.safetensors) and type <{trigger}>"},
             "diffusers": {"file": "the concept folder", "type": placeholder,
-                          "how": f"dti_fast.load_concepts(pipe, folder) returns {placeholder}, the word to type"
+                          "how": f"dti_fast.load_concepts(pipe, <this folder>) returns {placeholder}, the word to type"
                                  + (f" (or pipe.load_textual_inversion('{trigger}.pt'), then type {trigger})"
                                     if family != "sdxl" else "")},
         },
