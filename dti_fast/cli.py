@@ -62,7 +62,8 @@ def parse_concept_flag(text: str) -> Concept:
             f"--concept {text!r}: expected NAME:IMAGES_DIR:INIT[:CLASS], e.g. dog:photos/dog:dog"
         )
     try:
-        return Concept(name=parts[0], images=Path(parts[1]), init=parts[2], class_noun=parts[3] if len(parts) > 3 and parts[3] else None,
+        return Concept(name=parts[0], images=Path(parts[1]), init=parts[2],
+                       class_noun=parts[3] if len(parts) > 3 and parts[3] else None,
                        trigger=parts[4] if len(parts) > 4 and parts[4] else None)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None

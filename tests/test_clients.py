@@ -345,7 +345,8 @@ def test_a1111_check_refuses_torch2_zip_files_and_accepts_legacy_ones(tmp_path):
     torch.save(obj, tmp_path / "zip.pt")
     names = zipfile.ZipFile(tmp_path / "zip.pt").namelist()
     for newer in (True, False):
-        with pytest.raises(A1111Refused, match=r"bad file inside zip.pt: .*(\.format_version|\.storage_alignment|byteorder)"):
+        with pytest.raises(A1111Refused,
+                           match=r"bad file inside zip.pt: .*(\.format_version|\.storage_alignment|byteorder)"):
             a1111_check_pt(tmp_path / "zip.pt", newer=newer)
     assert any(n.endswith("/.format_version") for n in names)
     torch.save(obj, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
