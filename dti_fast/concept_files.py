@@ -63,7 +63,6 @@ NAME_MAX_BYTES = 255
 #: What atomic_write adds to a name for its temporary file: ".<name>.XXXXXXXX.tmp".
 _TMP_EXTRA = len("..") + 8 + len(".tmp")
 _TRIGGER_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_.-]*[a-z0-9_-])?$")
-_A1111_SUFFIXES = (".pt", ".safetensors")  # SD writes both; SDXL the .safetensors only
 
 
 def _short(text: str, n: int = 40) -> str:
@@ -243,7 +242,7 @@ def write_concept_files(folder: Path, name: str, placeholder: str, vectors: list
     trigger = trigger or default_trigger(placeholder)
     _check_trigger_text(trigger, f"concept {_short(name)!r}")
     # clone(): a row slice of a bigger table would otherwise drag the whole storage into the .pt.
-    rows = [v.detach().to("cpu", torch.float32).contiguous().clone() for v in vectors]
+    rows = [v.detach().to("cpu").contiguous().clone() for v in vectors]
     written = [save_safetensors({placeholder: rows[0]}, folder / DIFFUSERS_FILES[0])]
     if family == "sdxl":
         written.append(save_safetensors({placeholder: rows[1]}, folder / DIFFUSERS_FILES[1]))
