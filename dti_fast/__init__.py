@@ -1,7 +1,8 @@
 """dti_fast: Directional Textual Inversion for diffusers models.
 
 The optimizer (:class:`SphericalSGD`) and the sphere math (:mod:`dti_fast.sphere`)
-are importable without diffusers.
+are importable without diffusers. :func:`load_concepts` and :func:`read_concept`
+(:mod:`dti_fast.concept_files`) are imported on first use.
 """
 
 from .optim import SphericalSGD, spherical_sgd, triton_available
@@ -30,4 +31,19 @@ __all__ = [
     "slerp",
     "spherical_sgd_step_reference",
     "vmf_prior_grad",
+    "load_concepts",
+    "read_concept",
 ]
+
+_LAZY = {"load_concepts": "concept_files", "read_concept": "concept_files"}
+
+
+def __getattr__(name: str):
+    """``dti_fast.load_concepts`` / ``dti_fast.read_concept``, imported when first used."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,20 +30,23 @@ _positive_int = S.argparse_type(S.POSITIVE_INT)
 
 
 def parse_concept_flag(text: str) -> Concept:
-    """``NAME:IMAGES_DIR:INIT[:CLASS]`` -> Concept (INIT may hold spaces)."""
+    """``NAME:IMAGES_DIR:INIT[:CLASS[:TRIGGER]]`` -> Concept (INIT may hold spaces; CLASS may be empty)."""
     parts = text.split(":")
     if len(parts) < 3 or not all(parts[:3]):
         raise argparse.ArgumentTypeError(
-            f"--concept {text!r}: expected NAME:IMAGES_DIR:INIT[:CLASS], e.g. dog:photos/dog:dog"
+            f"--concept {text!r}: expected NAME:IMAGES_DIR:INIT[:CLASS[:TRIGGER]], e.g. dog:photos/dog:dog"
         )
-    if len(parts) > 4:
+    joined = [":".join(parts[1:k]) for k in range(3, len(parts) + 1)]
+    if len(parts) > 5 or (not Path(parts[1]).expanduser().exists() and any(Path(j).expanduser().exists()
+                                                                             for j in joined)):
         raise argparse.ArgumentTypeError(
-            f"--concept {text!r} has more than 3 colons, so its parts are ambiguous (a colon in the folder or in "
-            "the initializer?); use a job file ([[concept]] with name, images, init, class)"
+            f"--concept {text!r}: a colon inside the folder path or the initializer makes the parts ambiguous; "
+            "use a job file ([[concept]] with name, images, init, class, trigger)"
         )
     try:
         return Concept(name=parts[0], images=Path(parts[1]).expanduser(), init=parts[2],
-                       class_noun=parts[3] if len(parts) > 3 else None)
+                       class_noun=parts[3] if len(parts) > 3 and parts[3] else None,
+                       trigger=parts[4] if len(parts) > 4 and parts[4] else None)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -64,6 +67,8 @@ def _train_config(args: argparse.Namespace):
 
 
 def _report(result, cfg) -> None:
+    from .concept_files import summary_lines
+
     print(f"\nTrained {len(result.concept_dirs)} concept(s) with {cfg.method.upper()} in {result.seconds:.1f} s "
           f"({result.samples_per_second:.1f} samples/s, {result.job_steps} steps, {result.skipped_steps} skipped).")
     for name, folder in result.concept_dirs.items():
@@ -72,6 +77,8 @@ def _report(result, cfg) -> None:
             for e, (v, s) in enumerate(zip(result.vectors[name], result.scales))
         )
         print(f"  {name}: {folder}  [{norms}]")
+        for line in summary_lines(folder):
+            print(line)
     for name, why in result.stopped.items():
         print(f"  {name} was stopped early: {why}")
 
@@ -119,10 +126,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     from .train import TrainConfig
 
     p.add_argument("--config", type=Path, help="TOML job file: the keys below (underscored) and [[concept]] tables "
-                   "with name, images, init, and optionally class, placeholder, kind (object|style), steps")
+                   "with name, images, init, and optionally class, placeholder, trigger, kind (object|style), steps")
     p.add_argument("--concept", action="append", type=parse_concept_flag, default=[],
-                   help="NAME:IMAGES_DIR:INIT[:CLASS]; repeat for many concepts trained together "
-                   "(placeholder <NAME>; INIT's tokenizer pieces give the number of vectors)")
+                   help="NAME:IMAGES_DIR:INIT[:CLASS[:TRIGGER]]; repeat for many concepts trained together "
+                   "(placeholder <NAME>; INIT's tokenizer pieces give the number of vectors; TRIGGER, the word "
+                   "A1111/ComfyUI type and the embedding files' name, defaults to NAME-METHOD)")
     S.add_arguments(p, TrainConfig)
 
 

@@ -109,6 +109,7 @@ class Concept:
     placeholder: Optional[str] = None
     kind: str = "object"
     steps: Optional[int] = None
+    trigger: Optional[str] = None  # the A1111/ComfyUI word and file name; default from the placeholder (concept_files)
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name or ""):

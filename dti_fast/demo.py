@@ -63,5 +63,5 @@ def run_demo(output: Path = Path("dti-demo-output"), steps: int = 400, seed: int
         ti = float(torch.linalg.vector_norm(results["ti"].vectors[name][0], dim=-1).mean())
         print(f"  {name:<10} {dti:>8.4f} {ti:>8.4f}   {results['dti'].scales[0]:.4f}")
     print(f"\nOutputs: {output.resolve()}/<method>/<concept>/ (learned_embeds.safetensors for diffusers, "
-          "<concept>.pt for A1111, concept.json; samples.png for DTI)")
+          "<concept>-<method>.safetensors/.pt for A1111, ComfyUI and InvokeAI, concept.json; samples.png for DTI)")
     return results

@@ -6,9 +6,12 @@ Per concept, under ``<output>/<concept>/``:
   for the first text encoder; ``learned_embeds_2.safetensors`` for SDXL's second.
   ``pipe.load_textual_inversion(folder_or_file)`` loads it; multi-vector
   concepts expand to ``<name> <name>_1 ...`` as diffusers does.
-- A1111's format: SD ``<concept>.pt`` with ``string_to_param``; SDXL
-  ``<concept>.safetensors`` with ``clip_l`` and ``clip_g``.
-- ``concept.json``: what was trained (method, m*, norms, steps, initializer).
+- Files named by the concept's trigger (A1111/ComfyUI type the file name): SD
+  ``<trigger>.safetensors`` (``emb_params``) and ``<trigger>.pt`` (``string_to_param``, legacy
+  pickle); SDXL ``<trigger>.safetensors`` with ``clip_l`` and ``clip_g``
+  (:mod:`dti_fast.concept_files`).
+- ``concept.json``: what was trained (method, m*, norms, steps, initializer), the trigger and
+  the word to type in each client.
 - With ``ti_rescaled`` (TI only): the same files under ``rescaled/``
   with every vector scaled to the vocabulary's m* (the paper's TI-rescaled).
 
@@ -24,13 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .concept_files import client_info, concept_trigger, rescaled_trigger, write_concept_files
 from .data import Concept
-from .io import atomic_write, save_safetensors, save_torch, write_json
+from .io import atomic_write, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models import ModelParts
 
-__all__ = ["ConceptRecord", "EncoderVectors", "export_concepts", "write_concept_files", "validation_grids"]
+__all__ = ["ConceptRecord", "EncoderVectors", "export_concepts", "validation_grids"]
 
 
 @dataclass
@@ -90,26 +94,6 @@ class ConceptRecord:
         }
 
 
-def write_concept_files(folder: Path, name: str, placeholder: str, vectors: list[torch.Tensor], family: str,
-                        steps: int) -> list[Path]:
-    """Write one concept's vectors (one (n, dim) tensor per text encoder) in every format."""
-    written = [save_safetensors({placeholder: vectors[0]}, folder / "learned_embeds.safetensors")]
-    if family == "sdxl":
-        written.append(save_safetensors({placeholder: vectors[1]}, folder / "learned_embeds_2.safetensors"))
-        written.append(save_safetensors({"clip_l": vectors[0], "clip_g": vectors[1]}, folder / f"{name}.safetensors"))
-    else:
-        a1111 = {
-            "string_to_token": {"*": 265},
-            "string_to_param": {"*": vectors[0].detach().cpu().contiguous()},
-            "name": name,
-            "step": steps,
-            "sd_checkpoint": None,
-            "sd_checkpoint_name": None,
-        }
-        written.append(save_torch(a1111, folder / f"{name}.pt"))
-    return written
-
-
 def export_concepts(output_dir: Path, records: list[ConceptRecord], ti_rescaled: bool = False) -> dict[str, Path]:
     """Write every concept's files under ``<output_dir>/<name>/``; returns the folders."""
     dirs = {}
@@ -117,18 +101,21 @@ def export_concepts(output_dir: Path, records: list[ConceptRecord], ti_rescaled:
         folder = Path(output_dir) / r.name
         dirs[r.name] = folder
         vectors = [e.vectors for e in r.encoders]
-        info = r.info()
+        trigger = concept_trigger(r.concept, r.method)
+        info = {**r.info(), **client_info(trigger, r.concept.placeholder, r.family)}
         if not all(bool(torch.isfinite(v).all()) for v in vectors):
             # Never hand a client NaN/inf vectors: only concept.json says what happened.
             info["status"] = "failed: its vectors are not finite, so no embedding file was written"
             write_json(info, folder / "concept.json")
             continue
-        write_concept_files(folder, r.name, r.concept.placeholder, vectors, r.family, r.steps)
+        write_concept_files(folder, r.name, r.concept.placeholder, vectors, r.family, r.steps, trigger=trigger)
         if ti_rescaled and r.method == "ti":
             rescaled = [e.vectors / torch.linalg.vector_norm(e.vectors, dim=-1, keepdim=True) * e.vocab_scale
                         for e in r.encoders]
-            write_concept_files(folder / "rescaled", r.name, r.concept.placeholder, rescaled, r.family, r.steps)
+            write_concept_files(folder / "rescaled", r.name, r.concept.placeholder, rescaled, r.family, r.steps,
+                                trigger=rescaled_trigger(trigger))
             info["rescaled"] = "rescaled/"
+            info["rescaled_trigger"] = rescaled_trigger(trigger)
         write_json(info, folder / "concept.json")
     return dirs
 

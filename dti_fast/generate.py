@@ -1,11 +1,8 @@
 """Generating images with learned concepts: a diffusers pipeline with the embeddings loaded.
 
-:func:`read_concept` reads one concept as exported by training (a concept folder with
-``learned_embeds.safetensors`` [+ ``learned_embeds_2.safetensors`` for SDXL] and
-``concept.json``; its ``rescaled/`` folder; or a single embedding file).
 :func:`load_pipeline` builds ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` with
 ``from_pretrained`` from a model folder or hub id (validated by :mod:`dti_fast.models` first),
-and :func:`load_concepts` loads concepts into it with diffusers' own
+and :func:`dti_fast.concept_files.load_concepts` loads concepts into it with diffusers' own
 ``pipe.load_textual_inversion`` (SDXL: once per text encoder), after checking that every
 vector's size matches its text encoder. :func:`generate` runs prompts x seeds in batches (one
 CPU generator per image, so an image depends on its seed only, not on the batch it ran in),
@@ -20,27 +17,23 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .io import atomic_write, load_safetensors, load_torch, write_json
+from .concept_files import ConceptEmbeddings, load_concepts, read_concept, unload_concepts
+from .io import atomic_write, write_json
 
 __all__ = [
-    "ConceptEmbeddings",
     "GenerateResult",
     "ImageRecord",
     "SCHEDULERS",
     "expand_prompts",
     "generate",
-    "load_concepts",
     "load_pipeline",
-    "pipeline_family",
-    "read_concept",
     "scoring_text",
-    "unload_concepts",
 ]
 
 SCHEDULERS = ("auto", "model", "ddim", "euler", "dpm", "pndm")
@@ -50,136 +43,6 @@ MANIFEST = "images.json"
 # --------------------------------------------------------------------------------------------
 # Reading concepts
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ConceptEmbeddings:
-    """One concept's learned vectors, per text encoder, and what concept.json says about it."""
-
-    name: str
-    placeholder: str
-    vectors: list[torch.Tensor]  # per encoder: (n_vectors, dim) fp32
-    files: list[Optional[Path]]  # per encoder: the diffusers-format file it came from (None: in memory)
-    info: dict[str, Any] = field(default_factory=dict)
-    source: Path = Path(".")
-
-    @property
-    def n_vectors(self) -> int:
-        return int(self.vectors[0].shape[0])
-
-    @property
-    def family(self) -> str:
-        return "sdxl" if len(self.vectors) == 2 else "sd"
-
-    @property
-    def tokens(self) -> list[str]:
-        return [self.placeholder] + [f"{self.placeholder}_{i}" for i in range(1, self.n_vectors)]
-
-    @property
-    def class_noun(self) -> Optional[str]:
-        return self.info.get("class_noun") or self.info.get("init")
-
-    @property
-    def method(self) -> Optional[str]:
-        return self.info.get("method")
-
-
-def _as_rows(t: torch.Tensor, where: str) -> torch.Tensor:
-    if not torch.is_tensor(t):
-        raise ValueError(f"{where}: expected a tensor of learned vectors, got {type(t).__name__}")
-    t = t.detach().float().cpu()
-    if t.dim() == 1:
-        t = t.unsqueeze(0)
-    if t.dim() != 2 or t.shape[0] == 0:
-        raise ValueError(f"{where}: learned vectors must have shape (n_vectors, dim), got {tuple(t.shape)}")
-    return t
-
-
-def _read_diffusers_file(path: Path) -> tuple[str, torch.Tensor]:
-    data = load_safetensors(path)
-    if len(data) != 1:
-        raise ValueError(
-            f"{path} holds {len(data)} tensors ({', '.join(sorted(data)[:4])}); a diffusers textual-inversion file "
-            "holds one {placeholder: (n_vectors, dim)}: pass the concept folder written by dti-fast train"
-        )
-    key, value = next(iter(data.items()))
-    return key, _as_rows(value, str(path))
-
-
-def _concept_json(folder: Path) -> tuple[dict, Optional[str]]:
-    """concept.json of ``folder``; for a ``rescaled/`` folder the parent's (method 'ti-rescaled')."""
-    own = folder / "concept.json"
-    if own.is_file():
-        return json.loads(own.read_text(encoding="utf-8")), None
-    parent = folder.parent / "concept.json"
-    if folder.name == "rescaled" and parent.is_file():
-        info = json.loads(parent.read_text(encoding="utf-8"))
-        return info, "ti-rescaled"
-    return {}, None
-
-
-def read_concept(path: Union[str, Path], token: Optional[str] = None) -> ConceptEmbeddings:
-    """Read a concept: a folder written by training (or interpolation), its ``rescaled/`` folder, or a file.
-
-    Files: a diffusers ``.safetensors`` ``{placeholder: (n, dim)}`` (SD), an A1111 SDXL
-    ``.safetensors`` with ``clip_l``/``clip_g``, or an A1111 SD ``.pt`` (read with
-    ``weights_only=True``). ``token`` overrides the placeholder.
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"concept {path} does not exist; pass a concept folder written by dti-fast train "
-                                "(with learned_embeds.safetensors) or an embedding file")
-    if path.is_dir():
-        first = path / "learned_embeds.safetensors"
-        if not first.is_file():
-            raise FileNotFoundError(
-                f"concept folder {path} has no learned_embeds.safetensors; pass the folder dti-fast train wrote for "
-                "the concept (<output>/<concept>/) or its rescaled/ folder"
-            )
-        info, method_override = _concept_json(path)
-        key, v1 = _read_diffusers_file(first)
-        vectors, files = [v1], [first]
-        second = path / "learned_embeds_2.safetensors"
-        if second.is_file():
-            key2, v2 = _read_diffusers_file(second)
-            if v2.shape[0] != v1.shape[0]:
-                raise ValueError(f"{second} holds {v2.shape[0]} vectors but {first} holds {v1.shape[0]}; re-export "
-                                 "the concept")
-            vectors.append(v2)
-            files.append(second)
-        elif info.get("family") == "sdxl":
-            raise FileNotFoundError(f"concept folder {path} is an SDXL concept (concept.json) but has no "
-                                    "learned_embeds_2.safetensors (the second text encoder's vectors); re-export it")
-        info = dict(info)
-        if method_override:
-            info["method"] = method_override
-            info["encoders"] = [
-                dict(enc, scale=None, norms=[float(n) for n in torch.linalg.vector_norm(v, dim=-1)])
-                for enc, v in zip(info.get("encoders", [{}] * len(vectors)), vectors)
-            ]
-        placeholder = token or info.get("placeholder") or key
-        name = info.get("name") or path.name
-        return ConceptEmbeddings(name=name, placeholder=placeholder, vectors=vectors, files=files, info=info,
-                                 source=path)
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        data = load_safetensors(path)
-        if set(data) == {"clip_l", "clip_g"}:
-            vectors = [_as_rows(data["clip_l"], f"{path} clip_l"), _as_rows(data["clip_g"], f"{path} clip_g")]
-            return ConceptEmbeddings(path.stem, token or f"<{path.stem}>", vectors, [None, None], {}, path)
-        key, v = _read_diffusers_file(path)
-        return ConceptEmbeddings(path.stem, token or key, [v], [path], {}, path)
-    if suffix in (".pt", ".bin"):
-        data = load_torch(path)
-        if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict) and data["string_to_param"]:
-            v = _as_rows(next(iter(data["string_to_param"].values())), str(path))
-            return ConceptEmbeddings(path.stem, token or f"<{path.stem}>", [v], [None], {}, path)
-        if isinstance(data, dict) and len(data) == 1:
-            key, value = next(iter(data.items()))
-            return ConceptEmbeddings(path.stem, token or key, [_as_rows(value, str(path))], [None], {}, path)
-        raise ValueError(f"{path} is not a textual-inversion file (no string_to_param, not one tensor)")
-    raise ValueError(f"concept {path}: unsupported file type {suffix!r}; pass a concept folder, a .safetensors "
-                     "or an A1111 .pt embedding")
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,70 +108,6 @@ def load_pipeline(model: Union[str, Path], *, device: str = "auto", dtype: str =
     pipe.set_progress_bar_config(disable=not progress)
     pipe._dti_fast_model = r.shown  # for error messages
     return pipe
-
-
-def pipeline_family(pipe) -> str:
-    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
-
-
-def _encoders(pipe) -> list[tuple[Any, Any]]:
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if pipeline_family(pipe) == "sdxl":
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    return pairs
-
-
-def check_concept_fits(pipe, concept: ConceptEmbeddings) -> None:
-    """Raise ``ValueError`` naming the file when the concept's encoders or vector sizes do not fit ``pipe``."""
-    model = getattr(pipe, "_dti_fast_model", "the model")
-    pairs = _encoders(pipe)
-    fam = pipeline_family(pipe)
-    if len(concept.vectors) != len(pairs):
-        have = "two text encoders (SDXL)" if len(concept.vectors) == 2 else "one text encoder (SD 1.x/2.x)"
-        want = "SDXL, with two text encoders" if fam == "sdxl" else "SD 1.x/2.x, with one text encoder"
-        trained = concept.info.get("model")
-        raise ValueError(
-            f"concept {concept.source} holds vectors for {have} but model {model} is {want}; use the model the "
-            f"concept was trained on{f' ({trained})' if trained else ''} or train the concept on this model"
-        )
-    for e, ((_, enc), v, f) in enumerate(zip(pairs, concept.vectors, concept.files)):
-        dim = int(enc.get_input_embeddings().weight.shape[1])
-        if int(v.shape[-1]) != dim:
-            trained = concept.info.get("model")
-            raise ValueError(
-                f"{f or concept.source} holds vectors of size {int(v.shape[-1])} but text encoder {e + 1} of model "
-                f"{model} takes {dim}: the concept was trained for another model"
-                f"{f' ({trained})' if trained else ''} (e.g. an SD 1.5 embedding cannot go into SDXL or SD 2.x); "
-                "use that model or train the concept on this one"
-            )
-
-
-def load_concepts(pipe, concepts: Sequence[ConceptEmbeddings]) -> None:
-    """Load each concept with ``pipe.load_textual_inversion`` (SDXL: once per text encoder)."""
-    seen: dict[str, Path] = {}
-    for c in concepts:
-        if c.placeholder in seen:
-            raise ValueError(
-                f"concepts {seen[c.placeholder]} and {c.source} use the same placeholder {c.placeholder!r}; load "
-                "them into separate pipelines or give one another token"
-            )
-        seen[c.placeholder] = c.source
-        check_concept_fits(pipe, c)
-    for c in concepts:
-        for (tok, enc), v, f in zip(_encoders(pipe), c.vectors, c.files):
-            source: Any = str(f) if f is not None else {c.placeholder: v}
-            pipe.load_textual_inversion(source, token=c.placeholder, tokenizer=tok, text_encoder=enc)
-
-
-def unload_concepts(pipe, concepts: Sequence[ConceptEmbeddings]) -> None:
-    """Remove the concepts' tokens from every tokenizer and text encoder of ``pipe``."""
-    tokens = [t for c in concepts for t in c.tokens]
-    if tokens:
-        for tok, enc in _encoders(pipe):
-            vocab = tok.get_vocab()
-            present = [t for t in tokens if t in vocab]
-            if present:
-                pipe.unload_textual_inversion(tokens=present, tokenizer=tok, text_encoder=enc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,7 +254,7 @@ def generate(
                 if model is None:
                     raise ValueError("no model given and the concepts' concept.json names none; pass --model")
             pipe = load_pipeline(model, device=device, dtype=dtype, scheduler=scheduler, progress=progress)
-        load_concepts(pipe, loaded)
+        load_concepts(pipe, *loaded)
         try:
             for start in range(0, len(pending), batch_size):
                 batch = pending[start : start + batch_size]

@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .generate import ConceptEmbeddings, read_concept
+from .concept_files import ConceptEmbeddings, read_concept
 from .io import write_json
 from .sphere import SLERP_ANTIPODAL_THRESHOLD, slerp
 
@@ -196,7 +196,7 @@ def interpolate_concepts(
     strip ``<output>/strip_<mode>.png`` shows ``prompt`` (``{}`` = the interpolated concept)
     at every t with one seed; ``model`` defaults to the model in ``a``'s concept.json.
     """
-    from .export import write_concept_files
+    from .concept_files import write_concept_files
 
     ca = a if isinstance(a, ConceptEmbeddings) else read_concept(a)
     cb = b if isinstance(b, ConceptEmbeddings) else read_concept(b)

@@ -468,7 +468,8 @@ class _Run:
         self._stage(f"train:{tm}", self.train_fp(method), exist, work)
 
     def generate(self, method: str) -> None:
-        from .generate import generate, read_concept
+        from .concept_files import read_concept
+        from .generate import generate
 
         folder = self.out / "images" / method
         c = self.cfg
@@ -501,7 +502,7 @@ class _Run:
 
     def slerp(self) -> dict[str, dict[str, str]]:
         """Strips between two subjects: DTI (slerp) and, when trained, TI (lerp vs slerp)."""
-        from .generate import read_concept
+        from .concept_files import read_concept
         from .interpolate import interpolate_concepts
 
         strips: dict[str, dict[str, str]] = {}
@@ -534,7 +535,7 @@ class _Run:
         return strips
 
     def _slerp_pair(self) -> Optional[tuple[str, str]]:
-        from .generate import read_concept
+        from .concept_files import read_concept
 
         names = [s.name for s in self.subjects]
         if self.cfg.slerp_pair:
@@ -602,7 +603,7 @@ def _fmt(v: Optional[float], digits: int = 3) -> str:
 def _write_report(run: _Run, strips: dict[str, dict[str, str]], seconds: float) -> tuple[Path, Path, dict]:
     from .evaluate import METRIC_LABELS, METRICS
     from .testing import is_tiny_metric_model
-    from .generate import read_concept
+    from .concept_files import read_concept
     from .plots import norm_histogram, scatter_plot
 
     cfg, out = run.cfg, run.out

@@ -38,10 +38,10 @@ def test_every_format_holds_the_record_vectors(tmp_path, family):
     assert list(first) == ["<bag>"] and torch.equal(first["<bag>"], r.encoders[0].vectors)
     if family == "sdxl":
         assert torch.equal(load_safetensors(folder / "learned_embeds_2.safetensors")["<bag>"], r.encoders[1].vectors)
-        a1111 = load_safetensors(folder / "bag.safetensors")
+        a1111 = load_safetensors(folder / "bag-dti.safetensors")
         assert torch.equal(a1111["clip_l"], r.encoders[0].vectors) and torch.equal(a1111["clip_g"], r.encoders[1].vectors)
     else:
-        a1111 = load_torch(folder / "bag.pt")
+        a1111 = load_torch(folder / "bag-dti.pt")
         assert torch.equal(next(iter(a1111["string_to_param"].values())), r.encoders[0].vectors)
     info = json.loads((folder / "concept.json").read_text())
     assert info["status"] == "complete" and info["steps"] == 7 and info["family"] == family
@@ -73,3 +73,21 @@ def test_non_finite_vectors_are_never_exported(tmp_path):
     folder = export_concepts(tmp_path / "out", [r])["bag"]
     assert sorted(p.name for p in folder.iterdir()) == ["concept.json"]
     assert json.loads((folder / "concept.json").read_text())["status"].startswith("failed: its vectors are not finite")
+
+
+def test_concept_files_that_are_damaged_or_not_finite_are_refused_by_name(tmp_path):
+    from dti_fast.concept_files import read_concept
+
+    folder = export_concepts(tmp_path / "out", [_record(tmp_path)])["bag"]
+    (folder / "concept.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="concept.json holds a list, not the JSON object"):
+        read_concept(folder)
+    (folder / "concept.json").write_text("{")
+    with pytest.raises(ValueError, match="concept.json is not readable JSON"):
+        read_concept(folder)
+    bad = tmp_path / "nan.safetensors"
+    from dti_fast.io import save_safetensors
+
+    save_safetensors({"<x>": torch.full((1, 32), float("nan"))}, bad)
+    with pytest.raises(ValueError, match="nan.safetensors: the learned vectors hold NaN or inf"):
+        read_concept(bad)

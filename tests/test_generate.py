@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dti_fast.export import write_concept_files
-from dti_fast.generate import (expand_prompts, generate, load_concepts, load_pipeline, read_concept, scoring_text,
-                               unload_concepts)
+from dti_fast.concept_files import write_concept_files
+from dti_fast.concept_files import load_concepts, read_concept, unload_concepts
+from dti_fast.generate import expand_prompts, generate, load_pipeline, scoring_text
 from dti_fast.io import write_json
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dti_fast.export import write_concept_files
-from dti_fast.generate import read_concept
+from dti_fast.concept_files import write_concept_files
+from dti_fast.concept_files import read_concept
 from dti_fast.interpolate import interpolate_concepts, interpolate_vectors, interpolation_times, interpolation_vectors
 from dti_fast.io import load_safetensors, write_json
 

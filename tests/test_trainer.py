@@ -63,7 +63,7 @@ def test_sd_dti_exports_load_in_diffusers_with_norm_mstar(tiny_sd, tmp_path):
         ids = pipe.tokenizer.convert_tokens_to_ids(tokens)
         loaded = pipe.text_encoder.get_input_embeddings().weight[ids].detach()
         torch.testing.assert_close(loaded, vectors, rtol=0, atol=0)
-        a1111 = load_torch(folder / f"{name}.pt")
+        a1111 = load_torch(folder / f"{name}-dti.pt")
         torch.testing.assert_close(a1111["string_to_param"]["*"], vectors, rtol=0, atol=0)
     # Training moved the directions away from the initializer's.
     init = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids(["dog</w>"])][0]
@@ -79,7 +79,7 @@ def test_a1111_file_loads_through_diffusers(tiny_sd, tmp_path):
 
     result = train(_config(tiny_sd, tmp_path / "out", names=("dog",), steps=1))
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
-    pipe.load_textual_inversion(str(result.concept_dirs["dog"] / "dog.pt"), token="<a1111-dog>")
+    pipe.load_textual_inversion(str(result.concept_dirs["dog"] / "dog-dti.pt"), token="<a1111-dog>")
     tid = pipe.tokenizer.convert_tokens_to_ids("<a1111-dog>")
     torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[tid].detach(),
                                result.vectors["dog"][0][0], rtol=0, atol=0)
@@ -106,7 +106,7 @@ def test_sdxl_two_encoders_export_and_load(tiny_sdxl, tmp_path):
         ids2 = pipe.tokenizer_2.convert_tokens_to_ids([placeholder])
         torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[ids1][0].detach(), v1[0], rtol=0, atol=0)
         torch.testing.assert_close(pipe.text_encoder_2.get_input_embeddings().weight[ids2][0].detach(), v2[0], rtol=0, atol=0)
-        a1111 = load_safetensors(folder / f"{name}.safetensors")
+        a1111 = load_safetensors(folder / f"{name}-dti.safetensors")
         torch.testing.assert_close(a1111["clip_l"], v1, rtol=0, atol=0)
         torch.testing.assert_close(a1111["clip_g"], v2, rtol=0, atol=0)
 

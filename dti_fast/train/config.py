@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import settings as S
+from ..concept_files import validate_export_names
 from ..data import Concept
 from .errors import JobError
 
@@ -181,6 +182,7 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ValueError(f"placeholder {c.placeholder!r} is used by two concepts; give each its own")
         seen_names.add(c.name)
         seen_placeholders.add(c.placeholder)
+    validate_export_names(cfg.concepts, cfg.method, rescaled=cfg.export_ti_rescaled and cfg.method == "ti")
     out = Path(cfg.output_dir)
     probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not probe_dir.is_dir():

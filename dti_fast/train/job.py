@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..concept_files import validate_trigger
 from ..data import ConceptImages, random_crop
 from ..distributed import DistContext, all_reduce_grads
 from ..embedding import ConceptTokens, DirectionalEmbedding, add_concept_tokens, initializer_ids, install_embedding, start_rows
@@ -101,6 +102,8 @@ class TrainingJob:
         for enc_index, (tok, enc) in enumerate(zip(self.parts.tokenizers, self.parts.text_encoders)):
             emb = install_embedding(enc, len(tok), scale)
             emb.to(self.device)
+            for c in cfg.concepts:
+                validate_trigger(tok, c, cfg.method)
             per_concept = []
             for c in cfg.concepts:
                 init_ids = initializer_ids(tok, c.init, c.name)
