@@ -33,7 +33,9 @@ setup(
         "protobuf>=3.20",  # required by transformers' SiglipTokenizer
     ],
     extras_require={
-        "dev": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.0", "geoopt>=0.5", "ruff>=0.6"],
+        "dev": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.0", "geoopt>=0.5", "ruff>=0.6", "accelerate>=0.30",
+                "tensorboard>=2.10"],
+        "tracking": ["accelerate>=0.30", "tensorboard>=2.10"],
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["dti-fast = dti_fast.cli:main"]},

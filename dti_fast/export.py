@@ -121,8 +121,8 @@ def export_concepts(output_dir: Path, records: list[ConceptRecord], ti_rescaled:
 
 
 def validation_grids(parts: ModelParts, records: list[ConceptRecord], output_dir: Path, prompts: list[str], *,
-                     steps: int, seed: int, resolution: int) -> list[Path]:
-    """Generate each prompt (``{}`` = the concept) with the learned vectors; save ``<concept>/samples.png``.
+                     steps: int, seed: int, resolution: int, filename: str = "samples.png") -> list[Path]:
+    """Generate each prompt (``{}`` = the concept) with the learned vectors; save ``<concept>/<filename>``.
 
     ``parts`` must hold the concepts' tokens and rows (as the trainer's embeddings do).
     """
@@ -138,7 +138,7 @@ def validation_grids(parts: ModelParts, records: list[ConceptRecord], output_dir
         with torch.no_grad():
             images = pipe(texts, num_inference_steps=steps, generator=gen, height=resolution, width=resolution).images
         sheet = image_grid(images, columns=min(4, len(images)))
-        path = Path(output_dir) / r.name / "samples.png"
+        path = Path(output_dir) / r.name / filename
         atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
         written.append(path)
     return written

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-__all__ = ["image_grid", "image_strip", "scatter_plot", "norm_histogram", "PALETTE"]
+__all__ = ["image_grid", "image_strip", "line_plot", "scatter_plot", "norm_histogram", "PALETTE"]
 
 #: Colours for series (methods), in order.
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -236,6 +236,28 @@ def scatter_plot(series: dict[str, dict], title: str = "", xlabel: str = "", yla
             px, py = ax.px(*s["mean"])
             d.ellipse([px - 7, py - 7, px + 7, py + 7], fill=colour, outline="black")
             d.text((px + 9, py - 7), name, fill=colour, font=ax.font)
+    ax.legend(legend)
+    return ax.im
+
+
+def line_plot(series: dict[str, Sequence[tuple[float, float]]], title: str = "", xlabel: str = "", ylabel: str = "",
+              size=(640, 400)):
+    """Lines of named series ``{name: [(x, y), ...]}`` (e.g. a loss per concept over steps); non-finite points skipped."""
+    ax = _Axes(size=size, title=title, xlabel=xlabel, ylabel=ylabel)
+    clean = {name: [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y)] for name, pts in series.items()}
+    xs = [x for pts in clean.values() for x, _ in pts] or [0.0, 1.0]
+    ys = [y for pts in clean.values() for _, y in pts] or [0.0, 1.0]
+    ax.set_limits(min(xs), max(xs), *_padded(min(ys), max(ys)))
+    ax.frame()
+    legend = []
+    for k, (name, pts) in enumerate(clean.items()):
+        colour = PALETTE[k % len(PALETTE)]
+        legend.append((name, colour))
+        if len(pts) == 1:
+            px, py = ax.px(*pts[0])
+            ax.draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        elif pts:
+            ax.draw.line([ax.px(x, y) for x, y in pts], fill=colour, width=2)
     ax.legend(legend)
     return ax.im
 

@@ -20,6 +20,7 @@ from .. import settings as S
 from ..concept_files import validate_export_names
 from ..data import Concept
 from .errors import JobError
+from .tracking import REPORT_TO, check_report_to
 
 __all__ = ["TrainConfig", "METHODS", "DEFAULT_LR", "validate_config", "load_job_file", "read_job_file"]
 
@@ -95,10 +96,22 @@ class TrainConfig:
         kind=S.TEXTS, default_factory=list, flag="--validation-prompt", action="append",
         help="prompt for a sample grid after training ({} stands for the concept); repeatable")
     validation_inference_steps: int = S.setting(25, kind=S.POSITIVE_INT, help="denoising steps of the samples")
+    validation_every: int | None = S.setting(None, kind=S.optional(S.POSITIVE_INT),
+                                             help="also render the validation prompts every N job steps into "
+                                             "<concept>/samples/step-N.png, to watch a concept learn",
+                                             default_text="default: only after training")
     export_ti_rescaled: bool = S.setting(False, kind=S.BOOL, action="true",
                                          help="TI: also export vectors rescaled to m* (the paper's TI-rescaled "
                                          "baseline) under rescaled/")
-    progress: bool = S.setting(True, kind=S.BOOL, flag="--no-progress", action="false", help="no progress bar")
+    progress: bool = S.setting(True, kind=S.BOOL, flag="--no-progress", action="false",
+                               help="no progress output (a bar on a terminal, plain lines in a log)")
+    progress_interval: float = S.setting(30.0, kind=S.NONNEG_FLOAT,
+                                         help="seconds between plain progress lines when stderr is not a terminal")
+    log_every: int = S.setting(10, kind=S.POSITIVE_INT, help="job steps between points of the training curves "
+                               "(per-concept loss, norm, angle from the start, learning rate)")
+    report_to: str = S.setting("none", kind=S.choice(*REPORT_TO),
+                               help="also send the curves to TensorBoard (<output>/logs) or Weights & Biases through "
+                               "accelerate's trackers (optional packages); curves.png is written either way")
     max_bad_steps: int = S.setting(3, kind=S.POSITIVE_INT,
                                    help="stop a concept after this many steps in a row with a NaN/inf loss, gradient "
                                    "or update")
@@ -168,6 +181,10 @@ def validate_config(cfg: TrainConfig) -> None:
                          "pip install 'dti-fast[xformers]' (a CUDA build matching torch), or use --attention sdpa")
     if cfg.optim_bits == 8 and cfg.method == "ti" and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("--optim-bits 8 needs bitsandbytes (pip install bitsandbytes), or use --optim-bits 32")
+    check_report_to(cfg.report_to)
+    if cfg.validation_every and not cfg.validation_prompts:
+        raise ValueError("validation_every needs validation prompts: add --validation-prompt (or validation_prompts "
+                         "in the job file)")
     if cfg.resolution % 8:
         raise ValueError(f"resolution must be a multiple of 8 (the VAE's factor), got {cfg.resolution}")
     if not cfg.concepts:

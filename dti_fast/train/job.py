@@ -88,6 +88,7 @@ class TrainingJob:
         self.job_step = 0
         self.samples = 0
         self.skipped = 0
+        self.last_losses: dict[int, float] = {}  # concept index -> loss, of the last step's stepped concepts
         self.concepts_per_step: int | None = None  # set by batching.plan_batch() for max_batch="auto"
         self.max_images_per_step = 0
 
@@ -352,6 +353,7 @@ class TrainingJob:
         if stepping:
             stepping = self._update(stepping)
         stepped = set(stepping)
+        self.last_losses = {i: v for i, v in zip(chosen, losses) if i in stepped}
         for i, value in zip(chosen, losses):
             name = self.cfg.concepts[i].name
             if i in stepped:

@@ -32,6 +32,7 @@ from .checkpoint import finished_concepts, restore_checkpoint, save_checkpoint
 from .config import TrainConfig, validate_config
 from .errors import JobError, OutputBusyError, TrainingInterrupted
 from .job import TrainingJob
+from .tracking import Curves, Progress
 
 __all__ = ["OutputLock", "StopSignals", "TrainResult", "train"]
 
@@ -219,6 +220,25 @@ def _report_rank_failures(cfg: TrainConfig, ctx: DistContext) -> None:
             raise JobError(report or problem)
 
 
+def _step(job: TrainingJob) -> float | None:
+    """``job.step()``; out of memory saves a checkpoint and becomes a JobError that names the fixes."""
+    try:
+        return job.step()
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        # The step failed before its update, so the rows are as the last step left them: save them.
+        job.optimizer.zero_grad(set_to_none=True)
+        saved = save_checkpoint(job)
+        cfg = job.cfg
+        raise JobError(
+            f"out of memory on {job.device} in a step of {len(pick_concepts(job))} concept(s) x "
+            f"{cfg.batch_size} image(s) at {cfg.resolution} px; lower --batch-size, cap the concepts per "
+            "step with --max-batch (or --max-batch auto), or add --gradient-checkpointing"
+            + (f"; progress is saved in {saved}: rerun with --resume" if saved else "")
+        ) from None
+
+
 def _out_of_memory(err: BaseException) -> bool:
     text = str(err)
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
@@ -242,46 +262,29 @@ def _run(cfg: TrainConfig, images: list[ConceptImages], stop: StopSignals, ctx: 
                   file=sys.stderr)
     reset_peak(job.device)
     total = sum(cfg.concept_steps(c) for c in cfg.concepts)
-    already = sum(job.done.values())
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=already, unit="concept-step", dynamic_ncols=True, desc="training")
+    progress = Progress(total, sum(job.done.values()), cfg.progress, interval=cfg.progress_interval)
+    curves = Curves(job, cfg.log_every, cfg.report_to, run_name=Path(cfg.output_dir).name or "dti-fast")
     started = time.perf_counter()
     samples_before = job.samples
     ema = None
     try:
         while stop.signum is None:
-            before = sum(job.done.values())
-            try:
-                loss = job.step()
-            except (torch.OutOfMemoryError, RuntimeError) as err:
-                if not _out_of_memory(err):
-                    raise
-                # The step failed before its update, so the rows are as the last step left them: save them.
-                job.optimizer.zero_grad(set_to_none=True)
-                saved = save_checkpoint(job)
-                raise JobError(
-                    f"out of memory on {job.device} in a step of {len(pick_concepts(job))} concept(s) x "
-                    f"{cfg.batch_size} image(s) at {cfg.resolution} px; lower --batch-size, cap the concepts per "
-                    "step with --max-batch (or --max-batch auto), or add --gradient-checkpointing"
-                    + (f"; progress is saved in {saved}: rerun with --resume" if saved else "")
-                ) from None
+            loss = _step(job)
             if loss is None:
                 break
             if math.isfinite(loss):
                 ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-            if bar is not None:
-                elapsed = time.perf_counter() - started
-                bar.update(sum(job.done.values()) - before)
-                bar.set_postfix(loss=f"{ema if ema is not None else float('nan'):.4f}",
-                                samples_s=f"{(job.samples - samples_before) / max(elapsed, 1e-9):.1f}")
+            rate = (job.samples - samples_before) / max(time.perf_counter() - started, 1e-9)
+            progress.update(sum(job.done.values()), ema, rate)
+            curves.after_step(job)
             if job.job_step % cfg.checkpoint_every == 0:
                 save_checkpoint(job)
+            if cfg.validation_every and job.writes and job.job_step % cfg.validation_every == 0:
+                validation_grids(job.parts, job.concept_records(), cfg.output_dir, cfg.validation_prompts,
+                                 steps=cfg.validation_inference_steps, seed=cfg.seed, resolution=cfg.resolution,
+                                 filename=f"samples/step-{job.job_step:06d}.png")
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
     if stop.signum is not None:
         raise TrainingInterrupted(stop.signum, save_checkpoint(job) or checkpoint_dir)
     seconds = time.perf_counter() - started
@@ -291,8 +294,11 @@ def _run(cfg: TrainConfig, images: list[ConceptImages], stop: StopSignals, ctx: 
     records = job.concept_records()
     concept_dirs = {r.name: Path(cfg.output_dir) / r.name for r in records}
     vectors = {r.name: [e.vectors for e in r.encoders] for r in records}
+    if job.job_step % cfg.log_every:
+        curves.record(job)  # the last point
     if job.writes:
         export_concepts(Path(cfg.output_dir), records, ti_rescaled=cfg.export_ti_rescaled)
+        curves.finish(Path(cfg.output_dir))
         if cfg.validation_prompts:
             validation_grids(job.parts, records, cfg.output_dir, cfg.validation_prompts,
                              steps=cfg.validation_inference_steps, seed=cfg.seed, resolution=cfg.resolution)
