@@ -344,6 +344,56 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(tiny_sd, tmp_path):
     assert list((out / "checkpoints").glob("step-*.safetensors"))
 
 
+# A real SIGINT, sent by the process to itself at a chosen point of a phase (decoding photos, sampling the
+# validation grid), so the test does not depend on timing on a busy machine.
+_SIGNAL_SCRIPT = """
+import os, signal, sys
+import dti_fast.data as data
+import dti_fast.models as models
+from dti_fast.cli import main
+
+phase, times = sys.argv[1], int(sys.argv[2])
+if phase == "decode":
+    real = data.load_rgb
+    def load_rgb(path):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(path)
+    data.load_rgb = load_rgb
+else:
+    real = models.pipeline_from_parts
+    def pipeline_from_parts(parts, scheduler=None):
+        pipe = real(parts, scheduler)
+        call = type(pipe).__call__
+        class Interrupted(type(pipe)):
+            def __call__(self, *a, **k):
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGINT)
+                return call(self, *a, **k)
+        pipe.__class__ = Interrupted
+        return pipe
+    models.pipeline_from_parts = pipeline_from_parts
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("phase, times", [("decode", 1), ("validation", 1), ("validation", 2)])
+def test_ctrl_c_in_every_phase_exits_130_without_a_traceback(tiny_sd, tmp_path, phase, times):
+    script = tmp_path / "sig.py"
+    script.write_text(_SIGNAL_SCRIPT)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(script), phase, str(times), "train", "--model", str(tiny_sd), "--output", str(out),
+           "--concept", f"dog:{demo_images_dir() / 'dog'}:dog", "--steps", "2", "--batch-size", "1",
+           "--resolution", "64", "--no-progress", "--validation-prompt", "a photo of {}",
+           "--validation-inference-steps", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("dti-fast train: interrupted")
+    if phase == "validation":  # interrupted after the final checkpoint: nothing learned is lost
+        assert list((out / "checkpoints").glob("step-*.safetensors"))
+        assert (out / "dog" / "learned_embeds.safetensors").is_file()
+
+
 # -- fuzzing the loaders ----------------------------------------------------------------------
 
 
