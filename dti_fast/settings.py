@@ -46,7 +46,7 @@ class Kind:
 
 
 def _expected(kind: str, value: Any) -> ValueError:
-    return ValueError(f"must be {kind}, got {value!r}")
+    return ValueError(f"must be {kind}, got {value!r}")  # "lr must be positive and finite, got inf"
 
 
 def _integer(minimum: int | None, describe: str) -> Kind:
@@ -128,7 +128,7 @@ INT = _integer(None, "an integer")
 POSITIVE_INT = _integer(1, "a positive integer")
 FLOAT = _number(lambda v: True, "a finite number")
 NONNEG_FLOAT = _number(lambda v: v >= 0, "a finite number >= 0")
-POSITIVE_FLOAT = _number(lambda v: v > 0, "a finite positive number")
+POSITIVE_FLOAT = _number(lambda v: v > 0, "positive and finite")
 UNIT_INTERVAL = _number(lambda v: 0 <= v < 1, "a number in [0, 1)")
 BOOL = Kind("true or false", _boolean)
 TEXT = Kind("a string", _text)

@@ -240,7 +240,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tiny_
         with safe_open(str(newest), framework="pt") as fh:
             meta = fh.metadata()
         tensors = load_safetensors(newest)
-        tensors["rng/dog"] = torch.zeros(7, dtype=torch.uint8)
+        for name in ("dog", "clock"):  # both fall back: the same schedule as no interruption, bit for bit
+            tensors[f"rng/{name}"] = torch.zeros(7, dtype=torch.uint8)
         meta.pop("checksum")  # as a checkpoint of the previous format would be: no checksum to catch it
         save_safetensors(tensors, newest, metadata=meta)
     vectors = _resume_to_4(tiny_sd, out)
@@ -258,12 +259,14 @@ def test_dti_rows_off_the_sphere_are_not_restored(tiny_sd, tmp_path, capsys, uni
     with safe_open(str(newest), framework="pt") as fh:
         meta = fh.metadata()
     tensors = load_safetensors(newest)
-    tensors["rows/0/dog"] = tensors["rows/0/dog"] * 48.0
+    for name in ("dog", "clock"):
+        tensors[f"rows/0/{name}"] = tensors[f"rows/0/{name}"] * 48.0
     meta["checksum"] = __import__("dti_fast.train.checkpoint", fromlist=["_checksum"])._checksum(tensors)
     save_safetensors(tensors, newest, metadata=meta)  # a consistent file with absurd rows
     vectors = _resume_to_4(tiny_sd, out)
     assert "not unit vectors" in capsys.readouterr().err
-    assert torch.equal(vectors["dog"][0], uninterrupted_4["dog"][0])
+    for name in ("dog", "clock"):
+        assert torch.equal(vectors[name][0], uninterrupted_4[name][0]), name
 
 
 def test_no_intact_checkpoint_is_a_clear_error(tiny_sd, tmp_path):

@@ -90,12 +90,12 @@ def test_fingerprint_ignores_output_options_and_follows_the_math(tmp_path):
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"lr": math.inf}, "lr must be a finite positive number"),
-    ({"lr": 1e400}, "lr must be a finite positive number"),
+    ({"lr": math.inf}, "lr must be positive and finite"),
+    ({"lr": 1e400}, "lr must be positive and finite"),
     ({"kappa": math.inf}, "kappa must be a finite number >= 0"),
     ({"kappa": math.nan}, "kappa must be"),
     ({"beta": 1.0}, "beta must be a number in"),
-    ({"norm_scale": math.inf}, "norm_scale must be mean, min, max or a finite positive number"),
+    ({"norm_scale": math.inf}, "norm_scale must be mean, min, max or a positive finite number"),
     ({"norm_scale": "median"}, "norm_scale must be"),
     ({"steps": 0}, "steps must be a positive integer"),
     ({"seed": 10 ** 20}, "seed must be below"),
@@ -120,7 +120,7 @@ def test_config_paths_are_normalized(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("line, message", [
     ('steps = 1.5', "steps must be an integer"),
-    ('lr = inf', "lr must be a finite positive number"),
+    ('lr = inf', "lr must be positive and finite"),
     ('kappa = nan', "kappa must be"),
     ('output_dir = 5', "output_dir must be a non-empty path"),
     ('validation_prompts = [1, 2]', "validation_prompts must be a list of strings"),

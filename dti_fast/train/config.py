@@ -34,10 +34,10 @@ def _norm_scale(value: Any, from_text: bool) -> str | float:
     try:
         return S.POSITIVE_FLOAT(value, from_text)
     except ValueError:
-        raise ValueError(f"must be mean, min, max or a finite positive number, got {value!r}") from None
+        raise ValueError(f"must be mean, min, max or a positive finite number, got {value!r}") from None
 
 
-_SCALE = S.Kind("mean, min, max or a finite positive number", _norm_scale)
+_SCALE = S.Kind("mean, min, max or a positive finite number", _norm_scale)
 _MAX_BATCH = S.optional(S.either(S.literal("auto"), S.POSITIVE_INT))
 _TEXT_CACHE = S.either(S.BOOL, S.literal("auto"))
 
