@@ -101,10 +101,11 @@ def test_kernel_matches_reference(helpers, device, shapes, hyper, dtype):
 
 def test_multi_pass_branch_is_used_above_the_single_pass_limit():
     assert kmod.MAX_SINGLE_PASS_DIM == 8192  # the 8192/8200 cases above straddle it
-    assert kmod._launch_config(8192)[2] is True
-    assert kmod._launch_config(8200)[2] is False
+    assert kmod.launch_config(8192).single_pass is True
+    assert kmod.launch_config(8200).single_pass is False
     for dim in (1, 64, 77, 768, 1280, 2048, 8192, 8200, 20000):
-        block_r, block_d, single, num_warps = kmod._launch_config(dim)
+        cfg = kmod.launch_config(dim)
+        block_r, block_d, single, num_warps = cfg.rows, cfg.block, cfg.single_pass, cfg.num_warps
         assert block_r >= 1 and (block_d & (block_d - 1)) == 0  # powers of two
         assert block_d >= dim if single else block_d < dim
         assert block_r == 1 or block_r * block_d <= 4096

@@ -17,7 +17,7 @@ import torch
 
 from dti_fast import SphericalSGD, project_to_sphere, project_to_sphere_, spherical_sgd
 from dti_fast import optim as optim_mod
-from dti_fast.optim import _check_fused_possible, _resolve_fused
+from dti_fast.optim import _check_fused_possible, resolve_fused
 
 # -- tolerances ------------------------------------------------------------------------
 
@@ -136,7 +136,7 @@ def test_add_param_group_mid_run(helpers, device, fused):
     for t, grads in enumerate(problem["grads"]):
         if t == 4:
             opt.add_param_group({"params": [p1], "lr": 0.1, "kappa": 1e-2, "prior": [problem["priors"][1].to(device)]})
-            assert p1 not in opt.state
+            assert set(opt.state[p1]) == {"prior"}  # the prior is state; step state comes with the first grad
         p0.grad = grads[0].to(device)
         p1.grad = grads[1].to(device) if t >= 4 else None
         opt.step()
@@ -164,7 +164,7 @@ def test_add_param_group_validates(helpers):
     [
         ({"lr": -0.1}, ValueError, "learning rate"),
         ({"lr": float("nan")}, ValueError, "learning rate"),
-        ({"lr": torch.tensor(0.1)}, TypeError, "float"),
+        ({"lr": torch.tensor([0.1, 0.2])}, ValueError, "one element"),
         ({"kappa": -1e-4}, ValueError, "kappa"),
         ({"beta": 1.0}, ValueError, "beta"),
         ({"beta": -0.1}, ValueError, "beta"),
@@ -215,7 +215,8 @@ def test_prior_is_stored_as_fp32_unit_rows_on_the_param_device(helpers, device):
     p = _param(helpers, (3, 16), device, dtype=torch.bfloat16)
     mu = 4.0 * torch.randn(3, 16, dtype=torch.float64)  # CPU, fp64, not unit
     opt = SphericalSGD([{"params": [p], "prior": [mu]}], kappa=1e-2)
-    stored = opt.param_groups[0]["prior"][0]
+    assert "prior" not in opt.param_groups[0]  # tensors live in state, not in param_groups
+    stored = opt.state[p]["prior"]
     assert stored.dtype == torch.float32 and stored.device == p.device and stored.is_contiguous()
     torch.testing.assert_close(stored.cpu(), (mu / mu.norm(dim=-1, keepdim=True)).float(), atol=1e-6, rtol=0)
 
@@ -266,7 +267,7 @@ def test_params_without_grad_are_skipped(helpers, device, fused):
         p.grad = torch.randn(3, 64, device=device)
         opt.step()
     assert torch.equal(q.detach(), q_before)
-    assert q not in opt.state
+    assert set(opt.state[q]) == {"prior"}  # no step state without a grad
     assert not torch.equal(p.detach(), p_before) and int(opt.state[p]["step"]) == 3
 
 
@@ -334,11 +335,11 @@ def test_fused_true_on_cpu_without_interpreter_raises(helpers, monkeypatch):
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET|Triton"):
             _check_fused_possible([p])
         with pytest.raises(RuntimeError):
-            _resolve_fused(True, [p])
+            resolve_fused(True, [p])
         with pytest.raises(RuntimeError):
             SphericalSGD([p], fused=True)
-        assert _resolve_fused(False, [p]) is False
-        assert _resolve_fused(None, [p]) is False  # auto never picks the kernel for CPU params
+        assert resolve_fused(False, [p]) is False
+        assert resolve_fused(None, [p]) is False  # auto never picks the kernel for CPU params
 
 
 @pytest.mark.skipif(not optim_mod.triton_available(), reason="needs Triton")
@@ -359,7 +360,7 @@ def test_fused_true_without_triton_raises(helpers, monkeypatch):
         _check_fused_possible([p])
     with pytest.raises(RuntimeError, match="needs Triton"):
         SphericalSGD([p], fused=True)
-    assert _resolve_fused(None, [p]) is False
+    assert resolve_fused(None, [p]) is False
 
 
 # -- state dict -----------------------------------------------------------------------------
