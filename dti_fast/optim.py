@@ -17,6 +17,7 @@ and, for params given a prior, ``prior`` (fp32 unit rows shaped like the param).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -274,10 +275,10 @@ class SphericalSGD(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         state_of = self.state
         work = []
-        first: list[tuple[torch.Tensor, int]] = []
+        first: list[tuple[torch.Tensor, int, list, int]] = []
         for group in self.param_groups:
             use_prior = group["kappa"] != 0.0
-            params = []
+            params, states = [], []
             for i, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is None:
@@ -289,20 +290,20 @@ class SphericalSGD(Optimizer):
                     )
                 param_state = state_of.get(p)
                 if param_state is None or "step" not in param_state:
-                    first.append((p, i))
+                    first.append((p, i, states, len(states)))
                 if use_prior and (param_state is None or "prior" not in param_state):
                     raise ValueError("kappa > 0 needs a 'prior' in the param group (one tensor per param)")
                 params.append(p)
+                states.append(param_state)
             if params:
-                work.append((group, params))
-        for p, i in first:
+                work.append((group, params, states))
+        for p, i, _, _ in first:
             _check_unit_rows(p, i)
-        for p, _ in first:
-            param_state = state_of[p]
+        for p, _, states, j in first:
+            param_state = states[j] = state_of[p]
             param_state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             param_state["s"] = torch.zeros(p.shape[:-1], dtype=torch.float32, device=p.device)
-        for group, params in work:
-            states = [state_of[p] for p in params]
+        for group, params, states in work:
             use_prior = group["kappa"] != 0.0
             spherical_sgd(
                 params,
@@ -453,6 +454,13 @@ def spherical_sgd(
     """
     if not params:
         return
+    with torch.no_grad():
+        _spherical_sgd(params, grads, row_states, steps, priors, lr=lr, kappa=kappa, beta=beta, eps=eps,
+                       normalize=normalize, fused=fused, grad_scale=grad_scale, found_inf=found_inf, cache=cache)
+
+
+def _spherical_sgd(params, grads, row_states, steps, priors, *, lr, kappa, beta, eps, normalize, fused, grad_scale,
+                   found_inf, cache) -> None:
     cache = cache if cache is not None else {}
     if isinstance(lr, torch.Tensor):
         lr = float(lr)
@@ -486,6 +494,8 @@ def spherical_sgd(
 
 
 def _by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+    if all(t.is_cpu for t in tensors):  # a cheap test for the common CPU case
+        return {tensors[0].device: list(tensors)}
     first = tensors[0].device
     if all(t.device == first for t in tensors):
         return {first: list(tensors)}
@@ -528,6 +538,83 @@ def _packed_prior(priors: Sequence[torch.Tensor], dim: int, cache: dict) -> torc
 _CPU_BLOCK_ELEMENTS = 1 << 18
 
 
+@dataclass
+class _Run:
+    """Params stepped together: one concatenation in, one foreach copy out."""
+
+    idx: list[int]
+    rows: list[int]
+    flat: bool  # every param is 2-D: concatenated without views
+    out_views: list[torch.Tensor] = field(default_factory=list)  # of the bucket's out buffer, shaped like the params
+    s_views: list[torch.Tensor] = field(default_factory=list)  # of the bucket's s buffer, shaped like the states
+    row_counts: torch.Tensor | None = None
+
+
+@dataclass
+class _Bucket:
+    """Params of one device, vector size and dtypes; buffers shared by its runs (used one run at a time)."""
+
+    device: torch.device
+    dim: int
+    runs: list[_Run]
+    out: torch.Tensor | None = None  # (rows of the largest run, dim) fp32: the new rows
+    s_out: torch.Tensor | None = None  # (rows of the largest run,) fp32: the new s
+
+
+@dataclass
+class _Plan:
+    """How a list of params is bucketed and run, built once and reused while the params stay the same."""
+
+    params: list[torch.Tensor]
+    signature: list[tuple]
+    buckets: list[_Bucket]
+
+
+def _signature(params: Sequence[torch.Tensor]) -> list[tuple]:
+    # Shapes and dtypes; a param moved to another device with the same shape fails
+    # loudly in the concatenation (it is not silently stepped on the old device).
+    return [(p.shape, p.dtype) for p in params]
+
+
+def _plan(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], cache: dict) -> _Plan:
+    """The cached plan for ``params`` (the same tensors, of the same shapes and dtypes), or a new one."""
+    key = ("plan", len(params), id(params[0]))
+    plan = cache.get(key)
+    signature = _signature(params)
+    if plan is not None and plan.signature == signature and all(a is b for a, b in zip(plan.params, params)):
+        return plan
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, g) in enumerate(zip(params, grads)):
+        groups.setdefault((p.device, p.shape[-1], p.dtype, g.dtype), []).append(i)
+    buckets = []
+    for (device, dim, _, _), idx in groups.items():
+        limit = max(1, _CPU_BLOCK_ELEMENTS // dim) if device.type == "cpu" else None
+        runs = []
+        for run_idx in _runs(idx, [params[i].numel() // dim for i in idx], limit):
+            targets = [params[i] for i in run_idx]
+            flat = all(t.dim() == 2 for t in targets)
+            runs.append(_Run(run_idx, [t.numel() // dim for t in targets], flat))
+        bucket = _Bucket(device, dim, runs)
+        batched = [run for run in runs if len(run.idx) > 1]
+        if batched:
+            most = max(sum(run.rows) for run in batched)
+            bucket.out = torch.empty(most, dim, dtype=torch.float32, device=device)
+            bucket.s_out = torch.empty(most, dtype=torch.float32, device=device)
+            for run in batched:
+                targets = [params[i] for i in run.idx]
+                out = bucket.out[: sum(run.rows)].split(run.rows)
+                s_out = bucket.s_out[: sum(run.rows)].split(run.rows)
+                run.out_views = list(out) if run.flat else [c.view(t.shape) for c, t in zip(out, targets)]
+                run.s_views = list(s_out) if run.flat else [c.view(t.shape[:-1]) for c, t in zip(s_out, targets)]
+                run.row_counts = torch.tensor(run.rows, device=device)
+        buckets.append(bucket)
+    if sum(1 for k in cache if k[0] == "plan") >= 8:
+        for old in [k for k in cache if k[0] == "plan"]:
+            del cache[old]
+    plan = cache[key] = _Plan(list(params), signature, buckets)
+    return plan
+
+
 def _vectorized_spherical_sgd(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -545,33 +632,38 @@ def _vectorized_spherical_sgd(
     cache: dict,
     memo: dict,
 ) -> None:
-    """The step in batched torch ops: params of one (device, vector size) in runs, each one concatenation."""
+    """The step in batched torch ops.
+
+    Params are bucketed by device, vector size and dtypes; on the CPU a bucket
+    is cut into runs of about :data:`_CPU_BLOCK_ELEMENTS` (cache-sized). A run
+    of several params is one concatenation of rows and grads, the row math on
+    the whole block (written into buffers kept between steps), and one foreach
+    copy back into the params and their ``s``; a lone param is updated through
+    views. The bucketing, buffers and output views are cached while the params
+    stay the same tensors of the same shapes.
+    """
     use_prior = kappa != 0.0
     uses_s = normalize and beta != 0.0
     need_old_s = uses_s or (normalize and found_inf is not None)  # a skipped step keeps the old s
-    buckets: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        buckets.setdefault((p.device, p.shape[-1]), []).append(i)
-    for (device, dim), idx in buckets.items():
+    plan = _plan(params, grads, cache)
+    for bucket in plan.buckets:
+        device, dim = bucket.device, bucket.dim
         scale = device_copy(grad_scale, device, memo)
         inf = device_copy(found_inf, device, memo)
         hyper = dict(lr=lr, kappa=kappa, beta=beta, eps=eps, normalize=normalize,
                      inv_scale=scale.reciprocal().to(torch.float32) if scale is not None else None,
                      skip=inf.reshape(()) > 0 if inf is not None else None)
         limit = max(1, _CPU_BLOCK_ELEMENTS // dim) if device.type == "cpu" else None
-        for run in _runs(idx, [params[i].numel() // dim for i in idx], limit):
-            if len(run) == 1:
-                i = run[0]
+        for run in bucket.runs:
+            if len(run.idx) == 1:
+                i = run.idx[0]
                 _step_one_param(params[i], grads[i], row_states[i], steps[i],
                                 priors[i] if use_prior else None, dim, limit, hyper)
                 continue
-            targets = [params[i] for i in run]
-            states = [row_states[i] for i in run]
-            run_grads = [grads[i] for i in run]
-            # 2-D params (the common case: one (vectors, dim) param per concept) need no views.
-            flat = all(t.dim() == 2 for t in targets)
-            rows = [t.shape[0] for t in targets] if flat else [t.numel() // dim for t in targets]
-            if flat:
+            targets = [params[i] for i in run.idx]
+            states = [row_states[i] for i in run.idx]
+            run_grads = [grads[i] for i in run.idx]
+            if run.flat:
                 v = torch.cat(targets)
                 g = torch.cat(run_grads)
             else:
@@ -579,18 +671,17 @@ def _vectorized_spherical_sgd(
                 g = torch.cat([t.reshape(-1, dim) for t in run_grads])
             s_old = None
             if need_old_s:
-                s_old = torch.cat(states) if flat else torch.cat([st.reshape(-1) for st in states])
-            mu = _packed_prior([priors[i] for i in run], dim, cache) if use_prior else None
+                s_old = torch.cat(states) if run.flat else torch.cat([st.reshape(-1) for st in states])
+            mu = _packed_prior([priors[i] for i in run.idx], dim, cache) if use_prior else None
             t_rows = None
             if uses_s:
-                t_rows = torch.repeat_interleave(torch.stack([steps[i] for i in run]),
-                                                 _row_counts(rows, device, cache), output_size=v.shape[0])
-            new_v, s_new = _update_rows(v, g, s_old, mu, t_rows, **hyper)
-            chunks = new_v.split(rows)
-            torch._foreach_copy_(targets, list(chunks) if flat else [c.view(t.shape) for c, t in zip(chunks, targets)])
+                t_rows = torch.repeat_interleave(torch.stack([steps[i] for i in run.idx]), run.row_counts,
+                                                 output_size=v.shape[0])
+            n = v.shape[0]
+            _, s_new = _update_rows(v, g, s_old, mu, t_rows, **hyper, out=bucket.out[:n], s_out=bucket.s_out[:n])
+            torch._foreach_copy_(targets, run.out_views)
             if s_new is not None:
-                chunks = s_new.split(rows)
-                torch._foreach_copy_(states, list(chunks) if flat else [c.view(st.shape) for c, st in zip(chunks, states)])
+                torch._foreach_copy_(states, run.s_views)
 
 
 def _runs(idx: list[int], rows: list[int], limit: int | None) -> list[list[int]]:
@@ -646,13 +737,16 @@ def _update_rows(
     normalize: bool,
     inv_scale: torch.Tensor | None,
     skip: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+    s_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The step on a block of rows (R, D); returns new rows (fp32) and new ``s`` (None without normalize).
 
     Inputs may be views of params, grads and state: they are only read.
     ``s_old`` is needed when ``beta != 0`` or with ``skip``; ``inv_scale`` is 1 / a
     GradScaler's scale; where ``skip`` (a 0-dim bool tensor) is true the old
-    rows and ``s`` are returned.
+    rows and ``s`` are returned. ``out``/``s_out`` (fp32, not aliasing any
+    input) receive the results when given.
     """
     v = v_raw.float()
     g = g_raw.float()
@@ -664,27 +758,18 @@ def _update_rows(
     g = torch.addcmul(g, v, gv, value=-1.0)  # a fresh tensor from here on: in-place ops are safe
     s_new = None
     if normalize:
-        s_new = torch.linalg.vecdot(g, g)
+        s_new = torch.linalg.vecdot(g, g, out=s_out)
         s_hat = s_new
         if beta != 0.0:
             s_new.mul_(1.0 - beta).add_(s_old, alpha=beta)
             s_hat = s_new / (1.0 - torch.pow(beta, t_rows))
         neg_coef = torch.sqrt(s_hat).add_(eps).reciprocal_().mul_(-lr).unsqueeze_(-1)
-        new_v = torch.addcmul(v, g, neg_coef)
+        new_v = torch.addcmul(v, g, neg_coef, out=out)
     else:
-        new_v = torch.add(v, g, alpha=-lr)
+        new_v = torch.add(v, g, alpha=-lr, out=out)
     new_v.div_(torch.linalg.vector_norm(new_v, dim=-1, keepdim=True))
     if skip is not None:
-        new_v = torch.where(skip, v, new_v)
+        new_v = torch.where(skip, v, new_v, out=out)
         if s_new is not None:
-            s_new = torch.where(skip, s_old, s_new)
+            s_new = torch.where(skip, s_old, s_new, out=s_out)
     return new_v, s_new
-
-
-def _row_counts(rows: list[int], device: torch.device, cache: dict) -> torch.Tensor:
-    key = ("rows", tuple(rows), device)
-    hit = cache.get(key)
-    if hit is None:
-        hit = torch.tensor(rows, device=device)
-        cache[key] = hit
-    return hit

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from dti_fast import SphericalSGD, project_to_sphere, project_to_sphere_, spherical_sgd
+from dti_fast import SphericalSGD, project_to_sphere, project_to_sphere_, spherical_sgd, spherical_sgd_step_reference
 from dti_fast import optim as optim_mod
 from dti_fast.optim import _check_fused_possible, resolve_fused
 
@@ -706,3 +706,42 @@ def test_eps_is_added_outside_the_sqrt(helpers, device, fused, eps):
     angle = torch.atan2((after - dot[:, None] * v.double()).norm(dim=-1), dot)
     expected = math.atan(0.1 * 1e-8 / (1e-8 + eps))
     torch.testing.assert_close(angle, torch.full((4,), expected, dtype=torch.float64), atol=ANGLE_ATOL, rtol=0)
+
+
+# -- the vectorized path's cached plan ----------------------------------------------------------------
+
+
+def test_vectorized_plan_follows_params_that_change_shape_or_storage(helpers, device):
+    # The vectorized path caches how a group's params are concatenated and written back
+    # (buffers and views). A param given new data of another shape, or new storage, must
+    # be stepped as it is now, not as the cached plan remembers it.
+    gen = torch.Generator().manual_seed(31)
+    params = [torch.nn.Parameter(helpers.unit_rows((2, 64), gen).to(device)) for _ in range(3)]
+    opt = SphericalSGD(params, lr=LR, fused=False)
+    for p in params:
+        p.grad = torch.randn(2, 64, generator=gen).to(device)
+    opt.step()
+    params[1].data = helpers.unit_rows((5, 64), gen).to(device)  # new shape
+    opt.state[params[1]]["s"] = torch.zeros(5, device=device)
+    params[2].data = params[2].detach().clone()  # new storage, same shape
+    before = [p.detach().clone() for p in params]
+    grads = [torch.randn(p.shape, generator=gen).to(device) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    for p, v, g in zip(params, before, grads):
+        ref, _ = spherical_sgd_step_reference(v, g, torch.zeros(v.shape[:-1], device=device), 2, lr=LR)
+        torch.testing.assert_close(p.detach(), ref, atol=FP32_ATOL, rtol=0)
+
+
+def test_functional_call_outside_no_grad(helpers, device):
+    # Like torch's functional optimizers' callers, but without a no_grad block: it still steps.
+    gen = torch.Generator().manual_seed(32)
+    ps = [torch.nn.Parameter(helpers.unit_rows((2, 64), gen).to(device)) for _ in range(2)]
+    grads = [torch.randn(2, 64, generator=gen).to(device) for _ in ps]
+    refs = [spherical_sgd_step_reference(p.detach(), g, torch.zeros(2, device=device), 1, lr=LR)[0]
+            for p, g in zip(ps, grads)]
+    spherical_sgd(ps, grads, [torch.zeros(2, device=device) for _ in ps], [torch.zeros((), device=device) for _ in ps],
+                  None, lr=LR)
+    for p, ref in zip(ps, refs):
+        torch.testing.assert_close(p.detach(), ref, atol=FP32_ATOL, rtol=0)
