@@ -536,6 +536,18 @@ def _packed_prior(priors: Sequence[torch.Tensor], dim: int, cache: dict) -> torc
 # On the CPU the row math runs in blocks of about 1 MB per temporary: they stay in
 # cache and are reused, instead of being paged in afresh every step.
 _CPU_BLOCK_ELEMENTS = 1 << 18
+# ATen runs an elementwise op or reduction on one thread below this many elements
+# (at::internal::GRAIN_SIZE). With several threads, runs of many params stay below
+# it: each parallel region ends in a barrier, and on a busy machine (other processes
+# on the cores) a barrier waits for a descheduled thread; measured on 2 shared cores,
+# 1000 params of (4, 768): 81 ms a step with 1 MB blocks, 20 ms with serial blocks.
+# A single large param is still stepped in 1 MB blocks (parallel ops pay off there).
+_ATEN_GRAIN = 32768
+
+
+def _cpu_run_elements() -> int:
+    """How many elements a run of several params may hold on the CPU (see _ATEN_GRAIN)."""
+    return _CPU_BLOCK_ELEMENTS if torch.get_num_threads() == 1 else _ATEN_GRAIN - 1
 
 
 @dataclass
@@ -568,6 +580,7 @@ class _Plan:
     params: list[torch.Tensor]
     signature: list[tuple]
     buckets: list[_Bucket]
+    run_elements: int  # the CPU run size it was cut with
 
 
 def _signature(params: Sequence[torch.Tensor]) -> list[tuple]:
@@ -581,14 +594,16 @@ def _plan(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], cache: 
     key = ("plan", len(params), id(params[0]))
     plan = cache.get(key)
     signature = _signature(params)
-    if plan is not None and plan.signature == signature and all(a is b for a, b in zip(plan.params, params)):
+    run_elements = _cpu_run_elements()
+    if (plan is not None and plan.run_elements == run_elements and plan.signature == signature
+            and all(a is b for a, b in zip(plan.params, params))):
         return plan
     groups: dict[tuple, list[int]] = {}
     for i, (p, g) in enumerate(zip(params, grads)):
         groups.setdefault((p.device, p.shape[-1], p.dtype, g.dtype), []).append(i)
     buckets = []
     for (device, dim, _, _), idx in groups.items():
-        limit = max(1, _CPU_BLOCK_ELEMENTS // dim) if device.type == "cpu" else None
+        limit = max(1, run_elements // dim) if device.type == "cpu" else None
         runs = []
         for run_idx in _runs(idx, [params[i].numel() // dim for i in idx], limit):
             targets = [params[i] for i in run_idx]
@@ -611,7 +626,7 @@ def _plan(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], cache: 
     if sum(1 for k in cache if k[0] == "plan") >= 8:
         for old in [k for k in cache if k[0] == "plan"]:
             del cache[old]
-    plan = cache[key] = _Plan(list(params), signature, buckets)
+    plan = cache[key] = _Plan(list(params), signature, buckets, run_elements)
     return plan
 
 
@@ -723,6 +738,18 @@ def _step_one_param(p, grad, s, step, mu, dim: int, limit: int | None, hyper: di
             s_all[a:b].copy_(s_new)
 
 
+def _sqrt(s: torch.Tensor) -> torch.Tensor:
+    """sqrt of non-negative row values (a new tensor); sqrt(0) = 0.
+
+    On the CPU this is ``s * rsqrt(s)``: torch.sqrt there calls MKL's threaded
+    vsSqrt, which with 2 threads on a busy machine was measured at 16 ms for
+    511 values (rsqrt: 1 us). On other devices it is torch.sqrt.
+    """
+    if s.device.type != "cpu":
+        return torch.sqrt(s)
+    return torch.where(s > 0, s * torch.rsqrt(s), 0.0)
+
+
 def _update_rows(
     v_raw: torch.Tensor,
     g_raw: torch.Tensor,
@@ -763,7 +790,7 @@ def _update_rows(
         if beta != 0.0:
             s_new.mul_(1.0 - beta).add_(s_old, alpha=beta)
             s_hat = s_new / (1.0 - torch.pow(beta, t_rows))
-        neg_coef = torch.sqrt(s_hat).add_(eps).reciprocal_().mul_(-lr).unsqueeze_(-1)
+        neg_coef = _sqrt(s_hat).add_(eps).reciprocal_().mul_(-lr).unsqueeze_(-1)
         new_v = torch.addcmul(v, g, neg_coef, out=out)
     else:
         new_v = torch.add(v, g, alpha=-lr, out=out)

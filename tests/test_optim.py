@@ -745,3 +745,21 @@ def test_functional_call_outside_no_grad(helpers, device):
                   None, lr=LR)
     for p, ref in zip(ps, refs):
         torch.testing.assert_close(p.detach(), ref, atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("run_elements", [130, 1 << 18], ids=["many-runs", "one-run"])
+def test_vectorized_runs_share_buffers_correctly(helpers, device, monkeypatch, run_elements):
+    # On the CPU a group is cut into runs (see _cpu_run_elements) that share one output
+    # buffer; tiny runs (2 rows of 64) exercise many runs, a lone param bigger than a run,
+    # mixed dims and 3-D params in one group. Steps with beta and a prior, against the reference.
+    monkeypatch.setattr(optim_mod, "_cpu_run_elements", lambda: run_elements)
+    shapes = [(1, 64), (1, 64), (2, 64), (3, 64), (1, 77), (2, 2, 64), (1, 64), (2, 77)]
+    problem = helpers.make_problem(shapes, 6, seed=33, with_prior=True)
+    kw = dict(dtype=torch.float32, device=device, lr=LR, kappa=1e-2, beta=0.9)
+    params, opt = helpers.run_optimizer(problem, fused=False, **kw)
+    if device == "cpu":
+        plan = next(v for k, v in opt._cache.items() if k[0] == "plan")
+        n_runs = sum(len(b.runs) for b in plan.buckets)
+        assert n_runs == (7 if run_elements == 130 else 2)
+    helpers.assert_matches_reference(params, opt, helpers.run_reference(problem, **kw), atol=FP32_ATOL,
+                                     s_rtol=S_RTOL[torch.float32])
