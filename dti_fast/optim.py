@@ -136,6 +136,74 @@ def _own_fp32_state(state: dict[str, Any], p: torch.Tensor) -> None:
         state[key] = value if key == "step" else value.contiguous()
 
 
+def _init_packed_state(states: list[dict], params: list[torch.Tensor], device: torch.device,
+                       values: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    """Give ``params`` their ``step`` and ``s`` as views into one packed step and one packed s tensor.
+
+    Each param keeps its own tensors (a 0-dim ``step``, ``s`` shaped
+    ``param.shape[:-1]``), as torch's contract has it; packed together, a step
+    over these params counts steps in one op and writes ``s`` in one copy (see
+    :func:`_span`). ``values`` (step, s) fill them; zeros without.
+    """
+    rows = [p.numel() // p.shape[-1] for p in params]
+    steps = torch.zeros(len(params), dtype=torch.float32, device=device)
+    s_all = torch.zeros(sum(rows), dtype=torch.float32, device=device)
+    offset = 0
+    for k, (st, p, n) in enumerate(zip(states, params, rows)):
+        st["step"] = steps[k]
+        st["s"] = s_all[offset: offset + n].view(p.shape[:-1])
+        if values is not None:
+            st["step"].copy_(values[k][0])
+            st["s"].copy_(values[k][1])
+        offset += n
+
+
+def _repack_state(params: Sequence[torch.Tensor], state: dict) -> None:
+    """Re-pack the step and s of a group's params (per device, in group order) after a load or unpickle."""
+    by_device: dict[torch.device, list] = {}
+    for p in params:
+        st = state.get(p)
+        if not st or not isinstance(st.get("step"), torch.Tensor) or not isinstance(st.get("s"), torch.Tensor):
+            continue
+        step, s = st["step"], st["s"]
+        if step.numel() != 1 or tuple(s.shape) != tuple(p.shape[:-1]) or s.device != p.device:
+            continue
+        by_device.setdefault(p.device, []).append((p, st, step.reshape(()), s))
+    for device, items in by_device.items():
+        _init_packed_state([st for _, st, _, _ in items], [p for p, _, _, _ in items], device,
+                           values=[(step, s) for _, _, step, s in items])
+
+
+def _span(tensors: Sequence[torch.Tensor], cache: dict, tag: str) -> torch.Tensor | None:
+    """A 1-D view of the stretch of one tensor that ``tensors`` cover in order, or None.
+
+    True when the tensors are contiguous views of one base tensor lying back to
+    back (as :func:`_init_packed_state` makes them); then one op on the span
+    updates them all. Cached on the tensors' identity (a replaced state tensor
+    is a new object, and then the answer is worked out again).
+    """
+    key = ("span", tag, len(tensors), id(tensors[0]))
+    hit = cache.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], tensors)):
+        return hit[1]
+    span = None
+    base = tensors[0]._base
+    if base is not None and base.is_contiguous():
+        start = pos = tensors[0].storage_offset()
+        for t in tensors:
+            if t._base is not base or not t.is_contiguous() or t.storage_offset() != pos:
+                break
+            pos += t.numel()
+        else:
+            first = start - base.storage_offset()
+            span = base.view(-1)[first: first + pos - start]
+    if sum(1 for k in cache if k[0] == "span") >= 256:
+        for old in [k for k in cache if k[0] == "span"]:
+            del cache[old]
+    cache[key] = (list(tensors), span)
+    return span
+
+
 class SphericalSGD(Optimizer):
     r"""Riemannian SGD on the unit sphere with adaptive step normalization (DTI).
 
@@ -220,6 +288,7 @@ class SphericalSGD(Optimizer):
                 param_state = self.state.get(p)
                 if param_state:
                     _own_fp32_state(param_state, p)
+            _repack_state(group["params"], self.state)
         self._register_own_load_hook()
 
     def _register_own_load_hook(self) -> None:
@@ -299,10 +368,12 @@ class SphericalSGD(Optimizer):
                 work.append((group, params, states))
         for p, i, _, _ in first:
             _check_unit_rows(p, i)
+        batches: dict[tuple, list] = {}
         for p, _, states, j in first:
-            param_state = states[j] = state_of[p]
-            param_state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            param_state["s"] = torch.zeros(p.shape[:-1], dtype=torch.float32, device=p.device)
+            states[j] = state_of[p]
+            batches.setdefault((id(states), p.device), []).append(p)
+        for (_, device), new_params in batches.items():
+            _init_packed_state([state_of[p] for p in new_params], new_params, device)
         for group, params, states in work:
             use_prior = group["kappa"] != 0.0
             spherical_sgd(
@@ -466,8 +537,12 @@ def _spherical_sgd(params, grads, row_states, steps, priors, *, lr, kappa, beta,
         lr = float(lr)
     memo: dict = {}  # per-device copies of grad_scale / found_inf, for this step only
     step_groups = _by_device(steps)
-    for device, group_steps in step_groups.items():
-        torch._foreach_add_(group_steps, [_one(device, cache)] * len(group_steps))
+    step_span = _span(steps, cache, "step") if len(step_groups) == 1 else None
+    if step_span is not None:
+        step_span.add_(1.0)
+    else:
+        for device, group_steps in step_groups.items():
+            torch._foreach_add_(group_steps, [_one(device, cache)] * len(group_steps))
     if fused:
         from dti_fast.kernels.spherical_sgd import LaunchCache, fused_spherical_sgd
 
@@ -490,7 +565,10 @@ def _spherical_sgd(params, grads, row_states, steps, priors, *, lr, kappa, beta,
         # found_inf is a sum over devices (can be 2 or more): a skip undoes exactly one step.
         for device, group_steps in step_groups.items():
             skipped = (device_copy(found_inf, device, memo).reshape(()) > 0).to(torch.float32)
-            torch._foreach_sub_(group_steps, [skipped] * len(group_steps))
+            if step_span is not None:
+                step_span.sub_(skipped)
+            else:
+                torch._foreach_sub_(group_steps, [skipped] * len(group_steps))
 
 
 def _by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
@@ -693,9 +771,12 @@ def _vectorized_spherical_sgd(
                 t_rows = torch.repeat_interleave(torch.stack([steps[i] for i in run.idx]), run.row_counts,
                                                  output_size=v.shape[0])
             n = v.shape[0]
-            _, s_new = _update_rows(v, g, s_old, mu, t_rows, **hyper, out=bucket.out[:n], s_out=bucket.s_out[:n])
+            # Packed state (the optimizer's own): s is written in place, in one op.
+            s_span = _span(states, cache, "s") if normalize else None
+            _, s_new = _update_rows(v, g, s_old, mu, t_rows, **hyper, out=bucket.out[:n],
+                                    s_out=s_span if s_span is not None else bucket.s_out[:n])
             torch._foreach_copy_(targets, run.out_views)
-            if s_new is not None:
+            if s_new is not None and s_span is None:
                 torch._foreach_copy_(states, run.s_views)
 
 

@@ -763,3 +763,32 @@ def test_vectorized_runs_share_buffers_correctly(helpers, device, monkeypatch, r
         assert n_runs == (7 if run_elements == 130 else 2)
     helpers.assert_matches_reference(params, opt, helpers.run_reference(problem, **kw), atol=FP32_ATOL,
                                      s_rtol=S_RTOL[torch.float32])
+
+
+def test_packed_state_is_per_param_and_follows_replacement(helpers, device, fused):
+    # The optimizer keeps step and s of params that start together packed in one tensor
+    # each (per-param views: one op counts every step). A state tensor the user replaces
+    # (or a loaded one) must be the one the next step reads and writes.
+    problem = helpers.make_problem([(3, 64), (2, 64), (4, 64)], 4, seed=34)
+    params = [torch.nn.Parameter(x.clone().to(device)) for x in problem["inits"]]
+    opt = SphericalSGD(params, lr=LR, beta=0.9, fused=fused)
+    for p, g in zip(params, problem["grads"][0]):
+        p.grad = g.to(device)
+    opt.step()
+    states = [opt.state[p] for p in params]
+    assert states[0]["s"]._base is not None and states[0]["s"]._base is states[2]["s"]._base
+    assert all(st["step"].shape == () and st["s"].shape == p.shape[:-1] for st, p in zip(states, params))
+    # Replace param 1's state by tensors of other values: step 10 and s 0.5.
+    states[1]["step"] = torch.tensor(10.0, device=device)
+    states[1]["s"] = torch.full((2,), 0.5, device=device)
+    before = [p.detach().clone() for p in params]
+    s_before = [st["s"].clone() for st in states]
+    for p, g in zip(params, problem["grads"][1]):
+        p.grad = g.to(device)
+    opt.step()
+    for i, (p, g) in enumerate(zip(params, problem["grads"][1])):
+        t = 11 if i == 1 else 2
+        ref_v, ref_s = spherical_sgd_step_reference(before[i], g.to(device), s_before[i], t, lr=LR, beta=0.9)
+        torch.testing.assert_close(p.detach(), ref_v, atol=FP32_ATOL, rtol=0)
+        torch.testing.assert_close(opt.state[p]["s"], ref_s, rtol=1e-5, atol=0)
+        assert int(opt.state[p]["step"]) == t
