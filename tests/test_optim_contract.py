@@ -384,3 +384,15 @@ def test_a_tensor_lr_is_accepted_like_torch(device, fused):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
         with pytest.raises(ValueError):
             make(_params(device), torch.tensor([LR, LR]))
+
+
+# -- step hooks -------------------------------------------------------------------------------------
+
+
+def test_step_hooks_run_around_the_step(device, fused):
+    for name, opt in _optimizers(device, fused):
+        calls = []
+        opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", _rows(o)[0].sum().item())))
+        opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", _rows(o)[0].sum().item())))
+        _step(opt, 0, device)
+        assert [c[0] for c in calls] == ["pre", "post"] and calls[0][1] != calls[1][1], name
