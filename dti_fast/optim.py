@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from .sphere import project_to_sphere
 
@@ -240,8 +241,9 @@ class SphericalSGD(Optimizer):
     during training, in place (``opt.state[p]["prior"].copy_(unit_rows)``) or
     by assigning a new fp32 tensor of unit rows; the next step uses it. The
     optimizer works with ``torch.amp.GradScaler``: it reads the scaler's
-    ``grad_scale`` and ``found_inf`` on the device, so a step with inf/NaN
-    grads changes nothing and needs no host sync.
+    ``grad_scale`` and ``found_inf`` on the device (one copy per device when
+    params are on several), so a step with inf/NaN grads changes nothing and
+    needs no host sync.
     """
 
     _step_supports_amp_scaling = True
@@ -270,8 +272,10 @@ class SphericalSGD(Optimizer):
 
         torch pickles ``defaults``, ``state`` and ``param_groups`` only: the
         derived cache and the optimizer's own load hook are rebuilt here; group
-        keys missing from older state dicts are filled from the defaults; the
-        per-param state is made fp32 tensors on the param's device.
+        keys missing from older state dicts are filled from the defaults
+        (priors kept in a group by older versions move into the state); the
+        per-param state is made fp32 tensors on the param's device, and the
+        ``step``/``s`` of each group re-packed (see :func:`_init_packed_state`).
         """
         super().__setstate__(state)
         self._cache = {}
@@ -301,7 +305,7 @@ class SphericalSGD(Optimizer):
         self,
         hook: Callable[[Optimizer, dict[str, Any]], dict[str, Any] | None],
         prepend: bool = False,
-    ):
+    ) -> RemovableHandle:
         """torch's ``register_load_state_dict_pre_hook``; the optimizer's own pre-hook stays the last one run."""
         handle = super().register_load_state_dict_pre_hook(hook, prepend)
         self._optimizer_load_state_dict_pre_hooks.move_to_end(self._own_load_hook_id)
