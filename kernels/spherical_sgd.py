@@ -91,7 +91,7 @@ def _spherical_sgd_kernel(
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
         mu_ptr = tl.multiple_of(mu_ptr, 16)
-        D = tl.multiple_of(D, VEC)
+        D = (D // VEC) * VEC  # = D here; tells the compiler D is a multiple of VEC
 
     rows = row0 + tl.arange(0, BLOCK_R).to(tl.int64)
     row_mask = rows < n_rows
