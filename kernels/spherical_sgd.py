@@ -206,7 +206,7 @@ def launch_config(dim: int, dtype: torch.dtype = torch.float32) -> LaunchConfig:
     (at most 64 rows); 4 warps for tiles up to 2048 elements, else 8. Longer
     rows are streamed in tiles of 2048 columns, one row per program.
     """
-    hit = LAUNCH_TABLE.get((dim, torch.empty((), dtype=dtype).element_size()))
+    hit = LAUNCH_TABLE.get((dim, dtype.itemsize))
     if hit is not None:
         return hit
     if dim <= MAX_SINGLE_PASS_DIM:
@@ -234,13 +234,23 @@ def launch_candidates(dim: int) -> list[LaunchConfig]:
     return out
 
 
+def vector_width(dtypes: Sequence[torch.dtype]) -> int:
+    """Elements of the narrowest of ``dtypes`` in 16 bytes: a row of D elements is whole
+    16-byte vectors in every one of them when D is a multiple of this."""
+    return 16 // min(d.itemsize for d in dtypes)
+
+
+def aligned_pointers(pointers: Sequence[int], dim: int, dtypes: Sequence[torch.dtype]) -> bool:
+    """True when a launch may take the aligned specialization: every data pointer is
+    16-byte aligned and rows of ``dim`` elements are whole 16-byte vectors in every dtype
+    (with contiguous rows, every row then starts 16-byte aligned)."""
+    return dim % vector_width(dtypes) == 0 and all(ptr % 16 == 0 for ptr in pointers)
+
+
 def aligned(tensors: Sequence[torch.Tensor], dim: int) -> tuple[bool, int]:
-    """(ALIGNED, VEC) for one launch: every tensor's data pointer is 16-byte aligned and
-    its rows (``dim`` elements, contiguous) are whole 16-byte vectors. ``VEC`` is the
-    number of elements of the narrowest dtype in 16 bytes (D must be a multiple of it)."""
-    vec = 16 // min(t.element_size() for t in tensors)
-    ok = dim % vec == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
-    return ok, vec
+    """(ALIGNED, VEC) for contiguous ``tensors`` with rows of ``dim`` elements (see :func:`aligned_pointers`)."""
+    dtypes = [t.dtype for t in tensors]
+    return aligned_pointers([t.data_ptr() for t in tensors], dim, dtypes), vector_width(dtypes)
 
 
 class LaunchCache:
@@ -251,14 +261,26 @@ class LaunchCache:
         self._blocks: dict = {}
 
     def meta(self, bucket: tuple, entries: tuple, device: torch.device) -> torch.Tensor:
+        """The device pointer table for ``entries`` (rebuilt only when they change)."""
+        return self._entry(bucket, entries, device)[1]
+
+    def aligned(self, bucket: tuple, entries: tuple, device: torch.device) -> bool:
+        """Whether the launch of these entries may take the aligned specialization (see :func:`aligned`);
+        worked out when the table is built."""
+        return self._entry(bucket, entries, device)[2]
+
+    def _entry(self, bucket: tuple, entries: tuple, device: torch.device) -> tuple:
         hit = self._meta.get(bucket)
         if hit is not None and hit[0] == entries:
-            return hit[1]
+            return hit
         if len(self._meta) > 64:
             self._meta.clear()
         table = _to_device(torch.tensor(entries, dtype=torch.int64), device)
-        self._meta[bucket] = (entries, table)
-        return table
+        _, p_dtype, g_dtype, dim = bucket
+        # param, grad and prior pointers (a prior pointer of 0, unused, is aligned).
+        pointers = [ptr for e in entries for ptr in (e[0], e[1], e[3])]
+        hit = self._meta[bucket] = (entries, table, aligned_pointers(pointers, dim, (p_dtype, g_dtype, torch.float32)))
+        return hit
 
     def blocks(self, rows: tuple[int, ...], block_r: int, device: torch.device) -> torch.Tensor:
         key = (rows, block_r, device)
@@ -355,8 +377,8 @@ def fused_spherical_sgd(
         n_programs = blocks.shape[0]
         if n_programs == 0:
             continue
-        vectors = [params[i] for i in idx] + bucket_grads + ([priors[i] for i in idx] if has_prior else [])
-        is_aligned, vec = aligned(vectors, dim)
+        is_aligned = cache.aligned(bucket, entries, device)
+        vec = vector_width((p_dtype, g_dtype, torch.float32))
         scale = device_copy(grad_scale, device, memo)
         inf = device_copy(found_inf, device, memo)
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
