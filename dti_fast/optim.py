@@ -540,8 +540,9 @@ def _spherical_sgd(params, grads, row_states, steps, priors, *, lr, kappa, beta,
     if isinstance(lr, torch.Tensor):
         lr = float(lr)
     memo: dict = {}  # per-device copies of grad_scale / found_inf, for this step only
-    step_groups = _by_device(steps)
-    step_span = _span(steps, cache, "step") if len(step_groups) == 1 else None
+    # Packed steps (the optimizer's own, one device) are counted in one op.
+    step_span = _span(steps, cache, "step")
+    step_groups = {step_span.device: list(steps)} if step_span is not None else _by_device(steps)
     if step_span is not None:
         step_span.add_(1.0)
     else:
