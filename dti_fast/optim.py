@@ -654,6 +654,8 @@ class _Bucket:
     runs: list[_Run]
     out: torch.Tensor | None = None  # (rows of the largest run, dim) fp32: the new rows
     s_out: torch.Tensor | None = None  # (rows of the largest run,) fp32: the new s
+    v_in: torch.Tensor | None = None  # (rows of the largest run, dim), param dtype: the rows concatenated
+    g_in: torch.Tensor | None = None  # (rows of the largest run, dim), grad dtype: the grads concatenated
 
 
 @dataclass
@@ -685,7 +687,7 @@ def _plan(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], cache: 
     for i, (p, g) in enumerate(zip(params, grads)):
         groups.setdefault((p.device, p.shape[-1], p.dtype, g.dtype), []).append(i)
     buckets = []
-    for (device, dim, _, _), idx in groups.items():
+    for (device, dim, p_dtype, g_dtype), idx in groups.items():
         limit = max(1, run_elements // dim) if device.type == "cpu" else None
         runs = []
         for run_idx in _runs(idx, [params[i].numel() // dim for i in idx], limit):
@@ -698,6 +700,8 @@ def _plan(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], cache: 
             most = max(sum(run.rows) for run in batched)
             bucket.out = torch.empty(most, dim, dtype=torch.float32, device=device)
             bucket.s_out = torch.empty(most, dtype=torch.float32, device=device)
+            bucket.v_in = torch.empty(most, dim, dtype=p_dtype, device=device)
+            bucket.g_in = torch.empty(most, dim, dtype=g_dtype, device=device)
             for run in batched:
                 targets = [params[i] for i in run.idx]
                 out = bucket.out[: sum(run.rows)].split(run.rows)
@@ -763,12 +767,14 @@ def _vectorized_spherical_sgd(
             targets = [params[i] for i in run.idx]
             states = [row_states[i] for i in run.idx]
             run_grads = [grads[i] for i in run.idx]
+            # Concatenated into buffers kept between steps (no allocation, no fresh pages).
+            n = sum(run.rows)
             if run.flat:
-                v = torch.cat(targets)
-                g = torch.cat(run_grads)
+                v = torch.cat(targets, out=bucket.v_in[:n])
+                g = torch.cat(run_grads, out=bucket.g_in[:n])
             else:
-                v = torch.cat([t.reshape(-1, dim) for t in targets])
-                g = torch.cat([t.reshape(-1, dim) for t in run_grads])
+                v = torch.cat([t.reshape(-1, dim) for t in targets], out=bucket.v_in[:n])
+                g = torch.cat([t.reshape(-1, dim) for t in run_grads], out=bucket.g_in[:n])
             s_old = None
             if need_old_s:
                 s_old = torch.cat(states) if run.flat else torch.cat([st.reshape(-1) for st in states])
@@ -777,7 +783,6 @@ def _vectorized_spherical_sgd(
             if uses_s:
                 t_rows = torch.repeat_interleave(torch.stack([steps[i] for i in run.idx]), run.row_counts,
                                                  output_size=v.shape[0])
-            n = v.shape[0]
             # Packed state (the optimizer's own): s is written in place, in one op.
             s_span = _span(states, cache, "s") if normalize else None
             _, s_new = _update_rows(v, g, s_old, mu, t_rows, **hyper, out=bucket.out[:n],
