@@ -396,3 +396,20 @@ def test_step_hooks_run_around_the_step(device, fused):
         opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", _rows(o)[0].sum().item())))
         _step(opt, 0, device)
         assert [c[0] for c in calls] == ["pre", "post"] and calls[0][1] != calls[1][1], name
+
+
+def test_named_parameters_and_their_names_in_the_state_dict(device, fused):
+    for name, make in [("SGD", lambda ps: torch.optim.SGD(ps, lr=LR, momentum=0.9)),
+                       ("SphericalSGD", lambda ps: SphericalSGD(ps, lr=LR, beta=0.9, fused=fused))]:
+        named = list(zip(("a", "b"), _params(device)))
+        opt = make(named)
+        _step(opt, 0, device)
+        saved = opt.state_dict()
+        assert saved["param_groups"][0]["param_names"] == ["a", "b"], name
+        json.dumps(saved["param_groups"])
+        again = make(list(zip(("a", "b"), [torch.nn.Parameter(r) for r in _rows(opt)])))
+        again.load_state_dict(saved)
+        _step(again, 1, device)
+        _step(opt, 1, device)
+        for x, y in zip(_rows(opt), _rows(again)):
+            assert torch.equal(x, y), name
