@@ -16,8 +16,22 @@ Paths (the ``path`` parameter):
 - ``loop``: a Python loop over the params calling
   :func:`dti_fast.sphere.spherical_sgd_step_reference` on each and copying the
   result back, the way the DTI authors' reference code steps.
+- ``lean``: the leanest per-param loop of the same step, written out in the
+  fewest torch ops (tangent projection, normalisation, update, retraction),
+  with beta 0, no prior and no state: the baseline of issue 11's CPU goals
+  (see :func:`interleaved_ratios`, which times it against the vectorized path
+  in interleaved rounds).
 - ``copy``: ``dst.copy_(src)`` of as many bytes as param + grad, the bandwidth
   yardstick for the kernel. CUDA only.
+
+Beyond pytest-benchmark's per-case timings:
+
+- :func:`interleaved_ratios` (``test_interleaved_vectorized_vs_lean_loop``,
+  or ``python bench/bench_optimizer.py --interleaved``): vectorized path, lean
+  loop and reference loop timed in the same run, round by round in turn,
+  medians, at 1 and 2 threads; the device is named in the output.
+- ``test_launch_sweep`` (CUDA only): every candidate launch configuration of
+  the Triton kernel per vector size and dtype, JSON written after every case.
 
 Each timed call ends with ``torch.cuda.synchronize()`` on CUDA. The ratios
 (vectorized / loop, kernel / loop, kernel GB/s / copy GB/s) are computed at the
@@ -27,6 +41,7 @@ reported, never asserted.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -81,7 +96,7 @@ CASES += [Case(1000, 1, 64, layout) for layout in ("separate", "packed")]
 # param, grad and prior). GPU only.
 CASES += [Case(1_000_000, 1, 768, "packed", gpu_only=True)]
 
-PATHS = ("kernel", "vectorized", "loop", "copy")
+PATHS = ("kernel", "vectorized", "loop", "lean", "copy")
 
 _NO_CUDA_KERNEL = (
     "the Triton kernel needs CUDA; on the CPU it only runs under TRITON_INTERPRET=1, "
@@ -191,6 +206,32 @@ def _loop_step(case: Case) -> Callable[[], None]:
     return step
 
 
+def lean_loop(params: list[torch.Tensor], lr: float = LR, eps: float = EPS) -> None:
+    """The leanest per-param loop of one SphericalSGD step with beta 0, no prior, no state.
+
+    Per param: tangent projection, normalisation by the tangent norm (beta 0
+    makes s = ||g||^2), update and retraction, in six torch ops and a copy.
+    """
+    with torch.no_grad():
+        for p in params:
+            v, g = p, p.grad
+            gv = torch.linalg.vecdot(g, v).unsqueeze_(-1)
+            tangent = torch.addcmul(g, v, gv, value=-1.0)
+            norm = torch.linalg.vector_norm(tangent, dim=-1, keepdim=True).add_(eps)
+            new = torch.addcdiv(v, tangent, norm, value=-lr)
+            p.copy_(new.div_(torch.linalg.vector_norm(new, dim=-1, keepdim=True)))
+
+
+def _lean_step(case: Case) -> Callable[[], None]:
+    params, _ = _make_problem(case)
+
+    def step() -> None:
+        lean_loop(params)
+        _sync()
+
+    return step
+
+
 def _copy_step(case: Case) -> Callable[[], None]:
     n = case.rows * case.dim * 2  # fp32 elements of param + grad
     gen = torch.Generator(device=DEVICE).manual_seed(7)
@@ -241,6 +282,9 @@ def test_step(benchmark, bench_results, case: Case, path: str) -> None:
     elif path == "loop":
         fn = _loop_step(case)
         nbytes = step_bytes(case)
+    elif path == "lean":
+        fn = _lean_step(case)
+        nbytes = step_bytes(case)
     else:
         fn = _copy_step(case)
         nbytes = copy_bytes(case)
@@ -284,3 +328,179 @@ def test_step(benchmark, bench_results, case: Case, path: str) -> None:
             rounds=stats.rounds,
         )
     )
+
+
+# -- interleaved: vectorized path against the lean loop, same run -----------------------------------
+
+#: The CPU goals of issue 11, as (concepts, vectors, dim): vectorized >= 2x and >= 8x the lean loop.
+INTERLEAVED_CASES = [(1000, 4, 768), (1000, 1, 64)]
+
+
+def interleaved_ratios(
+    cases: list[tuple[int, int, int]] = INTERLEAVED_CASES,
+    rounds: int = 30,
+    threads: tuple[int, ...] = (1, 2),
+) -> dict:
+    """Time the vectorized path, the lean loop and the reference loop in interleaved rounds.
+
+    Every case is ``concepts`` params of shape ``(vectors, dim)`` (fp32, beta 0,
+    no prior, lr 0.01). Each round runs every path once, in a rotating order,
+    so that load from other processes hits all paths alike; the medians over
+    ``rounds`` give the ratios (lean loop time / path time, higher is faster).
+    Returns a JSON-able dict naming the device and thread counts.
+    """
+    out = {"device": device_name(), "cuda": CUDA, "torch": torch.__version__, "rounds": rounds,
+           "statistic": "median over interleaved rounds", "step": "beta 0, no prior, lr 0.01, fp32",
+           "results": []}
+    before = torch.get_num_threads()
+    try:
+        for n_threads in threads:
+            if not CUDA:
+                torch.set_num_threads(n_threads)
+            for concepts, vectors, dim in cases:
+                case = Case(concepts, vectors, dim, "separate")
+                vec_params, _ = _make_problem(case)
+                opt = SphericalSGD(vec_params, lr=LR, kappa=0.0, beta=0.0, eps=EPS, fused=False)
+                lean_params, _ = _make_problem(case)
+                ref_params, _ = _make_problem(case)
+                ref_states = [torch.zeros(p.shape[:-1], device=DEVICE) for p in ref_params]
+
+                @torch.no_grad()
+                def reference_loop() -> None:
+                    for p, st in zip(ref_params, ref_states):
+                        new_v, new_s = spherical_sgd_step_reference(p, p.grad, st, 1, lr=LR, beta=0.0, eps=EPS)
+                        p.copy_(new_v)
+                        st.copy_(new_s)
+
+                fns = {"vectorized": opt.step, "lean_loop": lambda: lean_loop(lean_params),
+                       "reference_loop": reference_loop}
+                times: dict[str, list[float]] = {k: [] for k in fns}
+                for fn in fns.values():  # warm-up: state, caches
+                    fn()
+                    _sync()
+                names = list(fns)
+                for r in range(rounds):
+                    for k in names[r % len(names):] + names[: r % len(names)]:
+                        t0 = time.perf_counter()
+                        fns[k]()
+                        _sync()
+                        times[k].append(time.perf_counter() - t0)
+                med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+                out["results"].append({
+                    "case": f"{concepts}x({vectors},{dim})", "threads": n_threads if not CUDA else None,
+                    "median_ms": {k: v * 1e3 for k, v in med.items()},
+                    "vectorized_vs_lean_loop": med["lean_loop"] / med["vectorized"],
+                    "vectorized_vs_reference_loop": med["reference_loop"] / med["vectorized"],
+                })
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def format_interleaved(result: dict) -> str:
+    """The interleaved ratios as a small table."""
+    lines = [f"device: {result['device']} (torch {result['torch']}, {result['rounds']} interleaved rounds, medians)",
+             f"{'case':<16}{'threads':>8}{'vect ms':>10}{'lean ms':>10}{'ref ms':>10}{'vect/lean':>11}{'vect/ref':>10}"]
+    for r in result["results"]:
+        m = r["median_ms"]
+        lines.append(f"{r['case']:<16}{str(r['threads']):>8}{m['vectorized']:>10.2f}{m['lean_loop']:>10.2f}"
+                     f"{m['reference_loop']:>10.2f}{r['vectorized_vs_lean_loop']:>10.2f}x"
+                     f"{r['vectorized_vs_reference_loop']:>9.2f}x")
+    return "\n".join(lines)
+
+
+def test_interleaved_vectorized_vs_lean_loop(capsys) -> None:
+    """Prints (and with ``DTI_BENCH_INTERLEAVED_OUT`` writes) the interleaved ratios; asserts nothing."""
+    rounds = int(os.environ.get("DTI_BENCH_ROUNDS", "30"))
+    result = interleaved_ratios(rounds=rounds)
+    with capsys.disabled():
+        print("\n" + format_interleaved(result))
+    path = os.environ.get("DTI_BENCH_INTERLEAVED_OUT")
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+# -- GPU: launch configuration sweep ---------------------------------------------------------------
+
+SWEEP_DIMS = (64, 768, 1280, 2048, 2304, 4096)
+SWEEP_DTYPES = (torch.float32, torch.bfloat16)
+#: Elements per tensor in a sweep case (256 MB of fp32 params): large enough to be bandwidth-bound.
+SWEEP_ELEMENTS = 1 << 26
+
+
+@pytest.mark.skipif(not CUDA or not triton_available(), reason="the launch sweep times the Triton kernel on CUDA")
+def test_launch_sweep() -> None:
+    """Time every :func:`~dti_fast.kernels.spherical_sgd.launch_candidates` config per (D, dtype).
+
+    One packed param of ``SWEEP_ELEMENTS // D`` rows, the paper's step (prior,
+    beta 0); CUDA-event medians of 20 launches after 3 warm-ups; GB/s over the
+    bytes a step must move. The JSON (``DTI_SWEEP_OUT``, default
+    ``launch_sweep.json``) is rewritten after every case, so a sweep cut short
+    keeps what it measured; the fastest config per (D, dtype) is the one to put
+    in ``LAUNCH_TABLE``.
+    """
+    from dti_fast.kernels import spherical_sgd as kmod
+
+    path = os.environ.get("DTI_SWEEP_OUT", "launch_sweep.json")
+    out = {"device": device_name(), "torch": torch.__version__, "elements": SWEEP_ELEMENTS, "cases": []}
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    for dim in SWEEP_DIMS:
+        rows = SWEEP_ELEMENTS // dim
+        for dtype in SWEEP_DTYPES:
+            v = _unit_rows(rows, dim, gen).to(dtype)
+            g = torch.randn(rows, dim, device=DEVICE, generator=gen).mul_(1e-2).to(dtype)
+            mu = _unit_rows(rows, dim, gen)
+            s = torch.zeros(rows, device=DEVICE)
+            step = torch.ones((), device=DEVICE)
+            elem = v.element_size()
+            nbytes = rows * dim * (2 * elem + elem + 4) + rows * 8
+            default = kmod.launch_config(dim, dtype)
+            case = {"dim": dim, "dtype": str(dtype).removeprefix("torch."), "rows": rows, "default": default.__dict__,
+                    "configs": []}
+            for cfg in [default] + [c for c in kmod.launch_candidates(dim) if c != default]:
+                def run(cfg=cfg) -> None:
+                    kmod.fused_spherical_sgd([v], [g], [s], [step], [mu], lr=LR, kappa=KAPPA, beta=0.0, eps=EPS,
+                                             normalize=True, cache=kmod.LaunchCache(), config=cfg)
+
+                try:
+                    for _ in range(3):
+                        run()
+                    times = []
+                    for _ in range(20):
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        run()
+                        end.record()
+                        end.synchronize()
+                        times.append(start.elapsed_time(end) / 1e3)
+                    med = sorted(times)[len(times) // 2]
+                    case["configs"].append({**cfg.__dict__, "median_ms": med * 1e3, "gbps": nbytes / med / 1e9})
+                except Exception as exc:  # a config the compiler refuses is recorded, not fatal
+                    case["configs"].append({**cfg.__dict__, "error": repr(exc)[:200]})
+            timed = [c for c in case["configs"] if "gbps" in c]
+            if timed:
+                case["best"] = max(timed, key=lambda c: c["gbps"])
+            out["cases"].append(case)
+            with open(path, "w") as f:
+                json.dump(out, f, indent=1)
+            del v, g, mu, s
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    parser = argparse.ArgumentParser(description="SphericalSGD: vectorized path vs the lean per-param loop, "
+                                                 "interleaved rounds (medians)")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", help="write the result as JSON here")
+    args = parser.parse_args()
+    result = interleaved_ratios(rounds=args.rounds, threads=tuple(args.threads))
+    print(format_interleaved(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)

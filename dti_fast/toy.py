@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .optim import SphericalSGD, _resolve_fused
+from .optim import SphericalSGD, resolve_fused
 from .sphere import project_to_sphere
 
 
@@ -88,5 +88,5 @@ def run_toy(
         max_norm_error=float((norms - 1).abs().max()),
         adamw_final_norm=float(torch.linalg.vector_norm(ti.detach(), dim=-1).mean()),
         seconds=seconds,
-        path="fused Triton kernel" if _resolve_fused(fused, [rows]) else "vectorized torch",
+        path="fused Triton kernel" if resolve_fused(fused, [rows]) else "vectorized torch",
     )

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["fused_spherical_sgd", "MAX_SINGLE_PASS_DIM"]
+__all__ = ["fused_spherical_sgd", "MAX_SINGLE_PASS_DIM", "LaunchCache", "LaunchConfig", "launch_config"]
 
 #: Rows up to this size are held in registers and read once; longer rows are
 #: streamed in chunks (four passes over the row).
@@ -65,6 +66,8 @@ def _spherical_sgd_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     SINGLE_PASS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    VEC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -80,10 +83,21 @@ def _spherical_sgd_kernel(
     mu_ptr = tl.load(meta + 3).to(tl.pointer_type(tl.float32))
     step_ptr = tl.load(meta + 4).to(tl.pointer_type(tl.float32))
     n_rows = tl.load(meta + 5)
+    if ALIGNED:
+        # Chosen on the host: every param/grad/prior pointer is 16-byte aligned and a
+        # row is a whole number of 16-byte vectors (D % VEC == 0). The pointers come
+        # from a table, so without these hints Triton must assume nothing and emits
+        # scalar loads; with them it emits 128-bit vector loads and stores.
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        mu_ptr = tl.multiple_of(mu_ptr, 16)
+        D = (D // VEC) * VEC  # = D here; tells the compiler D is a multiple of VEC
 
     rows = row0 + tl.arange(0, BLOCK_R).to(tl.int64)
     row_mask = rows < n_rows
     cols = tl.arange(0, BLOCK_D)
+    if ALIGNED:
+        cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_D), BLOCK_D)
 
     inv_scale = 1.0
     if HAS_SCALE:
@@ -161,20 +175,85 @@ def _spherical_sgd_kernel(
             tl.store(p_ptr + offs, v.to(PARAM_DTYPE), mask=mask & write[:, None])
 
 
-def _launch_config(dim: int) -> tuple[int, int, bool, int]:
-    """(BLOCK_R, BLOCK_D, SINGLE_PASS, num_warps) for rows of ``dim`` elements."""
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How one launch tiles its rows: ``rows`` per program, ``block`` columns per
+    tile, ``single_pass`` (the padded row held in registers, read once) or
+    streamed (tiles of ``block`` columns, four passes over the row), ``num_warps``."""
+
+    rows: int
+    block: int
+    single_pass: bool
+    num_warps: int
+
+
+#: Program tiles of about this many elements (``rows * block``): 16 KB of fp32
+#: per operand, 16 or 32 elements per thread at 4 or 8 warps.
+TILE_ELEMENTS = 4096
+#: Overrides of :func:`launch_config` for one (D, element size in bytes), from a
+#: GPU sweep (``bench/bench_optimizer.py::test_launch_sweep`` writes the timing
+#: of every candidate; copy the winners here). Empty: the rule below is not yet
+#: tuned on a GPU.
+LAUNCH_TABLE: dict[tuple[int, int], LaunchConfig] = {}
+
+
+def launch_config(dim: int, dtype: torch.dtype = torch.float32) -> LaunchConfig:
+    """The launch configuration for rows of ``dim`` elements of ``dtype``.
+
+    A :data:`LAUNCH_TABLE` entry for ``(dim, element size)`` wins. Otherwise:
+    rows up to :data:`MAX_SINGLE_PASS_DIM` are padded to the next power of two
+    and read once; ``rows`` per program fill a tile of :data:`TILE_ELEMENTS`
+    (at most 64 rows); 4 warps for tiles up to 2048 elements, else 8. Longer
+    rows are streamed in tiles of 2048 columns, one row per program.
+    """
+    hit = LAUNCH_TABLE.get((dim, dtype.itemsize))
+    if hit is not None:
+        return hit
     if dim <= MAX_SINGLE_PASS_DIM:
-        block_d = triton.next_power_of_2(dim)
-        single = True
+        block, single = triton.next_power_of_2(dim), True
     else:
-        block_d = 2048
-        single = False
-    block_r = max(1, min(64, 4096 // block_d))
-    num_warps = 4 if block_r * block_d <= 2048 else 8
-    return block_r, block_d, single, num_warps
+        block, single = 2048, False
+    rows = max(1, min(64, TILE_ELEMENTS // block))
+    return LaunchConfig(rows=rows, block=block, single_pass=single, num_warps=4 if rows * block <= 2048 else 8)
 
 
-class _LaunchCache:
+def launch_candidates(dim: int) -> list[LaunchConfig]:
+    """Configurations a GPU sweep times for rows of ``dim`` elements: the padded
+    single pass at several rows per program and warp counts, and streamed tiles
+    (the chunked loop, no padding when ``block`` divides ``dim``)."""
+    out = []
+    if dim <= MAX_SINGLE_PASS_DIM:
+        block = triton.next_power_of_2(dim)
+        for rows in (1, 2, 4, 8, 16, 32, 64):
+            if 256 <= rows * block <= 16384 or (rows == 64 and rows * block < 256):
+                out += [LaunchConfig(rows, block, True, w) for w in (2, 4, 8, 16) if w * 32 <= rows * block]
+    for block in (128, 256, 512, 1024, 2048):
+        if block < dim:
+            for rows in (1, 2, 4, 8):
+                out += [LaunchConfig(rows, block, False, w) for w in (4, 8) if w * 32 <= rows * block]
+    return out
+
+
+def vector_width(dtypes: Sequence[torch.dtype]) -> int:
+    """Elements of the narrowest of ``dtypes`` in 16 bytes: a row of D elements is whole
+    16-byte vectors in every one of them when D is a multiple of this."""
+    return 16 // min(d.itemsize for d in dtypes)
+
+
+def aligned_pointers(pointers: Sequence[int], dim: int, dtypes: Sequence[torch.dtype]) -> bool:
+    """True when a launch may take the aligned specialization: every data pointer is
+    16-byte aligned and rows of ``dim`` elements are whole 16-byte vectors in every dtype
+    (with contiguous rows, every row then starts 16-byte aligned)."""
+    return dim % vector_width(dtypes) == 0 and all(ptr % 16 == 0 for ptr in pointers)
+
+
+def aligned(tensors: Sequence[torch.Tensor], dim: int) -> tuple[bool, int]:
+    """(ALIGNED, VEC) for contiguous ``tensors`` with rows of ``dim`` elements (see :func:`aligned_pointers`)."""
+    dtypes = [t.dtype for t in tensors]
+    return aligned_pointers([t.data_ptr() for t in tensors], dim, dtypes), vector_width(dtypes)
+
+
+class LaunchCache:
     """Device-side pointer and block tables, rebuilt only when pointers or shapes change."""
 
     def __init__(self) -> None:
@@ -182,14 +261,26 @@ class _LaunchCache:
         self._blocks: dict = {}
 
     def meta(self, bucket: tuple, entries: tuple, device: torch.device) -> torch.Tensor:
+        """The device pointer table for ``entries`` (rebuilt only when they change)."""
+        return self._entry(bucket, entries, device)[1]
+
+    def aligned(self, bucket: tuple, entries: tuple, device: torch.device) -> bool:
+        """Whether the launch of these entries may take the aligned specialization (see :func:`aligned`);
+        worked out when the table is built."""
+        return self._entry(bucket, entries, device)[2]
+
+    def _entry(self, bucket: tuple, entries: tuple, device: torch.device) -> tuple:
         hit = self._meta.get(bucket)
         if hit is not None and hit[0] == entries:
-            return hit[1]
+            return hit
         if len(self._meta) > 64:
             self._meta.clear()
         table = _to_device(torch.tensor(entries, dtype=torch.int64), device)
-        self._meta[bucket] = (entries, table)
-        return table
+        _, p_dtype, g_dtype, dim = bucket
+        # param, grad and prior pointers (a prior pointer of 0, unused, is aligned).
+        pointers = [ptr for e in entries for ptr in (e[0], e[1], e[3])]
+        hit = self._meta[bucket] = (entries, table, aligned_pointers(pointers, dim, (p_dtype, g_dtype, torch.float32)))
+        return hit
 
     def blocks(self, rows: tuple[int, ...], block_r: int, device: torch.device) -> torch.Tensor:
         key = (rows, block_r, device)
@@ -216,7 +307,7 @@ def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     return table.to(device)
 
 
-_DEFAULT_CACHE = _LaunchCache()
+_DEFAULT_CACHE = LaunchCache()
 
 
 def fused_spherical_sgd(
@@ -233,18 +324,26 @@ def fused_spherical_sgd(
     normalize: bool,
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
-    cache: Optional[_LaunchCache] = None,
+    cache: Optional[LaunchCache] = None,
+    device_memo: Optional[dict] = None,
+    config: Optional[LaunchConfig] = None,
 ) -> None:
     """Apply one SphericalSGD step in place with the Triton kernel.
 
     ``params`` must be contiguous; ``row_states`` are fp32 tensors of shape
     ``param.shape[:-1]``; ``steps`` fp32 scalar tensors already counting this
     step; ``priors`` fp32 unit-row tensors shaped like the params (used when
-    ``kappa != 0``). ``grad_scale``/``found_inf`` are a GradScaler's device
-    tensors: grads are divided by the scale and nothing is written when
-    ``found_inf`` is nonzero, without a host sync.
+    ``kappa != 0``). ``grad_scale``/``found_inf`` are a GradScaler's tensors:
+    grads are divided by the scale and nothing is written when ``found_inf``
+    is nonzero, without a host sync; each device's launch reads its own copy
+    of them (made once per step and device, kept in ``device_memo``).
+    ``config`` overrides :func:`launch_config` (for sweeps). Each launch takes
+    the aligned specialization (vector loads) when :func:`aligned` allows it.
     """
+    from dti_fast.optim import device_copy
+
     cache = cache or _DEFAULT_CACHE
+    memo = device_memo if device_memo is not None else {}
     has_prior = kappa != 0.0
     buckets: dict[tuple, list[int]] = {}
     for i, (p, g) in enumerate(zip(params, grads)):
@@ -273,17 +372,21 @@ def fused_spherical_sgd(
             for i, g in zip(idx, bucket_grads)
         )
         meta = cache.meta(bucket, entries, device)
-        block_r, block_d, single, num_warps = _launch_config(dim)
-        blocks = cache.blocks(tuple(e[5] for e in entries), block_r, device)
+        cfg = config or launch_config(dim, p_dtype)
+        blocks = cache.blocks(tuple(e[5] for e in entries), cfg.rows, device)
         n_programs = blocks.shape[0]
         if n_programs == 0:
             continue
+        is_aligned = cache.aligned(bucket, entries, device)
+        vec = vector_width((p_dtype, g_dtype, torch.float32))
+        scale = device_copy(grad_scale, device, memo)
+        inf = device_copy(found_inf, device, memo)
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             _spherical_sgd_kernel[(n_programs,)](
                 meta,
                 blocks,
-                grad_scale if grad_scale is not None else meta,
-                found_inf if found_inf is not None else meta,
+                scale if scale is not None else meta,
+                inf if inf is not None else meta,
                 float(lr),
                 float(kappa),
                 float(beta),
@@ -295,10 +398,12 @@ def fused_spherical_sgd(
                 HAS_PRIOR=has_prior,
                 NORMALIZE=bool(normalize),
                 BIAS_CORRECTION=bool(normalize) and beta > 0,
-                HAS_SCALE=grad_scale is not None,
-                HAS_FOUND_INF=found_inf is not None,
-                SINGLE_PASS=single,
-                BLOCK_R=block_r,
-                BLOCK_D=block_d,
-                num_warps=num_warps,
+                HAS_SCALE=scale is not None,
+                HAS_FOUND_INF=inf is not None,
+                SINGLE_PASS=cfg.single_pass,
+                ALIGNED=is_aligned,
+                VEC=vec,
+                BLOCK_R=cfg.rows,
+                BLOCK_D=cfg.block,
+                num_warps=cfg.num_warps,
             )

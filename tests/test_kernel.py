@@ -15,8 +15,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from dti_fast import SphericalSGD, spherical_sgd, spherical_sgd_step_reference  # noqa: E402
+from dti_fast import SphericalSGD, project_to_sphere, spherical_sgd, spherical_sgd_step_reference  # noqa: E402
+from dti_fast import optim as optim_mod  # noqa: E402
 from dti_fast.kernels import spherical_sgd as kmod  # noqa: E402
+from dti_fast.optim import device_copy  # noqa: E402
 
 # -- tolerances (see test_optim.py for the measurements behind them) -------------------------
 
@@ -101,10 +103,11 @@ def test_kernel_matches_reference(helpers, device, shapes, hyper, dtype):
 
 def test_multi_pass_branch_is_used_above_the_single_pass_limit():
     assert kmod.MAX_SINGLE_PASS_DIM == 8192  # the 8192/8200 cases above straddle it
-    assert kmod._launch_config(8192)[2] is True
-    assert kmod._launch_config(8200)[2] is False
+    assert kmod.launch_config(8192).single_pass is True
+    assert kmod.launch_config(8200).single_pass is False
     for dim in (1, 64, 77, 768, 1280, 2048, 8192, 8200, 20000):
-        block_r, block_d, single, num_warps = kmod._launch_config(dim)
+        cfg = kmod.launch_config(dim)
+        block_r, block_d, single, num_warps = cfg.rows, cfg.block, cfg.single_pass, cfg.num_warps
         assert block_r >= 1 and (block_d & (block_d - 1)) == 0  # powers of two
         assert block_d >= dim if single else block_d < dim
         assert block_r == 1 or block_r * block_d <= 4096
@@ -285,3 +288,220 @@ def test_functional_fused_call_with_grad_scale(helpers, device):
         torch.testing.assert_close(p, ref_v, atol=FP32_ATOL, rtol=0)
         torch.testing.assert_close(s, ref_s, rtol=1e-5, atol=0)
         assert float(step) == 3.0
+
+
+# -- the aligned (vector-load) specialization and the general path -----------------------------------
+
+
+class _KwargRecorder:
+    """Stands in for the jitted kernel and records every launch's arguments."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.calls.append((args, kwargs))
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    recorder = _KwargRecorder(kmod._spherical_sgd_kernel)
+    monkeypatch.setattr(kmod, "_spherical_sgd_kernel", recorder)
+    return recorder.calls
+
+
+def _param_at_offset(values: torch.Tensor, offset: int) -> torch.nn.Parameter:
+    """A contiguous param whose data starts ``offset`` elements into its storage."""
+    base = torch.zeros(values.numel() + offset, dtype=values.dtype, device=values.device)
+    view = base[offset:].view(values.shape)
+    view.copy_(values)
+    return torch.nn.Parameter(view)
+
+
+ALIGN_DIMS = [64, 77, 768, 1280, 2304, 8200]
+
+
+@pytest.mark.parametrize("layout", ["aligned", "offset-1"])
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dim", ALIGN_DIMS)
+def test_aligned_and_general_paths_match_reference(helpers, device, kernel_calls, dim, dtype, layout):
+    # Fresh tensors are 16-byte aligned: the aligned specialization runs whenever the row is a
+    # whole number of 16-byte vectors. A param one element into its storage takes the general path.
+    steps = 3
+    problem = helpers.make_problem([(2, dim)], steps, seed=dim, with_prior=True)
+    kw = dict(device=device, lr=LR, kappa=1e-2, beta=0.9)
+    reference = helpers.run_reference(problem, dtype=dtype, **kw)
+    values = problem["inits"][0].to(device=device, dtype=dtype)
+    p = _param_at_offset(values, 0 if layout == "aligned" else 1)
+    opt = SphericalSGD([{"params": [p], "prior": [problem["priors"][0].to(device)]}], lr=LR, kappa=1e-2,
+                       beta=0.9, fused=True)
+    for grads in problem["grads"]:
+        p.grad = grads[0].to(device=device, dtype=dtype)
+        opt.step()
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    expected = layout == "aligned" and dim % vec == 0
+    assert [kw_["ALIGNED"] for _, kw_ in kernel_calls] == [expected] * steps
+    helpers.assert_matches_reference([p], opt, reference, atol=ATOL[dtype], s_rtol=S_RTOL[dtype])
+
+
+def test_aligned_is_chosen_on_every_pointer_and_the_row_size():
+    t = torch.zeros(4, 64)
+    assert kmod.aligned([t], 64) == (True, 4)
+    assert kmod.aligned([t, t.to(BF16)], 64) == (True, 8)  # the narrowest dtype sets VEC
+    assert kmod.aligned([t.view(-1)[1:65].view(1, 64)], 64)[0] is False  # storage offset of one element
+    assert kmod.aligned([torch.zeros(4, 76)], 76) == (True, 4)
+    assert kmod.aligned([torch.zeros(4, 76, dtype=BF16)], 76)[0] is False  # 152 bytes: not whole vectors
+    assert kmod.aligned([torch.zeros(4, 77)], 77)[0] is False
+
+
+# -- launch configuration -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_launch_config_rule(dtype):
+    for dim in (1, 64, 77, 768, 1280, 2048, 2304, 4096, 8192, 8200, 20000):
+        cfg = kmod.launch_config(dim, dtype)
+        assert cfg.block & (cfg.block - 1) == 0 and cfg.rows >= 1
+        assert cfg.single_pass == (dim <= kmod.MAX_SINGLE_PASS_DIM)
+        assert cfg.block >= dim if cfg.single_pass else cfg.block < dim
+        assert cfg.rows == 1 or cfg.rows * cfg.block <= kmod.TILE_ELEMENTS
+        assert cfg.num_warps in (4, 8)
+    assert kmod.launch_config(768, dtype) == kmod.LaunchConfig(rows=4, block=1024, single_pass=True, num_warps=8)
+    assert kmod.launch_config(64, dtype) == kmod.LaunchConfig(rows=64, block=64, single_pass=True, num_warps=8)
+
+
+def test_launch_table_overrides_the_rule(monkeypatch):
+    tuned = kmod.LaunchConfig(rows=8, block=256, single_pass=False, num_warps=4)
+    monkeypatch.setitem(kmod.LAUNCH_TABLE, (1280, 2), tuned)
+    assert kmod.launch_config(1280, BF16) == tuned
+    assert kmod.launch_config(1280, F16) == tuned  # keyed on element size
+    assert kmod.launch_config(1280, F32) != tuned
+
+
+def test_launch_candidates_are_valid():
+    for dim in (64, 768, 1280, 2048, 2304, 4096):
+        candidates = kmod.launch_candidates(dim)
+        assert candidates and len(set(candidates)) == len(candidates)
+        assert any(c.single_pass for c in candidates) and any(not c.single_pass for c in candidates) or dim <= 128
+        for c in candidates:
+            assert c.block & (c.block - 1) == 0 and c.num_warps * 32 <= c.rows * c.block
+            assert c.block >= dim if c.single_pass else c.block < dim
+
+
+@pytest.mark.parametrize("config", [
+    kmod.LaunchConfig(rows=2, block=256, single_pass=False, num_warps=4),   # chunked: 768 = 3 x 256, no padding
+    kmod.LaunchConfig(rows=8, block=1024, single_pass=True, num_warps=8),
+], ids=["chunked-256", "padded-8rows"])
+def test_an_explicit_launch_config_matches_reference(helpers, device, config):
+    # What a sweep times must compute the same step.
+    problem = helpers.make_problem([(5, 768)], 1, seed=21, with_prior=True)
+    v, g, mu = problem["inits"][0].to(device), problem["grads"][0][0].to(device), problem["priors"][0].to(device)
+    p, s, step = v.clone(), torch.zeros(5, device=device), torch.zeros((), device=device)
+    kmod.fused_spherical_sgd([p], [g], [s], [step.add_(1)], [project_to_sphere(mu)], lr=LR, kappa=1e-2, beta=0.9,
+                             eps=1e-8, normalize=True, cache=kmod.LaunchCache(), config=config)
+    ref_v, ref_s = spherical_sgd_step_reference(v, g, torch.zeros(5, device=device), 1, lr=LR, kappa=1e-2, mu=mu,
+                                                beta=0.9)
+    torch.testing.assert_close(p, ref_v, atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(s, ref_s, rtol=ONE_STEP_S_RTOL, atol=0)
+
+
+# -- grad_scale / found_inf per device ----------------------------------------------------------------
+
+
+def test_device_copy_is_one_copy_per_device_and_step():
+    scale = torch.tensor(1024.0)
+    memo: dict = {}
+    assert device_copy(scale, torch.device("cpu"), memo) is scale and not memo
+    meta = device_copy(scale, torch.device("meta"), memo)  # stands in for a second GPU
+    assert meta.device.type == "meta" and device_copy(scale, torch.device("meta"), memo) is meta
+    assert device_copy(None, torch.device("meta"), memo) is None
+    other = torch.tensor([0.0])
+    assert device_copy(other, torch.device("meta"), memo) is not meta  # keyed on the tensor too
+
+
+def test_each_launch_reads_its_devices_copy_of_the_scaler_tensors(helpers, device, kernel_calls, monkeypatch):
+    # Two buckets (vector sizes 64 and 77). The lookup is replaced by one that returns a
+    # distinct copy per call: each launch must receive what the lookup gave for its
+    # device, never the scaler's own tensor (a pointer on another GPU).
+    given = []
+
+    def fake_copy(t, dev, memo):
+        if t is None:
+            return None
+        out = t.clone()
+        given.append((dev, out))
+        return out
+
+    monkeypatch.setattr(optim_mod, "device_copy", fake_copy)
+    gen = torch.Generator().manual_seed(5)
+    params = [helpers.unit_rows((2, 64), gen).to(device), helpers.unit_rows((3, 77), gen).to(device)]
+    grads = [1024.0 * torch.randn(2, 64, generator=gen).to(device), 1024.0 * torch.randn(3, 77, generator=gen).to(device)]
+    scale, found = torch.tensor(1024.0, device=device), torch.zeros(1, device=device)
+    states = [torch.zeros(2, device=device), torch.zeros(3, device=device)]
+    steps = [torch.ones((), device=device), torch.ones((), device=device)]
+    kmod.fused_spherical_sgd(params, grads, states, steps, None, lr=LR, kappa=0.0, beta=0.0, eps=1e-8, normalize=True,
+                             grad_scale=scale, found_inf=found, cache=kmod.LaunchCache())
+    assert len(kernel_calls) == 2
+    passed = [(args[2], args[3]) for args, _ in kernel_calls]
+    copies = [t for _, t in given]
+    for s_arg, f_arg in passed:
+        assert s_arg is not scale and f_arg is not found
+        assert any(s_arg is c for c in copies) and any(f_arg is c for c in copies)
+
+
+_COMPILE_CHECK = r'''
+import json, re, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dti_fast.kernels import spherical_sgd as k
+
+names = k._spherical_sgd_kernel.arg_names
+sig = {n: ("constexpr" if n.isupper() and n != "D" else "*i64" if n == "meta_ptr" else "*i32" if n == "blocks_ptr"
+           else "*fp32" if n.endswith("_ptr") else "i32" if n == "D" else "fp32") for n in names}
+out = []
+for dtype, vec, dim, single, block_r, block_d in json.loads(sys.argv[1]):
+    for aligned in (False, True):
+        const = {"PARAM_DTYPE": getattr(tl, dtype), "GRAD_DTYPE": getattr(tl, dtype), "HAS_PRIOR": True,
+                 "NORMALIZE": True, "BIAS_CORRECTION": False, "HAS_SCALE": False, "HAS_FOUND_INF": False,
+                 "SINGLE_PASS": single, "ALIGNED": aligned, "VEC": vec, "BLOCK_R": block_r, "BLOCK_D": block_d}
+        attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
+        if dim % 16 == 0:
+            attrs[(names.index("D"),)] = [["tt.divisibility", 16]]  # what Triton's launcher specializes
+        src = ASTSource(fn=k._spherical_sgd_kernel, signature=sig, constexprs=const, attrs=attrs)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+        loads = re.findall(r"ld\.global\S*", ptx)
+        out.append([dtype, dim, aligned, sum(".v" in x for x in loads)])
+print(json.dumps(out))
+'''
+
+
+def test_aligned_specialization_compiles_to_vector_loads_for_sm90(tmp_path):
+    # Compiles the kernel for an H100-class target (no GPU needed: Triton's frontend,
+    # LLVM and ptxas) in a process without the interpreter, and counts vector loads
+    # (ld.global.v*) in the PTX: none on the general path, some on the aligned one,
+    # for a padded single pass (768) and a streamed row (8200, not a multiple of 16).
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cases = [["float32", 4, 768, True, 4, 1024], ["bfloat16", 8, 8200, False, 1, 2048]]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_CHECK, json.dumps(cases)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr or "backend" in proc.stderr.lower()):
+        pytest.skip(f"Triton cannot compile for sm_90 here: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = {(dtype, dim, aligned): n for dtype, dim, aligned, n in json.loads(proc.stdout.strip().splitlines()[-1])}
+    for dtype, _, dim, *_ in cases:
+        assert counts[(dtype, dim, False)] == 0
+        assert counts[(dtype, dim, True)] > 0

@@ -15,9 +15,9 @@ import math
 import pytest
 import torch
 
-from dti_fast import SphericalSGD, project_to_sphere, project_to_sphere_, spherical_sgd
+from dti_fast import SphericalSGD, project_to_sphere, project_to_sphere_, spherical_sgd, spherical_sgd_step_reference
 from dti_fast import optim as optim_mod
-from dti_fast.optim import _check_fused_possible, _resolve_fused
+from dti_fast.optim import _check_fused_possible, resolve_fused
 
 # -- tolerances ------------------------------------------------------------------------
 
@@ -136,7 +136,7 @@ def test_add_param_group_mid_run(helpers, device, fused):
     for t, grads in enumerate(problem["grads"]):
         if t == 4:
             opt.add_param_group({"params": [p1], "lr": 0.1, "kappa": 1e-2, "prior": [problem["priors"][1].to(device)]})
-            assert p1 not in opt.state
+            assert set(opt.state[p1]) == {"prior"}  # the prior is state; step state comes with the first grad
         p0.grad = grads[0].to(device)
         p1.grad = grads[1].to(device) if t >= 4 else None
         opt.step()
@@ -164,7 +164,7 @@ def test_add_param_group_validates(helpers):
     [
         ({"lr": -0.1}, ValueError, "learning rate"),
         ({"lr": float("nan")}, ValueError, "learning rate"),
-        ({"lr": torch.tensor(0.1)}, TypeError, "float"),
+        ({"lr": torch.tensor([0.1, 0.2])}, ValueError, "one element"),
         ({"kappa": -1e-4}, ValueError, "kappa"),
         ({"beta": 1.0}, ValueError, "beta"),
         ({"beta": -0.1}, ValueError, "beta"),
@@ -215,7 +215,8 @@ def test_prior_is_stored_as_fp32_unit_rows_on_the_param_device(helpers, device):
     p = _param(helpers, (3, 16), device, dtype=torch.bfloat16)
     mu = 4.0 * torch.randn(3, 16, dtype=torch.float64)  # CPU, fp64, not unit
     opt = SphericalSGD([{"params": [p], "prior": [mu]}], kappa=1e-2)
-    stored = opt.param_groups[0]["prior"][0]
+    assert "prior" not in opt.param_groups[0]  # tensors live in state, not in param_groups
+    stored = opt.state[p]["prior"]
     assert stored.dtype == torch.float32 and stored.device == p.device and stored.is_contiguous()
     torch.testing.assert_close(stored.cpu(), (mu / mu.norm(dim=-1, keepdim=True)).float(), atol=1e-6, rtol=0)
 
@@ -266,7 +267,7 @@ def test_params_without_grad_are_skipped(helpers, device, fused):
         p.grad = torch.randn(3, 64, device=device)
         opt.step()
     assert torch.equal(q.detach(), q_before)
-    assert q not in opt.state
+    assert set(opt.state[q]) == {"prior"}  # no step state without a grad
     assert not torch.equal(p.detach(), p_before) and int(opt.state[p]["step"]) == 3
 
 
@@ -334,11 +335,11 @@ def test_fused_true_on_cpu_without_interpreter_raises(helpers, monkeypatch):
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET|Triton"):
             _check_fused_possible([p])
         with pytest.raises(RuntimeError):
-            _resolve_fused(True, [p])
+            resolve_fused(True, [p])
         with pytest.raises(RuntimeError):
             SphericalSGD([p], fused=True)
-        assert _resolve_fused(False, [p]) is False
-        assert _resolve_fused(None, [p]) is False  # auto never picks the kernel for CPU params
+        assert resolve_fused(False, [p]) is False
+        assert resolve_fused(None, [p]) is False  # auto never picks the kernel for CPU params
 
 
 @pytest.mark.skipif(not optim_mod.triton_available(), reason="needs Triton")
@@ -359,7 +360,7 @@ def test_fused_true_without_triton_raises(helpers, monkeypatch):
         _check_fused_possible([p])
     with pytest.raises(RuntimeError, match="needs Triton"):
         SphericalSGD([p], fused=True)
-    assert _resolve_fused(None, [p]) is False
+    assert resolve_fused(None, [p]) is False
 
 
 # -- state dict -----------------------------------------------------------------------------
@@ -705,3 +706,89 @@ def test_eps_is_added_outside_the_sqrt(helpers, device, fused, eps):
     angle = torch.atan2((after - dot[:, None] * v.double()).norm(dim=-1), dot)
     expected = math.atan(0.1 * 1e-8 / (1e-8 + eps))
     torch.testing.assert_close(angle, torch.full((4,), expected, dtype=torch.float64), atol=ANGLE_ATOL, rtol=0)
+
+
+# -- the vectorized path's cached plan ----------------------------------------------------------------
+
+
+def test_vectorized_plan_follows_params_that_change_shape_or_storage(helpers, device):
+    # The vectorized path caches how a group's params are concatenated and written back
+    # (buffers and views). A param given new data of another shape, or new storage, must
+    # be stepped as it is now, not as the cached plan remembers it.
+    gen = torch.Generator().manual_seed(31)
+    params = [torch.nn.Parameter(helpers.unit_rows((2, 64), gen).to(device)) for _ in range(3)]
+    opt = SphericalSGD(params, lr=LR, fused=False)
+    for p in params:
+        p.grad = torch.randn(2, 64, generator=gen).to(device)
+    opt.step()
+    params[1].data = helpers.unit_rows((5, 64), gen).to(device)  # new shape
+    opt.state[params[1]]["s"] = torch.zeros(5, device=device)
+    params[2].data = params[2].detach().clone()  # new storage, same shape
+    before = [p.detach().clone() for p in params]
+    grads = [torch.randn(p.shape, generator=gen).to(device) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    for p, v, g in zip(params, before, grads):
+        ref, _ = spherical_sgd_step_reference(v, g, torch.zeros(v.shape[:-1], device=device), 2, lr=LR)
+        torch.testing.assert_close(p.detach(), ref, atol=FP32_ATOL, rtol=0)
+
+
+def test_functional_call_outside_no_grad(helpers, device):
+    # Like torch's functional optimizers' callers, but without a no_grad block: it still steps.
+    gen = torch.Generator().manual_seed(32)
+    ps = [torch.nn.Parameter(helpers.unit_rows((2, 64), gen).to(device)) for _ in range(2)]
+    grads = [torch.randn(2, 64, generator=gen).to(device) for _ in ps]
+    refs = [spherical_sgd_step_reference(p.detach(), g, torch.zeros(2, device=device), 1, lr=LR)[0]
+            for p, g in zip(ps, grads)]
+    spherical_sgd(ps, grads, [torch.zeros(2, device=device) for _ in ps], [torch.zeros((), device=device) for _ in ps],
+                  None, lr=LR)
+    for p, ref in zip(ps, refs):
+        torch.testing.assert_close(p.detach(), ref, atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("run_elements", [130, 1 << 18], ids=["many-runs", "one-run"])
+def test_vectorized_runs_share_buffers_correctly(helpers, device, monkeypatch, run_elements):
+    # On the CPU a group is cut into runs (see _cpu_run_elements) that share one output
+    # buffer; tiny runs (2 rows of 64) exercise many runs, a lone param bigger than a run,
+    # mixed dims and 3-D params in one group. Steps with beta and a prior, against the reference.
+    monkeypatch.setattr(optim_mod, "_cpu_run_elements", lambda: run_elements)
+    shapes = [(1, 64), (1, 64), (2, 64), (3, 64), (1, 77), (2, 2, 64), (1, 64), (2, 77)]
+    problem = helpers.make_problem(shapes, 6, seed=33, with_prior=True)
+    kw = dict(dtype=torch.float32, device=device, lr=LR, kappa=1e-2, beta=0.9)
+    params, opt = helpers.run_optimizer(problem, fused=False, **kw)
+    if device == "cpu":
+        plan = next(v for k, v in opt._cache.items() if k[0] == "plan")
+        n_runs = sum(len(b.runs) for b in plan.buckets)
+        assert n_runs == (7 if run_elements == 130 else 2)
+    helpers.assert_matches_reference(params, opt, helpers.run_reference(problem, **kw), atol=FP32_ATOL,
+                                     s_rtol=S_RTOL[torch.float32])
+
+
+def test_packed_state_is_per_param_and_follows_replacement(helpers, device, fused):
+    # The optimizer keeps step and s of params that start together packed in one tensor
+    # each (per-param views: one op counts every step). A state tensor the user replaces
+    # (or a loaded one) must be the one the next step reads and writes.
+    problem = helpers.make_problem([(3, 64), (2, 64), (4, 64)], 4, seed=34)
+    params = [torch.nn.Parameter(x.clone().to(device)) for x in problem["inits"]]
+    opt = SphericalSGD(params, lr=LR, beta=0.9, fused=fused)
+    for p, g in zip(params, problem["grads"][0]):
+        p.grad = g.to(device)
+    opt.step()
+    states = [opt.state[p] for p in params]
+    assert states[0]["s"]._base is not None and states[0]["s"]._base is states[2]["s"]._base
+    assert all(st["step"].shape == () and st["s"].shape == p.shape[:-1] for st, p in zip(states, params))
+    # Replace param 1's state by tensors of other values: step 10 and s 0.5.
+    states[1]["step"] = torch.tensor(10.0, device=device)
+    states[1]["s"] = torch.full((2,), 0.5, device=device)
+    before = [p.detach().clone() for p in params]
+    s_before = [st["s"].clone() for st in states]
+    for p, g in zip(params, problem["grads"][1]):
+        p.grad = g.to(device)
+    opt.step()
+    for i, (p, g) in enumerate(zip(params, problem["grads"][1])):
+        t = 11 if i == 1 else 2
+        ref_v, ref_s = spherical_sgd_step_reference(before[i], g.to(device), s_before[i], t, lr=LR, beta=0.9)
+        torch.testing.assert_close(p.detach(), ref_v, atol=FP32_ATOL, rtol=0)
+        torch.testing.assert_close(opt.state[p]["s"], ref_s, rtol=1e-5, atol=0)
+        assert int(opt.state[p]["step"]) == t
