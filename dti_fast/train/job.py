@@ -381,7 +381,8 @@ class TrainingJob:
         return losses, [f > 0 for f in flags]
 
     def _update(self, stepping: list[int]) -> list[int]:
-        """The optimizer step; a concept whose rows it made non-finite gets its rows and state back.
+        """The optimizer step; a concept whose rows it made non-finite (or, for DTI, not unit) gets its rows and
+        optimizer state back.
 
         Returns the concepts that stepped.
         """
@@ -389,9 +390,7 @@ class TrainingJob:
         saved = {p: (p.detach().clone(), {k: v.clone() if torch.is_tensor(v) else v
                                          for k, v in self.optimizer.state.get(p, {}).items()}) for p in params}
         self.optimizer.step()
-        norms = torch.stack(torch._foreach_norm([p.detach() for p in params])).float()
-        per = len(self.embeddings)  # params per concept, in concept_params order
-        finite = torch.isfinite(norms).view(len(stepping), per).all(dim=1).tolist()
+        finite = self._rows_sound(stepping)
         kept = []
         for i, good in zip(stepping, finite):
             if good:
@@ -406,6 +405,20 @@ class TrainingJob:
                     else:
                         self.optimizer.state.pop(p, None)
         return kept
+
+    @torch.no_grad()
+    def _rows_sound(self, concepts: list[int]) -> list[bool]:
+        """Per concept: are its rows finite and, for DTI, unit vectors? One batched norm per encoder, one host copy."""
+        counts = torch.tensor([self.embeddings[0].rows[i].shape[0] for i in concepts])
+        owner = torch.repeat_interleave(torch.arange(len(concepts)), counts)
+        bad = torch.zeros(len(concepts))
+        for emb in self.embeddings:
+            norms = torch.cat([emb.rows[i].detach() for i in concepts]).float().norm(dim=-1)
+            wrong = ~torch.isfinite(norms)
+            if emb.spherical:
+                wrong |= (norms - 1).abs() > 1e-3
+            bad = bad.to(norms.device).index_add_(0, owner.to(norms.device), wrong.float())
+        return [b == 0 for b in bad.tolist()]
 
     def _bad_step(self, name: str) -> None:
         """Count a skipped step of concept ``name``; stop it after ``max_bad_steps`` in a row."""
