@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +40,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    wait_group: Any = None  # a gloo group with a long timeout, for waiting on the slowest rank
 
     @property
     def enabled(self) -> bool:
@@ -64,6 +67,11 @@ class DistContext:
         dist.all_reduce(flag)
         return float(flag) == 0.0
 
+    def wait_for_all(self) -> None:
+        """Block until every rank gets here, however long the slowest takes (the long-timeout gloo group)."""
+        if self.enabled:
+            dist.barrier(group=self.wait_group)
+
 
 def _comm_device() -> torch.device:
     if dist.get_backend() == "nccl":
@@ -71,8 +79,32 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+WAIT_TIMEOUT_S = 7 * 24 * 3600
+"""How long a rank waits for the slowest shard at the end (``DTI_FAST_WAIT_TIMEOUT_S``): a week."""
+
+
+def _seconds(name: str, default: float | None) -> timedelta | None:
+    text = os.environ.get(name)
+    if not text:
+        return timedelta(seconds=default) if default is not None else None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {text}")
+    return timedelta(seconds=value)
+
+
 def setup() -> DistContext:
-    """Join the process group the launcher described in the environment (a no-op for one process)."""
+    """Join the process group the launcher described in the environment (a no-op for one process).
+
+    The default group (NCCL on GPUs, gloo on CPUs) keeps torch's timeout unless
+    ``DTI_FAST_PG_TIMEOUT_S`` sets one. Shards finish far apart, so the final
+    wait for the slowest one runs on a separate gloo group whose timeout is
+    ``DTI_FAST_WAIT_TIMEOUT_S`` (default a week): a rank that finished early
+    is never aborted by the default group's watchdog.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 and not (dist.is_available() and dist.is_initialized()):
         return DistContext()
@@ -80,9 +112,11 @@ def setup() -> DistContext:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        timeout = _seconds("DTI_FAST_PG_TIMEOUT_S", None)
+        dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout else {}))
+    wait_group = dist.new_group(backend="gloo", timeout=_seconds("DTI_FAST_WAIT_TIMEOUT_S", WAIT_TIMEOUT_S))
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                       local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+                       local_rank=int(os.environ.get("LOCAL_RANK", "0")), wait_group=wait_group)
 
 
 def shard_concepts(steps: Sequence[int], world_size: int) -> list[list[int]]:
@@ -123,7 +157,7 @@ def read_rank_statuses(output_dir: Path) -> list[dict]:
     return out
 
 
-def failure_report(output_dir: Path, world_size: int) -> Optional[str]:
+def failure_report(output_dir: Path, world_size: int) -> str | None:
     """A message naming ranks that did not finish and the concepts they held, or None."""
     statuses = {s["rank"]: s for s in read_rank_statuses(output_dir) if s.get("world_size") == world_size}
     lines = []

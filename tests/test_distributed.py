@@ -138,3 +138,51 @@ def test_killed_rank_is_reported_and_resume_reruns_only_the_unfinished(tiny_sd, 
     assert "2 concept(s) finished, 1 to train" in run.stderr
     for name, _, _ in CONCEPTS:
         torch.testing.assert_close(_exported(out, name), ref[name][0], rtol=0, atol=ATOL)
+
+
+def _torchrun_job(job: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "dti_fast.cli", "train",
+            "--config", str(job), "--model", str(model), "--output", str(out), "--resolution", "64",
+            "--batch-size", "1", "--no-progress", *extra]
+
+
+def _job_file(tmp_path: Path, steps: dict[str, int]) -> Path:
+    job = tmp_path / "job.toml"
+    job.write_text("".join(
+        f'[[concept]]\nname = "{n}"\nimages = "{demo_images_dir() / f}"\ninit = "{i}"\nsteps = {steps[n]}\n'
+        for n, f, i in CONCEPTS if n in steps))
+    return job
+
+
+def test_a_rank_that_finishes_early_outwaits_a_short_process_group_timeout(tiny_sd, tmp_path):
+    """Shards finish far apart: the early rank waits on the long-timeout gloo group, not the default one."""
+    job = _job_file(tmp_path, {"dog": 2, "clock": 150})
+    out = tmp_path / "out"
+    env = dict(_env(), DTI_FAST_PG_TIMEOUT_S="2")
+    started = time.monotonic()
+    run = subprocess.run(_torchrun_job(job, tiny_sd, out, "--checkpoint-every", "50"), capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert time.monotonic() - started > 2  # the wait outlasted the configured timeout
+    for name in ("dog", "clock"):
+        assert json.loads((out / name / "concept.json").read_text())["status"] == "complete"
+
+
+def test_sigterm_to_one_data_parallel_rank_stops_every_rank_with_a_checkpoint(tiny_sd, tmp_path):
+    job = _job_file(tmp_path, {"dog": 400, "clock": 400})
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_torchrun_job(job, tiny_sd, out, "--parallel", "data", "--checkpoint-every", "1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.monotonic() + 300
+    status1 = out / ".ranks" / "rank-1.json"
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            status1.exists() and list((out / "checkpoints").glob("step-*.safetensors"))):
+        time.sleep(0.05)
+    os.kill(json.loads(status1.read_text())["pid"], signal.SIGTERM)  # one rank only, not the launcher
+    _, err = proc.communicate(timeout=180)  # no rank is left hanging in a collective
+    assert proc.returncode != 0
+    statuses = [json.loads((out / ".ranks" / f"rank-{r}.json").read_text())["status"] for r in (0, 1)]
+    assert statuses == ["interrupted by SIGTERM", "interrupted by SIGTERM"], (statuses, err[-2000:])
+    assert "stopped by SIGTERM" in err
+    assert list((out / "checkpoints").glob("step-*.safetensors"))

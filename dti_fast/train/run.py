@@ -210,7 +210,7 @@ def _agreed(lock, ctx: DistContext):
 def _report_rank_failures(cfg: TrainConfig, ctx: DistContext) -> None:
     """Wait for the other ranks; on the main rank, name ranks that failed and the concepts they held."""
     try:
-        torch.distributed.barrier()
+        ctx.wait_for_all()
         problem = None
     except Exception as err:  # a dead peer breaks the collective
         problem = f"({type(err).__name__} while waiting for the other ranks)"
@@ -218,6 +218,14 @@ def _report_rank_failures(cfg: TrainConfig, ctx: DistContext) -> None:
         report = failure_report(Path(cfg.output_dir), ctx.world_size)
         if report or problem:
             raise JobError(report or problem)
+
+
+def _stopping(stop: StopSignals, job: TrainingJob) -> bool:
+    """Whether to stop before the next step. Data parallel: when any rank got a signal, every rank stops
+    (one tiny all-reduce), so no rank is left waiting in the next step's collective."""
+    if job.data_world > 1 and not job.ctx.agree(stop.signum is None):
+        stop.signum = stop.signum or signal.SIGTERM
+    return stop.signum is not None
 
 
 def _step(job: TrainingJob) -> float | None:
@@ -268,7 +276,7 @@ def _run(cfg: TrainConfig, images: list[ConceptImages], stop: StopSignals, ctx: 
     samples_before = job.samples
     ema = None
     try:
-        while stop.signum is None:
+        while not _stopping(stop, job):
             loss = _step(job)
             if loss is None:
                 break
