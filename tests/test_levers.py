@@ -300,3 +300,23 @@ def test_text_cache_auto_is_on_for_sdxl_only(sd, sdxl, tmp_path):
     assert caches is not None and len(caches) == 2
     with pytest.raises(ValueError, match="text_cache"):
         train(_config(sd, tmp_path / "c", text_cache="yes"))
+
+
+def test_deterministic_and_tf32_are_set_for_the_job_and_restored(sd, tmp_path, monkeypatch):
+    from dti_fast.train import TrainingJob
+
+    seen = []
+    original = TrainingJob.step
+
+    def spy(self):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cuda.matmul.allow_tf32))
+        return original(self)
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cuda.matmul.allow_tf32)
+    monkeypatch.setattr(TrainingJob, "step", spy)
+    det = train(_config(sd, tmp_path / "det", deterministic=True, tf32=False))
+    assert seen and all(s == (True, False) for s in seen)
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cuda.matmul.allow_tf32) == before
+    plain = train(_config(sd, tmp_path / "plain"))
+    for name in det.vectors:  # the math attention backend only rounds differently from the fused one
+        torch.testing.assert_close(det.vectors[name][0], plain.vectors[name][0], rtol=1e-4, atol=1e-6)

@@ -139,6 +139,12 @@ class TrainConfig:
                                              "memory, more time")
     channels_last: bool = S.setting(False, kind=S.BOOL, action="true", group=PERF,
                                     help="run the UNet in channels-last memory format")
+    tf32: bool = S.setting(True, kind=S.BOOL, flag="--no-tf32", action="false", group=PERF,
+                           help="with --precision fp32 on a GPU that has them, do not use TF32 matmuls and "
+                           "convolutions (on by default: about 8x the fp32 matmul rate, 10-bit mantissa inputs)")
+    deterministic: bool = S.setting(False, kind=S.BOOL, action="true", group=PERF,
+                                    help="deterministic CUDA algorithms and the math attention backend, so a resumed "
+                                    "GPU job repeats an uninterrupted one (slower); CPU runs are deterministic anyway")
     compile: bool = S.setting(False, kind=S.BOOL, action="true", group=PERF,
                               help="torch.compile the UNet: faster steps after a compile of a minute or more, so for "
                               "long jobs (see the README's measurements)")

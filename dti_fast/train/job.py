@@ -309,8 +309,14 @@ class TrainingJob:
             target = latents
         else:
             raise ValueError(f"unsupported prediction_type {kind!r} in the model's scheduler config")
-        autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if self.weight_dtype == torch.bfloat16 else contextlib.nullcontext()
-        with autocast:
+        autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if self.weight_dtype == torch.bfloat16
+                    else contextlib.nullcontext())
+        attention = contextlib.nullcontext()
+        if self.cfg.deterministic:  # the fused attention kernels' backward is not deterministic on CUDA
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            attention = sdpa_kernel([SDPBackend.MATH])
+        with autocast, attention:
             hidden, pooled = self.encode_text(batch["input_ids"])
             kwargs = {}
             if self.sdxl:

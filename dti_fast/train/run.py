@@ -166,7 +166,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     images = [load_concept_images(c, cfg.resolution) for c in mine]
     sub_cfg = replace(cfg, concepts=mine, progress=cfg.progress and ctx.is_main)
     lock = OutputLock(Path(cfg.output_dir)) if ctx.is_main else contextlib.nullcontext()
-    with _agreed(lock, ctx), StopSignals() as stop:
+    with _agreed(lock, ctx), StopSignals() as stop, _numerics(cfg):
         names = [c.name for c in mine]
         ctx.write_status(Path(cfg.output_dir), "running", names)
         try:
@@ -187,6 +187,26 @@ def train(cfg: TrainConfig) -> TrainResult:
         # Outside the signal handlers: a launcher tearing the job down may stop a rank that waits here.
         _report_rank_failures(cfg, ctx)
     return result
+
+
+@contextlib.contextmanager
+def _numerics(cfg: TrainConfig):
+    """TF32 and deterministic algorithms for the job's lifetime; the process-wide settings are restored after."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic workspace
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, deterministic,
+         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
+        torch.use_deterministic_algorithms(deterministic)
 
 
 @contextlib.contextmanager
