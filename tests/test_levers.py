@@ -294,6 +294,42 @@ def test_compile_wraps_the_training_unet_and_keeps_the_vectors(sd, tmp_path, mon
         torch.testing.assert_close(fast.vectors[name][0], plain.vectors[name][0], rtol=1e-5, atol=1e-6)
 
 
+_TORCH_COMPILE = torch.compile  # before any test patches it
+
+
+def _graphs_compiled(sd, out: Path, monkeypatch, **kw) -> int:
+    import torch._dynamo
+
+    graphs = []
+
+    def counting(gm, example_inputs):  # a dynamo backend that counts the graphs it is given and runs them as is
+        graphs.append(gm)
+        return gm.forward
+
+    real_compile = _TORCH_COMPILE
+
+    def compile_counting(module=None, **k):
+        if not isinstance(module, torch.nn.Module):
+            return real_compile(module, **k) if module is not None else real_compile(**k)
+        return real_compile(module, backend=counting)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", compile_counting)
+    train(_config(sd, out, compile=True, **kw))
+    torch._dynamo.reset()
+    return len(graphs)
+
+
+def test_compile_does_not_recompile_when_the_batch_changes(sd, tmp_path, monkeypatch):
+    steady = _graphs_compiled(sd, tmp_path / "steady", monkeypatch, steps=3, batch_size=2)
+    # The dog stops after 1 step: the next steps hold the backpack alone, half the batch (4 -> 2 images;
+    # a batch of 1 would recompile whatever is marked, as dynamo specializes sizes 0 and 1).
+    turns = _graphs_compiled(sd, tmp_path / "turns", monkeypatch, steps=3, batch_size=2,
+                             concepts=[Concept("dog", demo_images_dir() / "dog", "dog", steps=1),
+                                       Concept("backpack", demo_images_dir() / "backpack", "red backpack")])
+    assert turns == steady > 0
+
+
 def test_text_cache_auto_is_on_for_sdxl_only(sd, sdxl, tmp_path):
     assert _job(_config(sd, tmp_path / "a")).text_caches is None
     caches = _job(_config(sdxl, tmp_path / "b")).text_caches

@@ -324,6 +324,9 @@ class TrainingJob:
             sample = noisy.to(hidden.dtype)
             if self.cfg.channels_last:
                 sample = sample.contiguous(memory_format=torch.channels_last)
+            if self.cfg.compile:  # probe steps and concepts taking turns change the batch: compile for any size once
+                for x in (sample, t, hidden, *kwargs.get("added_cond_kwargs", {}).values()):
+                    torch._dynamo.maybe_mark_dynamic(x, 0)
             pred = self.unet(sample, t, encoder_hidden_states=hidden, **kwargs).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         # Per-concept means, summed: each concept's gradient is what it would get training alone.
