@@ -17,8 +17,14 @@ setup(
     packages=["dti_fast", "dti_fast.train", "dti_fast.testing", "dti_fast.kernels"],
     package_dir={"dti_fast": "dti_fast", "dti_fast.kernels": "kernels"},
     include_package_data=True,
-    package_data={"dti_fast": ["assets/clip_tokenizer/*", "assets/dreambooth_mini/*.txt", "assets/dreambooth_mini/*/*",
-                              "assets/*.json"]},
+    package_data={
+        "dti_fast": [
+            "assets/clip_tokenizer/*",
+            "assets/dreambooth_mini/*.txt",
+            "assets/dreambooth_mini/*/*",
+            "assets/*.json",
+        ]
+    },
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
@@ -33,8 +39,15 @@ setup(
         "protobuf>=3.20",  # required by transformers' SiglipTokenizer
     ],
     extras_require={
-        "dev": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.0", "geoopt>=0.5", "ruff>=0.6", "accelerate>=0.30",
-                "tensorboard>=2.10"],
+        "dev": [
+            "pytest>=7.4",
+            "pytest-benchmark>=4.0",
+            "hypothesis>=6.0",
+            "geoopt>=0.5",
+            "ruff>=0.6",
+            "accelerate>=0.30",
+            "tensorboard>=2.10",
+        ],
         "tracking": ["accelerate>=0.30", "tensorboard>=2.10"],
         "xformers": ["xformers"],
     },

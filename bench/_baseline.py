@@ -43,7 +43,6 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Union
 
 import numpy as np
 import torch
@@ -67,7 +66,7 @@ class BaselineResult:
     seconds: float  # the training loop only
     load_seconds: float  # load_model_parts
     setup_seconds: float  # tokens, embedding resize, optimizer, image decode
-    peak_memory: Optional[int]  # bytes during the loop: CUDA max allocated, or the process's peak RSS
+    peak_memory: int | None  # bytes during the loop: CUDA max allocated, or the process's peak RSS
     device: str
     final_loss: float
     gradient_checkpointing: bool = False
@@ -95,8 +94,8 @@ def _load_images(folder: Path, resolution: int) -> tuple[list[np.ndarray], list[
 
 
 def run_baseline(
-    model: Union[str, Path],
-    images: Union[str, Path],
+    model: str | Path,
+    images: str | Path,
     init_word: str,
     *,
     steps: int,
@@ -104,7 +103,7 @@ def run_baseline(
     resolution: int,
     lr: float = 5e-4,
     seed: int = 0,
-    device: Optional[str] = None,
+    device: str | None = None,
     gradient_checkpointing: bool = False,
 ) -> BaselineResult:
     """Train one concept the diffusers example's way; returns its timings (see the module docstring).
@@ -156,8 +155,9 @@ def run_baseline(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
     def tokenize(tok, text: str) -> torch.Tensor:
-        return tok(text, padding="max_length", truncation=True, max_length=tok.model_max_length,
-                   return_tensors="pt").input_ids[0]
+        return tok(
+            text, padding="max_length", truncation=True, max_length=tok.model_max_length, return_tensors="pt"
+        ).input_ids[0]
 
     def get_item() -> dict:
         """The example dataset's __getitem__ (minus the image decode and resize, done once above)."""
@@ -166,8 +166,11 @@ def run_baseline(
         img = arrays[k][:, ::-1] if rng.random() < 0.5 else arrays[k]  # RandomHorizontalFlip(p=0.5)
         pixels = torch.from_numpy((np.ascontiguousarray(img) / 127.5 - 1.0).astype(np.float32)).permute(2, 0, 1)
         oh, ow = original_sizes[k]
-        return {"pixel_values": pixels, "input_ids": [tokenize(t, text) for t in parts.tokenizers],
-                "time_ids": [oh, ow, 0, 0, resolution, resolution]}
+        return {
+            "pixel_values": pixels,
+            "input_ids": [tokenize(t, text) for t in parts.tokenizers],
+            "time_ids": [oh, ow, 0, 0, resolution, resolution],
+        }
 
     reset_peak(dev)
     loss_value = float("nan")
@@ -180,8 +183,9 @@ def run_baseline(
         latents = vae.encode(pixel_values.to(dtype=weight_dtype)).latent_dist.sample(generator=gen).detach()
         latents = latents * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen, device=dev, dtype=latents.dtype)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen,
-                                  device=dev).long()
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen, device=dev
+        ).long()
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
         kwargs = {}
         if sdxl:
@@ -212,10 +216,17 @@ def run_baseline(
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - started
     return BaselineResult(
-        steps=steps, batch_size=batch_size, samples=steps * batch_size, seconds=seconds,
-        load_seconds=load_seconds, setup_seconds=setup_seconds, peak_memory=peak_bytes(dev),
-        device=str(dev), final_loss=loss_value, gradient_checkpointing=gradient_checkpointing,
+        steps=steps,
+        batch_size=batch_size,
+        samples=steps * batch_size,
+        seconds=seconds,
+        load_seconds=load_seconds,
+        setup_seconds=setup_seconds,
+        peak_memory=peak_bytes(dev),
+        device=str(dev),
+        final_loss=loss_value,
+        gradient_checkpointing=gradient_checkpointing,
     )
 
 
-__all__: List[str] = ["BaselineResult", "run_baseline"]
+__all__: list[str] = ["BaselineResult", "run_baseline"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-from typing import Optional
 
 GiB = 2**30
 
@@ -25,34 +24,60 @@ DEFINITIONS = {
     "samples_per_second": "images trained per second of training loop (model load, caches and planning excluded)",
     "speedup_one_concept": "dti_fast samples/s / baseline samples/s, one concept, same steps and batch",
     "concepts_per_hour": "dti_fast: concepts * 3600 / loop seconds of the 32-concept job; baseline: "
-                         "3600 / (job steps * baseline seconds per step), one concept per run",
+    "3600 / (job steps * baseline seconds per step), one concept per run",
     "speedup_job_concepts_per_hour": "dti_fast concepts/hour / baseline concepts/hour (loop time only)",
     "*_with_setup": "the same with everything else counted: dti_fast the whole train() call (load, latent "
-                    "and text caches, batch planning, export), the baseline each run's model load and setup",
+    "and text caches, batch planning, export), the baseline each run's model load and setup",
     "peak_memory": "bytes during the training loop: CUDA max allocated, or the CPU process's peak RSS (VmHWM)",
     "mfu": "FLOPs of one UNet forward+backward (FlopCounterMode) / its median time / matmul peak FLOP/s "
-           "measured in the same run (bf16 8192^3 on a GPU, fp32 1024^3 on the CPU)",
+    "measured in the same run (bf16 8192^3 on a GPU, fp32 1024^3 on the CPU)",
     "job_loop_mfu": "the 32-concept job's loop images/s x the UNet forward+backward FLOPs per image / matmul peak",
     "max_concurrent_concepts": "most concepts (one image each) in one training step, found by the trainer's "
-                               "max_batch='auto' with gradient checkpointing; 'capped' when every concept offered fit",
+    "max_batch='auto' with gradient checkpointing; 'capped' when every concept offered fit",
 }
 
 
-def _ratio(num, den) -> Optional[float]:
+def _ratio(num, den) -> float | None:
     return num / den if num and den else None
 
 
 def summarize(records: list, load_start: list, load_end: list) -> dict:
     cases: dict[str, dict] = {}
     for r in records:
-        c = cases.setdefault(r["case"], {"case": r["case"], "device": r["device"], "family": r["family"],
-                                         "resolution": r["resolution"], "dtype": r["dtype"], "cuda": r["cuda"],
-                                         "device_memory_gib": (r["device_memory"] / GiB if r.get("device_memory") else None),
-                                         "threads": r.get("threads"), "model_build_seconds": r.get("model_build_seconds"),
-                                         "runs": {}})
-        c["runs"][r["run"]] = {k: v for k, v in r.items() if k not in (
-            "suite", "case", "run", "device", "family", "resolution", "dtype", "cuda", "device_memory", "threads",
-            "model_build_seconds", "tiny")}
+        c = cases.setdefault(
+            r["case"],
+            {
+                "case": r["case"],
+                "device": r["device"],
+                "family": r["family"],
+                "resolution": r["resolution"],
+                "dtype": r["dtype"],
+                "cuda": r["cuda"],
+                "device_memory_gib": (r["device_memory"] / GiB if r.get("device_memory") else None),
+                "threads": r.get("threads"),
+                "model_build_seconds": r.get("model_build_seconds"),
+                "runs": {},
+            },
+        )
+        c["runs"][r["run"]] = {
+            k: v
+            for k, v in r.items()
+            if k
+            not in (
+                "suite",
+                "case",
+                "run",
+                "device",
+                "family",
+                "resolution",
+                "dtype",
+                "cuda",
+                "device_memory",
+                "threads",
+                "model_build_seconds",
+                "tiny",
+            )
+        }
     for c in cases.values():
         runs = c["runs"]
         base, one, job = runs.get("baseline"), runs.get("dti-1"), runs.get("dti-32")
@@ -80,7 +105,8 @@ def summarize(records: list, load_start: list, load_end: list) -> dict:
             c["baseline_concepts_per_hour_with_setup"] = 3600 / (per_run + base["load_seconds"] + base["setup_seconds"])
             c["speedup_job_concepts_per_hour"] = _ratio(c["dti_concepts_per_hour"], c["baseline_concepts_per_hour"])
             c["speedup_job_concepts_per_hour_with_setup"] = _ratio(
-                c["dti_concepts_per_hour_with_setup"], c["baseline_concepts_per_hour_with_setup"])
+                c["dti_concepts_per_hour_with_setup"], c["baseline_concepts_per_hour_with_setup"]
+            )
         if mfu:
             c["mfu"] = mfu["mfu"]
             c["unet_tflops"] = mfu["achieved_flops"] / 1e12
@@ -100,9 +126,16 @@ def summarize(records: list, load_start: list, load_end: list) -> dict:
             if only is not None and c["case"] not in only:
                 continue
             value = c.get(key)
-            goal = {"goal": desc, "case": c["case"], "device": c["device"], "metric": key, "target": target,
-                    "value": value, "met": None if value is None else value >= target,
-                    "applies": c["cuda"]}  # the goals are the GPU's; CPU figures are for reference
+            goal = {
+                "goal": desc,
+                "case": c["case"],
+                "device": c["device"],
+                "metric": key,
+                "target": target,
+                "value": value,
+                "met": None if value is None else value >= target,
+                "applies": c["cuda"],
+            }  # the goals are the GPU's; CPU figures are for reference
             if key == "max_concurrent_concepts":
                 goal["capped"] = c.get("max_concurrent_capped")
                 goal["device_memory_gib"] = c.get("device_memory_gib")
@@ -145,14 +178,21 @@ def _fmt(x, spec: str, width: int) -> str:
 
 def print_table(tr, summary: dict) -> None:
     tr.write_sep("=", "training throughput: dti_fast vs the diffusers example loop (reported, not asserted)")
-    tr.write_line(f"load {summary['loadavg_start']} -> {summary['loadavg_end']}; torch {summary.get('torch')}, "
-                  f"diffusers {summary.get('diffusers')}")
-    head = (f"{'case':<14}{'base img/s':>11}{'dti img/s':>11}{'x':>7}{'base c/h':>10}{'dti c/h':>10}{'x':>7}"
-            f"{'x setup':>8}{'base GiB':>9}{'dti GiB':>9}{'job GiB':>9}{'MFU':>7}{'max c':>7}")
+    tr.write_line(
+        f"load {summary['loadavg_start']} -> {summary['loadavg_end']}; torch {summary.get('torch')}, "
+        f"diffusers {summary.get('diffusers')}"
+    )
+    head = (
+        f"{'case':<14}{'base img/s':>11}{'dti img/s':>11}{'x':>7}{'base c/h':>10}{'dti c/h':>10}{'x':>7}"
+        f"{'x setup':>8}{'base GiB':>9}{'dti GiB':>9}{'job GiB':>9}{'MFU':>7}{'max c':>7}"
+    )
     for c in summary["cases"]:
-        tr.write_line(f"{c['case']}: {c['device']} ({c['dtype']}"
-                      + (f", {c['device_memory_gib']:.0f} GiB" if c.get("device_memory_gib") else "")
-                      + (f", {c['threads']} thread(s)" if c.get("threads") else "") + ")")
+        tr.write_line(
+            f"{c['case']}: {c['device']} ({c['dtype']}"
+            + (f", {c['device_memory_gib']:.0f} GiB" if c.get("device_memory_gib") else "")
+            + (f", {c['threads']} thread(s)" if c.get("threads") else "")
+            + ")"
+        )
     tr.write_line(head)
     for c in summary["cases"]:
         maxc = c.get("max_concurrent_concepts")
@@ -166,11 +206,14 @@ def print_table(tr, summary: dict) -> None:
             f"{_fmt(c.get('baseline_peak_memory_gib'), '.2f', 9)}{_fmt(c.get('dti_peak_memory_gib'), '.2f', 9)}"
             f"{_fmt(c.get('job_peak_memory_gib'), '.2f', 9)}{_fmt(c.get('mfu'), '.1%', 7)}{maxc_s:>7}"
         )
-    tr.write_line("img/s: samples per second of training loop, one concept; c/h: concepts per hour of a "
-                  "32-concept job (baseline: one concept per run); x setup: the same counting load and setup")
+    tr.write_line(
+        "img/s: samples per second of training loop, one concept; c/h: concepts per hour of a "
+        "32-concept job (baseline: one concept per run); x setup: the same counting load and setup"
+    )
     for g in summary["goals"]:
         status = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
         value = "-" if g["value"] is None else format(g["value"], ".3g")
         where = "" if g["applies"] else " (CPU reference, the goal is the GPU's)"
-        tr.write_line(f"goal: {g['goal']} [{g['case']} on {g['device']}]: {value} (target {g['target']}) -> "
-                      f"{status}{where}")
+        tr.write_line(
+            f"goal: {g['goal']} [{g['case']} on {g['device']}]: {value} (target {g['target']}) -> {status}{where}"
+        )

@@ -42,13 +42,24 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = list(SUBJECTS)
-    concepts = [Concept(f"c{i}", demo_images_dir() / names[i % 3], SUBJECTS[names[i % 3]]) for i in range(args.concepts)]
+    concepts = [
+        Concept(f"c{i}", demo_images_dir() / names[i % 3], SUBJECTS[names[i % 3]]) for i in range(args.concepts)
+    ]
     images = [load_concept_images(c, 64) for c in concepts]
     jobs = []
     for label, kw in VARIANTS:
         out = Path(tempfile.mkdtemp())
-        cfg = TrainConfig(model=str(tiny_model_path(args.family)), output_dir=out, concepts=concepts, steps=10**6,
-                          batch_size=args.batch_size, resolution=64, progress=False, device=args.device, **kw)
+        cfg = TrainConfig(
+            model=str(tiny_model_path(args.family)),
+            output_dir=out,
+            concepts=concepts,
+            steps=10**6,
+            batch_size=args.batch_size,
+            resolution=64,
+            progress=False,
+            device=args.device,
+            **kw,
+        )
         job = TrainingJob(cfg, images, DistContext(), out / "checkpoints")
         job.step()  # warm-up
         jobs.append((label, job))
@@ -63,8 +74,10 @@ def main() -> None:
             times[label].append((time.perf_counter() - start) / args.steps)
     base = statistics.median(times[VARIANTS[0][0]])
     images_per_step = args.concepts * args.batch_size
-    print(f"tiny-{args.family}, {args.concepts} concepts x batch {args.batch_size} = {images_per_step} images/step, "
-          f"{args.device}, {args.threads} thread(s), median of {args.rounds} rounds x {args.steps} steps")
+    print(
+        f"tiny-{args.family}, {args.concepts} concepts x batch {args.batch_size} = {images_per_step} images/step, "
+        f"{args.device}, {args.threads} thread(s), median of {args.rounds} rounds x {args.steps} steps"
+    )
     for label, _ in VARIANTS:
         t = statistics.median(times[label])
         print(f"  {label:24s} {t * 1e3:7.1f} ms/step  {images_per_step / t:7.1f} img/s  {base / t:5.2f}x")

@@ -45,8 +45,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
@@ -174,9 +174,7 @@ def _make_problem(case: Case):
 
 def _optimizer_step(case: Case, fused: bool) -> Callable[[], None]:
     params, priors = _make_problem(case)
-    opt = SphericalSGD(
-        [{"params": params, "prior": priors}], lr=LR, kappa=KAPPA, beta=BETA, eps=EPS, fused=fused
-    )
+    opt = SphericalSGD([{"params": params, "prior": priors}], lr=LR, kappa=KAPPA, beta=BETA, eps=EPS, fused=fused)
     del priors  # the optimizer keeps its own normalized fp32 copy
 
     def step() -> None:
@@ -349,9 +347,15 @@ def interleaved_ratios(
     ``rounds`` give the ratios (lean loop time / path time, higher is faster).
     Returns a JSON-able dict naming the device and thread counts.
     """
-    out = {"device": device_name(), "cuda": CUDA, "torch": torch.__version__, "rounds": rounds,
-           "statistic": "median over interleaved rounds", "step": "beta 0, no prior, lr 0.01, fp32",
-           "results": []}
+    out = {
+        "device": device_name(),
+        "cuda": CUDA,
+        "torch": torch.__version__,
+        "rounds": rounds,
+        "statistic": "median over interleaved rounds",
+        "step": "beta 0, no prior, lr 0.01, fp32",
+        "results": [],
+    }
     before = torch.get_num_threads()
     try:
         for n_threads in threads:
@@ -372,26 +376,32 @@ def interleaved_ratios(
                         p.copy_(new_v)
                         st.copy_(new_s)
 
-                fns = {"vectorized": opt.step, "lean_loop": lambda: lean_loop(lean_params),
-                       "reference_loop": reference_loop}
+                fns = {
+                    "vectorized": opt.step,
+                    "lean_loop": lambda: lean_loop(lean_params),
+                    "reference_loop": reference_loop,
+                }
                 times: dict[str, list[float]] = {k: [] for k in fns}
                 for fn in fns.values():  # warm-up: state, caches
                     fn()
                     _sync()
                 names = list(fns)
                 for r in range(rounds):
-                    for k in names[r % len(names):] + names[: r % len(names)]:
+                    for k in names[r % len(names) :] + names[: r % len(names)]:
                         t0 = time.perf_counter()
                         fns[k]()
                         _sync()
                         times[k].append(time.perf_counter() - t0)
                 med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-                out["results"].append({
-                    "case": f"{concepts}x({vectors},{dim})", "threads": n_threads if not CUDA else None,
-                    "median_ms": {k: v * 1e3 for k, v in med.items()},
-                    "vectorized_vs_lean_loop": med["lean_loop"] / med["vectorized"],
-                    "vectorized_vs_reference_loop": med["reference_loop"] / med["vectorized"],
-                })
+                out["results"].append(
+                    {
+                        "case": f"{concepts}x({vectors},{dim})",
+                        "threads": n_threads if not CUDA else None,
+                        "median_ms": {k: v * 1e3 for k, v in med.items()},
+                        "vectorized_vs_lean_loop": med["lean_loop"] / med["vectorized"],
+                        "vectorized_vs_reference_loop": med["reference_loop"] / med["vectorized"],
+                    }
+                )
     finally:
         torch.set_num_threads(before)
     return out
@@ -399,13 +409,17 @@ def interleaved_ratios(
 
 def format_interleaved(result: dict) -> str:
     """The interleaved ratios as a small table."""
-    lines = [f"device: {result['device']} (torch {result['torch']}, {result['rounds']} interleaved rounds, medians)",
-             f"{'case':<16}{'threads':>8}{'vect ms':>10}{'lean ms':>10}{'ref ms':>10}{'vect/lean':>11}{'vect/ref':>10}"]
+    lines = [
+        f"device: {result['device']} (torch {result['torch']}, {result['rounds']} interleaved rounds, medians)",
+        f"{'case':<16}{'threads':>8}{'vect ms':>10}{'lean ms':>10}{'ref ms':>10}{'vect/lean':>11}{'vect/ref':>10}",
+    ]
     for r in result["results"]:
         m = r["median_ms"]
-        lines.append(f"{r['case']:<16}{str(r['threads']):>8}{m['vectorized']:>10.2f}{m['lean_loop']:>10.2f}"
-                     f"{m['reference_loop']:>10.2f}{r['vectorized_vs_lean_loop']:>10.2f}x"
-                     f"{r['vectorized_vs_reference_loop']:>9.2f}x")
+        lines.append(
+            f"{r['case']:<16}{str(r['threads']):>8}{m['vectorized']:>10.2f}{m['lean_loop']:>10.2f}"
+            f"{m['reference_loop']:>10.2f}{r['vectorized_vs_lean_loop']:>10.2f}x"
+            f"{r['vectorized_vs_reference_loop']:>9.2f}x"
+        )
     return "\n".join(lines)
 
 
@@ -456,12 +470,30 @@ def test_launch_sweep() -> None:
             elem = v.element_size()
             nbytes = rows * dim * (2 * elem + elem + 4) + rows * 8
             default = kmod.launch_config(dim, dtype)
-            case = {"dim": dim, "dtype": str(dtype).removeprefix("torch."), "rows": rows, "default": default.__dict__,
-                    "configs": []}
+            case = {
+                "dim": dim,
+                "dtype": str(dtype).removeprefix("torch."),
+                "rows": rows,
+                "default": default.__dict__,
+                "configs": [],
+            }
             for cfg in [default] + [c for c in kmod.launch_candidates(dim) if c != default]:
-                def run(cfg=cfg) -> None:
-                    kmod.fused_spherical_sgd([v], [g], [s], [step], [mu], lr=LR, kappa=KAPPA, beta=0.0, eps=EPS,
-                                             normalize=True, cache=kmod.LaunchCache(), config=cfg)
+
+                def run(cfg=cfg, v=v, g=g, s=s, mu=mu) -> None:
+                    kmod.fused_spherical_sgd(
+                        [v],
+                        [g],
+                        [s],
+                        [step],
+                        [mu],
+                        lr=LR,
+                        kappa=KAPPA,
+                        beta=0.0,
+                        eps=EPS,
+                        normalize=True,
+                        cache=kmod.LaunchCache(),
+                        config=cfg,
+                    )
 
                 try:
                     for _ in range(3):
@@ -493,8 +525,9 @@ if __name__ == "__main__":
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    parser = argparse.ArgumentParser(description="SphericalSGD: vectorized path vs the lean per-param loop, "
-                                                 "interleaved rounds (medians)")
+    parser = argparse.ArgumentParser(
+        description="SphericalSGD: vectorized path vs the lean per-param loop, interleaved rounds (medians)"
+    )
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", help="write the result as JSON here")

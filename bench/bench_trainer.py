@@ -85,8 +85,18 @@ CASES = [
     Case("tiny-sd-64", "sd", True, 64, one_steps=50, batch=4, job_concepts=32, job_steps=10, mfu_batch=16),
     Case("tiny-sdxl-64", "sdxl", True, 64, one_steps=50, batch=4, job_concepts=32, job_steps=10, mfu_batch=16),
     Case("sd15-512", "sd", False, 512, one_steps=30, batch=4, job_concepts=32, job_steps=8, mfu_batch=16),
-    Case("sdxl-1024", "sdxl", False, 1024, one_steps=12, batch=4, job_concepts=32, job_steps=3, mfu_batch=8,
-         max_concurrent=True),
+    Case(
+        "sdxl-1024",
+        "sdxl",
+        False,
+        1024,
+        one_steps=12,
+        batch=4,
+        job_concepts=32,
+        job_steps=3,
+        mfu_batch=8,
+        max_concurrent=True,
+    ),
 ]
 RUNS = ("mfu", "baseline", "dti-1", "dti-32", "max-concurrent")
 
@@ -117,7 +127,9 @@ def _params():
             if not case.tiny and not CUDA:
                 marks.append(pytest.mark.skip(reason="full-size SD 1.5 / SDXL architectures: CUDA only"))
             elif case.tiny and CUDA:
-                marks.append(pytest.mark.skip(reason="the tiny model is the CPU case; a GPU runs the real architectures"))
+                marks.append(
+                    pytest.mark.skip(reason="the tiny model is the CPU case; a GPU runs the real architectures")
+                )
             out.append(pytest.param(case, run, id=f"{case.id}-{run}", marks=marks))
     return out
 
@@ -156,8 +168,9 @@ class _Inputs:
                 from dti_fast.testing.archs import make_full_size_model
 
                 # Random weights straight on the GPU, saved in bf16 (2.1 GB / 6.9 GB).
-                self.models[case.id] = make_full_size_model(self.root / f"model-{case.id}", case.family,
-                                                            dtype=torch.bfloat16, device=DEVICE)
+                self.models[case.id] = make_full_size_model(
+                    self.root / f"model-{case.id}", case.family, dtype=torch.bfloat16, device=DEVICE
+                )
                 _free()
             self.model_seconds[case.id] = time.perf_counter() - t0
         return self.models[case.id]
@@ -175,7 +188,8 @@ class _Inputs:
                 for src in sorted((demo_images_dir() / subject).glob("*.jpg")):
                     with Image.open(src) as im:
                         im.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC).save(
-                            root / subject / src.name, quality=95)
+                            root / subject / src.name, quality=95
+                        )
             self.image_roots[resolution] = root
         return self.image_roots[resolution]
 
@@ -223,8 +237,11 @@ def _release_memory():
 def job_concepts(images_root: Path, n: int, prefix: str = "c") -> list[Concept]:
     """``n`` concepts cycling through the shipped subjects (each name its own concept)."""
     return [
-        Concept(name=f"{prefix}{i:03d}-{SUBJECTS[i % len(SUBJECTS)][0]}",
-                images=images_root / SUBJECTS[i % len(SUBJECTS)][0], init=SUBJECTS[i % len(SUBJECTS)][1])
+        Concept(
+            name=f"{prefix}{i:03d}-{SUBJECTS[i % len(SUBJECTS)][0]}",
+            images=images_root / SUBJECTS[i % len(SUBJECTS)][0],
+            init=SUBJECTS[i % len(SUBJECTS)][1],
+        )
         for i in range(n)
     ]
 
@@ -255,7 +272,11 @@ def matmul_peak_flops() -> dict:
         _PEAK.update(flops=2 * n**3 / best, n=n)
         del a, b, c
         _free()
-    return {"matmul_peak_flops": _PEAK["flops"], "matmul_n": _PEAK["n"], "matmul_dtype": str(DTYPE).replace("torch.", "")}
+    return {
+        "matmul_peak_flops": _PEAK["flops"],
+        "matmul_n": _PEAK["n"],
+        "matmul_dtype": str(DTYPE).replace("torch.", ""),
+    }
 
 
 def run_mfu(case: Case, model: Path) -> dict:
@@ -348,13 +369,29 @@ def run_baseline_case(case: Case, model: Path, inputs: _Inputs) -> dict:
     subject, init = SUBJECTS[0]
 
     def run(checkpointing: bool) -> dict:
-        r = run_baseline(model, inputs.images(case.resolution) / subject, init, steps=case.one_steps,
-                         batch_size=case.batch, resolution=case.resolution, gradient_checkpointing=checkpointing)
+        r = run_baseline(
+            model,
+            inputs.images(case.resolution) / subject,
+            init,
+            steps=case.one_steps,
+            batch_size=case.batch,
+            resolution=case.resolution,
+            gradient_checkpointing=checkpointing,
+        )
         return {
-            "concepts": 1, "steps": r.steps, "batch": r.batch_size, "samples": r.samples, "seconds": r.seconds,
-            "load_seconds": r.load_seconds, "setup_seconds": r.setup_seconds, "peak_memory": r.peak_memory,
-            "samples_per_second": r.samples_per_second, "seconds_per_step": r.seconds_per_step,
-            "final_loss": r.final_loss, "train_device": r.device, "gradient_checkpointing": checkpointing,
+            "concepts": 1,
+            "steps": r.steps,
+            "batch": r.batch_size,
+            "samples": r.samples,
+            "seconds": r.seconds,
+            "load_seconds": r.load_seconds,
+            "setup_seconds": r.setup_seconds,
+            "peak_memory": r.peak_memory,
+            "samples_per_second": r.samples_per_second,
+            "seconds_per_step": r.seconds_per_step,
+            "final_loss": r.final_loss,
+            "train_device": r.device,
+            "gradient_checkpointing": checkpointing,
         }
 
     return _checkpointing_if_oom(run)
@@ -372,28 +409,54 @@ def _checkpointing_if_oom(run) -> dict:
     return figures
 
 
-def run_dti(case: Case, model: Path, concepts: list[Concept], out: Path, *, steps: int, batch: int,
-            max_batch, memory: bool = False) -> dict:
+def run_dti(
+    case: Case,
+    model: Path,
+    concepts: list[Concept],
+    out: Path,
+    *,
+    steps: int,
+    batch: int,
+    max_batch,
+    memory: bool = False,
+) -> dict:
     from dti_fast.train import TrainConfig, train
 
     lv = levers(memory)
-    cfg = TrainConfig(model=str(model), output_dir=out, concepts=concepts, steps=steps, batch_size=batch,
-                      max_batch=max_batch, resolution=case.resolution, progress=False, checkpoint_every=10**9,
-                      **lv)
+    cfg = TrainConfig(
+        model=str(model),
+        output_dir=out,
+        concepts=concepts,
+        steps=steps,
+        batch_size=batch,
+        max_batch=max_batch,
+        resolution=case.resolution,
+        progress=False,
+        checkpoint_every=10**9,
+        **lv,
+    )
     t0 = time.perf_counter()
     result = train(cfg)
     wall = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)
     return {
-        "concepts": len(concepts), "steps": steps, "batch": batch, "max_batch": max_batch,
-        "samples": result.samples, "seconds": result.seconds, "wall_seconds": wall,
-        "setup_seconds": wall - result.seconds, "job_steps": result.job_steps,
+        "concepts": len(concepts),
+        "steps": steps,
+        "batch": batch,
+        "max_batch": max_batch,
+        "samples": result.samples,
+        "seconds": result.seconds,
+        "wall_seconds": wall,
+        "setup_seconds": wall - result.seconds,
+        "job_steps": result.job_steps,
         "batch_per_step": getattr(result, "batch_per_step", None),
         "peak_memory": getattr(result, "peak_memory", None),
         "samples_per_second": result.samples / result.seconds if result.seconds > 0 else None,
         "concepts_per_hour": len(concepts) * 3600 / result.seconds if result.seconds > 0 else None,
-        "skipped_steps": result.skipped_steps, "train_device": getattr(result, "device", None),
-        "gradient_checkpointing": lv["gradient_checkpointing"], "levers": lv,
+        "skipped_steps": result.skipped_steps,
+        "train_device": getattr(result, "device", None),
+        "gradient_checkpointing": lv["gradient_checkpointing"],
+        "levers": lv,
     }
 
 
@@ -421,21 +484,45 @@ def test_trainer(benchmark, bench_results, inputs, tmp_path, case: Case, run: st
         if run == "baseline":
             return run_baseline_case(case, model, inputs)
         if run == "dti-1":
-            return _checkpointing_if_oom(lambda memory: run_dti(
-                case, model, job_concepts(images, 1), tmp_path / "out", steps=case.one_steps, batch=case.batch,
-                max_batch=None, memory=memory))
+            return _checkpointing_if_oom(
+                lambda memory: run_dti(
+                    case,
+                    model,
+                    job_concepts(images, 1),
+                    tmp_path / "out",
+                    steps=case.one_steps,
+                    batch=case.batch,
+                    max_batch=None,
+                    memory=memory,
+                )
+            )
         if run == "dti-32":
-            return run_dti(case, model, job_concepts(images, case.job_concepts), tmp_path / "out",
-                           steps=case.job_steps, batch=case.batch, max_batch="auto")
+            return run_dti(
+                case,
+                model,
+                job_concepts(images, case.job_concepts),
+                tmp_path / "out",
+                steps=case.job_steps,
+                batch=case.batch,
+                max_batch="auto",
+            )
         return run_max_concurrent(case, model, inputs, tmp_path / "out")
 
     figures = benchmark.pedantic(call, rounds=1, iterations=1, warmup_rounds=0)
     info = {
-        "suite": "trainer", "case": case.id, "run": run, "family": case.family, "tiny": case.tiny,
-        "resolution": case.resolution, "device": device_name(), "cuda": CUDA,
+        "suite": "trainer",
+        "case": case.id,
+        "run": run,
+        "family": case.family,
+        "tiny": case.tiny,
+        "resolution": case.resolution,
+        "device": device_name(),
+        "cuda": CUDA,
         "device_memory": torch.cuda.get_device_properties(DEVICE).total_memory if CUDA else None,
-        "threads": None if CUDA else torch.get_num_threads(), "dtype": str(DTYPE).replace("torch.", ""),
-        "model_build_seconds": inputs.model_seconds.get(case.id), **figures,
+        "threads": None if CUDA else torch.get_num_threads(),
+        "dtype": str(DTYPE).replace("torch.", ""),
+        "model_build_seconds": inputs.model_seconds.get(case.id),
+        **figures,
     }
     benchmark.extra_info.update({k: v for k, v in info.items() if k != "levers"})
     bench_results.append(info)

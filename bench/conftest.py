@@ -33,11 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collect_file(parent: pytest.Collector, file_path: Path):
-    if (
-        file_path.suffix == ".py"
-        and file_path.name.startswith("bench_")
-        and not parent.session.isinitpath(file_path)
-    ):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
@@ -59,20 +55,19 @@ def _loadavg() -> list:
 # (description, case id, metric key, target, comparison); metric keys are those
 # of a case in the summary. Goals are reported, not asserted.
 _CPU_GOALS = [
-    ("CPU vectorized >= 2x per-param loop at 1000 x 4 x 768", "1000x4x768-separate",
-     "speedup_vectorized_vs_loop", 2.0),
-    ("CPU vectorized >= 8x per-param loop at 1000 x 1 x 64", "1000x1x64-separate",
-     "speedup_vectorized_vs_loop", 8.0),
+    ("CPU vectorized >= 2x per-param loop at 1000 x 4 x 768", "1000x4x768-separate", "speedup_vectorized_vs_loop", 2.0),
+    ("CPU vectorized >= 8x per-param loop at 1000 x 1 x 64", "1000x1x64-separate", "speedup_vectorized_vs_loop", 8.0),
 ]
 _GPU_GOALS = [
-    ("GPU kernel >= 85% of copy bandwidth at 1M rows x 768", "1000000x1x768-packed",
-     "kernel_fraction_of_copy_gbps", 0.85),
-    ("GPU kernel >= 20x per-param loop at 1000 x 4 x 768", "1000x4x768-separate",
-     "speedup_kernel_vs_loop", 20.0),
-    ("GPU kernel >= 20x per-param loop at 1000 x 4 x 2048", "1000x4x2048-separate",
-     "speedup_kernel_vs_loop", 20.0),
-    ("GPU kernel >= 20x per-param loop at 1000 x 1 x 64", "1000x1x64-separate",
-     "speedup_kernel_vs_loop", 20.0),
+    (
+        "GPU kernel >= 85% of copy bandwidth at 1M rows x 768",
+        "1000000x1x768-packed",
+        "kernel_fraction_of_copy_gbps",
+        0.85,
+    ),
+    ("GPU kernel >= 20x per-param loop at 1000 x 4 x 768", "1000x4x768-separate", "speedup_kernel_vs_loop", 20.0),
+    ("GPU kernel >= 20x per-param loop at 1000 x 4 x 2048", "1000x4x2048-separate", "speedup_kernel_vs_loop", 20.0),
+    ("GPU kernel >= 20x per-param loop at 1000 x 1 x 64", "1000x1x64-separate", "speedup_kernel_vs_loop", 20.0),
 ]
 
 
@@ -113,11 +108,17 @@ def _optimizer_summary(records: list, load_start: list) -> dict:
             del c["gbps"]
     cuda = any(r["cuda"] for r in records)
     goals = []
-    for desc, case_id, key, target in (_GPU_GOALS if cuda else _CPU_GOALS):
+    for desc, case_id, key, target in _GPU_GOALS if cuda else _CPU_GOALS:
         value = cases.get(case_id, {}).get(key)
         goals.append(
-            {"goal": desc, "case": case_id, "metric": key, "target": target, "value": value,
-             "met": None if value is None else value >= target}
+            {
+                "goal": desc,
+                "case": case_id,
+                "metric": key,
+                "target": target,
+                "value": value,
+                "met": None if value is None else value >= target,
+            }
         )
     try:
         import torch
@@ -185,8 +186,10 @@ def _fmt(x, spec: str, width: int, suffix: str = "") -> str:
 
 def _print_table(tr, summary: dict) -> None:
     tr.write_sep("=", "SphericalSGD step: ratios (median time; reported, not asserted)")
-    tr.write_line(f"device: {summary['device']}  (torch {summary.get('torch')}, "
-                  f"threads {summary.get('threads')}, load {summary['loadavg_start']} -> {summary['loadavg_end']})")
+    tr.write_line(
+        f"device: {summary['device']}  (torch {summary.get('torch')}, "
+        f"threads {summary.get('threads')}, load {summary['loadavg_start']} -> {summary['loadavg_end']})"
+    )
     tr.write_line("speedup columns: per-param loop time / path time (higher is faster)")
     cuda = summary["cuda"]
     head = f"{'case':<24}{'loop ms':>10}{'vect ms':>10}{'kern ms':>10}{'vect/loop':>11}{'kern/loop':>11}"

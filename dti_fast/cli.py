@@ -37,16 +37,21 @@ def parse_concept_flag(text: str) -> Concept:
             f"--concept {text!r}: expected NAME:IMAGES_DIR:INIT[:CLASS[:TRIGGER]], e.g. dog:photos/dog:dog"
         )
     joined = [":".join(parts[1:k]) for k in range(3, len(parts) + 1)]
-    if len(parts) > 5 or (not Path(parts[1]).expanduser().exists() and any(Path(j).expanduser().exists()
-                                                                             for j in joined)):
+    if len(parts) > 5 or (
+        not Path(parts[1]).expanduser().exists() and any(Path(j).expanduser().exists() for j in joined)
+    ):
         raise argparse.ArgumentTypeError(
             f"--concept {text!r}: a colon inside the folder path or the initializer makes the parts ambiguous; "
             "use a job file ([[concept]] with name, images, init, class, trigger)"
         )
     try:
-        return Concept(name=parts[0], images=Path(parts[1]).expanduser(), init=parts[2],
-                       class_noun=parts[3] if len(parts) > 3 and parts[3] else None,
-                       trigger=parts[4] if len(parts) > 4 and parts[4] else None)
+        return Concept(
+            name=parts[0],
+            images=Path(parts[1]).expanduser(),
+            init=parts[2],
+            class_noun=parts[3] if len(parts) > 3 and parts[3] else None,
+            trigger=parts[4] if len(parts) > 4 and parts[4] else None,
+        )
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -60,20 +65,27 @@ def _train_config(args: argparse.Namespace):
         job["concepts"] = list(job.get("concepts", [])) + list(args.concept)
     for required in ("model", "output_dir"):
         if required not in job:
-            raise SystemExit(f"dti-fast train: give --{required.replace('_dir', '')} (or set {required} in the job file)")
+            raise SystemExit(
+                f"dti-fast train: give --{required.replace('_dir', '')} (or set {required} in the job file)"
+            )
     if not job["concepts"]:
-        raise SystemExit("dti-fast train: no concepts: give --concept NAME:IMAGES_DIR:INIT or [[concept]] in a job file")
+        raise SystemExit(
+            "dti-fast train: no concepts: give --concept NAME:IMAGES_DIR:INIT or [[concept]] in a job file"
+        )
     return TrainConfig(**job)
 
 
 def _report(result, cfg) -> None:
     from .concept_files import summary_lines
 
-    print(f"\nTrained {len(result.concept_dirs)} concept(s) with {cfg.method.upper()} in {result.seconds:.1f} s "
-          f"({result.samples_per_second:.1f} samples/s, {result.job_steps} steps, {result.skipped_steps} skipped).")
+    print(
+        f"\nTrained {len(result.concept_dirs)} concept(s) with {cfg.method.upper()} in {result.seconds:.1f} s "
+        f"({result.samples_per_second:.1f} samples/s, {result.job_steps} steps, {result.skipped_steps} skipped)."
+    )
     for name, folder in result.concept_dirs.items():
         norms = ", ".join(
-            f"encoder {e + 1}: |e| = {float(v.norm(dim=-1).mean()):.4f}" + (f" (m* = {s:.4f})" if cfg.method == "dti" else "")
+            f"encoder {e + 1}: |e| = {float(v.norm(dim=-1).mean()):.4f}"
+            + (f" (m* = {s:.4f})" if cfg.method == "dti" else "")
             for e, (v, s) in enumerate(zip(result.vectors[name], result.scales))
         )
         print(f"  {name}: {folder}  [{norms}]")
@@ -90,8 +102,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg)
     _report(result, cfg)
     if result.stopped and len(result.stopped) == len(result.concept_dirs):
-        raise JobError(f"every concept was stopped early ({len(result.stopped)}); nothing usable was learned: check "
-                       "the images and lower the learning rate")
+        raise JobError(
+            f"every concept was stopped early ({len(result.stopped)}); nothing usable was learned: check "
+            "the images and lower the learning rate"
+        )
     return 0
 
 
@@ -125,12 +139,21 @@ def _cmd_optim_demo(args: argparse.Namespace) -> int:
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     from .train import TrainConfig
 
-    p.add_argument("--config", type=Path, help="TOML job file: the keys below (underscored) and [[concept]] tables "
-                   "with name, images, init, and optionally class, placeholder, trigger, kind (object|style), steps")
-    p.add_argument("--concept", action="append", type=parse_concept_flag, default=[],
-                   help="NAME:IMAGES_DIR:INIT[:CLASS[:TRIGGER]]; repeat for many concepts trained together "
-                   "(placeholder <NAME>; INIT's tokenizer pieces give the number of vectors; TRIGGER, the word "
-                   "A1111/ComfyUI type and the embedding files' name, defaults to NAME-METHOD)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="TOML job file: the keys below (underscored) and [[concept]] tables "
+        "with name, images, init, and optionally class, placeholder, trigger, kind (object|style), steps",
+    )
+    p.add_argument(
+        "--concept",
+        action="append",
+        type=parse_concept_flag,
+        default=[],
+        help="NAME:IMAGES_DIR:INIT[:CLASS[:TRIGGER]]; repeat for many concepts trained together "
+        "(placeholder <NAME>; INIT's tokenizer pieces give the number of vectors; TRIGGER, the word "
+        "A1111/ComfyUI type and the embedding files' name, defaults to NAME-METHOD)",
+    )
     S.add_arguments(p, TrainConfig)
 
 
@@ -147,8 +170,11 @@ def _int_list(text: str) -> list[int]:
 def _read_prompt_file(path: Path) -> list[str]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        line.strip()
+        for line in Path(path).read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -160,47 +186,90 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         prompts = ["a photo of {}"]
     result = generate(
-        args.model, args.concept, prompts, args.output, seeds=args.seeds, steps=args.steps, guidance=args.guidance,
-        negative_prompt=args.negative_prompt, height=args.height, width=args.width, batch_size=args.batch_size,
-        device=args.device, dtype=args.dtype, scheduler=args.scheduler, skip_existing=not args.overwrite,
-        grid=not args.no_grid, progress=args.progress,
+        args.model,
+        args.concept,
+        prompts,
+        args.output,
+        seeds=args.seeds,
+        steps=args.steps,
+        guidance=args.guidance,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        scheduler=args.scheduler,
+        skip_existing=not args.overwrite,
+        grid=not args.no_grid,
+        progress=args.progress,
     )
-    print(f"{len(result.records)} image(s) in {result.output_dir} ({result.generated} generated now, "
-          f"{len(result.records) - result.generated} already there); manifest {result.manifest}")
+    print(
+        f"{len(result.records)} image(s) in {result.output_dir} ({result.generated} generated now, "
+        f"{len(result.records) - result.generated} already there); manifest {result.manifest}"
+    )
     for name, path in result.grids.items():
         print(f"  contact sheet {name}: {path}")
     return 0
 
 
 def _add_generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate images with learned concepts (diffusers pipeline)",
-                       description="Load a diffusers SD/SDXL pipeline, load the learned concepts with "
-                       "load_textual_inversion (SDXL: both encoders), and generate prompts x seeds; writes PNGs, "
-                       "images.json and a contact sheet per concept. Images already on disk are kept.")
-    p.add_argument("--concept", action="append", default=[], type=Path, required=True,
-                   help="a concept folder written by dti-fast train (or its rescaled/ folder, or an interpolation "
-                   "folder), or an embedding file; repeatable")
-    p.add_argument("--model", help="diffusers model folder or hub id (default: the model in the first concept's "
-                   "concept.json); must be the family the concepts were trained on")
-    p.add_argument("--prompt", action="append", default=[],
-                   help="prompt; {} stands for the concept (run once per concept), a prompt without {} runs once "
-                   "as written (it may name placeholders); repeatable (default: 'a photo of {}')")
+    p = sub.add_parser(
+        "generate",
+        help="generate images with learned concepts (diffusers pipeline)",
+        description="Load a diffusers SD/SDXL pipeline, load the learned concepts with "
+        "load_textual_inversion (SDXL: both encoders), and generate prompts x seeds; writes PNGs, "
+        "images.json and a contact sheet per concept. Images already on disk are kept.",
+    )
+    p.add_argument(
+        "--concept",
+        action="append",
+        default=[],
+        type=Path,
+        required=True,
+        help="a concept folder written by dti-fast train (or its rescaled/ folder, or an interpolation "
+        "folder), or an embedding file; repeatable",
+    )
+    p.add_argument(
+        "--model",
+        help="diffusers model folder or hub id (default: the model in the first concept's "
+        "concept.json); must be the family the concepts were trained on",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help="prompt; {} stands for the concept (run once per concept), a prompt without {} runs once "
+        "as written (it may name placeholders); repeatable (default: 'a photo of {}')",
+    )
     p.add_argument("--prompt-file", type=Path, help="text file with one prompt per line (# starts a comment)")
     p.add_argument("--output", type=Path, required=True, help="output folder")
-    p.add_argument("--seeds", type=_int_list, default=[0], help="seeds, e.g. 0,1,2,3 or 0-3 (default 0); one image "
-                   "per prompt and seed, reproducible whatever the batch")
+    p.add_argument(
+        "--seeds",
+        type=_int_list,
+        default=[0],
+        help="seeds, e.g. 0,1,2,3 or 0-3 (default 0); one image per prompt and seed, reproducible whatever the batch",
+    )
     p.add_argument("--steps", type=_positive_int, default=30, help="denoising steps (default 30)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--negative-prompt", help="negative prompt for every image")
     p.add_argument("--height", type=_positive_int, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=_positive_int, help="image width in pixels (default: the model's)")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="images per pipeline call (default 4)")
-    p.add_argument("--scheduler", choices=["auto", "model", "ddim", "euler", "dpm", "pndm"], default="auto",
-                   help="sampler: auto (default) = the model's, DDIM instead of a training DDPM scheduler; model; "
-                   "ddim; euler; dpm (DPM-Solver++); pndm")
+    p.add_argument(
+        "--scheduler",
+        choices=["auto", "model", "ddim", "euler", "dpm", "pndm"],
+        default="auto",
+        help="sampler: auto (default) = the model's, DDIM instead of a training DDPM scheduler; model; "
+        "ddim; euler; dpm (DPM-Solver++); pndm",
+    )
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="weights dtype: auto (default) = bf16 on a GPU, fp32 on a CPU")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="weights dtype: auto (default) = bf16 on a GPU, fp32 on a CPU",
+    )
     p.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
     p.add_argument("--no-grid", action="store_true", help="do not write the contact sheets")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no denoising progress bar")
@@ -212,12 +281,25 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
 
     out = args.output or Path(f"interp-{Path(args.a).name}-{Path(args.b).name}")
     result = interpolate_concepts(
-        args.a, args.b, out, steps=args.steps, mode=args.mode, images=not args.no_images, model=args.model,
-        prompt=args.prompt, seed=args.seed, inference_steps=args.inference_steps, guidance=args.guidance,
-        resolution=args.resolution, device=args.device, dtype=args.dtype,
+        args.a,
+        args.b,
+        out,
+        steps=args.steps,
+        mode=args.mode,
+        images=not args.no_images,
+        model=args.model,
+        prompt=args.prompt,
+        seed=args.seed,
+        inference_steps=args.inference_steps,
+        guidance=args.guidance,
+        resolution=args.resolution,
+        device=args.device,
+        dtype=args.dtype,
     )
-    print(f"interpolated {args.a} -> {args.b} at t = {', '.join(f'{t:g}' for t in result.times)} "
-          f"({', '.join(result.modes)}) into {result.output_dir}")
+    print(
+        f"interpolated {args.a} -> {args.b} at t = {', '.join(f'{t:g}' for t in result.times)} "
+        f"({', '.join(result.modes)}) into {result.output_dir}"
+    )
     for mode, folders in result.folders.items():
         print(f"  {mode}: {len(folders)} concept folders under {result.output_dir / mode}")
     for mode, path in result.strips.items():
@@ -226,27 +308,41 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
 
 
 def _add_interpolate_parser(sub) -> None:
-    p = sub.add_parser("interpolate", help="slerp between two learned concepts: an embedding per t and an image strip",
-                       description="Interpolate two concepts vector by vector (SDXL: both encoders with the same t). "
-                       "DTI: slerp of the directions at the fixed norm m*. TI: lerp and/or slerp of the directions "
-                       "with linearly interpolated norms. Writes one concept folder per t (diffusers format, "
-                       "placeholder <a-b-t0.25>) and an image strip.")
+    p = sub.add_parser(
+        "interpolate",
+        help="slerp between two learned concepts: an embedding per t and an image strip",
+        description="Interpolate two concepts vector by vector (SDXL: both encoders with the same t). "
+        "DTI: slerp of the directions at the fixed norm m*. TI: lerp and/or slerp of the directions "
+        "with linearly interpolated norms. Writes one concept folder per t (diffusers format, "
+        "placeholder <a-b-t0.25>) and an image strip.",
+    )
     p.add_argument("a", type=Path, help="first concept (folder written by dti-fast train, or an embedding file)")
     p.add_argument("b", type=Path, help="second concept (same model and the same number of vectors as A)")
     p.add_argument("--steps", type=int, default=5, help="number of t values in [0, 1], ends included (default 5)")
-    p.add_argument("--mode", choices=["auto", "slerp", "lerp", "both"], default="auto",
-                   help="auto (default): slerp for two DTI concepts, both lerp and slerp otherwise")
+    p.add_argument(
+        "--mode",
+        choices=["auto", "slerp", "lerp", "both"],
+        default="auto",
+        help="auto (default): slerp for two DTI concepts, both lerp and slerp otherwise",
+    )
     p.add_argument("--output", type=Path, help="output folder (default ./interp-A-B)")
     p.add_argument("--model", help="model for the strip (default: the model in A's concept.json)")
-    p.add_argument("--prompt", default="a photo of {}", help="strip prompt, {} = the interpolated concept "
-                   "(default 'a photo of {}')")
+    p.add_argument(
+        "--prompt",
+        default="a photo of {}",
+        help="strip prompt, {} = the interpolated concept (default 'a photo of {}')",
+    )
     p.add_argument("--seed", type=int, default=0, help="the strip's seed, the same at every t (default 0)")
     p.add_argument("--inference-steps", type=_positive_int, default=30, help="denoising steps (default 30)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--resolution", type=_positive_int, help="strip image size in pixels (default: the model's)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="weights dtype: auto (default) = bf16 on a GPU, fp32 on a CPU")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="weights dtype: auto (default) = bf16 on a GPU, fp32 on a CPU",
+    )
     p.add_argument("--no-images", action="store_true", help="only write the embeddings, no image strip")
     p.set_defaults(func=_cmd_interpolate)
 
@@ -256,8 +352,10 @@ def _cmd_suite(args: argparse.Namespace) -> int:
 
     cfg = SuiteConfig(**S.flag_values(args, SuiteConfig))
     result = run_suite(cfg)
-    print(f"\nsuite finished in {result.seconds:.1f} s (ran: {', '.join(result.ran) or 'nothing'}; "
-          f"skipped as done: {', '.join(result.skipped) or 'nothing'})")
+    print(
+        f"\nsuite finished in {result.seconds:.1f} s (ran: {', '.join(result.ran) or 'nothing'}; "
+        f"skipped as done: {', '.join(result.skipped) or 'nothing'})"
+    )
     keys = [k for k in ("image", "text", "clip_i", "clip_t") if k in cfg.metrics]
     print(f"  {'method':<12}" + "".join(f"{k:>10}" for k in keys))
     for method, row in result.table.items():
@@ -269,13 +367,16 @@ def _cmd_suite(args: argparse.Namespace) -> int:
 def _add_suite_parser(sub) -> None:
     from .suite import SuiteConfig
 
-    p = sub.add_parser("suite", help="the TI-vs-DTI benchmark in one command: train, generate, score, report",
-                       description="Run the paper's protocol on a DreamBooth-layout folder: train every subject with "
-                       "each method (all subjects of a method in one job), generate the evaluation prompts x seeds, "
-                       "score (DINOv2 Image, SigLIP Text, CLIP-I, CLIP-T; per subject, then mean over subjects), and "
-                       "write report.json and report.md with plots. Resumable: a rerun skips finished stages. "
-                       "--quick: the tiny model, the shipped photos and tiny random-weight metric models "
-                       "(a smoke test, minutes on a CPU).")
+    p = sub.add_parser(
+        "suite",
+        help="the TI-vs-DTI benchmark in one command: train, generate, score, report",
+        description="Run the paper's protocol on a DreamBooth-layout folder: train every subject with "
+        "each method (all subjects of a method in one job), generate the evaluation prompts x seeds, "
+        "score (DINOv2 Image, SigLIP Text, CLIP-I, CLIP-T; per subject, then mean over subjects), and "
+        "write report.json and report.md with plots. Resumable: a rerun skips finished stages. "
+        "--quick: the tiny model, the shipped photos and tiny random-weight metric models "
+        "(a smoke test, minutes on a CPU).",
+    )
     S.add_arguments(p, SuiteConfig)
     p.set_defaults(func=_cmd_suite)
 
@@ -289,32 +390,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train concepts (many at once) on a diffusers model",
-                           description="Train one or more concepts concurrently on one frozen model. Flags "
-                           "override the job file.")
+    train = sub.add_parser(
+        "train",
+        help="train concepts (many at once) on a diffusers model",
+        description="Train one or more concepts concurrently on one frozen model. Flags override the job file.",
+    )
     _add_train_flags(train)
     train.set_defaults(func=_cmd_train)
 
-    demo = sub.add_parser("demo", help="build the tiny model and train shipped concepts concurrently (about a minute on a CPU)",
-                          description="Build the built-in tiny random-weight SD model, train DTI on the shipped "
-                          "DreamBooth images (several concepts in one job), and the TI baseline on the same "
-                          "concepts; write the outputs and print where they are and the learned norms.")
-    demo.add_argument("--output", type=Path, default=Path("dti-demo-output"), help="output folder (default ./dti-demo-output)")
+    demo = sub.add_parser(
+        "demo",
+        help="build the tiny model and train shipped concepts concurrently (about a minute on a CPU)",
+        description="Build the built-in tiny random-weight SD model, train DTI on the shipped "
+        "DreamBooth images (several concepts in one job), and the TI baseline on the same "
+        "concepts; write the outputs and print where they are and the learned norms.",
+    )
+    demo.add_argument(
+        "--output", type=Path, default=Path("dti-demo-output"), help="output folder (default ./dti-demo-output)"
+    )
     demo.add_argument("--steps", type=_positive_int, default=400, help="steps per concept (default 400, the paper's)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(func=_cmd_demo)
 
-    tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight SD or SDXL model in diffusers' layout",
-                          description="Write a tiny random-weight model (real architecture family, CLIP's real "
-                          "tokenizer) that diffusers' from_pretrained loads: for tests and demos.")
+    tiny = sub.add_parser(
+        "make-tiny-model",
+        help="write a tiny random-weight SD or SDXL model in diffusers' layout",
+        description="Write a tiny random-weight model (real architecture family, CLIP's real "
+        "tokenizer) that diffusers' from_pretrained loads: for tests and demos.",
+    )
     tiny.add_argument("dir", type=Path, help="folder to write")
     tiny.add_argument("--family", choices=["sd", "sdxl"], default="sd", help="architecture family (default sd)")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(func=_cmd_make_tiny_model)
 
-    toy = sub.add_parser("optim-demo", help="SphericalSGD alone on a toy problem on the sphere",
-                         description="Train toy concepts on the unit sphere with SphericalSGD next to unconstrained "
-                         "AdamW on the same loss; print the cosine reached and the norms.")
+    toy = sub.add_parser(
+        "optim-demo",
+        help="SphericalSGD alone on a toy problem on the sphere",
+        description="Train toy concepts on the unit sphere with SphericalSGD next to unconstrained "
+        "AdamW on the same loss; print the cosine reached and the norms.",
+    )
     toy.add_argument("--concepts", type=_positive_int, default=64, help="number of toy concepts (default 64)")
     toy.add_argument("--vectors", type=_positive_int, default=4, help="vectors per concept (default 4)")
     toy.add_argument("--dim", type=_positive_int, default=768, help="vector size (default 768, CLIP-L)")
@@ -377,8 +491,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dti-fast {args.command}: {err}", file=sys.stderr)
         return 128 + err.signum
     except KeyboardInterrupt:
-        hint = ("; rerun the same command with --resume to continue from the last checkpoint (without one it starts "
-                "afresh)" if args.command == "train" else "")
+        hint = (
+            "; rerun the same command with --resume to continue from the last checkpoint (without one it starts afresh)"
+            if args.command == "train"
+            else ""
+        )
         print(f"dti-fast {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except (ValueError, OSError, JobError) as err:
@@ -391,8 +508,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         log = _log_crash(args.command)
         where = f"; the traceback is in {log}" if log else ""
-        print(f"dti-fast {args.command}: unexpected error: {type(err).__name__}: {err}{where} (rerun with --debug "
-              "to print it; please report it)", file=sys.stderr)
+        print(
+            f"dti-fast {args.command}: unexpected error: {type(err).__name__}: {err}{where} (rerun with --debug "
+            "to print it; please report it)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -74,7 +75,7 @@ def _short(text: str, n: int = 40) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def default_trigger(placeholder: str, method: Optional[str] = None) -> str:
+def default_trigger(placeholder: str, method: str | None = None) -> str:
     """The trigger derived from a placeholder: ``<dog>`` -> ``dog-dti`` (``dog`` without a method).
 
     Lower case (CLIP lower-cases prompts), characters other than letters, digits, ``_.-`` become
@@ -86,7 +87,7 @@ def default_trigger(placeholder: str, method: Optional[str] = None) -> str:
     return f"{stem}-{method}" if method else stem
 
 
-def concept_trigger(concept: "Concept", method: Optional[str] = None) -> str:
+def concept_trigger(concept: Concept, method: str | None = None) -> str:
     """The concept's trigger: its ``trigger`` field, else :func:`default_trigger` of its placeholder."""
     trigger = getattr(concept, "trigger", None)
     return trigger if trigger else default_trigger(concept.placeholder or f"<{concept.name}>", method)
@@ -111,11 +112,13 @@ def _check_trigger_text(trigger: str, where: str) -> None:
         )
     stems = {Path(e).stem.casefold() for e in OWN_ENTRIES} | {e.casefold() for e in OWN_ENTRIES}
     if trigger.casefold() in stems:
-        raise ValueError(f"{where}: trigger {trigger!r} would overwrite the export's own file "
-                         f"{trigger}.safetensors or {trigger}.*; choose another trigger (e.g. '{trigger}-emb')")
+        raise ValueError(
+            f"{where}: trigger {trigger!r} would overwrite the export's own file "
+            f"{trigger}.safetensors or {trigger}.*; choose another trigger (e.g. '{trigger}-emb')"
+        )
 
 
-def validate_export_names(concepts: Sequence["Concept"], method: Optional[str] = None, rescaled: bool = False) -> None:
+def validate_export_names(concepts: Sequence[Concept], method: str | None = None, rescaled: bool = False) -> None:
     """Refuse (``ValueError``) names and triggers whose export files would collide or not fit on disk.
 
     Checked before anything is trained: a concept name that is one of the output folder's own
@@ -129,17 +132,21 @@ def validate_export_names(concepts: Sequence["Concept"], method: Optional[str] =
     for c in concepts:
         where = f"concept {_short(c.name)!r}"
         if c.name.casefold() in RESERVED_CONCEPT_NAMES:
-            raise ValueError(f"{where}: the name {c.name!r} is the output folder's own {c.name}/ folder; rename the "
-                             f"concept (e.g. '{c.name}-concept')")
+            raise ValueError(
+                f"{where}: the name {c.name!r} is the output folder's own {c.name}/ folder; rename the "
+                f"concept (e.g. '{c.name}-concept')"
+            )
         name_bytes = len(c.name.encode("utf-8"))
         if name_bytes > NAME_MAX_BYTES:
-            raise ValueError(f"{where}: the name is {name_bytes} bytes long but a folder name may have at most "
-                             f"{NAME_MAX_BYTES}; use a shorter name")
+            raise ValueError(
+                f"{where}: the name is {name_bytes} bytes long but a folder name may have at most "
+                f"{NAME_MAX_BYTES}; use a shorter name"
+            )
         trigger = concept_trigger(c, method)
         _check_trigger_text(trigger, where)
         triggers = [trigger] + ([rescaled_trigger(trigger)] if rescaled else [])
         for t in triggers:
-            longest = len(f"{t}.safetensors".encode("utf-8")) + _TMP_EXTRA
+            longest = len(f"{t}.safetensors".encode()) + _TMP_EXTRA
             if longest > NAME_MAX_BYTES:
                 room = NAME_MAX_BYTES - _TMP_EXTRA - len(".safetensors") - (len("-rescaled") if rescaled else 0)
                 given = "its trigger" if getattr(c, "trigger", None) else "the trigger made from its placeholder"
@@ -150,15 +157,19 @@ def validate_export_names(concepts: Sequence["Concept"], method: Optional[str] =
                 )
             key = t.casefold()
             if placeholders.get(key, c.name) != c.name:
-                raise ValueError(f"{where}: trigger {t!r} is the placeholder of concept {placeholders[key]!r}; give "
-                                 "the concept another trigger")
+                raise ValueError(
+                    f"{where}: trigger {t!r} is the placeholder of concept {placeholders[key]!r}; give "
+                    "the concept another trigger"
+                )
             if key in seen:
-                raise ValueError(f"{where}: trigger {t!r} is also the trigger of concept {seen[key]!r}; their "
-                                 "embedding files would overwrite each other; give each concept its own trigger")
+                raise ValueError(
+                    f"{where}: trigger {t!r} is also the trigger of concept {seen[key]!r}; their "
+                    "embedding files would overwrite each other; give each concept its own trigger"
+                )
             seen[key] = c.name
 
 
-def validate_trigger(tokenizer, concept: "Concept", method: Optional[str] = None) -> str:
+def validate_trigger(tokenizer, concept: Concept, method: str | None = None) -> str:
     """Refuse (``ValueError``) a trigger the model's tokenizer already knows; returns the trigger.
 
     A1111 replaces every occurrence of the trigger's tokens in a prompt, so a trigger that is one
@@ -186,22 +197,38 @@ def client_info(trigger: str, placeholder: str, family: str) -> dict[str, Any]:
         "trigger": trigger,
         "files": {"diffusers": list(DIFFUSERS_FILES[: 2 if family == "sdxl" else 1]), "a1111": files},
         "clients": {
-            "AUTOMATIC1111": {"file": files, "type": trigger,
-                              "how": f"copy {st}" + (f" (or {trigger}.pt; one of the two)" if family != "sdxl" else "")
-                                     + f" into models/embeddings/ and type {trigger}"},
-            "ComfyUI": {"file": st, "type": f"embedding:{trigger}",
-                        "how": f"copy {st} into models/embeddings/ and type embedding:{trigger}"},
-            "InvokeAI": {"file": st, "type": f"<{trigger}>",
-                         "how": f"install {st} (not learned_embeds*.safetensors) and type <{trigger}>"},
-            "diffusers": {"file": "the concept folder", "type": placeholder,
-                          "how": f"dti_fast.load_concepts(pipe, <this folder>) returns {placeholder}, the word to type"
-                                 + (f" (or pipe.load_textual_inversion('{trigger}.pt'), then type {trigger})"
-                                    if family != "sdxl" else "")},
+            "AUTOMATIC1111": {
+                "file": files,
+                "type": trigger,
+                "how": f"copy {st}"
+                + (f" (or {trigger}.pt; one of the two)" if family != "sdxl" else "")
+                + f" into models/embeddings/ and type {trigger}",
+            },
+            "ComfyUI": {
+                "file": st,
+                "type": f"embedding:{trigger}",
+                "how": f"copy {st} into models/embeddings/ and type embedding:{trigger}",
+            },
+            "InvokeAI": {
+                "file": st,
+                "type": f"<{trigger}>",
+                "how": f"install {st} (not learned_embeds*.safetensors) and type <{trigger}>",
+            },
+            "diffusers": {
+                "file": "the concept folder",
+                "type": placeholder,
+                "how": f"dti_fast.load_concepts(pipe, <this folder>) returns {placeholder}, the word to type"
+                + (
+                    f" (or pipe.load_textual_inversion('{trigger}.pt'), then type {trigger})"
+                    if family != "sdxl"
+                    else ""
+                ),
+            },
         },
     }
 
 
-def summary_lines(folder: Union[str, Path]) -> list[str]:
+def summary_lines(folder: str | Path) -> list[str]:
     """Lines for the end-of-job summary: which word to type in each client (empty without concept.json)."""
     try:
         info = json.loads((Path(folder) / "concept.json").read_text(encoding="utf-8"))
@@ -231,8 +258,15 @@ def _save_legacy_torch(obj: Any, path: Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp, _use_new_zipfile_serialization=False))
 
 
-def write_concept_files(folder: Path, name: str, placeholder: str, vectors: list[torch.Tensor], family: str,
-                        steps: int, trigger: Optional[str] = None) -> list[Path]:
+def write_concept_files(
+    folder: Path,
+    name: str,
+    placeholder: str,
+    vectors: list[torch.Tensor],
+    family: str,
+    steps: int,
+    trigger: str | None = None,
+) -> list[Path]:
     """Write one concept's vectors (one (n, dim) tensor per text encoder) in every format.
 
     ``trigger`` names the A1111/ComfyUI files (default: :func:`default_trigger` of the
@@ -273,7 +307,7 @@ class ConceptEmbeddings:
     name: str
     placeholder: str  # the token diffusers loads it as: the word to type with dti_fast.load_concepts
     vectors: list[torch.Tensor]  # per encoder: (n_vectors, dim) fp32
-    files: list[Optional[Path]]  # per encoder: the diffusers-format file it came from (None: other/in memory)
+    files: list[Path | None]  # per encoder: the diffusers-format file it came from (None: other/in memory)
     info: dict[str, Any] = field(default_factory=dict)
     source: Path = Path(".")
 
@@ -290,15 +324,15 @@ class ConceptEmbeddings:
         return [self.placeholder] + [f"{self.placeholder}_{i}" for i in range(1, self.n_vectors)]
 
     @property
-    def class_noun(self) -> Optional[str]:
+    def class_noun(self) -> str | None:
         return self.info.get("class_noun") or self.info.get("init")
 
     @property
-    def method(self) -> Optional[str]:
+    def method(self) -> str | None:
         return self.info.get("method")
 
     @property
-    def trigger(self) -> Optional[str]:
+    def trigger(self) -> str | None:
         """The A1111/ComfyUI word (file name) of the concept's export, when known."""
         return self.info.get("trigger")
 
@@ -312,8 +346,10 @@ def _as_rows(t: torch.Tensor, where: str) -> torch.Tensor:
     if t.dim() != 2 or t.shape[0] == 0:
         raise ValueError(f"{where}: learned vectors must have shape (n_vectors, dim), got {tuple(t.shape)}")
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{where}: the learned vectors hold NaN or inf values (a training run that diverged); "
-                         "retrain the concept (lower the learning rate) or use an earlier export")
+        raise ValueError(
+            f"{where}: the learned vectors hold NaN or inf values (a training run that diverged); "
+            "retrain the concept (lower the learning rate) or use an earlier export"
+        )
     return t
 
 
@@ -334,12 +370,14 @@ def _read_info(path: Path) -> dict:
     except (ValueError, OSError) as err:
         raise ValueError(f"{path} is not readable JSON ({err}); re-export the concept or delete the file") from None
     if not isinstance(info, dict):
-        raise ValueError(f"{path} holds a {type(info).__name__}, not the JSON object dti-fast writes; re-export the "
-                         "concept or delete the file")
+        raise ValueError(
+            f"{path} holds a {type(info).__name__}, not the JSON object dti-fast writes; re-export the "
+            "concept or delete the file"
+        )
     return info
 
 
-def _concept_json(folder: Path) -> tuple[dict, Optional[str]]:
+def _concept_json(folder: Path) -> tuple[dict, str | None]:
     """concept.json of ``folder``; for a ``rescaled/`` folder the parent's (method 'ti-rescaled')."""
     own = folder / "concept.json"
     if own.is_file():
@@ -355,7 +393,7 @@ def _concept_json(folder: Path) -> tuple[dict, Optional[str]]:
     return {}, None
 
 
-def _with_override(info: dict, method_override: Optional[str], vectors: list[torch.Tensor]) -> dict:
+def _with_override(info: dict, method_override: str | None, vectors: list[torch.Tensor]) -> dict:
     info = dict(info)
     if method_override:
         info["method"] = method_override
@@ -377,7 +415,7 @@ def _sibling_info(path: Path, vectors: list[torch.Tensor]) -> dict:
     return _with_override(info, override, vectors)
 
 
-def read_concept(path: Union[str, Path], token: Optional[str] = None) -> ConceptEmbeddings:
+def read_concept(path: str | Path, token: str | None = None) -> ConceptEmbeddings:
     """Read a concept: a folder written by training (or interpolation), its ``rescaled/`` folder, or a file.
 
     Folders give the placeholder of concept.json. Files: a diffusers ``.safetensors``
@@ -388,8 +426,10 @@ def read_concept(path: Union[str, Path], token: Optional[str] = None) -> Concept
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"concept {path} does not exist; pass a concept folder written by dti-fast train "
-                                "(with learned_embeds.safetensors) or an embedding file")
+        raise FileNotFoundError(
+            f"concept {path} does not exist; pass a concept folder written by dti-fast train "
+            "(with learned_embeds.safetensors) or an embedding file"
+        )
     if path.is_dir():
         first = path / DIFFUSERS_FILES[0]
         if not first.is_file():
@@ -404,18 +444,22 @@ def read_concept(path: Union[str, Path], token: Optional[str] = None) -> Concept
         if second.is_file():
             key2, v2 = _read_diffusers_file(second)
             if v2.shape[0] != v1.shape[0]:
-                raise ValueError(f"{second} holds {v2.shape[0]} vectors but {first} holds {v1.shape[0]}; re-export "
-                                 "the concept")
+                raise ValueError(
+                    f"{second} holds {v2.shape[0]} vectors but {first} holds {v1.shape[0]}; re-export the concept"
+                )
             vectors.append(v2)
             files.append(second)
         elif info.get("family") == "sdxl":
-            raise FileNotFoundError(f"concept folder {path} is an SDXL concept (concept.json) but has no "
-                                    "learned_embeds_2.safetensors (the second text encoder's vectors); re-export it")
+            raise FileNotFoundError(
+                f"concept folder {path} is an SDXL concept (concept.json) but has no "
+                "learned_embeds_2.safetensors (the second text encoder's vectors); re-export it"
+            )
         info = _with_override(info, method_override, vectors)
         placeholder = token or info.get("placeholder") or key
         name = info.get("name") or path.name
-        return ConceptEmbeddings(name=name, placeholder=placeholder, vectors=vectors, files=files, info=info,
-                                 source=path)
+        return ConceptEmbeddings(
+            name=name, placeholder=placeholder, vectors=vectors, files=files, info=info, source=path
+        )
     suffix = path.suffix.lower()
     stem = path.stem
     if suffix == ".safetensors":
@@ -423,8 +467,9 @@ def read_concept(path: Union[str, Path], token: Optional[str] = None) -> Concept
         if {"clip_l", "clip_g"} <= set(data):
             vectors = [_as_rows(data["clip_l"], f"{path} clip_l"), _as_rows(data["clip_g"], f"{path} clip_g")]
             if vectors[0].shape[0] != vectors[1].shape[0]:
-                raise ValueError(f"{path}: clip_l holds {vectors[0].shape[0]} vectors but clip_g "
-                                 f"{vectors[1].shape[0]}; re-export it")
+                raise ValueError(
+                    f"{path}: clip_l holds {vectors[0].shape[0]} vectors but clip_g {vectors[1].shape[0]}; re-export it"
+                )
             return ConceptEmbeddings(stem, token or stem, vectors, [None, None], _sibling_info(path, vectors), path)
         if set(data) == {"emb_params"}:
             vectors = [_as_rows(data["emb_params"], f"{path} emb_params")]
@@ -444,8 +489,10 @@ def read_concept(path: Union[str, Path], token: Optional[str] = None) -> Concept
             word = stem if key == "emb_params" else key
             return ConceptEmbeddings(stem, token or word, [_as_rows(value, str(path))], [None], {}, path)
         raise ValueError(f"{path} is not a textual-inversion file (no string_to_param, not one tensor)")
-    raise ValueError(f"concept {path}: unsupported file type {suffix!r}; pass a concept folder, a .safetensors "
-                     "or an A1111 .pt embedding")
+    raise ValueError(
+        f"concept {path}: unsupported file type {suffix!r}; pass a concept folder, a .safetensors "
+        "or an A1111 .pt embedding"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,16 +552,19 @@ def _check_word_free(pipe, c: ConceptEmbeddings) -> None:
         taken = [t for t in c.tokens if t in vocab or t.lower() in vocab]
         if taken:
             from_file = c.source.is_file()
-            fix = (f"rename the file (e.g. {c.placeholder}-emb{c.source.suffix}) or read it with "
-                   f"read_concept(path, token='<{c.placeholder}>')" if from_file else
-                   "unload_concepts() it first, or read it with read_concept(path, token='<another-word>')")
+            fix = (
+                f"rename the file (e.g. {c.placeholder}-emb{c.source.suffix}) or read it with "
+                f"read_concept(path, token='<{c.placeholder}>')"
+                if from_file
+                else "unload_concepts() it first, or read it with read_concept(path, token='<another-word>')"
+            )
             raise ValueError(
                 f"concept {c.source}: the word {taken[0]!r} is already in the model's tokenizer vocabulary (a word of "
                 f"the model, or a concept loaded before), so it cannot be added as the concept's token; {fix}"
             )
 
 
-def load_concepts(pipe, *concepts: Union[str, Path, ConceptEmbeddings, Sequence[Any]]) -> list[str]:
+def load_concepts(pipe, *concepts: str | Path | ConceptEmbeddings | Sequence[Any]) -> list[str]:
     """Load concepts into a diffusers SD 1.x/2.x or SDXL pipeline; returns the word to type for each.
 
     Each argument is a concept folder written by training (or its ``rescaled/``), any of the

@@ -13,7 +13,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -105,11 +104,11 @@ class Concept:
     name: str
     images: Path
     init: str
-    class_noun: Optional[str] = None
-    placeholder: Optional[str] = None
+    class_noun: str | None = None
+    placeholder: str | None = None
     kind: str = "object"
-    steps: Optional[int] = None
-    trigger: Optional[str] = None  # the A1111/ComfyUI word and file name; default from the placeholder (concept_files)
+    steps: int | None = None
+    trigger: str | None = None  # the A1111/ComfyUI word and file name; default from the placeholder (concept_files)
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name or ""):
@@ -145,8 +144,10 @@ class ConceptImages:
 
 
 def _too_large(path: Path, w: int, h: int) -> ValueError:
-    return ValueError(f"image {path} is {w}x{h} px ({w * h / 1e6:.0f} megapixels), above the limit of "
-                      f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels; downscale it (a few megapixels is plenty for training)")
+    return ValueError(
+        f"image {path} is {w}x{h} px ({w * h / 1e6:.0f} megapixels), above the limit of "
+        f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels; downscale it (a few megapixels is plenty for training)"
+    )
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -172,9 +173,11 @@ def load_rgb(path: Path) -> Image.Image:
                 return Image.fromarray((arr / top * 255.0).round().astype(np.uint8)).convert("RGB")
             return im.convert("RGB")
     except Image.DecompressionBombError:
-        raise ValueError(f"image {path} declares more pixels than PIL will decode (a decompression bomb or a "
-                         f"huge scan); the limit here is {MAX_IMAGE_PIXELS // 1_000_000} megapixels: downscale it or "
-                         "remove it") from None
+        raise ValueError(
+            f"image {path} declares more pixels than PIL will decode (a decompression bomb or a "
+            f"huge scan); the limit here is {MAX_IMAGE_PIXELS // 1_000_000} megapixels: downscale it or "
+            "remove it"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if str(err).startswith(f"image {path} is "):
             raise
@@ -202,14 +205,25 @@ def load_concept_images(concept: Concept, resolution: int) -> ConceptImages:
     files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
     unreadable = [p.name for p in entries if p.suffix.lower() in UNREADABLE_SUFFIXES]
     if unreadable and files:
-        print(f"dti-fast: warning: concept {concept.name!r}: skipping {len(unreadable)} file(s) in a format PIL "
-              f"cannot read ({', '.join(unreadable[:5])}); convert them to JPEG or PNG to use them", file=sys.stderr)
+        print(
+            f"dti-fast: warning: concept {concept.name!r}: skipping {len(unreadable)} file(s) in a format PIL "
+            f"cannot read ({', '.join(unreadable[:5])}); convert them to JPEG or PNG to use them",
+            file=sys.stderr,
+        )
     if not files:
-        nested = sorted({p.parent.relative_to(folder).as_posix() for p in folder.rglob("*")
-                         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.parent != folder})
+        nested = sorted(
+            {
+                p.parent.relative_to(folder).as_posix()
+                for p in folder.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.parent != folder
+            }
+        )
         others = ", ".join(p.name for p in entries[:5])
         if nested:
-            hint = f"; the photos are in sub-folder(s) {', '.join(nested[:5])}: point 'images' at the folder that holds them"
+            hint = (
+                f"; the photos are in sub-folder(s) {', '.join(nested[:5])}: point 'images' at the folder "
+                "that holds them"
+            )
         elif unreadable:
             hint = f"; found only formats PIL cannot read ({', '.join(unreadable[:5])}): convert them to JPEG or PNG"
         elif others:
@@ -217,7 +231,8 @@ def load_concept_images(concept: Concept, resolution: int) -> ConceptImages:
         else:
             hint = "; the folder is empty"
         raise ValueError(
-            f"concept {concept.name!r}: no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}" + hint
+            f"concept {concept.name!r}: no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}"
+            + hint
             + "); add the concept's photos there"
         )
     out = ConceptImages(concept)

@@ -20,8 +20,12 @@ from .train import TrainConfig, train
 __all__ = ["run_demo", "demo_concepts", "DEMO_SUBJECTS"]
 
 # Shipped DreamBooth subjects (CC-BY 4.0 / Unsplash; see ATTRIBUTION.txt beside them).
-DEMO_SUBJECTS = {"dog": ("dog", "dog"), "clock": ("clock", "clock"), "backpack": ("red backpack", "backpack"),
-                 "cat2": ("cat", "cat")}
+DEMO_SUBJECTS = {
+    "dog": ("dog", "dog"),
+    "clock": ("clock", "clock"),
+    "backpack": ("red backpack", "backpack"),
+    "cat2": ("cat", "cat"),
+}
 
 
 def demo_images_dir() -> Path:
@@ -47,8 +51,16 @@ def run_demo(output: Path = Path("dti-demo-output"), steps: int = 400, seed: int
         if out.exists():
             shutil.rmtree(out)
         cfg = TrainConfig(
-            model=str(model), output_dir=out, concepts=demo_concepts(), method=method, steps=steps,
-            batch_size=2, resolution=64, seed=seed, checkpoint_every=max(1, steps // 2), progress=progress,
+            model=str(model),
+            output_dir=out,
+            concepts=demo_concepts(),
+            method=method,
+            steps=steps,
+            batch_size=2,
+            resolution=64,
+            seed=seed,
+            checkpoint_every=max(1, steps // 2),
+            progress=progress,
             validation_prompts=["a photo of {} on the beach"] if method == "dti" else [],
             validation_inference_steps=10,
         )
@@ -62,6 +74,8 @@ def run_demo(output: Path = Path("dti-demo-output"), steps: int = 400, seed: int
         dti = float(torch.linalg.vector_norm(results["dti"].vectors[name][0], dim=-1).mean())
         ti = float(torch.linalg.vector_norm(results["ti"].vectors[name][0], dim=-1).mean())
         print(f"  {name:<10} {dti:>8.4f} {ti:>8.4f}   {results['dti'].scales[0]:.4f}")
-    print(f"\nOutputs: {output.resolve()}/<method>/<concept>/ (learned_embeds.safetensors for diffusers, "
-          "<concept>-<method>.safetensors/.pt for A1111, ComfyUI and InvokeAI, concept.json; samples.png for DTI)")
+    print(
+        f"\nOutputs: {output.resolve()}/<method>/<concept>/ (learned_embeds.safetensors for diffusers, "
+        "<concept>-<method>.safetensors/.pt for A1111, ComfyUI and InvokeAI, concept.json; samples.png for DTI)"
+    )
     return results

@@ -56,8 +56,16 @@ class DistContext:
     def write_status(self, output_dir: Path, status: str, concepts: Sequence[str]) -> None:
         """Record this rank's state for failure reports (atomic JSON under <output>/.ranks/)."""
         if self.enabled:
-            write_json({"rank": self.rank, "world_size": self.world_size, "pid": os.getpid(), "status": status,
-                        "concepts": list(concepts)}, self.status_path(output_dir))
+            write_json(
+                {
+                    "rank": self.rank,
+                    "world_size": self.world_size,
+                    "pid": os.getpid(),
+                    "status": status,
+                    "concepts": list(concepts),
+                },
+                self.status_path(output_dir),
+            )
 
     def agree(self, ok: bool) -> bool:
         """True on every rank only if ``ok`` on every rank (one tiny all-reduce)."""
@@ -115,8 +123,12 @@ def setup() -> DistContext:
         timeout = _seconds("DTI_FAST_PG_TIMEOUT_S", None)
         dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout else {}))
     wait_group = dist.new_group(backend="gloo", timeout=_seconds("DTI_FAST_WAIT_TIMEOUT_S", WAIT_TIMEOUT_S))
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                       local_rank=int(os.environ.get("LOCAL_RANK", "0")), wait_group=wait_group)
+    return DistContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        wait_group=wait_group,
+    )
 
 
 def shard_concepts(steps: Sequence[int], world_size: int) -> list[list[int]]:
@@ -166,8 +178,12 @@ def failure_report(output_dir: Path, world_size: int) -> str | None:
         if s is None:
             lines.append(f"rank {rank}: never reported")
         elif s["status"] != "done":
-            lines.append(f"rank {rank} (pid {s['pid']}) {s['status']}, holding concepts {', '.join(s['concepts']) or '-'}")
+            lines.append(
+                f"rank {rank} (pid {s['pid']}) {s['status']}, holding concepts {', '.join(s['concepts']) or '-'}"
+            )
     if not lines:
         return None
-    return ("; ".join(lines) + ". Results of the other ranks are kept; rerun the same command with --resume to "
-            "train only the unfinished concepts")
+    return (
+        "; ".join(lines) + ". Results of the other ranks are kept; rerun the same command with --resume to "
+        "train only the unfinished concepts"
+    )

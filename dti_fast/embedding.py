@@ -10,8 +10,8 @@ its own step count, and concepts absent from a batch are skipped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,8 @@ def initializer_ids(tokenizer, words: str, concept: str = "?") -> list[int]:
     ids = tokenizer(words, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(
-            f"concept {concept!r}: initializer {words!r} tokenizes to nothing; use ordinary word(s) such as the class noun"
+            f"concept {concept!r}: initializer {words!r} tokenizes to nothing; use ordinary word(s) such as the "
+            "class noun"
         )
     return list(ids)
 
@@ -81,7 +82,7 @@ class DirectionalEmbedding(nn.Module):
             are free vectors used as they are.
     """
 
-    def __init__(self, base: nn.Embedding, first_id: int, scale: Union[str, float, None] = "mean") -> None:
+    def __init__(self, base: nn.Embedding, first_id: int, scale: str | float | None = "mean") -> None:
         super().__init__()
         self.base = base
         self.base.weight.requires_grad_(False)
@@ -110,7 +111,8 @@ class DirectionalEmbedding(nn.Module):
         expected = self.first_id + sum(len(ids) for ids in self.row_ids)
         if list(token_ids) != list(range(expected, expected + len(token_ids))):
             raise ValueError(
-                f"token ids {list(token_ids)} must continue the added ids at {expected}; add concepts in tokenizer order"
+                f"token ids {list(token_ids)} must continue the added ids at {expected}; add concepts in "
+                "tokenizer order"
             )
         init = init.detach().float().to(self.base.weight.device)
         if self.spherical:
@@ -137,7 +139,9 @@ class DirectionalEmbedding(nn.Module):
         return torch.where(is_added.unsqueeze(-1), learned.to(out.dtype), out)
 
 
-def install_embedding(text_encoder: nn.Module, tokenizer_len_before: int, scale: Union[str, float, None]) -> DirectionalEmbedding:
+def install_embedding(
+    text_encoder: nn.Module, tokenizer_len_before: int, scale: str | float | None
+) -> DirectionalEmbedding:
     """Swap ``text_encoder``'s input embedding for a :class:`DirectionalEmbedding`; returns it."""
     base = text_encoder.get_input_embeddings()
     if isinstance(base, DirectionalEmbedding):
@@ -160,7 +164,7 @@ def mean_direction(base: nn.Embedding) -> torch.Tensor:
 
 
 def start_rows(
-    base: nn.Embedding, init_ids: Sequence[int], mode: str, generator: Optional[torch.Generator] = None
+    base: nn.Embedding, init_ids: Sequence[int], mode: str, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Starting rows for one concept: "token" (initializer embedding), "random" or "mean"."""
     n = len(init_ids)

@@ -24,15 +24,17 @@ Aggregation (:func:`aggregate`): per image as above, the mean over a subject's i
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import torch
+
+from .io import first_line
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -69,7 +71,7 @@ def _transformers_major() -> int:
     return int(re.findall(r"\d+", transformers.__version__)[0])
 
 
-def _source(model: Union[str, Path], what: str) -> tuple[str, dict[str, Any]]:
+def _source(model: str | Path, what: str) -> tuple[str, dict[str, Any]]:
     """Where from_pretrained loads ``model`` from, with local_files_only when the hub cannot be used."""
     from .models import hub_reachable, looks_like_path, offline_by_env
 
@@ -77,21 +79,25 @@ def _source(model: Union[str, Path], what: str) -> tuple[str, dict[str, Any]]:
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{what} model folder {path} has no config.json; pass a folder written by "
-                                    "save_pretrained (model, preprocessor_config.json, tokenizer files)")
+            raise FileNotFoundError(
+                f"{what} model folder {path} has no config.json; pass a folder written by "
+                "save_pretrained (model, preprocessor_config.json, tokenizer files)"
+            )
         return str(path), {"local_files_only": True}
     if path.exists():
         raise ValueError(f"{what} model {text} is a file; pass a model folder or a hub id")
     if looks_like_path(text):
-        raise FileNotFoundError(f"{what} model folder {text} does not exist; pass a folder or a hub id such as "
-                                f"{DEFAULT_MODELS.get(what, 'org/name')}")
+        raise FileNotFoundError(
+            f"{what} model folder {text} does not exist; pass a folder or a hub id such as "
+            f"{DEFAULT_MODELS.get(what, 'org/name')}"
+        )
     offline = offline_by_env() or not hub_reachable()
     return text, ({"local_files_only": True} if offline else {})
 
 
 def _load_error(what: str, model: str, err: Exception) -> Exception:
     return FileNotFoundError(
-        f"{what} model {model!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+        f"{what} model {model!r} could not be loaded ({type(err).__name__}: {first_line(err)}). "
         f"If it is a hub id, this machine may be offline and the model not in the Hugging Face cache: download it "
         f"where there is network (`hf download {model}`) and pass the folder (--{what}-model FOLDER)"
     )
@@ -108,7 +114,7 @@ def load_image_processor(src: str, **kw):
         return AutoImageProcessor.from_pretrained(src, **kw)
 
 
-def _load_parts(what: str, model: Union[str, Path], device: torch.device, need_text: bool, tokenizer=None):
+def _load_parts(what: str, model: str | Path, device: torch.device, need_text: bool, tokenizer=None):
     from transformers import AutoModel, AutoTokenizer
 
     src, kw = _source(model, what)
@@ -121,13 +127,17 @@ def _load_parts(what: str, model: Union[str, Path], device: torch.device, need_t
         try:
             tokenizer = AutoTokenizer.from_pretrained(src, **kw)
         except ImportError as err:
-            raise ImportError(f"the {what} tokenizer of {model} needs {err.name or 'a missing package'}: "
-                              "pip install sentencepiece protobuf") from err
+            raise ImportError(
+                f"the {what} tokenizer of {model} needs {err.name or 'a missing package'}: "
+                "pip install sentencepiece protobuf"
+            ) from err
         except (OSError, ValueError) as err:
             msg = str(err)
             if "sentencepiece" in msg.lower() or "protobuf" in msg.lower():
-                raise ImportError(f"the {what} tokenizer of {model} needs sentencepiece and protobuf: "
-                                  "pip install sentencepiece protobuf") from err
+                raise ImportError(
+                    f"the {what} tokenizer of {model} needs sentencepiece and protobuf: "
+                    "pip install sentencepiece protobuf"
+                ) from err
             raise _load_error(what, str(model), err) from None
     net.eval().requires_grad_(False).to(device)
     return net, processor, tokenizer
@@ -161,13 +171,20 @@ class _Scorer:
     what = "?"
     need_text = False
 
-    def __init__(self, model: Union[str, Path, None] = None, *, device: Union[str, torch.device] = "auto",
-                 batch_size: int = 16, tokenizer=None) -> None:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        device: str | torch.device = "auto",
+        batch_size: int = 16,
+        tokenizer=None,
+    ) -> None:
         self.name = os.fspath(model) if model is not None else DEFAULT_MODELS[self.what]
         self.device = _device(device)
         self.batch_size = batch_size
-        self.model, self.processor, self.tokenizer = _load_parts(self.what, self.name, self.device, self.need_text,
-                                                                 tokenizer)
+        self.model, self.processor, self.tokenizer = _load_parts(
+            self.what, self.name, self.device, self.need_text, tokenizer
+        )
         self._check()
 
     def _check(self) -> None:
@@ -180,7 +197,9 @@ class _Scorer:
     def _batched(self, items: Sequence, fn) -> torch.Tensor:
         if not len(items):
             return torch.zeros(0)
-        return torch.cat([fn(items[i : i + self.batch_size]).float().cpu() for i in range(0, len(items), self.batch_size)])
+        return torch.cat(
+            [fn(items[i : i + self.batch_size]).float().cpu() for i in range(0, len(items), self.batch_size)]
+        )
 
 
 class DinoScorer(_Scorer):
@@ -190,12 +209,16 @@ class DinoScorer(_Scorer):
 
     def _check(self) -> None:
         if hasattr(self.model, "get_text_features"):
-            raise ValueError(f"dino model {self.name} is a {type(self.model).__name__} (an image-text model); pass a "
-                             "DINOv2 model, e.g. facebook/dinov2-base")
+            raise ValueError(
+                f"dino model {self.name} is a {type(self.model).__name__} (an image-text model); pass a "
+                "DINOv2 model, e.g. facebook/dinov2-base"
+            )
 
     def image_features(self, images: Sequence) -> torch.Tensor:
         """Unit CLS embeddings ``(N, D)``."""
-        return self._batched(images, lambda b: _normalize(self.model(pixel_values=self._pixels(b)).last_hidden_state[:, 0]))
+        return self._batched(
+            images, lambda b: _normalize(self.model(pixel_values=self._pixels(b)).last_hidden_state[:, 0])
+        )
 
     def similarity(self, images: Sequence, references: Sequence) -> torch.Tensor:
         """Per image: mean cosine to the references ``(N,)``."""
@@ -212,19 +235,24 @@ class SiglipScorer(_Scorer):
 
     def _check(self) -> None:
         if not (hasattr(self.model, "get_text_features") and hasattr(self.model, "logit_bias")):
-            raise ValueError(f"siglip model {self.name} is a {type(self.model).__name__}, not a SigLIP model; pass "
-                             "e.g. google/siglip-base-patch16-512")
+            raise ValueError(
+                f"siglip model {self.name} is a {type(self.model).__name__}, not a SigLIP model; pass "
+                "e.g. google/siglip-base-patch16-512"
+            )
         cfg = getattr(self.model.config, "text_config", None)
         self.max_length = int(getattr(cfg, "max_position_embeddings", 64) or 64)
 
     def image_features(self, images: Sequence) -> torch.Tensor:
-        return self._batched(images, lambda b: _normalize(_pooled(self.model.get_image_features(pixel_values=self._pixels(b)))))
+        return self._batched(
+            images, lambda b: _normalize(_pooled(self.model.get_image_features(pixel_values=self._pixels(b))))
+        )
 
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
         def run(batch):
             # SigLIP was trained on text padded to max_length (64); its scores assume it.
-            enc = self.tokenizer(list(batch), padding="max_length", max_length=self.max_length, truncation=True,
-                                 return_tensors="pt")
+            enc = self.tokenizer(
+                list(batch), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            )
             return _normalize(_pooled(self.model.get_text_features(input_ids=enc["input_ids"].to(self.device))))
 
         return self._batched(list(texts), run)
@@ -247,17 +275,26 @@ class ClipScorer(_Scorer):
 
     def _check(self) -> None:
         if not (hasattr(self.model, "get_text_features") and hasattr(self.model, "visual_projection")):
-            raise ValueError(f"clip model {self.name} is a {type(self.model).__name__}, not a CLIP model; pass e.g. "
-                             "openai/clip-vit-base-patch32")
+            raise ValueError(
+                f"clip model {self.name} is a {type(self.model).__name__}, not a CLIP model; pass e.g. "
+                "openai/clip-vit-base-patch32"
+            )
 
     def image_features(self, images: Sequence) -> torch.Tensor:
-        return self._batched(images, lambda b: _normalize(_pooled(self.model.get_image_features(pixel_values=self._pixels(b)))))
+        return self._batched(
+            images, lambda b: _normalize(_pooled(self.model.get_image_features(pixel_values=self._pixels(b))))
+        )
 
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
         def run(batch):
             enc = self.tokenizer(list(batch), padding=True, truncation=True, max_length=77, return_tensors="pt")
-            return _normalize(_pooled(self.model.get_text_features(
-                input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device))))
+            return _normalize(
+                _pooled(
+                    self.model.get_text_features(
+                        input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device)
+                    )
+                )
+            )
 
         return self._batched(list(texts), run)
 
@@ -287,7 +324,7 @@ def apply_mask(image, mask, fill=(0, 0, 0)):
     return Image.composite(image, background, m)
 
 
-def load_references(folder: Union[str, Path], masks: Union[str, Path, None] = None, fill=(0, 0, 0)) -> list:
+def load_references(folder: str | Path, masks: str | Path | None = None, fill=(0, 0, 0)) -> list:
     """The reference photos of a subject; with ``masks`` (a folder of one mask per photo, same file
     stem, white = subject) each photo's background is set to ``fill``."""
     from PIL import Image
@@ -297,8 +334,9 @@ def load_references(folder: Union[str, Path], masks: Union[str, Path, None] = No
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"reference folder {folder} does not exist; pass the subject's photo folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not p.name.startswith("."))
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
     if not files:
         raise ValueError(f"reference folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
     images = [load_rgb(p) for p in files]
@@ -309,8 +347,10 @@ def load_references(folder: Union[str, Path], masks: Union[str, Path, None] = No
     for p, im in zip(files, images):
         found = [m for m in (masks / (p.stem + s) for s in (".png",) + IMAGE_SUFFIXES) if m.is_file()]
         if not found:
-            raise FileNotFoundError(f"no mask for reference {p} in {masks} (expected {masks / (p.stem + '.png')}, "
-                                    "white = subject); add it or run without masks")
+            raise FileNotFoundError(
+                f"no mask for reference {p} in {masks} (expected {masks / (p.stem + '.png')}, "
+                "white = subject); add it or run without masks"
+            )
         with Image.open(found[0]) as m:
             out.append(apply_mask(im, m, fill))
     return out
@@ -348,9 +388,9 @@ class Evaluator:
     tiny random SigLIP without sentencepiece).
     """
 
-    dino: Union[str, Path, None] = None
-    siglip: Union[str, Path, None] = None
-    clip: Union[str, Path, None] = None
+    dino: str | Path | None = None
+    siglip: str | Path | None = None
+    clip: str | Path | None = None
     device: str = "auto"
     batch_size: int = 16
     metrics: Sequence[str] = METRICS
@@ -374,8 +414,11 @@ class Evaluator:
         return self._cache[kind]
 
     def model_names(self) -> dict[str, str]:
-        used = {"dino": "image" in self.metrics, "siglip": "text" in self.metrics,
-                "clip": bool({"clip_i", "clip_t"} & set(self.metrics))}
+        used = {
+            "dino": "image" in self.metrics,
+            "siglip": "text" in self.metrics,
+            "clip": bool({"clip_i", "clip_t"} & set(self.metrics)),
+        }
         return {k: os.fspath(getattr(self, k) or DEFAULT_MODELS[k]) for k, on in used.items() if on}
 
     def score(self, images: Sequence, texts: Sequence[str], references: Sequence) -> dict[str, list[float]]:
@@ -393,10 +436,10 @@ class Evaluator:
 
 
 def evaluate_generated(
-    generated: Union[str, Path],
-    references: dict[str, Union[str, Path, Sequence]],
+    generated: str | Path,
+    references: dict[str, str | Path | Sequence],
     evaluator: Evaluator,
-    masks: Optional[dict[str, Union[str, Path]]] = None,
+    masks: dict[str, str | Path] | None = None,
 ) -> dict[str, Any]:
     """Score a folder written by :func:`dti_fast.generate.generate` against each concept's references.
 
@@ -433,8 +476,16 @@ def evaluate_generated(
         scores = evaluator.score(images, [r.text for r in recs], refs)
         per_image_scores[subject] = scores
         for k, r in enumerate(recs):
-            rows.append({"subject": subject, "file": r.file, "text": r.text, "prompt": r.prompt, "seed": r.seed,
-                         **{m: v[k] for m, v in scores.items()}})
+            rows.append(
+                {
+                    "subject": subject,
+                    "file": r.file,
+                    "text": r.text,
+                    "prompt": r.prompt,
+                    "seed": r.seed,
+                    **{m: v[k] for m, v in scores.items()},
+                }
+            )
     result = aggregate(per_image_scores)
     result["per_image"] = rows
     result["models"] = evaluator.model_names()

@@ -110,18 +110,36 @@ def export_concepts(output_dir: Path, records: list[ConceptRecord], ti_rescaled:
             continue
         write_concept_files(folder, r.name, r.concept.placeholder, vectors, r.family, r.steps, trigger=trigger)
         if ti_rescaled and r.method == "ti":
-            rescaled = [e.vectors / torch.linalg.vector_norm(e.vectors, dim=-1, keepdim=True) * e.vocab_scale
-                        for e in r.encoders]
-            write_concept_files(folder / "rescaled", r.name, r.concept.placeholder, rescaled, r.family, r.steps,
-                                trigger=rescaled_trigger(trigger))
+            rescaled = [
+                e.vectors / torch.linalg.vector_norm(e.vectors, dim=-1, keepdim=True) * e.vocab_scale
+                for e in r.encoders
+            ]
+            write_concept_files(
+                folder / "rescaled",
+                r.name,
+                r.concept.placeholder,
+                rescaled,
+                r.family,
+                r.steps,
+                trigger=rescaled_trigger(trigger),
+            )
             info["rescaled"] = "rescaled/"
             info["rescaled_trigger"] = rescaled_trigger(trigger)
         write_json(info, folder / "concept.json")
     return dirs
 
 
-def validation_grids(parts: ModelParts, records: list[ConceptRecord], output_dir: Path, prompts: list[str], *,
-                     steps: int, seed: int, resolution: int, filename: str = "samples.png") -> list[Path]:
+def validation_grids(
+    parts: ModelParts,
+    records: list[ConceptRecord],
+    output_dir: Path,
+    prompts: list[str],
+    *,
+    steps: int,
+    seed: int,
+    resolution: int,
+    filename: str = "samples.png",
+) -> list[Path]:
     """Generate each prompt (``{}`` = the concept) with the learned vectors; save ``<concept>/<filename>``.
 
     ``parts`` must hold the concepts' tokens and rows (as the trainer's embeddings do).

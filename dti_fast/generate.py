@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import torch
 
@@ -59,20 +60,26 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
 
 
 def _set_scheduler(pipe, scheduler: str) -> None:
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler)
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
     current = type(pipe.scheduler).__name__
     if scheduler == "model" or (scheduler == "auto" and current != "DDPMScheduler"):
         return
-    cls = {"auto": DDIMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
-           "dpm": DPMSolverMultistepScheduler, "pndm": PNDMScheduler}[scheduler]
+    cls = {
+        "auto": DDIMScheduler,
+        "ddim": DDIMScheduler,
+        "euler": EulerDiscreteScheduler,
+        "dpm": DPMSolverMultistepScheduler,
+        "pndm": PNDMScheduler,
+    }[scheduler]
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
-def load_pipeline(model: Union[str, Path], *, device: str = "auto", dtype: str = "auto", scheduler: str = "auto",
-                  progress: bool = False):
+def load_pipeline(
+    model: str | Path, *, device: str = "auto", dtype: str = "auto", scheduler: str = "auto", progress: bool = False
+):
     """A diffusers text-to-image pipeline of ``model`` (SD 1.x/2.x or SDXL folder or hub id), on ``device``.
 
     ``scheduler``: "auto" keeps the model's scheduler unless it is the training DDPM one (then
@@ -98,8 +105,9 @@ def load_pipeline(model: Union[str, Path], *, device: str = "auto", dtype: str =
             if r.family == "sdxl":
                 pipe = StableDiffusionXLPipeline.from_pretrained(r.source, **kwargs)
             else:
-                pipe = StableDiffusionPipeline.from_pretrained(r.source, safety_checker=None,
-                                                               requires_safety_checker=False, **kwargs)
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    r.source, safety_checker=None, requires_safety_checker=False, **kwargs
+                )
     finally:
         if not progress and not bars_were_off:
             dlog.enable_progress_bar()
@@ -115,7 +123,7 @@ def load_pipeline(model: Union[str, Path], *, device: str = "auto", dtype: str =
 # --------------------------------------------------------------------------------------------
 
 
-def scoring_text(prompt: str, class_noun: Optional[str], placeholders: Sequence[str] = ()) -> str:
+def scoring_text(prompt: str, class_noun: str | None, placeholders: Sequence[str] = ()) -> str:
     """The prompt as the metrics see it: ``{}`` and the placeholder tokens replaced by the class noun."""
     noun = class_noun or "object"
     text = prompt.replace("{}", noun)
@@ -129,7 +137,7 @@ def scoring_text(prompt: str, class_noun: Optional[str], placeholders: Sequence[
 class ImageRecord:
     """One image to make: concept, prompt (``{}`` = subject), seed, where it goes."""
 
-    concept: Optional[str]
+    concept: str | None
     prompt_index: int
     prompt: str  # the template, {} = the subject
     prompt_text: str  # what the pipeline gets
@@ -141,8 +149,9 @@ class ImageRecord:
         return dict(self.__dict__)
 
 
-def expand_prompts(prompts: Union[Sequence[str], Mapping[str, Sequence[str]]], concepts: Sequence[ConceptEmbeddings],
-                   seeds: Sequence[int]) -> list[ImageRecord]:
+def expand_prompts(
+    prompts: Sequence[str] | Mapping[str, Sequence[str]], concepts: Sequence[ConceptEmbeddings], seeds: Sequence[int]
+) -> list[ImageRecord]:
     """Prompts x seeds per concept: a prompt with ``{}`` runs once per concept, one without once alone.
 
     ``prompts`` may also map each concept's name to its own prompt list (e.g. DreamBooth's
@@ -165,7 +174,9 @@ def expand_prompts(prompts: Union[Sequence[str], Mapping[str, Sequence[str]]], c
         if "{}" in prompt:
             if not concepts:
                 raise ValueError(f"prompt {prompt!r} has {{}} for a concept but no concept was given; pass --concept")
-            targets = [(c.name, prompt.replace("{}", c.placeholder), scoring_text(prompt, c.class_noun)) for c in concepts]
+            targets = [
+                (c.name, prompt.replace("{}", c.placeholder), scoring_text(prompt, c.class_noun)) for c in concepts
+            ]
         else:
             owner = next((c for c in concepts if c.placeholder in prompt), None)
             noun = owner.class_noun if owner else None
@@ -173,8 +184,9 @@ def expand_prompts(prompts: Union[Sequence[str], Mapping[str, Sequence[str]]], c
         for name, text_in, text_scored in targets:
             for seed in seeds:
                 folder = name if name is not None else "prompts"
-                records.append(ImageRecord(name, i, prompt, text_in, text_scored, int(seed),
-                                           f"{folder}/p{i:03d}_s{int(seed)}.png"))
+                records.append(
+                    ImageRecord(name, i, prompt, text_in, text_scored, int(seed), f"{folder}/p{i:03d}_s{int(seed)}.png")
+                )
     return records
 
 
@@ -193,17 +205,17 @@ class GenerateResult:
 
 
 def generate(
-    model: Union[str, Path, None],
-    concepts: Sequence[Union[str, Path, ConceptEmbeddings]],
-    prompts: Union[Sequence[str], Mapping[str, Sequence[str]]],
-    output_dir: Union[str, Path],
+    model: str | Path | None,
+    concepts: Sequence[str | Path | ConceptEmbeddings],
+    prompts: Sequence[str] | Mapping[str, Sequence[str]],
+    output_dir: str | Path,
     *,
     seeds: Sequence[int] = (0,),
     steps: int = 30,
     guidance: float = 7.5,
-    negative_prompt: Optional[str] = None,
-    height: Optional[int] = None,
-    width: Optional[int] = None,
+    negative_prompt: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
     batch_size: int = 4,
     device: str = "auto",
     dtype: str = "auto",
@@ -240,8 +252,10 @@ def generate(
     loaded = [c if isinstance(c, ConceptEmbeddings) else read_concept(c) for c in concepts]
     names = [c.name for c in loaded]
     if len(set(names)) != len(names):
-        raise ValueError(f"two concepts share the name {sorted(n for n in names if names.count(n) > 1)[0]!r} "
-                         "(their output folders would clash); rename one concept folder")
+        raise ValueError(
+            f"two concepts share the name {sorted(n for n in names if names.count(n) > 1)[0]!r} "
+            "(their output folders would clash); rename one concept folder"
+        )
     out = Path(output_dir)
     records = expand_prompts(prompts, loaded, seeds)
     pending = [r for r in records if not (skip_existing and (out / r.file).is_file())]
@@ -263,18 +277,32 @@ def generate(
                 if negative_prompt:
                     kwargs["negative_prompt"] = [negative_prompt] * len(batch)
                 with torch.inference_mode():
-                    images = pipe(prompt=[r.prompt_text for r in batch], generator=gens, num_inference_steps=steps,
-                                  guidance_scale=guidance, height=height, width=width, **kwargs).images
+                    images = pipe(
+                        prompt=[r.prompt_text for r in batch],
+                        generator=gens,
+                        num_inference_steps=steps,
+                        guidance_scale=guidance,
+                        height=height,
+                        width=width,
+                        **kwargs,
+                    ).images
                 for r, img in zip(batch, images):
                     target = out / r.file
                     atomic_write(target, lambda tmp, img=img: img.save(tmp, format="PNG"))
                     made += 1
         finally:
             unload_concepts(pipe, loaded)
-    manifest = write_json({"records": [r.to_json() for r in records], "steps": steps, "guidance": guidance,
-                           "seeds": [int(s) for s in seeds],
-                           "prompts": {k: list(v) for k, v in prompts.items()} if isinstance(prompts, Mapping) else list(prompts),
-                           "concepts": {c.name: str(c.source) for c in loaded}}, out / MANIFEST)
+    manifest = write_json(
+        {
+            "records": [r.to_json() for r in records],
+            "steps": steps,
+            "guidance": guidance,
+            "seeds": [int(s) for s in seeds],
+            "prompts": {k: list(v) for k, v in prompts.items()} if isinstance(prompts, Mapping) else list(prompts),
+            "concepts": {c.name: str(c.source) for c in loaded},
+        },
+        out / MANIFEST,
+    )
     grids: dict[str, Path] = {}
     if grid:
         by_folder: dict[str, list[ImageRecord]] = {}
@@ -294,7 +322,7 @@ def generate(
     return GenerateResult(out, records, grids, manifest, made)
 
 
-def read_manifest(output_dir: Union[str, Path]) -> list[ImageRecord]:
+def read_manifest(output_dir: str | Path) -> list[ImageRecord]:
     """The image records :func:`generate` wrote to ``output_dir/images.json``."""
     path = Path(output_dir) / MANIFEST
     if not path.is_file():

@@ -23,9 +23,9 @@ Near-identical directions fall back to a normalized lerp, (nearly) antipodal one
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import torch
 
@@ -59,7 +59,7 @@ def interpolate_vectors(
     b: torch.Tensor,
     t: float,
     mode: str = "slerp",
-    scale: Optional[float] = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Interpolate two stacks of vectors ``(n, dim)`` row by row.
 
@@ -84,10 +84,10 @@ def interpolate_vectors(
     return direction * ((1.0 - t) * na + t * nb)
 
 
-def _scales(c: ConceptEmbeddings) -> list[Optional[float]]:
+def _scales(c: ConceptEmbeddings) -> list[float | None]:
     """m* per encoder for a DTI concept (concept.json), None for TI-like vectors."""
     encs = c.info.get("encoders") or []
-    out: list[Optional[float]] = []
+    out: list[float | None] = []
     for e in range(len(c.vectors)):
         s = encs[e].get("scale") if e < len(encs) and isinstance(encs[e], dict) else None
         out.append(float(s) if s is not None and c.method in (None, "dti") else None)
@@ -134,7 +134,9 @@ def _check_antipodal(a: ConceptEmbeddings, b: ConceptEmbeddings) -> None:
             )
 
 
-def interpolation_vectors(a: ConceptEmbeddings, b: ConceptEmbeddings, t: float, mode: str = "slerp") -> list[torch.Tensor]:
+def interpolation_vectors(
+    a: ConceptEmbeddings, b: ConceptEmbeddings, t: float, mode: str = "slerp"
+) -> list[torch.Tensor]:
     """Per text encoder, the ``(n, dim)`` vectors at ``t`` (same t for every encoder)."""
     _check_pair(a, b)
     if mode == "slerp":
@@ -171,20 +173,20 @@ class InterpolationResult:
 
 
 def interpolate_concepts(
-    a: Union[str, Path, ConceptEmbeddings],
-    b: Union[str, Path, ConceptEmbeddings],
-    output_dir: Union[str, Path],
+    a: str | Path | ConceptEmbeddings,
+    b: str | Path | ConceptEmbeddings,
+    output_dir: str | Path,
     *,
     steps: int = 5,
-    times: Optional[Sequence[float]] = None,
+    times: Sequence[float] | None = None,
     mode: str = "auto",
     images: bool = False,
-    model: Optional[str] = None,
+    model: str | None = None,
     prompt: str = "a photo of {}",
     seed: int = 0,
     inference_steps: int = 30,
     guidance: float = 7.5,
-    resolution: Optional[int] = None,
+    resolution: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
     pipe=None,
@@ -245,8 +247,11 @@ def interpolate_concepts(
                 "family": family,
                 "encoders": [
                     {
-                        "scale": (float(torch.linalg.vector_norm(v, dim=-1).mean())
-                                  if m == "slerp" and s_a is not None and s_b is not None else None),
+                        "scale": (
+                            float(torch.linalg.vector_norm(v, dim=-1).mean())
+                            if m == "slerp" and s_a is not None and s_b is not None
+                            else None
+                        ),
                         "vocab_scale": (enc_a[e].get("vocab_scale") if e < len(enc_a) else None),
                         "dim": int(v.shape[-1]),
                         "norms": [float(n) for n in torch.linalg.vector_norm(v, dim=-1)],
@@ -258,20 +263,47 @@ def interpolate_concepts(
             write_json(info, folder / "concept.json")
             folders[m].append(folder)
     result = InterpolationResult(out, ts, modes, folders)
-    write_json({"a": str(ca.source), "b": str(cb.source), "times": ts, "modes": modes,
-                "folders": {m: [str(f) for f in fs] for m, fs in folders.items()}}, out / "interpolation.json")
+    write_json(
+        {
+            "a": str(ca.source),
+            "b": str(cb.source),
+            "times": ts,
+            "modes": modes,
+            "folders": {m: [str(f) for f in fs] for m, fs in folders.items()},
+        },
+        out / "interpolation.json",
+    )
     if images:
-        result.strips = interpolation_strips(result, model=model or ca.info.get("model"), prompt=prompt, seed=seed,
-                                             inference_steps=inference_steps, guidance=guidance,
-                                             resolution=resolution, device=device, dtype=dtype, pipe=pipe,
-                                             title=f"{ca.name} -> {cb.name}")
+        result.strips = interpolation_strips(
+            result,
+            model=model or ca.info.get("model"),
+            prompt=prompt,
+            seed=seed,
+            inference_steps=inference_steps,
+            guidance=guidance,
+            resolution=resolution,
+            device=device,
+            dtype=dtype,
+            pipe=pipe,
+            title=f"{ca.name} -> {cb.name}",
+        )
     return result
 
 
-def interpolation_strips(result: InterpolationResult, *, model: Optional[str], prompt: str = "a photo of {}",
-                         seed: int = 0, inference_steps: int = 30, guidance: float = 7.5,
-                         resolution: Optional[int] = None, device: str = "auto", dtype: str = "auto", pipe=None,
-                         title: str = "") -> dict[str, Path]:
+def interpolation_strips(
+    result: InterpolationResult,
+    *,
+    model: str | None,
+    prompt: str = "a photo of {}",
+    seed: int = 0,
+    inference_steps: int = 30,
+    guidance: float = 7.5,
+    resolution: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    pipe=None,
+    title: str = "",
+) -> dict[str, Path]:
     """Generate one image per t (one seed, one prompt) per mode; save ``strip_<mode>.png`` (and ``strip.png``)."""
     from PIL import Image
 
@@ -290,15 +322,29 @@ def interpolation_strips(result: InterpolationResult, *, model: Optional[str], p
     rows = []
     for m in result.modes:
         concepts = [read_concept(f) for f in result.folders[m]]
-        gen = generate(None, concepts, [prompt], result.output_dir / "images" / m, seeds=[seed],
-                       steps=inference_steps, guidance=guidance, height=resolution, width=resolution, pipe=pipe,
-                       batch_size=min(4, len(concepts)), grid=False)
+        gen = generate(
+            None,
+            concepts,
+            [prompt],
+            result.output_dir / "images" / m,
+            seeds=[seed],
+            steps=inference_steps,
+            guidance=guidance,
+            height=resolution,
+            width=resolution,
+            pipe=pipe,
+            batch_size=min(4, len(concepts)),
+            grid=False,
+        )
         imgs = []
         for r in gen.records:
             with Image.open(gen.output_dir / r.file) as im:
                 imgs.append(im.convert("RGB"))
-        strip = image_strip(imgs, labels=[f"t={_t_label(t)}" for t in result.times],
-                            title=f"{title} ({_mode_note(m, concepts)}) | {prompt} | seed {seed}")
+        strip = image_strip(
+            imgs,
+            labels=[f"t={_t_label(t)}" for t in result.times],
+            title=f"{title} ({_mode_note(m, concepts)}) | {prompt} | seed {seed}",
+        )
         path = result.output_dir / f"strip_{m}.png"
         atomic_write(path, lambda tmp, s=strip: s.save(tmp, format="PNG"))
         strips[m] = path

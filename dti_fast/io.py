@@ -12,14 +12,28 @@ import errno
 import json
 import os
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["atomic_write", "save_safetensors", "load_safetensors", "save_torch", "load_torch", "write_json"]
+__all__ = [
+    "atomic_write",
+    "first_line",
+    "save_safetensors",
+    "load_safetensors",
+    "save_torch",
+    "load_torch",
+    "write_json",
+]
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (for one-line errors)."""
+    text = str(err)
+    return text.splitlines()[0] if text else ""
 
 
 def _umask() -> int:
@@ -71,8 +85,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     except Exception as err:
         tmp_path.unlink(missing_ok=True)
         if _disk_full(err, path.parent):
-            raise OSError(errno.ENOSPC, f"disk full while writing {path}; free space on that disk (or choose "
-                          "another output folder) and rerun with --resume") from err
+            raise OSError(
+                errno.ENOSPC,
+                f"disk full while writing {path}; free space on that disk (or choose "
+                "another output folder) and rerun with --resume",
+            ) from err
         raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -105,7 +122,7 @@ def load_torch(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(
-            f"{path} could not be loaded safely ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            f"{path} could not be loaded safely ({type(err).__name__}: {first_line(err)}); "
             "only tensors and plain data are accepted from .pt/.bin files: re-export it as safetensors"
         ) from err
 

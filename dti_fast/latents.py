@@ -25,7 +25,7 @@ per-step encoding with any pixel offset.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -48,8 +48,17 @@ class LatentCache:
         encode_batch: crops per VAE forward while filling the cache.
     """
 
-    def __init__(self, vae, images: Sequence[ConceptImages], resolution: int, factor: int,
-                 device: torch.device, dtype: torch.dtype, max_crops: int = 16, encode_batch: int = 8) -> None:
+    def __init__(
+        self,
+        vae,
+        images: Sequence[ConceptImages],
+        resolution: int,
+        factor: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_crops: int = 16,
+        encode_batch: int = 8,
+    ) -> None:
         if resolution % factor:
             raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor {factor}")
         if max_crops < 1:
@@ -65,10 +74,20 @@ class LatentCache:
                     crops = self.grid(array.shape[0], array.shape[1], resolution, factor, max_crops)
                     m, s = [], []
                     for k in range(0, len(crops), encode_batch):
-                        pixels = torch.stack([
-                            torch.from_numpy(np.ascontiguousarray(array[t : t + resolution, l : l + resolution]))
-                            for t, l in crops[k : k + encode_batch]
-                        ]).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+                        pixels = (
+                            torch.stack(
+                                [
+                                    torch.from_numpy(
+                                        np.ascontiguousarray(array[t : t + resolution, left : left + resolution])
+                                    )
+                                    for t, left in crops[k : k + encode_batch]
+                                ]
+                            )
+                            .permute(0, 3, 1, 2)
+                            .float()
+                            .div_(127.5)
+                            .sub_(1.0)
+                        )
                         dist = vae.encode(pixels.to(device, dtype)).latent_dist
                         m.append(dist.mean)
                         s.append(dist.std)
@@ -88,6 +107,7 @@ class LatentCache:
     @staticmethod
     def grid(height: int, width: int, resolution: int, factor: int, max_crops: int) -> list[tuple[int, int]]:
         """The cached crops' (top, left): 8-pixel grid offsets, at most ``max_crops`` evenly spaced ones."""
+
         def axis(size: int) -> list[int]:
             positions = list(range(0, size - resolution + 1, factor))
             if len(positions) > max_crops:
@@ -95,7 +115,7 @@ class LatentCache:
                 positions = [positions[i] for i in sorted(set(picks.tolist()))]
             return positions
 
-        return [(t, l) for t in axis(height) for l in axis(width)]
+        return [(t, left) for t in axis(height) for left in axis(width)]
 
     def draw(self, concept: int, image: int, generator: torch.Generator) -> tuple[int, int, int]:
         """A random cached crop of one image: its index and (top, left) in pixels of the resized image."""

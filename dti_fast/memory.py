@@ -10,14 +10,13 @@ reset and CPU planning falls back to "every concept in each step".
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 
 __all__ = ["reset_peak", "peak_bytes", "usable_bytes", "cpu_peak_resettable"]
 
 
-def _read_status_kib(field: str) -> Optional[int]:
+def _read_status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status", encoding="ascii") as fh:
             for line in fh:
@@ -46,7 +45,7 @@ def reset_peak(device: torch.device) -> None:
             pass
 
 
-def peak_bytes(device: torch.device) -> Optional[int]:
+def peak_bytes(device: torch.device) -> int | None:
     """Peak memory since :func:`reset_peak`: CUDA bytes allocated by tensors, or the CPU process's peak RSS."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -55,7 +54,7 @@ def peak_bytes(device: torch.device) -> Optional[int]:
     return kib * 1024 if kib is not None else None
 
 
-def usable_bytes(device: torch.device, headroom: float = 0.1) -> Optional[int]:
+def usable_bytes(device: torch.device, headroom: float = 0.1) -> int | None:
     """Memory a job may fill on ``device``, counting what it already holds, less ``headroom`` of the total.
 
     CUDA: free memory plus this process's allocator reservations. CPU: the

@@ -66,11 +66,11 @@ class ModelParts:
     """
 
     family: str
-    tokenizers: list["CLIPTokenizer"]
-    text_encoders: list["CLIPTextModel"]
-    unet: "UNet2DConditionModel"
-    vae: "AutoencoderKL"
-    noise_scheduler: "DDPMScheduler"
+    tokenizers: list[CLIPTokenizer]
+    text_encoders: list[CLIPTextModel]
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    noise_scheduler: DDPMScheduler
     source: str
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -128,7 +128,9 @@ def _family_from_index(index: dict[str, Any], where: str) -> str | None:
         return isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is not None and v[1] is not None
 
     if "transformer" in index and "unet" not in index:
-        raise ValueError(f"model {where} is a {cls or 'transformer-based'} pipeline, not a UNet one; {_UNSUPPORTED_HINT}")
+        raise ValueError(
+            f"model {where} is a {cls or 'transformer-based'} pipeline, not a UNet one; {_UNSUPPORTED_HINT}"
+        )
     if "text_encoder_3" in index or cls.startswith(("StableDiffusion3", "Flux", "Kandinsky", "StableCascade")):
         raise ValueError(f"model {where} is a {cls} pipeline; {_UNSUPPORTED_HINT}")
     if cls.startswith("StableDiffusionXL") or present("text_encoder_2"):
@@ -152,8 +154,10 @@ def detect_family(path: str | os.PathLike) -> str:
         try:
             index = json.loads(index_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise ValueError(f"model '{path}': model_index.json is not valid JSON ({e}); re-save the model "
-                             "with save_pretrained or fix the file") from None
+            raise ValueError(
+                f"model '{path}': model_index.json is not valid JSON ({e}); re-save the model "
+                "with save_pretrained or fix the file"
+            ) from None
         family = _family_from_index(index, f"'{path}'")
         if family is not None:
             return family
@@ -367,7 +371,9 @@ def resolve_source(model: str, revision: str | None, cache_dir: str | None) -> R
             "log in with `hf auth login`); check the spelling or pass a local diffusers folder"
         ) from None
     except RevisionNotFoundError:
-        raise FileNotFoundError(f"model '{model}' has no revision {revision!r}; pass an existing branch, tag or commit") from None
+        raise FileNotFoundError(
+            f"model '{model}' has no revision {revision!r}; pass an existing branch, tag or commit"
+        ) from None
     except EntryNotFoundError:
         raise FileNotFoundError(
             f"model '{model}' has no model_index.json, so it is not a diffusers pipeline; {_UNSUPPORTED_HINT}"
@@ -375,7 +381,9 @@ def resolve_source(model: str, revision: str | None, cache_dir: str | None) -> R
     except Exception as e:  # network trouble after the probe: fall back to the cache
         if cached is not None:
             return ResolvedModel(str(cached), model, _check_local_folder(cached, model), True, {})
-        raise FileNotFoundError(_offline_message(model, f"downloading from the hub failed ({type(e).__name__}: {e})")) from None
+        raise FileNotFoundError(
+            _offline_message(model, f"downloading from the hub failed ({type(e).__name__}: {e})")
+        ) from None
     index = json.loads(Path(index_file).read_text(encoding="utf-8"))
     family = _family_from_index(index, f"'{model}'") or "sd"
     missing = [f"{p}/" for p in required_parts(family) if not (isinstance(index.get(p), list) and index[p][0])]
@@ -515,8 +523,6 @@ def load_model_parts(
     )
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # Devices, pipelines, caches
 # --------------------------------------------------------------------------------------------
@@ -540,11 +546,14 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int | None =
         raise ValueError(f"device {device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: this machine has no CUDA GPU that torch can use; use --device cpu "
-                             "(or auto)")
+            raise ValueError(
+                f"device {device!r}: this machine has no CUDA GPU that torch can use; use --device cpu (or auto)"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+            raise ValueError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
     elif dev.type not in ("cpu", "meta") and not getattr(torch, dev.type, None):
         raise ValueError(f"device {device!r} is not available here; use auto, cpu or cuda")
     return dev
@@ -570,13 +579,24 @@ def pipeline_from_parts(parts: ModelParts, scheduler: Any = None):
         scheduler = DDIMScheduler.from_config(parts.noise_scheduler.config)
     if parts.family == "sdxl":
         pipe = StableDiffusionXLPipeline(
-            vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
-            tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1], unet=parts.unet, scheduler=scheduler,
+            vae=parts.vae,
+            text_encoder=parts.text_encoders[0],
+            text_encoder_2=parts.text_encoders[1],
+            tokenizer=parts.tokenizers[0],
+            tokenizer_2=parts.tokenizers[1],
+            unet=parts.unet,
+            scheduler=scheduler,
         )
     else:
         pipe = StableDiffusionPipeline(
-            vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0], unet=parts.unet,
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=parts.vae,
+            text_encoder=parts.text_encoders[0],
+            tokenizer=parts.tokenizers[0],
+            unet=parts.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -588,5 +608,3 @@ def cache_root() -> Path:
         return Path(os.environ["DTI_FAST_CACHE"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dti_fast"
-
-

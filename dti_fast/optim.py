@@ -17,8 +17,8 @@ and, for params given a prior, ``prior`` (fp32 unit rows shaped like the param).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,8 +36,7 @@ _UNIT_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-
 #: The hyper-parameters of a param group and their defaults. A group (or a
 #: loaded state dict, or an unpickled optimizer) that lacks one gets it from the
 #: optimizer's defaults, so state dicts stay loadable when one is added.
-HYPER_DEFAULTS: dict[str, Any] = {"lr": 0.01, "kappa": 0.0, "beta": 0.0, "eps": 1e-8, "normalize": True,
-                                  "fused": None}
+HYPER_DEFAULTS: dict[str, Any] = {"lr": 0.01, "kappa": 0.0, "beta": 0.0, "eps": 1e-8, "normalize": True, "fused": None}
 #: Per-param state kept in fp32 on the param's device whatever the param dtype.
 _FP32_STATE = ("step", "s", "prior")
 
@@ -137,8 +136,12 @@ def _own_fp32_state(state: dict[str, Any], p: torch.Tensor) -> None:
         state[key] = value if key == "step" else value.contiguous()
 
 
-def _init_packed_state(states: list[dict], params: list[torch.Tensor], device: torch.device,
-                       values: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+def _init_packed_state(
+    states: list[dict],
+    params: list[torch.Tensor],
+    device: torch.device,
+    values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> None:
     """Give ``params`` their ``step`` and ``s`` as views into one packed step and one packed s tensor.
 
     Each param keeps its own tensors (a 0-dim ``step``, ``s`` shaped
@@ -152,7 +155,7 @@ def _init_packed_state(states: list[dict], params: list[torch.Tensor], device: t
     offset = 0
     for k, (st, p, n) in enumerate(zip(states, params, rows)):
         st["step"] = steps[k]
-        st["s"] = s_all[offset: offset + n].view(p.shape[:-1])
+        st["s"] = s_all[offset : offset + n].view(p.shape[:-1])
         if values is not None:
             st["step"].copy_(values[k][0])
             st["s"].copy_(values[k][1])
@@ -171,8 +174,12 @@ def _repack_state(params: Sequence[torch.Tensor], state: dict) -> None:
             continue
         by_device.setdefault(p.device, []).append((p, st, step.reshape(()), s))
     for device, items in by_device.items():
-        _init_packed_state([st for _, st, _, _ in items], [p for p, _, _, _ in items], device,
-                           values=[(step, s) for _, _, step, s in items])
+        _init_packed_state(
+            [st for _, st, _, _ in items],
+            [p for p, _, _, _ in items],
+            device,
+            values=[(step, s) for _, _, step, s in items],
+        )
 
 
 def _span(tensors: Sequence[torch.Tensor], cache: dict, tag: str) -> torch.Tensor | None:
@@ -197,7 +204,7 @@ def _span(tensors: Sequence[torch.Tensor], cache: dict, tag: str) -> torch.Tenso
             pos += t.numel()
         else:
             first = start - base.storage_offset()
-            span = base.view(-1)[first: first + pos - start]
+            span = base.view(-1)[first : first + pos - start]
     if sum(1 for k in cache if k[0] == "span") >= 256:
         for old in [k for k in cache if k[0] == "span"]:
             del cache[old]
@@ -530,12 +537,27 @@ def spherical_sgd(
     if not params:
         return
     with torch.no_grad():
-        _spherical_sgd(params, grads, row_states, steps, priors, lr=lr, kappa=kappa, beta=beta, eps=eps,
-                       normalize=normalize, fused=fused, grad_scale=grad_scale, found_inf=found_inf, cache=cache)
+        _spherical_sgd(
+            params,
+            grads,
+            row_states,
+            steps,
+            priors,
+            lr=lr,
+            kappa=kappa,
+            beta=beta,
+            eps=eps,
+            normalize=normalize,
+            fused=fused,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            cache=cache,
+        )
 
 
-def _spherical_sgd(params, grads, row_states, steps, priors, *, lr, kappa, beta, eps, normalize, fused, grad_scale,
-                   found_inf, cache) -> None:
+def _spherical_sgd(
+    params, grads, row_states, steps, priors, *, lr, kappa, beta, eps, normalize, fused, grad_scale, found_inf, cache
+) -> None:
     cache = cache if cache is not None else {}
     if isinstance(lr, torch.Tensor):
         lr = float(lr)
@@ -555,15 +577,37 @@ def _spherical_sgd(params, grads, row_states, steps, priors, *, lr, kappa, beta,
         if launch_cache is None:
             launch_cache = cache["launch"] = LaunchCache()
         fused_spherical_sgd(
-            params, grads, row_states, steps, priors,
-            lr=lr, kappa=kappa, beta=beta, eps=eps, normalize=normalize,
-            grad_scale=grad_scale, found_inf=found_inf, cache=launch_cache, device_memo=memo,
+            params,
+            grads,
+            row_states,
+            steps,
+            priors,
+            lr=lr,
+            kappa=kappa,
+            beta=beta,
+            eps=eps,
+            normalize=normalize,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            cache=launch_cache,
+            device_memo=memo,
         )
     else:
         _vectorized_spherical_sgd(
-            params, grads, row_states, steps, priors,
-            lr=lr, kappa=kappa, beta=beta, eps=eps, normalize=normalize,
-            grad_scale=grad_scale, found_inf=found_inf, cache=cache, memo=memo,
+            params,
+            grads,
+            row_states,
+            steps,
+            priors,
+            lr=lr,
+            kappa=kappa,
+            beta=beta,
+            eps=eps,
+            normalize=normalize,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            cache=cache,
+            memo=memo,
         )
     if found_inf is not None:
         # A skipped step does not count (as torch's fused optimizers do). GradScaler's
@@ -680,8 +724,12 @@ def _plan(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], cache: 
     plan = cache.get(key)
     signature = _signature(params)
     run_elements = _cpu_run_elements()
-    if (plan is not None and plan.run_elements == run_elements and plan.signature == signature
-            and all(a is b for a, b in zip(plan.params, params))):
+    if (
+        plan is not None
+        and plan.run_elements == run_elements
+        and plan.signature == signature
+        and all(a is b for a, b in zip(plan.params, params))
+    ):
         return plan
     groups: dict[tuple, list[int]] = {}
     for i, (p, g) in enumerate(zip(params, grads)):
@@ -754,15 +802,22 @@ def _vectorized_spherical_sgd(
         device, dim = bucket.device, bucket.dim
         scale = device_copy(grad_scale, device, memo)
         inf = device_copy(found_inf, device, memo)
-        hyper = dict(lr=lr, kappa=kappa, beta=beta, eps=eps, normalize=normalize,
-                     inv_scale=scale.reciprocal().to(torch.float32) if scale is not None else None,
-                     skip=inf.reshape(()) > 0 if inf is not None else None)
+        hyper = dict(
+            lr=lr,
+            kappa=kappa,
+            beta=beta,
+            eps=eps,
+            normalize=normalize,
+            inv_scale=scale.reciprocal().to(torch.float32) if scale is not None else None,
+            skip=inf.reshape(()) > 0 if inf is not None else None,
+        )
         limit = max(1, _CPU_BLOCK_ELEMENTS // dim) if device.type == "cpu" else None
         for run in bucket.runs:
             if len(run.idx) == 1:
                 i = run.idx[0]
-                _step_one_param(params[i], grads[i], row_states[i], steps[i],
-                                priors[i] if use_prior else None, dim, limit, hyper)
+                _step_one_param(
+                    params[i], grads[i], row_states[i], steps[i], priors[i] if use_prior else None, dim, limit, hyper
+                )
                 continue
             targets = [params[i] for i in run.idx]
             states = [row_states[i] for i in run.idx]
@@ -781,12 +836,21 @@ def _vectorized_spherical_sgd(
             mu = _packed_prior([priors[i] for i in run.idx], dim, cache) if use_prior else None
             t_rows = None
             if uses_s:
-                t_rows = torch.repeat_interleave(torch.stack([steps[i] for i in run.idx]), run.row_counts,
-                                                 output_size=v.shape[0])
+                t_rows = torch.repeat_interleave(
+                    torch.stack([steps[i] for i in run.idx]), run.row_counts, output_size=v.shape[0]
+                )
             # Packed state (the optimizer's own): s is written in place, in one op.
             s_span = _span(states, cache, "s") if normalize else None
-            _, s_new = _update_rows(v, g, s_old, mu, t_rows, **hyper, out=bucket.out[:n],
-                                    s_out=s_span if s_span is not None else bucket.s_out[:n])
+            _, s_new = _update_rows(
+                v,
+                g,
+                s_old,
+                mu,
+                t_rows,
+                **hyper,
+                out=bucket.out[:n],
+                s_out=s_span if s_span is not None else bucket.s_out[:n],
+            )
             torch._foreach_copy_(targets, run.out_views)
             if s_new is not None and s_span is None:
                 torch._foreach_copy_(states, run.s_views)
@@ -821,8 +885,9 @@ def _step_one_param(p, grad, s, step, mu, dim: int, limit: int | None, hyper: di
     mu_all = mu.reshape(-1, dim) if mu is not None else None
     t_rows = step if (hyper["normalize"] and hyper["beta"] != 0.0) else None
     for a, b in blocks:
-        new_v, s_new = _update_rows(v_all[a:b], g_all[a:b], s_all[a:b], mu_all[a:b] if mu is not None else None,
-                                    t_rows, **hyper)
+        new_v, s_new = _update_rows(
+            v_all[a:b], g_all[a:b], s_all[a:b], mu_all[a:b] if mu is not None else None, t_rows, **hyper
+        )
         if p.is_contiguous():
             v_all[a:b].copy_(new_v)
         else:

@@ -10,7 +10,7 @@ output is the same on every machine. Every function returns a ``PIL.Image``.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 __all__ = ["image_grid", "image_strip", "line_plot", "scatter_plot", "norm_histogram", "PALETTE"]
 
@@ -40,7 +40,7 @@ def _fit(draw, text: str, font, width: float) -> str:
     return text + "..."
 
 
-def _tile(im, min_tile: Optional[int], max_tile: Optional[int]):
+def _tile(im, min_tile: int | None, max_tile: int | None):
     """``im`` scaled so its longer side is at most ``max_tile`` and its shorter side at least ``min_tile``."""
     from PIL import Image
 
@@ -54,8 +54,14 @@ def _tile(im, min_tile: Optional[int], max_tile: Optional[int]):
     return im
 
 
-def image_grid(images: Sequence, columns: int, labels: Optional[Sequence[str]] = None, label_size: int = 11,
-               min_tile: Optional[int] = None, max_tile: Optional[int] = None):
+def image_grid(
+    images: Sequence,
+    columns: int,
+    labels: Sequence[str] | None = None,
+    label_size: int = 11,
+    min_tile: int | None = None,
+    max_tile: int | None = None,
+):
     """Tiles in rows of ``columns``; ``labels`` (one per tile) are written under each tile.
 
     Tiles are scaled to at most ``max_tile`` px (longer side) and at least ``min_tile`` px
@@ -82,8 +88,13 @@ def image_grid(images: Sequence, columns: int, labels: Optional[Sequence[str]] =
     return sheet
 
 
-def image_strip(images: Sequence, labels: Optional[Sequence[str]] = None, title: Optional[str] = None,
-                min_tile: int = 128, max_tile: int = 384):
+def image_strip(
+    images: Sequence,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+    min_tile: int = 128,
+    max_tile: int = 384,
+):
     """One row of images (scaled to ``min_tile``..``max_tile`` px) with labels and a title."""
     from PIL import Image, ImageDraw
 
@@ -157,7 +168,7 @@ class _Axes:
         d = self.draw
         d.rectangle([self.left, self.top, self.right, self.bottom], outline="black")
         if self.xlog:
-            xt = [10.0 ** e for e in range(math.floor(self.x0), math.ceil(self.x1) + 1)]
+            xt = [10.0**e for e in range(math.floor(self.x0), math.ceil(self.x1) + 1)]
             for base in list(xt):
                 xt += [base * 2, base * 5]
             xt = sorted(v for v in xt if self.x0 <= math.log10(v) <= self.x1)
@@ -169,7 +180,7 @@ class _Axes:
             label = _fmt(v)
             d.text((x - _text_width(d, label, self.small) / 2, self.bottom + 6), label, fill="black", font=self.small)
         for v in _nice_ticks(self.y0, self.y1):
-            _, y = self.px(self.x0 if not self.xlog else 10 ** self.x0, v)
+            _, y = self.px(self.x0 if not self.xlog else 10**self.x0, v)
             d.line([self.left - 4, y, self.left, y], fill="black")
             label = _fmt(v)
             d.text((self.left - 6 - _text_width(d, label, self.small), y - 6), label, fill="black", font=self.small)
@@ -240,9 +251,17 @@ def scatter_plot(series: dict[str, dict], title: str = "", xlabel: str = "", yla
     return ax.im
 
 
-def line_plot(series: dict[str, Sequence[tuple[float, float]]], title: str = "", xlabel: str = "", ylabel: str = "",
-              size=(640, 400)):
-    """Lines of named series ``{name: [(x, y), ...]}`` (e.g. a loss per concept over steps); non-finite points skipped."""
+def line_plot(
+    series: dict[str, Sequence[tuple[float, float]]],
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    size=(640, 400),
+):
+    """Lines of named series ``{name: [(x, y), ...]}`` (e.g. a loss per concept over steps).
+
+    Non-finite points are skipped.
+    """
     ax = _Axes(size=size, title=title, xlabel=xlabel, ylabel=ylabel)
     clean = {name: [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y)] for name, pts in series.items()}
     xs = [x for pts in clean.values() for x, _ in pts] or [0.0, 1.0]
@@ -262,8 +281,14 @@ def line_plot(series: dict[str, Sequence[tuple[float, float]]], title: str = "",
     return ax.im
 
 
-def norm_histogram(vocab_norms: Sequence[float], marks: dict[str, Sequence[float]], reference: Optional[float] = None,
-                   title: str = "", bins: int = 60, size=(640, 400)):
+def norm_histogram(
+    vocab_norms: Sequence[float],
+    marks: dict[str, Sequence[float]],
+    reference: float | None = None,
+    title: str = "",
+    bins: int = 60,
+    size=(640, 400),
+):
     """Histogram of the vocabulary's row norms (log10 x axis) with the learned norms of each series as ticks.
 
     ``marks`` maps a series name (method) to its learned vector norms; each is drawn as a coloured
@@ -283,8 +308,13 @@ def norm_histogram(vocab_norms: Sequence[float], marks: dict[str, Sequence[float
         counts[min(max(k, 0), bins - 1)] += 1
     top = max(counts)
     n_rows = max(1, len(marks))
-    ax = _Axes(size=(size[0], size[1] + 14 * n_rows), margin=(70, 30, 40, 55 + 14 * n_rows), title=title,
-               xlabel="L2 norm (log scale)", ylabel="vocabulary rows")
+    ax = _Axes(
+        size=(size[0], size[1] + 14 * n_rows),
+        margin=(70, 30, 40, 55 + 14 * n_rows),
+        title=title,
+        xlabel="L2 norm (log scale)",
+        ylabel="vocabulary rows",
+    )
     ax.set_limits(lo, hi, 0, top * 1.1, xlog=True)
     d = ax.draw
     for k, c in enumerate(counts):

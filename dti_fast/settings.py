@@ -23,9 +23,30 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "Kind", "INT", "POSITIVE_INT", "NONNEG_FLOAT", "POSITIVE_FLOAT", "UNIT_INTERVAL", "FLOAT", "BOOL", "TEXT", "PATH",
-    "TEXTS", "INTS", "choice", "optional", "either", "literal", "setting", "spec", "add_arguments", "from_mapping",
-    "check_fields", "fingerprint_fields", "argparse_type", "flag_values",
+    "Kind",
+    "INT",
+    "POSITIVE_INT",
+    "NONNEG_FLOAT",
+    "POSITIVE_FLOAT",
+    "UNIT_INTERVAL",
+    "FLOAT",
+    "BOOL",
+    "TEXT",
+    "PATH",
+    "TEXTS",
+    "INTS",
+    "choice",
+    "optional",
+    "either",
+    "literal",
+    "setting",
+    "spec",
+    "add_arguments",
+    "from_mapping",
+    "check_fields",
+    "fingerprint_fields",
+    "argparse_type",
+    "flag_values",
 ]
 
 
@@ -62,7 +83,7 @@ def _integer(minimum: int | None, describe: str) -> Kind:
             raise ValueError(f"must be an integer, got {value!r}")
         if minimum is not None and value < minimum:
             raise _expected(describe, value)
-        if abs(value) >= 2 ** 63:  # seeds and counts go to torch as 64-bit integers
+        if abs(value) >= 2**63:  # seeds and counts go to torch as 64-bit integers
             raise ValueError(f"must be below 2**63, got {value}")
         return value
 
@@ -254,18 +275,24 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Iterable[str
         elif s.action == "false":
             target.add_argument(flag, dest=f.name, action="store_const", const=False, help=help_text)
         elif s.action == "optional_bool":
-            target.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            target.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif s.action == "append":
-            target.add_argument(flag, dest=f.name, action="append", default=[], help=help_text,
-                                type=argparse_type(s.kind, flag))
+            target.add_argument(
+                flag, dest=f.name, action="append", default=[], help=help_text, type=argparse_type(s.kind, flag)
+            )
         else:
-            target.add_argument(flag, dest=f.name, type=argparse_type(s.kind, flag), help=help_text,
-                                metavar=("{" + ",".join(map(str, s.kind.choices)) + "}") if s.kind.choices else None)
+            target.add_argument(
+                flag,
+                dest=f.name,
+                type=argparse_type(s.kind, flag),
+                help=help_text,
+                metavar=("{" + ",".join(map(str, s.kind.choices)) + "}") if s.kind.choices else None,
+            )
 
 
 def argparse_type(kind: Kind, flag: str = "") -> Callable[[str], Any]:
     """An argparse ``type=`` that reads a flag's text with ``kind`` and reports what was expected."""
+
     def parse(text: str) -> Any:
         try:
             value = kind(text, from_text=True)
@@ -289,8 +316,9 @@ def flag_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return out
 
 
-def from_mapping(cls: type, raw: Mapping[str, Any], where: str, base: Path | None = None,
-                 skip: Sequence[str] = ()) -> dict[str, Any]:
+def from_mapping(
+    cls: type, raw: Mapping[str, Any], where: str, base: Path | None = None, skip: Sequence[str] = ()
+) -> dict[str, Any]:
     """Check a job file's keys against the settings of ``cls``; returns keyword arguments.
 
     Raises ValueError naming ``where``, the key and what it must be. Relative

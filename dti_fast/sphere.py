@@ -10,7 +10,6 @@ See ``docs`` in the README and arXiv 2512.13672 for the method.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
 
 import torch
 
@@ -88,7 +87,7 @@ def project_to_sphere_(x: torch.Tensor, name: str = "tensor") -> torch.Tensor:
 def slerp(
     a: torch.Tensor,
     b: torch.Tensor,
-    t: Union[float, torch.Tensor],
+    t: float | torch.Tensor,
     *,
     linear_threshold: float = SLERP_LINEAR_THRESHOLD,
     antipodal_threshold: float = SLERP_ANTIPODAL_THRESHOLD,
@@ -128,7 +127,7 @@ def slerp(
     return retract(out).to(out_dtype)
 
 
-def norm_scale(weight: Union[torch.Tensor, float], stat: Union[str, float] = "mean") -> float:
+def norm_scale(weight: torch.Tensor | float, stat: str | float = "mean") -> float:
     """The fixed magnitude m* of learned vectors for an embedding table.
 
     ``stat`` is "mean" (default), "min" or "max" of the L2 norms of the table's
@@ -158,11 +157,11 @@ def spherical_sgd_step_reference(
     *,
     lr: float,
     kappa: float = 0.0,
-    mu: Optional[torch.Tensor] = None,
+    mu: torch.Tensor | None = None,
     beta: float = 0.0,
     eps: float = 1e-8,
     normalize: bool = True,
-    grad_scale: Optional[float] = None,
+    grad_scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SphericalSGD step on the rows of ``v``, written line by line from the method.
 

@@ -33,10 +33,11 @@ import math
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -83,22 +84,30 @@ class Subject:
     live: bool
 
 
-def load_subjects(data_dir: Path, subjects_file: Optional[Path] = None, names: Optional[Sequence[str]] = None) -> list[Subject]:
+def load_subjects(
+    data_dir: Path, subjects_file: Path | None = None, names: Sequence[str] | None = None
+) -> list[Subject]:
     """Subjects of ``subjects_file`` (``{"subjects": {name: {"class", "initialization"}}}``) found in ``data_dir``."""
     subjects_file = Path(subjects_file) if subjects_file else default_subjects_file()
     data = _read_json(subjects_file, "subjects file")
     table = data.get("subjects") if isinstance(data, dict) else None
     if not isinstance(table, dict) or not table:
-        raise ValueError(f"subjects file {subjects_file} has no \"subjects\" table of {{name: {{class, initialization}}}}")
+        raise ValueError(
+            f'subjects file {subjects_file} has no "subjects" table of {{name: {{class, initialization}}}}'
+        )
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"data folder {data_dir} does not exist; pass a DreamBooth-layout folder "
-                                "(one sub-folder of photos per subject)")
+        raise FileNotFoundError(
+            f"data folder {data_dir} does not exist; pass a DreamBooth-layout folder "
+            "(one sub-folder of photos per subject)"
+        )
     if names:
         unknown = [n for n in names if n not in table]
         if unknown:
-            raise ValueError(f"subject(s) {', '.join(unknown)} are not in {subjects_file}; add them there (class, "
-                             "initialization) or pass --subjects-file")
+            raise ValueError(
+                f"subject(s) {', '.join(unknown)} are not in {subjects_file}; add them there (class, "
+                "initialization) or pass --subjects-file"
+            )
         chosen = list(dict.fromkeys(names))
         absent = [n for n in chosen if not (data_dir / n).is_dir()]
         if absent:
@@ -106,25 +115,29 @@ def load_subjects(data_dir: Path, subjects_file: Optional[Path] = None, names: O
     else:
         chosen = [n for n in sorted(table) if (data_dir / n).is_dir()]
         if not chosen:
-            raise ValueError(f"none of the {len(table)} subjects of {subjects_file} has a folder in {data_dir}; pass "
-                             "the DreamBooth dataset folder (dataset/<subject>/*.jpg)")
+            raise ValueError(
+                f"none of the {len(table)} subjects of {subjects_file} has a folder in {data_dir}; pass "
+                "the DreamBooth dataset folder (dataset/<subject>/*.jpg)"
+            )
     out = []
     for n in chosen:
         entry = table[n]
         if not isinstance(entry, dict) or not entry.get("class") or not entry.get("initialization"):
-            raise ValueError(f"subject {n!r} in {subjects_file} needs \"class\" and \"initialization\"")
+            raise ValueError(f'subject {n!r} in {subjects_file} needs "class" and "initialization"')
         live = entry.get("kind", "live" if entry["class"] in LIVE_CLASSES else "object") == "live"
         out.append(Subject(n, entry["class"], entry["initialization"], data_dir / n, live))
     return out
 
 
-def prompt_sets(prompts_file: Optional[Path] = None, prompt_set: str = "simple") -> dict[str, list[str]]:
+def prompt_sets(prompts_file: Path | None = None, prompt_set: str = "simple") -> dict[str, list[str]]:
     """``{"object": [...], "live": [...]}`` of a prompt set of the prompts file."""
     prompts_file = Path(prompts_file) if prompts_file else default_prompts_file()
     data = _read_json(prompts_file, "prompts file")
     sets = data.get("prompt_sets", {}) if isinstance(data, dict) else {}
     if prompt_set not in sets:
-        raise ValueError(f"prompt set {prompt_set!r} is not in {prompts_file} (has: {', '.join(sorted(sets)) or 'none'})")
+        raise ValueError(
+            f"prompt set {prompt_set!r} is not in {prompts_file} (has: {', '.join(sorted(sets)) or 'none'})"
+        )
     entry = sets[prompt_set]
     out = {"object": list(entry.get("object_prompts", [])), "live": list(entry.get("live_prompts", []))}
     for kind, plist in out.items():
@@ -182,68 +195,124 @@ _SCHEDULERS = S.choice("auto", "model", "ddim", "euler", "dpm", "pndm")
 class SuiteConfig:
     """One benchmark run. Defaults follow the paper's protocol (SDXL: resolution 768)."""
 
-    output_dir: Path = S.setting(Path("dti-suite"), kind=S.PATH, flag="--output", help="output folder",
-                                 default_text="default ./dti-suite")
-    model: str | None = S.setting(None, kind=S.optional(S.TEXT), help="diffusers SD 1.x/2.x or SDXL folder or hub id "
-                                  "(required without --quick)")
-    data_dir: Path | None = S.setting(None, kind=S.optional(S.PATH), flag="--data",
-                                      help="DreamBooth-layout folder, one sub-folder of photos per subject "
-                                      "(required without --quick)")
-    subjects_file: Path | None = S.setting(None, kind=S.optional(S.PATH),
-                                           help='JSON {"subjects": {name: {"class", "initialization"}}}',
-                                           default_text="default: the shipped DreamBooth list of 30 subjects")
-    subjects: list[str] | None = S.setting(None, kind=S.optional(S.TEXTS), flag="--subject", action="append",
-                                           help="run only this subject; repeatable",
-                                           default_text="default: every subject of the list with a folder in --data")
-    methods: list[str] = S.setting(kind=_comma_list(*SUITE_METHODS), default_factory=lambda: list(SUITE_METHODS),
-                                   help="comma-separated subset of dti, ti, ti-rescaled (ti-rescaled reuses ti's "
-                                   "training)", default_text="default all three")
-    steps: int = S.setting(400, kind=S.POSITIVE_INT, help="training steps per subject",
-                           default_text="default 400; --quick 20")
+    output_dir: Path = S.setting(
+        Path("dti-suite"), kind=S.PATH, flag="--output", help="output folder", default_text="default ./dti-suite"
+    )
+    model: str | None = S.setting(
+        None, kind=S.optional(S.TEXT), help="diffusers SD 1.x/2.x or SDXL folder or hub id (required without --quick)"
+    )
+    data_dir: Path | None = S.setting(
+        None,
+        kind=S.optional(S.PATH),
+        flag="--data",
+        help="DreamBooth-layout folder, one sub-folder of photos per subject (required without --quick)",
+    )
+    subjects_file: Path | None = S.setting(
+        None,
+        kind=S.optional(S.PATH),
+        help='JSON {"subjects": {name: {"class", "initialization"}}}',
+        default_text="default: the shipped DreamBooth list of 30 subjects",
+    )
+    subjects: list[str] | None = S.setting(
+        None,
+        kind=S.optional(S.TEXTS),
+        flag="--subject",
+        action="append",
+        help="run only this subject; repeatable",
+        default_text="default: every subject of the list with a folder in --data",
+    )
+    methods: list[str] = S.setting(
+        kind=_comma_list(*SUITE_METHODS),
+        default_factory=lambda: list(SUITE_METHODS),
+        help="comma-separated subset of dti, ti, ti-rescaled (ti-rescaled reuses ti's training)",
+        default_text="default all three",
+    )
+    steps: int = S.setting(
+        400, kind=S.POSITIVE_INT, help="training steps per subject", default_text="default 400; --quick 20"
+    )
     batch_size: int = S.setting(4, kind=S.POSITIVE_INT, help="training images per subject per step")
-    max_batch: int | None = S.setting(16, kind=S.optional(S.INT), help="most training images per forward pass, "
-                                      "subjects take turns (0 = every subject every step)")
-    resolution: int | None = S.setting(None, kind=S.optional(S.POSITIVE_INT), help="training resolution",
-                                       default_text="default: 768 for SDXL, else the model's native size")
+    max_batch: int | None = S.setting(
+        16,
+        kind=S.optional(S.INT),
+        help="most training images per forward pass, subjects take turns (0 = every subject every step)",
+    )
+    resolution: int | None = S.setting(
+        None,
+        kind=S.optional(S.POSITIVE_INT),
+        help="training resolution",
+        default_text="default: 768 for SDXL, else the model's native size",
+    )
     seed: int = S.setting(0, kind=S.INT, help="training seed")
-    prompt_set: str = S.setting("simple", kind=S.TEXT, help="prompt set of the prompts file: simple, complex_lv1, "
-                                "complex_lv2")
-    prompts_file: Path | None = S.setting(None, kind=S.optional(S.PATH), help="prompts JSON",
-                                          default_text="default: the shipped eval_prompts.json")
-    max_prompts: int | None = S.setting(None, kind=S.optional(S.POSITIVE_INT),
-                                        help="use only the first N prompts of each kind", default_text="default all")
-    seeds: list[int] = S.setting(kind=INT_LIST, default_factory=lambda: [0, 1, 2, 3],
-                                 help="generation seeds, e.g. 0-3", default_text="default 0,1,2,3; --quick 0")
-    inference_steps: int = S.setting(50, kind=S.POSITIVE_INT, help="denoising steps",
-                                     default_text="default 50; --quick 10")
+    prompt_set: str = S.setting(
+        "simple", kind=S.TEXT, help="prompt set of the prompts file: simple, complex_lv1, complex_lv2"
+    )
+    prompts_file: Path | None = S.setting(
+        None, kind=S.optional(S.PATH), help="prompts JSON", default_text="default: the shipped eval_prompts.json"
+    )
+    max_prompts: int | None = S.setting(
+        None,
+        kind=S.optional(S.POSITIVE_INT),
+        help="use only the first N prompts of each kind",
+        default_text="default all",
+    )
+    seeds: list[int] = S.setting(
+        kind=INT_LIST,
+        default_factory=lambda: [0, 1, 2, 3],
+        help="generation seeds, e.g. 0-3",
+        default_text="default 0,1,2,3; --quick 0",
+    )
+    inference_steps: int = S.setting(
+        50, kind=S.POSITIVE_INT, help="denoising steps", default_text="default 50; --quick 10"
+    )
     guidance: float = S.setting(7.5, kind=S.FLOAT, help="classifier-free guidance scale")
     gen_batch_size: int = S.setting(8, kind=S.POSITIVE_INT, help="images per pipeline call")
-    scheduler: str = S.setting("auto", kind=_SCHEDULERS, help="sampler: auto = the model's, DDIM instead of a "
-                               "training DDPM scheduler")
-    masks_dir: Path | None = S.setting(None, kind=S.optional(S.PATH), flag="--masks",
-                                       help="reference masks for the Image metric: <masks>/<subject>/<photo stem>.png, "
-                                       "white = subject", default_text="default: unmasked references")
-    dino_model: str | None = S.setting(None, kind=S.optional(S.TEXT), help="DINOv2 id or folder",
-                                       default_text="default facebook/dinov2-base")
-    siglip_model: str | None = S.setting(None, kind=S.optional(S.TEXT), help="SigLIP id or folder",
-                                         default_text="default google/siglip-base-patch16-512")
-    clip_model: str | None = S.setting(None, kind=S.optional(S.TEXT), help="CLIP id or folder",
-                                       default_text="default openai/clip-vit-base-patch32")
-    metrics: list[str] = S.setting(kind=_comma_list("image", "text", "clip_i", "clip_t"),
-                                   default_factory=lambda: ["image", "text", "clip_i", "clip_t"],
-                                   help="comma-separated subset of image, text, clip_i, clip_t",
-                                   default_text="default all")
-    device: str = S.setting("auto", kind=S.TEXT, help="torch device", default_text="default: cuda if available, "
-                            "else cpu")
-    precision: str = S.setting("auto", kind=S.choice("auto", "fp32", "bf16"),
-                               help="training and generation precision: auto = bf16 on a GPU, fp32 on a CPU")
-    slerp_pair: tuple[str, str] | None = S.setting(None, kind=S.optional(PAIR), help="two subjects A,B for the "
-                                                   "slerp strip", default_text="default: the first two with the same "
-                                                   "number of vectors")
+    scheduler: str = S.setting(
+        "auto", kind=_SCHEDULERS, help="sampler: auto = the model's, DDIM instead of a training DDPM scheduler"
+    )
+    masks_dir: Path | None = S.setting(
+        None,
+        kind=S.optional(S.PATH),
+        flag="--masks",
+        help="reference masks for the Image metric: <masks>/<subject>/<photo stem>.png, white = subject",
+        default_text="default: unmasked references",
+    )
+    dino_model: str | None = S.setting(
+        None, kind=S.optional(S.TEXT), help="DINOv2 id or folder", default_text="default facebook/dinov2-base"
+    )
+    siglip_model: str | None = S.setting(
+        None, kind=S.optional(S.TEXT), help="SigLIP id or folder", default_text="default google/siglip-base-patch16-512"
+    )
+    clip_model: str | None = S.setting(
+        None, kind=S.optional(S.TEXT), help="CLIP id or folder", default_text="default openai/clip-vit-base-patch32"
+    )
+    metrics: list[str] = S.setting(
+        kind=_comma_list("image", "text", "clip_i", "clip_t"),
+        default_factory=lambda: ["image", "text", "clip_i", "clip_t"],
+        help="comma-separated subset of image, text, clip_i, clip_t",
+        default_text="default all",
+    )
+    device: str = S.setting(
+        "auto", kind=S.TEXT, help="torch device", default_text="default: cuda if available, else cpu"
+    )
+    precision: str = S.setting(
+        "auto",
+        kind=S.choice("auto", "fp32", "bf16"),
+        help="training and generation precision: auto = bf16 on a GPU, fp32 on a CPU",
+    )
+    slerp_pair: tuple[str, str] | None = S.setting(
+        None,
+        kind=S.optional(PAIR),
+        help="two subjects A,B for the slerp strip",
+        default_text="default: the first two with the same number of vectors",
+    )
     slerp_steps: int = S.setting(5, kind=S.POSITIVE_INT, help="t values in the slerp strip")
-    quick: bool = S.setting(False, kind=S.BOOL, action="true",
-                            help="smoke test: tiny SD model, shipped dreambooth_mini, 20 steps, resolution 64, 3 "
-                            "prompts, 1 seed, tiny random-weight metric models (numbers mean nothing)")
+    quick: bool = S.setting(
+        False,
+        kind=S.BOOL,
+        action="true",
+        help="smoke test: tiny SD model, shipped dreambooth_mini, 20 steps, resolution 64, 3 "
+        "prompts, 1 seed, tiny random-weight metric models (numbers mean nothing)",
+    )
     force: bool = S.setting(False, kind=S.BOOL, action="true", help="ignore the state file and redo every stage")
     progress: bool = S.setting(True, kind=S.BOOL, flag="--no-progress", action="false", help="no progress output")
 
@@ -257,8 +326,16 @@ class SuiteConfig:
             self.model = str(tiny_model_path("sd"))
         if self.data_dir is None:
             self.data_dir = demo_images_dir()
-        for name, value in (("steps", 20), ("batch_size", 1), ("max_batch", None), ("resolution", 64),
-                            ("max_prompts", 3), ("seeds", [0]), ("inference_steps", 10), ("gen_batch_size", 16)):
+        for name, value in (
+            ("steps", 20),
+            ("batch_size", 1),
+            ("max_batch", None),
+            ("resolution", 64),
+            ("max_prompts", 3),
+            ("seeds", [0]),
+            ("inference_steps", 10),
+            ("gen_batch_size", 16),
+        ):
             if getattr(self, name) == getattr(defaults, name):
                 setattr(self, name, value)
         if not (self.dino_model and self.siglip_model and self.clip_model):
@@ -278,8 +355,10 @@ class SuiteConfig:
         if self.slerp_steps < 2:
             raise ValueError("slerp_steps must be at least 2")
         if self.masks_dir is not None and not Path(self.masks_dir).is_dir():
-            raise FileNotFoundError(f"masks folder {self.masks_dir} does not exist (layout: <masks>/<subject>/<photo "
-                                    "stem>.png, white = subject)")
+            raise FileNotFoundError(
+                f"masks folder {self.masks_dir} does not exist (layout: <masks>/<subject>/<photo "
+                "stem>.png, white = subject)"
+            )
 
 
 @dataclass
@@ -318,7 +397,7 @@ class _State:
         entry = self.data["stages"].get(stage)
         return bool(entry and entry.get("done") and entry.get("fingerprint") == fingerprint)
 
-    def previous(self, stage: str) -> Optional[str]:
+    def previous(self, stage: str) -> str | None:
         entry = self.data["stages"].get(stage)
         return entry.get("fingerprint") if entry else None
 
@@ -330,7 +409,7 @@ class _State:
         self.data["stages"][stage] = {"fingerprint": fingerprint, "done": True, "seconds": round(seconds, 3), **extra}
         self.save()
 
-    def seconds(self, stage: str) -> Optional[float]:
+    def seconds(self, stage: str) -> float | None:
         return self.data["stages"].get(stage, {}).get("seconds")
 
     def save(self) -> None:
@@ -371,7 +450,9 @@ class _Run:
 
         kw = {"local_files_only": True} if self.resolved.local else dict(self.resolved.hub_kwargs)
         unet = UNet2DConditionModel.load_config(self.resolved.source, subfolder="unet", **kw)
-        vae = json.loads((Path(self.resolved.source) / "vae" / "config.json").read_text()) if self.resolved.local else {}
+        vae = (
+            json.loads((Path(self.resolved.source) / "vae" / "config.json").read_text()) if self.resolved.local else {}
+        )
         factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
         size = unet.get("sample_size", 64)
         size = size[0] if isinstance(size, (list, tuple)) else size
@@ -381,16 +462,22 @@ class _Run:
         if self._pipe is None:
             from .generate import load_pipeline
 
-            self._pipe = load_pipeline(self.cfg.model, device=self.cfg.device, dtype=self.cfg.precision,
-                                       scheduler=self.cfg.scheduler)
+            self._pipe = load_pipeline(
+                self.cfg.model, device=self.cfg.device, dtype=self.cfg.precision, scheduler=self.cfg.scheduler
+            )
         return self._pipe
 
     def evaluator(self):
         if self._evaluator is None:
             from .evaluate import Evaluator
 
-            self._evaluator = Evaluator(dino=self.cfg.dino_model, siglip=self.cfg.siglip_model, clip=self.cfg.clip_model,
-                                        device=self.cfg.device, metrics=list(self.cfg.metrics))
+            self._evaluator = Evaluator(
+                dino=self.cfg.dino_model,
+                siglip=self.cfg.siglip_model,
+                clip=self.cfg.clip_model,
+                device=self.cfg.device,
+                metrics=list(self.cfg.metrics),
+            )
         return self._evaluator
 
     @staticmethod
@@ -420,23 +507,54 @@ class _Run:
 
     def train_fp(self, method: str) -> str:
         c = self.cfg
-        return _hash({
-            "method": self.train_method(method), "model": c.model, "steps": c.steps, "batch_size": c.batch_size,
-            "max_batch": c.max_batch, "resolution": self.resolution, "seed": c.seed, "precision": c.precision,
-            "subjects": [(s.name, s.init, s.class_noun, str(s.images),
-                          sorted(p.name for p in s.images.iterdir() if p.is_file())) for s in self.subjects],
-        })
+        return _hash(
+            {
+                "method": self.train_method(method),
+                "model": c.model,
+                "steps": c.steps,
+                "batch_size": c.batch_size,
+                "max_batch": c.max_batch,
+                "resolution": self.resolution,
+                "seed": c.seed,
+                "precision": c.precision,
+                "subjects": [
+                    (
+                        s.name,
+                        s.init,
+                        s.class_noun,
+                        str(s.images),
+                        sorted(p.name for p in s.images.iterdir() if p.is_file()),
+                    )
+                    for s in self.subjects
+                ],
+            }
+        )
 
     def generate_fp(self, method: str) -> str:
         c = self.cfg
-        return _hash({"train": self.train_fp(method), "method": method, "prompts": self.prompts, "seeds": c.seeds,
-                      "inference_steps": c.inference_steps, "guidance": c.guidance, "scheduler": c.scheduler,
-                      "precision": c.precision})
+        return _hash(
+            {
+                "train": self.train_fp(method),
+                "method": method,
+                "prompts": self.prompts,
+                "seeds": c.seeds,
+                "inference_steps": c.inference_steps,
+                "guidance": c.guidance,
+                "scheduler": c.scheduler,
+                "precision": c.precision,
+            }
+        )
 
     def score_fp(self, method: str) -> str:
         c = self.cfg
-        return _hash({"generate": self.generate_fp(method), "models": [c.dino_model, c.siglip_model, c.clip_model],
-                      "metrics": c.metrics, "masks": str(c.masks_dir) if c.masks_dir else None})
+        return _hash(
+            {
+                "generate": self.generate_fp(method),
+                "models": [c.dino_model, c.siglip_model, c.clip_model],
+                "metrics": c.metrics,
+                "masks": str(c.masks_dir) if c.masks_dir else None,
+            }
+        )
 
     # -- stages ----------------------------------------------------------------------------
 
@@ -455,14 +573,29 @@ class _Run:
             if changed and folder.exists():
                 shutil.rmtree(folder)  # settings changed: the old checkpoints belong to another job
             cfg = TrainConfig(
-                model=str(c.model), output_dir=folder,
-                concepts=[Concept(name=s.name, images=s.images, init=s.init, class_noun=s.class_noun) for s in self.subjects],
-                method=tm, steps=c.steps, batch_size=c.batch_size, max_batch=max_batch, resolution=self.resolution,
-                seed=c.seed, precision=c.precision, device=c.device, export_ti_rescaled=(tm == "ti"), resume=True,
-                checkpoint_every=max(1, min(100, c.steps)), progress=c.progress,
+                model=str(c.model),
+                output_dir=folder,
+                concepts=[
+                    Concept(name=s.name, images=s.images, init=s.init, class_noun=s.class_noun) for s in self.subjects
+                ],
+                method=tm,
+                steps=c.steps,
+                batch_size=c.batch_size,
+                max_batch=max_batch,
+                resolution=self.resolution,
+                seed=c.seed,
+                precision=c.precision,
+                device=c.device,
+                export_ti_rescaled=(tm == "ti"),
+                resume=True,
+                checkpoint_every=max(1, min(100, c.steps)),
+                progress=c.progress,
             )
             result = train(cfg)
-            return {"train_seconds": round(result.seconds, 3), "samples_per_second": round(result.samples_per_second, 2)}
+            return {
+                "train_seconds": round(result.seconds, 3),
+                "samples_per_second": round(result.samples_per_second, 2),
+            }
 
         exist = all((folder / s.name / "concept.json").is_file() for s in self.subjects)
         self._stage(f"train:{tm}", self.train_fp(method), exist, work)
@@ -478,8 +611,17 @@ class _Run:
             if changed and folder.exists():
                 shutil.rmtree(folder)
             concepts = [read_concept(self.concept_dir(method, s.name)) for s in self.subjects]
-            res = generate(None, concepts, self.prompts, folder, seeds=c.seeds, steps=c.inference_steps,
-                           guidance=c.guidance, batch_size=c.gen_batch_size, pipe=self.pipe())
+            res = generate(
+                None,
+                concepts,
+                self.prompts,
+                folder,
+                seeds=c.seeds,
+                steps=c.inference_steps,
+                guidance=c.guidance,
+                batch_size=c.gen_batch_size,
+                pipe=self.pipe(),
+            )
             return {"images": len(res.records), "generated": res.generated}
 
         exist = (folder / "images.json").is_file()
@@ -515,18 +657,35 @@ class _Run:
             if not any(self.train_method(m) == tm for m in self.cfg.methods):
                 continue
             folder = self.out / "slerp" / tm
-            fp = _hash({"train": self.train_fp(tm), "pair": pair, "steps": self.cfg.slerp_steps, "seed": self.cfg.seed,
-                        "inference_steps": self.cfg.inference_steps, "guidance": self.cfg.guidance})
+            fp = _hash(
+                {
+                    "train": self.train_fp(tm),
+                    "pair": pair,
+                    "steps": self.cfg.slerp_steps,
+                    "seed": self.cfg.seed,
+                    "inference_steps": self.cfg.inference_steps,
+                    "guidance": self.cfg.guidance,
+                }
+            )
 
             def work(changed: bool, tm=tm, folder=folder):
                 if folder.exists():
                     shutil.rmtree(folder)
                 ca = read_concept(self.out / "train" / tm / a)
                 cb = read_concept(self.out / "train" / tm / b)
-                res = interpolate_concepts(ca, cb, folder, steps=self.cfg.slerp_steps,
-                                           mode="slerp" if tm == "dti" else "both", images=True, pipe=self.pipe(),
-                                           prompt="a photo of {}", seed=self.cfg.seed,
-                                           inference_steps=self.cfg.inference_steps, guidance=self.cfg.guidance)
+                res = interpolate_concepts(
+                    ca,
+                    cb,
+                    folder,
+                    steps=self.cfg.slerp_steps,
+                    mode="slerp" if tm == "dti" else "both",
+                    images=True,
+                    pipe=self.pipe(),
+                    prompt="a photo of {}",
+                    seed=self.cfg.seed,
+                    inference_steps=self.cfg.inference_steps,
+                    guidance=self.cfg.guidance,
+                )
                 return {"strips": {k: str(v.relative_to(self.out)) for k, v in res.strips.items()}}
 
             meta_ok = (folder / "interpolation.json").is_file()
@@ -534,7 +693,7 @@ class _Run:
             strips[tm] = self.state.data["stages"][f"slerp:{tm}"].get("strips", {})
         return strips
 
-    def _slerp_pair(self) -> Optional[tuple[str, str]]:
+    def _slerp_pair(self) -> tuple[str, str] | None:
         from .concept_files import read_concept
 
         names = [s.name for s in self.subjects]
@@ -594,31 +753,38 @@ def _read_vocab_norms(resolved) -> list[torch.Tensor]:
     return out
 
 
-def _fmt(v: Optional[float], digits: int = 3) -> str:
+def _fmt(v: float | None, digits: int = 3) -> str:
     if v is None or not isinstance(v, (int, float)) or not math.isfinite(v):
         return "n/a"
     return f"{v:.{digits}f}"
 
 
 def _write_report(run: _Run, strips: dict[str, dict[str, str]], seconds: float) -> tuple[Path, Path, dict]:
-    from .evaluate import METRIC_LABELS, METRICS
-    from .testing import is_tiny_metric_model
     from .concept_files import read_concept
+    from .evaluate import METRIC_LABELS, METRICS
     from .plots import norm_histogram, scatter_plot
+    from .testing import is_tiny_metric_model
 
     cfg, out = run.cfg, run.out
     scores = {m: json.loads((out / "scores" / f"{m}.json").read_text(encoding="utf-8")) for m in cfg.methods}
     metrics = [m for m in METRICS if m in cfg.metrics]
     table = {m: {k: scores[m]["mean"].get(k) for k in metrics} for m in cfg.methods}
     per_subject = {m: scores[m]["subjects"] for m in cfg.methods}
-    random_metrics = {k: is_tiny_metric_model(v) for k, v in
-                      (("dino", cfg.dino_model), ("siglip", cfg.siglip_model), ("clip", cfg.clip_model)) if v}
-    tiny_model = bool(run.resolved.local and json.loads(
-        (Path(run.resolved.source) / "model_index.json").read_text(encoding="utf-8")).get("_dti_fast_tiny"))
+    random_metrics = {
+        k: is_tiny_metric_model(v)
+        for k, v in (("dino", cfg.dino_model), ("siglip", cfg.siglip_model), ("clip", cfg.clip_model))
+        if v
+    }
+    tiny_model = bool(
+        run.resolved.local
+        and json.loads((Path(run.resolved.source) / "model_index.json").read_text(encoding="utf-8")).get(
+            "_dti_fast_tiny"
+        )
+    )
 
     # Learned norms per method and subject (per encoder), and the vocabulary's.
     norms: dict[str, dict[str, list[list[float]]]] = {}
-    scales: list[Optional[float]] = []
+    scales: list[float | None] = []
     for m in cfg.methods:
         norms[m] = {}
         for s in run.subjects:
@@ -631,17 +797,31 @@ def _write_report(run: _Run, strips: dict[str, dict[str, str]], seconds: float) 
     plots_dir = out / "plots"
     plots: dict[str, str] = {}
     if "image" in metrics and "text" in metrics:
-        series = {m: {"points": [(v.get("text", float("nan")), v.get("image", float("nan")))
-                                 for v in per_subject[m].values()],
-                      "mean": (table[m]["text"], table[m]["image"])} for m in cfg.methods}
-        img = scatter_plot(series, title="Subject similarity vs text fidelity (dots: subjects, discs: mean)",
-                           xlabel="Text (SigLIP)", ylabel="Image (DINOv2)")
+        series = {
+            m: {
+                "points": [
+                    (v.get("text", float("nan")), v.get("image", float("nan"))) for v in per_subject[m].values()
+                ],
+                "mean": (table[m]["text"], table[m]["image"]),
+            }
+            for m in cfg.methods
+        }
+        img = scatter_plot(
+            series,
+            title="Subject similarity vs text fidelity (dots: subjects, discs: mean)",
+            xlabel="Text (SigLIP)",
+            ylabel="Image (DINOv2)",
+        )
         atomic_write(plots_dir / "tradeoff.png", lambda tmp: img.save(tmp, format="PNG"))
         plots["tradeoff"] = "plots/tradeoff.png"
     for e, vn in enumerate(vocab):
         marks = {m: [x for s in norms[m].values() for x in s[e]] for m in cfg.methods}
-        img = norm_histogram(vn, marks, reference=scales[e] if e < len(scales) else None,
-                             title=f"Text encoder {e + 1}: vocabulary norms (grey) and learned vectors (ticks)")
+        img = norm_histogram(
+            vn,
+            marks,
+            reference=scales[e] if e < len(scales) else None,
+            title=f"Text encoder {e + 1}: vocabulary norms (grey) and learned vectors (ticks)",
+        )
         name = f"norms_encoder{e + 1}.png"
         atomic_write(plots_dir / name, lambda tmp, img=img: img.save(tmp, format="PNG"))
         plots[f"norms_encoder{e + 1}"] = f"plots/{name}"
@@ -658,19 +838,30 @@ def _write_report(run: _Run, strips: dict[str, dict[str, str]], seconds: float) 
         "data": str(cfg.data_dir),
         "subjects": [asdict(s) | {"images": str(s.images)} for s in run.subjects],
         "methods": list(cfg.methods),
-        "settings": {"steps": cfg.steps, "batch_size": cfg.batch_size, "max_batch": cfg.max_batch,
-                     "resolution": run.resolution, "seed": cfg.seed, "prompt_set": cfg.prompt_set,
-                     "prompts_per_subject": {s: len(p) for s, p in run.prompts.items()}, "seeds": cfg.seeds,
-                     "inference_steps": cfg.inference_steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler,
-                     "masks": str(cfg.masks_dir) if cfg.masks_dir else None},
+        "settings": {
+            "steps": cfg.steps,
+            "batch_size": cfg.batch_size,
+            "max_batch": cfg.max_batch,
+            "resolution": run.resolution,
+            "seed": cfg.seed,
+            "prompt_set": cfg.prompt_set,
+            "prompts_per_subject": {s: len(p) for s, p in run.prompts.items()},
+            "seeds": cfg.seeds,
+            "inference_steps": cfg.inference_steps,
+            "guidance": cfg.guidance,
+            "scheduler": cfg.scheduler,
+            "masks": str(cfg.masks_dir) if cfg.masks_dir else None,
+        },
         "metric_models": scores[cfg.methods[0]].get("models", {}),
         "table": table,
         "per_subject": per_subject,
         "images": n_images,
         "norms": norms,
         "vocab_scale": scales,
-        "vocab_norm_stats": [{"mean": float(torch.tensor(v).mean()), "std": float(torch.tensor(v).std()),
-                              "min": min(v), "max": max(v)} for v in vocab],
+        "vocab_norm_stats": [
+            {"mean": float(torch.tensor(v).mean()), "std": float(torch.tensor(v).std()), "min": min(v), "max": max(v)}
+            for v in vocab
+        ],
         "paper_sdxl": {k: {"image": v[0], "text": v[1]} for k, v in PAPER_SDXL.items()},
         "plots": plots,
         "strips": strips,
@@ -698,31 +889,45 @@ def _markdown(r: dict, metrics: list[str], labels: dict[str, str]) -> str:
         if rnd:
             why.append(f"the metric models ({', '.join(rnd)}) are tiny RANDOM-WEIGHT stand-ins")
         text = "; ".join(why)
-        L.append("> **Smoke test (`--quick`), not a benchmark.** " + text[:1].upper() + text[1:]
-                 + ". The numbers below check that the protocol runs end to end; they say nothing about TI or DTI.\n")
+        L.append(
+            "> **Smoke test (`--quick`), not a benchmark.** "
+            + text[:1].upper()
+            + text[1:]
+            + ". The numbers below check that the protocol runs end to end; they say nothing about TI or DTI.\n"
+        )
     s = r["settings"]
     L.append("## Setup\n")
-    L.append(f"- Model: `{r['model']}` ({r['family']}); data: `{r['data']}`; {len(r['subjects'])} subjects: "
-             + ", ".join(f"{x['name']} ({x['class_noun']}, init \"{x['init']}\")" for x in r["subjects"]))
-    L.append(f"- Training: {s['steps']} steps, batch {s['batch_size']} per subject, resolution {s['resolution']}, "
-             f"seed {s['seed']}; every subject of a method in one job")
+    L.append(
+        f"- Model: `{r['model']}` ({r['family']}); data: `{r['data']}`; {len(r['subjects'])} subjects: "
+        + ", ".join(f'{x["name"]} ({x["class_noun"]}, init "{x["init"]}")' for x in r["subjects"])
+    )
+    L.append(
+        f"- Training: {s['steps']} steps, batch {s['batch_size']} per subject, resolution {s['resolution']}, "
+        f"seed {s['seed']}; every subject of a method in one job"
+    )
     n_prompts = sorted(set(s["prompts_per_subject"].values()))
-    L.append(f"- Generation: prompt set `{s['prompt_set']}` ({'/'.join(map(str, n_prompts))} prompts per subject) x "
-             f"seeds {s['seeds']}, {s['inference_steps']} steps, guidance {s['guidance']}, scheduler {s['scheduler']}")
-    L.append("- Metrics: " + ", ".join(f"{k}: `{v}`" for k, v in r["metric_models"].items())
-             + (f"; references masked with `{s['masks']}`" if s["masks"] else "; references unmasked")
-             + ". Per image (Image, CLIP-I: mean over the subject's references), mean per subject, then mean over "
-             "subjects. Text scores use the prompt with the class noun in place of the placeholder.\n")
+    L.append(
+        f"- Generation: prompt set `{s['prompt_set']}` ({'/'.join(map(str, n_prompts))} prompts per subject) x "
+        f"seeds {s['seeds']}, {s['inference_steps']} steps, guidance {s['guidance']}, scheduler {s['scheduler']}"
+    )
+    L.append(
+        "- Metrics: "
+        + ", ".join(f"{k}: `{v}`" for k, v in r["metric_models"].items())
+        + (f"; references masked with `{s['masks']}`" if s["masks"] else "; references unmasked")
+        + ". Per image (Image, CLIP-I: mean over the subject's references), mean per subject, then mean over "
+        "subjects. Text scores use the prompt with the class noun in place of the placeholder.\n"
+    )
     L.append("## Results\n")
     L.append("| Method | " + " | ".join(labels[m] for m in metrics) + " | images |")
     L.append("| --- | " + " | ".join("---:" for _ in metrics) + " | ---: |")
     for m, row in r["table"].items():
-        L.append(f"| {_label(m)} | "
-                 + " | ".join(_fmt(row.get(k)) for k in metrics) + f" | {r['images'][m]} |")
+        L.append(f"| {_label(m)} | " + " | ".join(_fmt(row.get(k)) for k in metrics) + f" | {r['images'][m]} |")
     L.append("")
-    L.append("For reference, the paper's SDXL numbers (Image / Text): "
-             + ", ".join(f"{_label(k)} {v['image']:.3f} / {v['text']:.3f}"
-                         for k, v in r["paper_sdxl"].items()) + ".\n")
+    L.append(
+        "For reference, the paper's SDXL numbers (Image / Text): "
+        + ", ".join(f"{_label(k)} {v['image']:.3f} / {v['text']:.3f}" for k, v in r["paper_sdxl"].items())
+        + ".\n"
+    )
     L.append("### Learned vector norms\n")
     L.append("| Method | text encoder | mean norm | min | max | vocabulary m* (mean row norm) |")
     L.append("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -733,27 +938,36 @@ def _markdown(r: dict, metrics: list[str], labels: dict[str, str]) -> str:
             if not vals:
                 continue
             scale = r["vocab_scale"][e] if e < len(r["vocab_scale"]) else None
-            L.append(f"| {_label(m)} | {e + 1} | {_fmt(sum(vals) / len(vals), 4)} | {_fmt(min(vals), 4)} | "
-                     f"{_fmt(max(vals), 4)} | {_fmt(scale, 4)} |")
+            L.append(
+                f"| {_label(m)} | {e + 1} | {_fmt(sum(vals) / len(vals), 4)} | {_fmt(min(vals), 4)} | "
+                f"{_fmt(max(vals), 4)} | {_fmt(scale, 4)} |"
+            )
     L.append("")
     L.append("## Plots\n")
     if "tradeoff" in r["plots"]:
-        L.append("Subject similarity against text fidelity: a disc per method (the mean over subjects), a ring per "
-                 "subject. Up and right is better.\n")
+        L.append(
+            "Subject similarity against text fidelity: a disc per method (the mean over subjects), a ring per "
+            "subject. Up and right is better.\n"
+        )
         L.append(f"![Image vs Text]({r['plots']['tradeoff']})\n")
     for k, v in r["plots"].items():
         if k.startswith("norms_"):
-            L.append(f"Learned vector norms ({k.split('_')[1].replace('encoder', 'text encoder ')}, ticks per method) "
-                     "against the histogram of the vocabulary's row norms; the dashed line is m*.\n")
+            L.append(
+                f"Learned vector norms ({k.split('_')[1].replace('encoder', 'text encoder ')}, ticks per method) "
+                "against the histogram of the vocabulary's row norms; the dashed line is m*.\n"
+            )
             L.append(f"![{k}]({v})\n")
     for tm, strips in r["strips"].items():
         if "all" in strips:  # TI: lerp and slerp rows in one image
-            L.append(f"**{_label(tm)}: lerp (top) vs slerp (bottom)** between two subjects:\n\n"
-                     f"![{tm} lerp vs slerp]({strips['all']})\n")
+            L.append(
+                f"**{_label(tm)}: lerp (top) vs slerp (bottom)** between two subjects:\n\n"
+                f"![{tm} lerp vs slerp]({strips['all']})\n"
+            )
             continue
         for mode, path in strips.items():
-            L.append(f"**{_label(tm)} {mode}** between two subjects (fixed norm m*, one seed):\n\n"
-                     f"![{tm} {mode}]({path})\n")
+            L.append(
+                f"**{_label(tm)} {mode}** between two subjects (fixed norm m*, one seed):\n\n![{tm} {mode}]({path})\n"
+            )
     L.append("## Appendix: per subject\n")
     cols = [(m, k) for m in r["table"] for k in metrics]
     L.append("| Subject | " + " | ".join(f"{_label(m)} {labels[k].split(' ')[0]}" for m, k in cols) + " |")

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -86,16 +86,16 @@ class TextEncoding(NamedTuple):
     """
 
     hidden: torch.Tensor
-    pooled: Optional[torch.Tensor]
+    pooled: torch.Tensor | None
 
 
 @dataclass
 class _Entry:
     """Cached constants of one prefix of length L (no grad, computation dtype)."""
 
-    kv: Optional[torch.Tensor]  # (n_kv_layers, 2, heads, L, head_dim); None for whole-sample entries
+    kv: torch.Tensor | None  # (n_kv_layers, 2, heads, L, head_dim); None for whole-sample entries
     hidden: torch.Tensor  # (L, D): the output the mode asks for
-    normed_last: Optional[torch.Tensor]  # (L, D): final-normed last layer output, where pooled needs it
+    normed_last: torch.Tensor | None  # (L, D): final-normed last layer output, where pooled needs it
     nbytes: int
 
 
@@ -125,7 +125,7 @@ class PrefixCachedTextEncoder:
         encoder: nn.Module,
         mode: str = "last",
         pooled: bool = False,
-        first_learned_id: Optional[int] = None,
+        first_learned_id: int | None = None,
         max_entries: int = 2048,
         max_bytes: int = 1 << 30,
     ) -> None:
@@ -151,14 +151,14 @@ class PrefixCachedTextEncoder:
         self.n_kv_layers = len(self.layers) if (mode == "last" or self.pooled) else len(self.layers) - 1
         self.max_entries = int(max_entries)
         self.max_bytes = int(max_bytes)
-        self._cache: "OrderedDict[tuple, _Entry]" = OrderedDict()
+        self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
         self._bytes = 0
         self.hits = 0
         self.misses = 0
         self.evictions = 0
 
     @property
-    def first_learned_id(self) -> Optional[int]:
+    def first_learned_id(self) -> int | None:
         """Ids ``>=`` this are learned: the constructor's value, else the input embedding's ``first_id`` now."""
         if self._first_learned_id is not None:
             return int(self._first_learned_id)
@@ -174,14 +174,23 @@ class PrefixCachedTextEncoder:
 
     def stats(self) -> dict:
         """Counters: hits, misses, evictions, entries, bytes."""
-        return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
-                "entries": len(self._cache), "bytes": self._bytes}
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+            "entries": len(self._cache),
+            "bytes": self._bytes,
+        }
 
     def _context_key(self, device: torch.device) -> tuple:
         dev = device.type
         autocast = torch.is_autocast_enabled(dev)
-        return (str(device), self.core.final_layer_norm.weight.dtype, autocast,
-                torch.get_autocast_dtype(dev) if autocast else None)
+        return (
+            str(device),
+            self.core.final_layer_norm.weight.dtype,
+            autocast,
+            torch.get_autocast_dtype(dev) if autocast else None,
+        )
 
     def _lookup(self, key: tuple, ids: torch.Tensor, whole: bool) -> _Entry:
         entry = self._cache.get(key)
@@ -214,15 +223,17 @@ class PrefixCachedTextEncoder:
     def _mlp_block(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x + layer.mlp(layer.layer_norm2(x))
 
-    def _attend(self, layer: nn.Module, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+    def _attend(
+        self, layer: nn.Module, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """Residual attention output for queries q (B, H, S, d) and the layer input x (B, S, D)."""
         o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale)
         b, _, s, _ = o.shape
         return x + layer.self_attn.out_proj(o.transpose(1, 2).reshape(b, s, -1))
 
-    def _run(self, x: torch.Tensor, start: int, past: Optional[torch.Tensor], n_layers: int,
-             collect_kv: bool) -> tuple[torch.Tensor, list[torch.Tensor], Optional[torch.Tensor]]:
+    def _run(
+        self, x: torch.Tensor, start: int, past: torch.Tensor | None, n_layers: int, collect_kv: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         """Run positions start..start+S-1 (x: (B, S, D)) through the first ``n_layers`` layers.
 
         ``past``: (B, n_kv_layers, 2, H, start, d) keys/values of positions 0..start-1 (None if start == 0).
@@ -321,10 +332,10 @@ class PrefixCachedTextEncoder:
         part = [i for i in range(b) if plen[i] < t]
         eos_pos = self._eos_positions(ids_cpu).tolist() if self.pooled else None
 
-        full: Optional[torch.Tensor] = None
-        pooled_part: Optional[torch.Tensor] = None
-        hidden_rows: list[Optional[torch.Tensor]] = [None] * b
-        pooled_rows: list[Optional[torch.Tensor]] = [None] * b
+        full: torch.Tensor | None = None
+        pooled_part: torch.Tensor | None = None
+        hidden_rows: list[torch.Tensor | None] = [None] * b
+        pooled_rows: list[torch.Tensor | None] = [None] * b
 
         for i in whole:
             e = self._lookup(ctx + (tuple(rows[i]),), ids[i], whole=True)
@@ -335,8 +346,10 @@ class PrefixCachedTextEncoder:
 
         if part:
             p = min(plen[i] for i in part)
-            entries = [self._lookup(ctx + (tuple(rows[i][: plen[i]]),), ids[i, : plen[i]], whole=False)
-                       if p > 0 else None for i in part]
+            entries = [
+                self._lookup(ctx + (tuple(rows[i][: plen[i]]),), ids[i, : plen[i]], whole=False) if p > 0 else None
+                for i in part
+            ]
             sub = ids[part]
             x = self._embed(sub[:, p:], p)
             past = torch.stack([e.kv[:, :, :, :p] for e in entries]) if p > 0 else None
@@ -377,8 +390,9 @@ class PrefixCachedTextEncoder:
             pooled = self._project(pooled)
         return TextEncoding(hidden, pooled)
 
-    def _last_layer_at(self, pen: torch.Tensor, p: int, past: Optional[torch.Tensor], q: torch.Tensor,
-                       q_list: list[int], entries: list) -> torch.Tensor:
+    def _last_layer_at(
+        self, pen: torch.Tensor, p: int, past: torch.Tensor | None, q: torch.Tensor, q_list: list[int], entries: list
+    ) -> torch.Tensor:
         """Final-normed last layer output at the pooled positions ``q`` (B,), from the penultimate output.
 
         ``pen``: (B, S, D) penultimate output at positions p..T-1 (``q_list``: ``q`` on the host).
@@ -397,7 +411,7 @@ class PrefixCachedTextEncoder:
         batch = torch.arange(nb, device=pen.device)
         xq = pen[batch, rel].unsqueeze(1)  # (B, 1, D)
         qh = self._heads(attn.q_proj(h[batch, rel].unsqueeze(1)))
-        mask = (torch.arange(p + s, device=pen.device).unsqueeze(0) <= q.clamp(min=p).unsqueeze(1))  # (B, p+S)
+        mask = torch.arange(p + s, device=pen.device).unsqueeze(0) <= q.clamp(min=p).unsqueeze(1)  # (B, p+S)
         y = self._mlp_block(layer, self._attend(layer, xq, qh, k, v, mask[:, None, None, :]))
         y = self.core.final_layer_norm(y)[:, 0]
         if p > 0 and any(qi < p for qi in q_list):

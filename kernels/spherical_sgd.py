@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 import triton
@@ -315,18 +315,18 @@ def fused_spherical_sgd(
     grads: Sequence[torch.Tensor],
     row_states: Sequence[torch.Tensor],
     steps: Sequence[torch.Tensor],
-    priors: Optional[Sequence[torch.Tensor]],
+    priors: Sequence[torch.Tensor] | None,
     *,
     lr: float,
     kappa: float,
     beta: float,
     eps: float,
     normalize: bool,
-    grad_scale: Optional[torch.Tensor] = None,
-    found_inf: Optional[torch.Tensor] = None,
-    cache: Optional[LaunchCache] = None,
-    device_memo: Optional[dict] = None,
-    config: Optional[LaunchConfig] = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    cache: LaunchCache | None = None,
+    device_memo: dict | None = None,
+    config: LaunchConfig | None = None,
 ) -> None:
     """Apply one SphericalSGD step in place with the Triton kernel.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -87,10 +87,7 @@ def make_problem(
     gen = torch.Generator().manual_seed(seed)
     inits = [unit_rows(s, gen) for s in shapes]
     priors = [torch.randn(tuple(s), generator=gen) for s in shapes] if with_prior else None
-    grads = [
-        [torch.randn(tuple(s), generator=gen) / math.sqrt(s[-1]) for s in shapes]
-        for _ in range(steps)
-    ]
+    grads = [[torch.randn(tuple(s), generator=gen) / math.sqrt(s[-1]) for s in shapes] for _ in range(steps)]
     return {"inits": inits, "priors": priors, "grads": grads}
 
 
@@ -104,7 +101,7 @@ def run_reference(
     beta: float = 0.0,
     eps: float = 1e-8,
     normalize: bool = True,
-    active: Optional[Sequence[Sequence[bool]]] = None,
+    active: Sequence[Sequence[bool]] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
     """``spherical_sgd_step_reference`` applied per param, each with its own step count.
 
@@ -122,8 +119,16 @@ def run_reference(
             counts[i] += 1
             mu = priors[i].to(device) if (priors is not None and kappa != 0.0) else None
             vs[i], ss[i] = spherical_sgd_step_reference(
-                vs[i], g.to(device=device, dtype=dtype), ss[i], counts[i],
-                lr=lr, kappa=kappa, mu=mu, beta=beta, eps=eps, normalize=normalize,
+                vs[i],
+                g.to(device=device, dtype=dtype),
+                ss[i],
+                counts[i],
+                lr=lr,
+                kappa=kappa,
+                mu=mu,
+                beta=beta,
+                eps=eps,
+                normalize=normalize,
             )
     return vs, ss, counts
 
@@ -133,13 +138,13 @@ def run_optimizer(
     *,
     dtype: torch.dtype | Sequence[torch.dtype],
     device: str,
-    fused: Optional[bool],
+    fused: bool | None,
     lr: float,
     kappa: float = 0.0,
     beta: float = 0.0,
     eps: float = 1e-8,
     normalize: bool = True,
-    active: Optional[Sequence[Sequence[bool]]] = None,
+    active: Sequence[Sequence[bool]] | None = None,
 ) -> tuple[list[torch.nn.Parameter], SphericalSGD]:
     """All params of ``problem`` in ONE param group of a SphericalSGD, stepped per ``problem``.
 
@@ -242,9 +247,17 @@ def trained_sd(eval_sd_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("trained-sd")
     out = {}
     for method in ("dti", "ti"):
-        cfg = TrainConfig(model=str(eval_sd_model), output_dir=root / method,
-                          concepts=_eval_concepts("dog", "cat2", "backpack"), method=method, steps=2, batch_size=1,
-                          resolution=64, progress=False, export_ti_rescaled=(method == "ti"))
+        cfg = TrainConfig(
+            model=str(eval_sd_model),
+            output_dir=root / method,
+            concepts=_eval_concepts("dog", "cat2", "backpack"),
+            method=method,
+            steps=2,
+            batch_size=1,
+            resolution=64,
+            progress=False,
+            export_ti_rescaled=(method == "ti"),
+        )
         out[method] = train(cfg)
     return out
 
@@ -254,8 +267,15 @@ def trained_sdxl(eval_sdxl_model, tmp_path_factory):
     """DTI concepts dog and cat2 on the tiny SDXL model."""
     from dti_fast.train import TrainConfig, train
 
-    cfg = TrainConfig(model=str(eval_sdxl_model), output_dir=tmp_path_factory.mktemp("trained-sdxl") / "dti",
-                      concepts=_eval_concepts("dog", "cat2"), steps=1, batch_size=1, resolution=64, progress=False)
+    cfg = TrainConfig(
+        model=str(eval_sdxl_model),
+        output_dir=tmp_path_factory.mktemp("trained-sdxl") / "dti",
+        concepts=_eval_concepts("dog", "cat2"),
+        steps=1,
+        batch_size=1,
+        resolution=64,
+        progress=False,
+    )
     return train(cfg)
 
 

@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from dti_fast.models import load_model_parts  # noqa: E402
 from dti_fast.testing.archs import (  # noqa: E402
     PARAM_COUNTS,
     build_components,
@@ -18,14 +19,12 @@ from dti_fast.testing.archs import (  # noqa: E402
     make_full_size_model,
     param_count,
 )
-from dti_fast.models import load_model_parts  # noqa: E402
 
 # The real models' parameter counts (runwayml/stable-diffusion-v1-5,
 # stabilityai/stable-diffusion-xl-base-1.0), written out independently of PARAM_COUNTS.
 REAL_COUNTS = {
     "sd": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
-    "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
-             "text_encoder_2": 694_659_840},
+    "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
 }
 
 
@@ -59,7 +58,12 @@ def test_configs_published_facts():
     assert u["projection_class_embeddings_input_dim"] == 6 * u["addition_time_embed_dim"] + 1280
     assert u["transformer_layers_per_block"] == (1, 2, 10) and u["attention_head_dim"] == (5, 10, 20)
     g = xl["text_encoder_2"]
-    assert (g["hidden_size"], g["num_hidden_layers"], g["num_attention_heads"], g["intermediate_size"]) == (1280, 32, 20, 5120)
+    assert (g["hidden_size"], g["num_hidden_layers"], g["num_attention_heads"], g["intermediate_size"]) == (
+        1280,
+        32,
+        20,
+        5120,
+    )
     assert g["hidden_act"] == "gelu" and g["projection_dim"] == 1280
     # component_configs hands out copies
     sd["unet"]["cross_attention_dim"] = 1
@@ -70,12 +74,24 @@ def test_configs_published_facts():
 def test_reduced_keeps_the_layout(family):
     full, small = component_configs(family), component_configs(family, reduced=True)
     for name in full:
-        for key in ("down_block_types", "up_block_types", "addition_embed_type", "use_linear_projection",
-                    "hidden_act", "eos_token_id", "vocab_size", "scaling_factor", "latent_channels"):
+        for key in (
+            "down_block_types",
+            "up_block_types",
+            "addition_embed_type",
+            "use_linear_projection",
+            "hidden_act",
+            "eos_token_id",
+            "vocab_size",
+            "scaling_factor",
+            "latent_channels",
+        ):
             assert full[name].get(key) == small[name].get(key), (name, key)
     if family == "sdxl":
         assert len(small["unet"]["transformer_layers_per_block"]) == 3
-        assert small["unet"]["cross_attention_dim"] == small["text_encoder"]["hidden_size"] + small["text_encoder_2"]["hidden_size"]
+        assert (
+            small["unet"]["cross_attention_dim"]
+            == small["text_encoder"]["hidden_size"] + small["text_encoder_2"]["hidden_size"]
+        )
     counts = {k: param_count(m) for k, m in build_components(family, device="meta", reduced=True).items()}
     assert sum(counts.values()) < 20_000_000
 
@@ -109,12 +125,15 @@ def test_reduced_folder_loads_and_runs(tmp_path, family, dtype):
     # The saved weights are the built ones.
     built = build_components(family, dtype=dtype, reduced=True, seed=1)
     assert torch.equal(parts.unet.conv_in.weight, built["unet"].conv_in.weight)
-    assert torch.equal(parts.text_encoders[0].get_input_embeddings().weight,
-                       built["text_encoder"].get_input_embeddings().weight)
+    assert torch.equal(
+        parts.text_encoders[0].get_input_embeddings().weight, built["text_encoder"].get_input_embeddings().weight
+    )
 
     # One denoising forward with the family's conditioning, at 64 px (8x8 latents).
-    ids = [tok(["a photo of a dog"], padding="max_length", max_length=tok.model_max_length,
-               return_tensors="pt").input_ids for tok in parts.tokenizers]
+    ids = [
+        tok(["a photo of a dog"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        for tok in parts.tokenizers
+    ]
     with torch.no_grad():
         latents = parts.vae.encode(torch.zeros(1, 3, 64, 64, dtype=dtype)).latent_dist.mean
         assert latents.shape == (1, 4, 8, 8)
@@ -122,8 +141,10 @@ def test_reduced_folder_loads_and_runs(tmp_path, family, dtype):
         if family == "sdxl":
             h = [enc(i, output_hidden_states=True) for enc, i in zip(parts.text_encoders, ids)]
             hidden = torch.cat([o.hidden_states[-2] for o in h], dim=-1)
-            kwargs["added_cond_kwargs"] = {"text_embeds": h[1].text_embeds,
-                                           "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]], dtype=dtype)}
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": h[1].text_embeds,
+                "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]], dtype=dtype),
+            }
         else:
             hidden = parts.text_encoders[0](ids[0])[0]
         out = parts.unet(latents, torch.tensor([10]), encoder_hidden_states=hidden, **kwargs).sample
@@ -138,7 +159,16 @@ def test_reduced_sdxl_trains(tmp_path):
 
     folder = make_full_size_model(tmp_path / "sdxl", "sdxl", dtype=torch.float32, reduced=True)
     concepts = [Concept(name="dog", images=demo_images_dir() / "dog", init="dog")]
-    result = train(TrainConfig(model=str(folder), output_dir=tmp_path / "out", concepts=concepts, steps=2,
-                               batch_size=1, resolution=64, progress=False))
+    result = train(
+        TrainConfig(
+            model=str(folder),
+            output_dir=tmp_path / "out",
+            concepts=concepts,
+            steps=2,
+            batch_size=1,
+            resolution=64,
+            progress=False,
+        )
+    )
     assert result.samples == 2 and result.skipped_steps == 0
     assert [v.shape for v in result.vectors["dog"]] == [(1, 32), (1, 64)]

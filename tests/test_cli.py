@@ -13,12 +13,42 @@ from dti_fast.cli import build_parser, load_job_file, main
 from dti_fast.demo import demo_images_dir
 
 TRAIN_FLAGS = [
-    "--config", "--model", "--output", "--concept", "--method", "--steps", "--batch-size", "--max-batch",
-    "--resolution", "--lr", "--no-scale-lr", "--kappa", "--beta", "--scale", "--init", "--weight-decay", "--seed",
-    "--checkpoint-every", "--keep-checkpoints", "--resume", "--precision", "--device", "--validation-prompt",
-    "--validation-inference-steps", "--export-ti-rescaled", "--no-progress", "--max-bad-steps", "--parallel",
-    "--no-latent-cache", "--latent-cache-crops", "--text-cache", "--attention", "--gradient-checkpointing",
-    "--channels-last", "--compile", "--optim-bits",
+    "--config",
+    "--model",
+    "--output",
+    "--concept",
+    "--method",
+    "--steps",
+    "--batch-size",
+    "--max-batch",
+    "--resolution",
+    "--lr",
+    "--no-scale-lr",
+    "--kappa",
+    "--beta",
+    "--scale",
+    "--init",
+    "--weight-decay",
+    "--seed",
+    "--checkpoint-every",
+    "--keep-checkpoints",
+    "--resume",
+    "--precision",
+    "--device",
+    "--validation-prompt",
+    "--validation-inference-steps",
+    "--export-ti-rescaled",
+    "--no-progress",
+    "--max-bad-steps",
+    "--parallel",
+    "--no-latent-cache",
+    "--latent-cache-crops",
+    "--text-cache",
+    "--attention",
+    "--gradient-checkpointing",
+    "--channels-last",
+    "--compile",
+    "--optim-bits",
 ]
 
 
@@ -84,11 +114,26 @@ def test_train_command_end_to_end(tmp_path, capsys):
     assert main(["make-tiny-model", str(model), "--family", "sd"]) == 0
     assert (model / "model_index.json").exists()
     out = tmp_path / "out"
-    code = main([
-        "train", "--model", str(model), "--output", str(out), "--concept", f"dog:{demo_images_dir() / 'dog'}:dog",
-        "--concept", f"bag:{demo_images_dir() / 'backpack'}:red backpack", "--steps", "2", "--batch-size", "1",
-        "--resolution", "64", "--no-progress",
-    ])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(model),
+            "--output",
+            str(out),
+            "--concept",
+            f"dog:{demo_images_dir() / 'dog'}:dog",
+            "--concept",
+            f"bag:{demo_images_dir() / 'backpack'}:red backpack",
+            "--steps",
+            "2",
+            "--batch-size",
+            "1",
+            "--resolution",
+            "64",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     report = capsys.readouterr().out
     assert "Trained 2 concept(s) with DTI" in report and str(out / "dog") in report
@@ -97,8 +142,18 @@ def test_train_command_end_to_end(tmp_path, capsys):
 
 
 def test_train_command_reports_bad_input_without_traceback(tmp_path, capsys):
-    code = main(["train", "--model", str(tmp_path / "missing-model"), "--output", str(tmp_path / "o"),
-                 "--concept", f"dog:{tmp_path / 'nowhere'}:dog", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tmp_path / "missing-model"),
+            "--output",
+            str(tmp_path / "o"),
+            "--concept",
+            f"dog:{tmp_path / 'nowhere'}:dog",
+            "--no-progress",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "dti-fast train: error:" in err and "nowhere" in err
@@ -118,16 +173,37 @@ def test_demo_runs_and_reports(tmp_path, capsys):
 def test_throughput_flags_reach_the_config(tmp_path):
     from dti_fast.cli import _train_config
 
-    args = build_parser().parse_args([
-        "train", "--model", "m", "--output", str(tmp_path), "--concept", f"dog:{demo_images_dir() / 'dog'}:dog",
-        "--max-batch", "auto", "--no-latent-cache", "--latent-cache-crops", "4", "--text-cache", "--attention", "sdpa",
-        "--gradient-checkpointing", "--channels-last", "--optim-bits", "8",
-    ])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--model",
+            "m",
+            "--output",
+            str(tmp_path),
+            "--concept",
+            f"dog:{demo_images_dir() / 'dog'}:dog",
+            "--max-batch",
+            "auto",
+            "--no-latent-cache",
+            "--latent-cache-crops",
+            "4",
+            "--text-cache",
+            "--attention",
+            "sdpa",
+            "--gradient-checkpointing",
+            "--channels-last",
+            "--optim-bits",
+            "8",
+        ]
+    )
     cfg = _train_config(args)
     assert cfg.max_batch == "auto" and cfg.latent_cache is False and cfg.latent_cache_crops == 4
     assert cfg.text_cache is True and cfg.gradient_checkpointing and cfg.channels_last and cfg.optim_bits == 8
-    plain = _train_config(build_parser().parse_args([
-        "train", "--model", "m", "--output", str(tmp_path), "--concept", f"dog:{demo_images_dir() / 'dog'}:dog"]))
+    plain = _train_config(
+        build_parser().parse_args(
+            ["train", "--model", "m", "--output", str(tmp_path), "--concept", f"dog:{demo_images_dir() / 'dog'}:dog"]
+        )
+    )
     assert plain.latent_cache is True and plain.text_cache == "auto" and plain.max_batch is None
 
 
@@ -143,7 +219,19 @@ def test_xformers_without_the_package_exits_2_with_the_fix(tmp_path, capsys, mon
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else real(name, *a))
-    code = main(["train", "--model", "m", "--output", str(tmp_path / "o"), "--concept",
-                 f"dog:{demo_images_dir() / 'dog'}:dog", "--attention", "xformers", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--model",
+            "m",
+            "--output",
+            str(tmp_path / "o"),
+            "--concept",
+            f"dog:{demo_images_dir() / 'dog'}:dog",
+            "--attention",
+            "xformers",
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "pip install" in capsys.readouterr().err

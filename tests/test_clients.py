@@ -9,14 +9,12 @@ compares the loaded tensors with the trained vectors bit for bit.
 
 from __future__ import annotations
 
-import collections
-import io
 import pickle
 import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import torch
@@ -42,13 +40,28 @@ _A1111_ZIP_OLD = re.compile(r"^[^/]+/(data\.pkl|data/\d+|version)$")
 _A1111_ZIP_NEW = re.compile(r"^[^/]+/(data\.pkl|data/\d+|version|byteorder|\.data/serialization_id)$")
 _A1111_GLOBALS = {
     ("collections", "OrderedDict"),
-    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
     ("torch._utils", "_rebuild_device_tensor_from_numpy"),
-    *(("torch", n) for n in ("FloatStorage", "HalfStorage", "IntStorage", "LongStorage", "DoubleStorage",
-                             "ByteStorage", "float32", "BFloat16Storage")),
+    *(
+        ("torch", n)
+        for n in (
+            "FloatStorage",
+            "HalfStorage",
+            "IntStorage",
+            "LongStorage",
+            "DoubleStorage",
+            "ByteStorage",
+            "float32",
+            "BFloat16Storage",
+        )
+    ),
     ("torch.nn.modules.container", "ParameterDict"),
-    ("numpy.core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy", "dtype"), ("numpy", "ndarray"), ("__builtin__", "set"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+    ("__builtin__", "set"),
 }
 
 
@@ -129,7 +142,7 @@ def a1111_replaced(tokenizer, triggers: list[str], prompt: str) -> list[str]:
     return hits
 
 
-def comfy_find(embeddings_dir: Path, name: str) -> Optional[Path]:
+def comfy_find(embeddings_dir: Path, name: str) -> Path | None:
     """ComfyUI's lookup of ``embedding:NAME``: NAME as given, else with .safetensors, .pt, .bin (sub-folders too)."""
     for candidate in [name] + [name + ext for ext in (".safetensors", ".pt", ".bin")]:
         for hit in sorted(embeddings_dir.rglob(candidate)):
@@ -138,14 +151,17 @@ def comfy_find(embeddings_dir: Path, name: str) -> Optional[Path]:
     return None
 
 
-def comfy_load(embeddings_dir: Path, prompt_word: str, embed_key: str, width: int) -> Optional[torch.Tensor]:
+def comfy_load(embeddings_dir: Path, prompt_word: str, embed_key: str, width: int) -> torch.Tensor | None:
     """ComfyUI: rows for one encoder (``clip_l`` SD1 and SDXL's first, ``clip_g`` SDXL's second)."""
     assert prompt_word.startswith("embedding:")
-    path = comfy_find(embeddings_dir, prompt_word[len("embedding:"):])
+    path = comfy_find(embeddings_dir, prompt_word[len("embedding:") :])
     if path is None:
         return None
-    data = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
-                                                                                  weights_only=True)
+    data = (
+        load_file(str(path))
+        if path.suffix == ".safetensors"
+        else torch.load(path, map_location="cpu", weights_only=True)
+    )
     if "string_to_param" in data:
         t = next(iter(data["string_to_param"].values()))
     elif embed_key in data:
@@ -199,10 +215,22 @@ def trained_sdxl2(eval_sdxl_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("clients-sdxl")
     out = {}
     for method in ("dti", "ti"):
-        concepts = [Concept("dog", demo_images_dir() / "dog", "dog", "dog"),
-                    Concept("backpack", demo_images_dir() / "backpack", "red backpack", "backpack")]
-        out[method] = train(TrainConfig(model=str(eval_sdxl_model), output_dir=root / method, concepts=concepts,
-                                        method=method, steps=1, batch_size=1, resolution=64, progress=False))
+        concepts = [
+            Concept("dog", demo_images_dir() / "dog", "dog", "dog"),
+            Concept("backpack", demo_images_dir() / "backpack", "red backpack", "backpack"),
+        ]
+        out[method] = train(
+            TrainConfig(
+                model=str(eval_sdxl_model),
+                output_dir=root / method,
+                concepts=concepts,
+                method=method,
+                steps=1,
+                batch_size=1,
+                resolution=64,
+                progress=False,
+            )
+        )
     assert out["dti"].vectors["backpack"][0].shape[0] == 2
     return out
 
@@ -236,8 +264,9 @@ def embeddings_dir(trained_sd, trained_sdxl2, tmp_path_factory):
 
 
 def _widths(pipe_or_parts) -> list[int]:
-    encs = [pipe_or_parts.text_encoder] + ([pipe_or_parts.text_encoder_2] if getattr(pipe_or_parts, "text_encoder_2",
-                                                                                     None) is not None else [])
+    encs = [pipe_or_parts.text_encoder] + (
+        [pipe_or_parts.text_encoder_2] if getattr(pipe_or_parts, "text_encoder_2", None) is not None else []
+    )
     return [int(e.get_input_embeddings().weight.shape[1]) for e in encs]
 
 
@@ -279,8 +308,11 @@ def test_diffusers_plain_load_textual_inversion_of_the_sd_files(trained_sd, sd_p
     for name, folder in result.concept_dirs.items():
         v = result.vectors[name][0]
         trigger = f"{name}-{method}"
-        for path, word in ((folder / f"{trigger}.pt", trigger), (folder / "learned_embeds.safetensors", f"<{name}>"),
-                           (folder / f"{trigger}.safetensors", trigger)):
+        for path, word in (
+            (folder / f"{trigger}.pt", trigger),
+            (folder / "learned_embeds.safetensors", f"<{name}>"),
+            (folder / f"{trigger}.safetensors", trigger),
+        ):
             kwargs = {"token": trigger} if path.suffix == ".safetensors" and word == trigger else {}
             sd_pipe.load_textual_inversion(str(path), **kwargs)
             try:
@@ -303,7 +335,8 @@ def test_load_concepts_every_export_file_sd_and_sdxl(trained_sd, trained_sdxl2, 
     result = (trained_sd if family == "sd" else trained_sdxl2)[method]
     pipe = sd_pipe if family == "sd" else xl_pipe
     encoders = [(pipe.tokenizer, pipe.text_encoder)] + (
-        [(pipe.tokenizer_2, pipe.text_encoder_2)] if family == "sdxl" else [])
+        [(pipe.tokenizer_2, pipe.text_encoder_2)] if family == "sdxl" else []
+    )
     for name, folder in result.concept_dirs.items():
         trigger = f"{name}-{method}"
         sources = [(folder, f"<{name}>"), (folder / f"{trigger}.safetensors", trigger)]
@@ -345,8 +378,9 @@ def test_a1111_check_refuses_torch2_zip_files_and_accepts_legacy_ones(tmp_path):
     torch.save(obj, tmp_path / "zip.pt")
     names = zipfile.ZipFile(tmp_path / "zip.pt").namelist()
     for newer in (True, False):
-        with pytest.raises(A1111Refused,
-                           match=r"bad file inside zip.pt: .*(\.format_version|\.storage_alignment|byteorder)"):
+        with pytest.raises(
+            A1111Refused, match=r"bad file inside zip.pt: .*(\.format_version|\.storage_alignment|byteorder)"
+        ):
             a1111_check_pt(tmp_path / "zip.pt", newer=newer)
     assert any(n.endswith("/.format_version") for n in names)
     torch.save(obj, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
@@ -356,8 +390,11 @@ def test_a1111_check_refuses_torch2_zip_files_and_accepts_legacy_ones(tmp_path):
         def __reduce__(self):
             return (print, ("pwned",))
 
-    torch.save({"string_to_param": {"*": torch.zeros(1, 8)}, "x": Evil()}, tmp_path / "evil.pt",
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {"string_to_param": {"*": torch.zeros(1, 8)}, "x": Evil()},
+        tmp_path / "evil.pt",
+        _use_new_zipfile_serialization=False,
+    )
     with pytest.raises(A1111Refused, match="forbidden"):
         a1111_check_pt(tmp_path / "evil.pt")
 
@@ -415,8 +452,9 @@ def test_comfyui_embedding_name_lookup_and_keys(trained_sd, trained_sdxl2, embed
 # --------------------------------------------------------------------------------------------
 
 
-def test_invokeai_installs_and_loads_the_trigger_files_not_the_diffusers_ones(trained_sd, trained_sdxl2,
-                                                                             embeddings_dir):
+def test_invokeai_installs_and_loads_the_trigger_files_not_the_diffusers_ones(
+    trained_sd, trained_sdxl2, embeddings_dir
+):
     root, _ = embeddings_dir
     widths = {"sd": [32], "sdxl": [32, 64]}
     for family, method, name, folder, trigger, vectors in _exports(trained_sd, trained_sdxl2):

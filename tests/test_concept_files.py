@@ -11,8 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from dti_fast.concept_files import (NAME_MAX_BYTES, client_info, concept_trigger, default_trigger, read_concept,
-                                    summary_lines, validate_export_names, validate_trigger, write_concept_files)
+from dti_fast.concept_files import (
+    NAME_MAX_BYTES,
+    client_info,
+    concept_trigger,
+    default_trigger,
+    read_concept,
+    summary_lines,
+    validate_export_names,
+    validate_trigger,
+    write_concept_files,
+)
 from dti_fast.data import Concept
 from dti_fast.io import load_safetensors, load_torch
 
@@ -47,16 +56,28 @@ def test_default_trigger_is_the_placeholder_plus_the_method():
 def test_validate_trigger_refuses_vocabulary_words(tokenizer):
     assert validate_trigger(tokenizer, _concept(), "dti") == "dog-dti"
     for word in ("dog", "backpack", "sks"):  # "backpack" is one piece (backpack</w>) without being a literal entry
-        with pytest.raises(ValueError, match=rf"^concept 'dog': trigger '{word}' is a word of the model's vocabulary.*"
-                                             rf"trigger = '{word}-emb'"):
+        with pytest.raises(
+            ValueError,
+            match=rf"^concept 'dog': trigger '{word}' is a word of the model's vocabulary.*"
+            rf"trigger = '{word}-emb'",
+        ):
             validate_trigger(tokenizer, _concept(trigger=word), "dti")
 
 
-@pytest.mark.parametrize("trigger, why", [
-    ("Dog-DTI", "lower case"), ("my dog", "lower case"), ("dog/x", "lower case"), ("dog.", "lower case"),
-    ("-dog", "lower case"), ("learned_embeds", "overwrite the export's own file"),
-    ("learned_embeds_2", "overwrite"), ("concept", "overwrite"), ("rescaled", "overwrite"),
-])
+@pytest.mark.parametrize(
+    "trigger, why",
+    [
+        ("Dog-DTI", "lower case"),
+        ("my dog", "lower case"),
+        ("dog/x", "lower case"),
+        ("dog.", "lower case"),
+        ("-dog", "lower case"),
+        ("learned_embeds", "overwrite the export's own file"),
+        ("learned_embeds_2", "overwrite"),
+        ("concept", "overwrite"),
+        ("rescaled", "overwrite"),
+    ],
+)
 def test_unusable_triggers_are_refused_before_training(trigger, why):
     with pytest.raises(ValueError, match=why) as err:
         validate_export_names([_concept(trigger=trigger)], "dti")
@@ -76,8 +97,11 @@ def test_names_and_triggers_that_collide_are_refused():
 
 def test_long_names_are_refused_before_training_and_the_longest_allowed_fits_on_disk(tmp_path):
     long = "a" * 240
-    with pytest.raises(ValueError, match=r"trigger made from its placeholder 'a{40}\.\.\.' is 244 bytes.*at most "
-                                         r"229 characters"):
+    with pytest.raises(
+        ValueError,
+        match=r"trigger made from its placeholder 'a{40}\.\.\.' is 244 bytes.*at most "
+        r"229 characters",
+    ):
         validate_export_names([_concept(long)], "dti")
     with pytest.raises(ValueError, match="at most 220 characters"):
         validate_export_names([_concept("a", trigger="b" * 221)], "ti", rescaled=True)
@@ -95,9 +119,11 @@ def test_long_names_are_refused_before_training_and_the_longest_allowed_fits_on_
 def test_train_refuses_bad_names_before_loading_the_model(tmp_path):
     from dti_fast.train import TrainConfig, train
 
-    for concept, message in ((_concept("checkpoints"), "checkpoints/ folder"),
-                             (_concept("a" * 240), "too long"),
-                             (_concept("dog", trigger="learned_embeds"), "overwrite")):
+    for concept, message in (
+        (_concept("checkpoints"), "checkpoints/ folder"),
+        (_concept("a" * 240), "too long"),
+        (_concept("dog", trigger="learned_embeds"), "overwrite"),
+    ):
         cfg = TrainConfig(model=str(tmp_path / "no-such-model"), output_dir=tmp_path / "out", concepts=[concept])
         with pytest.raises(ValueError, match=message):
             train(cfg)
@@ -109,8 +135,15 @@ def test_train_refuses_a_vocabulary_trigger_before_any_step(eval_sd_model, tmp_p
     from dti_fast.train import TrainConfig, train
 
     c = Concept("dog", demo_images_dir() / "dog", "dog", trigger="dog")
-    cfg = TrainConfig(model=str(eval_sd_model), output_dir=tmp_path / "out", concepts=[c], steps=1, batch_size=1,
-                      resolution=64, progress=False)
+    cfg = TrainConfig(
+        model=str(eval_sd_model),
+        output_dir=tmp_path / "out",
+        concepts=[c],
+        steps=1,
+        batch_size=1,
+        resolution=64,
+        progress=False,
+    )
     with pytest.raises(ValueError, match="trigger 'dog' is a word of the model's vocabulary"):
         train(cfg)
     assert not (tmp_path / "out" / "dog").exists()
@@ -121,11 +154,29 @@ def test_cli_refuses_with_exit_2_and_one_line(eval_sd_model, tmp_path, capsys):
     from dti_fast.demo import demo_images_dir
 
     photos = demo_images_dir() / "dog"
-    for concept, message in ((f"dog:{photos}:dog::dog", "trigger 'dog' is a word of the model's vocabulary"),
-                             (f"checkpoints:{photos}:dog", "checkpoints/ folder"),
-                             (f"dog:{photos}:dog:dog:Learned_Embeds", "lower case")):
-        rc = main(["train", "--model", str(eval_sd_model), "--output", str(tmp_path / "o"), "--concept", concept,
-                   "--steps", "1", "--batch-size", "1", "--resolution", "64", "--no-progress"])
+    for concept, message in (
+        (f"dog:{photos}:dog::dog", "trigger 'dog' is a word of the model's vocabulary"),
+        (f"checkpoints:{photos}:dog", "checkpoints/ folder"),
+        (f"dog:{photos}:dog:dog:Learned_Embeds", "lower case"),
+    ):
+        rc = main(
+            [
+                "train",
+                "--model",
+                str(eval_sd_model),
+                "--output",
+                str(tmp_path / "o"),
+                "--concept",
+                concept,
+                "--steps",
+                "1",
+                "--batch-size",
+                "1",
+                "--resolution",
+                "64",
+                "--no-progress",
+            ]
+        )
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if "error:" in line]
         assert rc == 2 and len(errors) == 1 and message in errors[0], err
@@ -137,17 +188,39 @@ def test_cli_trigger_from_flag_and_job_file_and_the_summary(eval_sd_model, tmp_p
 
     photos = demo_images_dir()
     job = tmp_path / "job.toml"
-    job.write_text(f'[[concept]]\nname = "bag"\nimages = "{photos / "backpack"}"\ninit = "red backpack"\n'
-                   'trigger = "my-bag"\n', encoding="utf-8")
-    rc = main(["train", "--config", str(job), "--model", str(eval_sd_model), "--output", str(tmp_path / "o"),
-               "--concept", f"dog:{photos / 'dog'}:dog::rex-emb", "--steps", "1", "--batch-size", "1",
-               "--resolution", "64", "--no-progress"])
+    job.write_text(
+        f'[[concept]]\nname = "bag"\nimages = "{photos / "backpack"}"\ninit = "red backpack"\ntrigger = "my-bag"\n',
+        encoding="utf-8",
+    )
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(job),
+            "--model",
+            str(eval_sd_model),
+            "--output",
+            str(tmp_path / "o"),
+            "--concept",
+            f"dog:{photos / 'dog'}:dog::rex-emb",
+            "--steps",
+            "1",
+            "--batch-size",
+            "1",
+            "--resolution",
+            "64",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     for trigger, folder, placeholder in (("my-bag", "bag", "<bag>"), ("rex-emb", "dog", "<dog>")):
         d = tmp_path / "o" / folder
         assert sorted(p.name for p in d.iterdir() if p.suffix in (".pt", ".safetensors")) == [
-            "learned_embeds.safetensors", f"{trigger}.pt", f"{trigger}.safetensors"]
+            "learned_embeds.safetensors",
+            f"{trigger}.pt",
+            f"{trigger}.safetensors",
+        ]
         info = json.loads((d / "concept.json").read_text())
         assert info["trigger"] == trigger and info["clients"]["ComfyUI"]["type"] == f"embedding:{trigger}"
         assert info["clients"]["AUTOMATIC1111"]["type"] == trigger
@@ -189,7 +262,10 @@ def test_sdxl_concept_named_learned_embeds_keeps_its_diffusers_file(tmp_path):
     trigger = concept_trigger(_concept("learned_embeds"), "dti")
     write_concept_files(tmp_path, "learned_embeds", "<learned_embeds>", [v1, v2], "sdxl", steps=1, trigger=trigger)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "learned_embeds-dti.safetensors", "learned_embeds.safetensors", "learned_embeds_2.safetensors"]
+        "learned_embeds-dti.safetensors",
+        "learned_embeds.safetensors",
+        "learned_embeds_2.safetensors",
+    ]
     assert torch.equal(load_safetensors(tmp_path / "learned_embeds.safetensors")["<learned_embeds>"], v1)
     xl = load_safetensors(tmp_path / "learned_embeds-dti.safetensors")
     assert torch.equal(xl["clip_l"], v1) and torch.equal(xl["clip_g"], v2)
@@ -200,8 +276,14 @@ def test_sdxl_concept_named_learned_embeds_keeps_its_diffusers_file(tmp_path):
 def test_read_concept_reads_every_file_with_the_file_name_as_word(tmp_path):
     v = torch.randn(2, 8)
     write_concept_files(tmp_path / "dog", "dog", "<dog>", [v], "sd", steps=1, trigger="dog-dti")
-    info = {"name": "dog", "placeholder": "<dog>", "class_noun": "dog", "family": "sd", "method": "dti",
-            **client_info("dog-dti", "<dog>", "sd")}
+    info = {
+        "name": "dog",
+        "placeholder": "<dog>",
+        "class_noun": "dog",
+        "family": "sd",
+        "method": "dti",
+        **client_info("dog-dti", "<dog>", "sd"),
+    }
     (tmp_path / "dog" / "concept.json").write_text(json.dumps(info))
     folder = read_concept(tmp_path / "dog")
     assert folder.placeholder == "<dog>" and folder.trigger == "dog-dti"
@@ -227,16 +309,21 @@ def test_load_concepts_refuses_a_file_named_like_a_vocabulary_word(eval_sd_model
     pipe = load_pipeline(str(eval_sd_model), device="cpu")
     write_concept_files(tmp_path, "dog", "<dog>", [torch.randn(1, 32)], "sd", steps=1, trigger="dog")
     before = len(pipe.tokenizer)
-    with pytest.raises(ValueError, match=r"the word 'dog' is already in the model's tokenizer vocabulary.*rename the "
-                                         r"file \(e.g. dog-emb.pt\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"the word 'dog' is already in the model's tokenizer vocabulary.*rename the "
+        r"file \(e.g. dog-emb.pt\)",
+    ):
         load_concepts(pipe, tmp_path / "dog.pt")
     assert len(pipe.tokenizer) == before
     assert load_concepts(pipe, read_concept(tmp_path / "dog.pt", token="<dog>")) == ["<dog>"]
 
 
 def test_import_dti_fast_stays_free_of_diffusers():
-    code = ("import sys, dti_fast; assert 'diffusers' not in sys.modules and 'transformers' not in sys.modules; "
-            "f = dti_fast.load_concepts; assert 'diffusers' not in sys.modules; print(f.__module__)")
+    code = (
+        "import sys, dti_fast; assert 'diffusers' not in sys.modules and 'transformers' not in sys.modules; "
+        "f = dti_fast.load_concepts; assert 'diffusers' not in sys.modules; print(f.__module__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "dti_fast.concept_files"

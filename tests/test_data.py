@@ -11,8 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dti_fast.data import (MAX_IMAGE_PIXELS, OBJECT_TEMPLATES, STYLE_TEMPLATES, Concept, load_concept_images, load_rgb,
-                           random_crop)
+from dti_fast.data import (
+    MAX_IMAGE_PIXELS,
+    OBJECT_TEMPLATES,
+    STYLE_TEMPLATES,
+    Concept,
+    load_concept_images,
+    load_rgb,
+    random_crop,
+)
 
 
 def _photo(path: Path, size=(80, 64), colour=(200, 30, 30)) -> Path:
@@ -23,12 +30,17 @@ def _photo(path: Path, size=(80, 64), colour=(200, 30, 30)) -> Path:
 
 def _png_declaring(path: Path, width: int, height: int) -> Path:
     """A tiny PNG whose header declares ``width`` x ``height`` pixels (its data is a few bytes): a bomb."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -71,7 +83,7 @@ def test_a_decompression_bomb_is_refused_by_name_before_decoding(tmp_path):
 
 
 def test_an_image_just_above_the_limit_is_refused_from_its_header(tmp_path):
-    side = int(MAX_IMAGE_PIXELS ** 0.5) + 1
+    side = int(MAX_IMAGE_PIXELS**0.5) + 1
     big = _png_declaring(tmp_path / "big.png", side, side)
     with pytest.raises(ValueError, match=f"{side}x{side} px.*above the limit"):
         load_rgb(big)
@@ -100,5 +112,5 @@ def test_random_crop_is_seeded_and_in_range():
     assert torch.equal(a, b) and pos_a == pos_b
     top, left = pos_a
     assert a.shape == (3, 64, 64) and float(a.min()) >= -1 and float(a.max()) <= 1
-    expected = torch.from_numpy(arr[top:top + 64, left:left + 64].copy()).permute(2, 0, 1).float() / 127.5 - 1
+    expected = torch.from_numpy(arr[top : top + 64, left : left + 64].copy()).permute(2, 0, 1).float() / 127.5 - 1
     assert torch.allclose(a, expected)

@@ -40,10 +40,33 @@ def _free_port() -> int:
 
 
 def _torchrun(nproc: int, model: Path, out: Path, *extra: str, steps: int = 3) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "dti_fast.cli", "train",
-           "--model", str(model), "--output", str(out), "--steps", str(steps), "--resolution", "64",
-           "--no-progress", "--checkpoint-every", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "dti_fast.cli",
+        "train",
+        "--model",
+        str(model),
+        "--output",
+        str(out),
+        "--steps",
+        str(steps),
+        "--resolution",
+        "64",
+        "--no-progress",
+        "--checkpoint-every",
+        "1",
+    ]
     for name, folder, init in CONCEPTS:
         cmd += ["--concept", f"{name}:{demo_images_dir() / folder}:{init}"]
     return cmd + list(extra)
@@ -56,8 +79,15 @@ def _env() -> dict:
 
 
 def _single(model: Path, out: Path, **kw) -> dict:
-    cfg = TrainConfig(model=str(model), output_dir=out, resolution=64, progress=False, steps=kw.pop("steps", 3),
-                      concepts=[Concept(n, demo_images_dir() / f, i) for n, f, i in CONCEPTS], **kw)
+    cfg = TrainConfig(
+        model=str(model),
+        output_dir=out,
+        resolution=64,
+        progress=False,
+        steps=kw.pop("steps", 3),
+        concepts=[Concept(n, demo_images_dir() / f, i) for n, f, i in CONCEPTS],
+        **kw,
+    )
     return train(cfg).vectors
 
 
@@ -76,8 +106,9 @@ def test_shard_balances_by_steps():
 def test_sharded_results_equal_single_process(tiny_sd, tmp_path, nproc):
     ref = _single(tiny_sd, tmp_path / "single", batch_size=1)
     out = tmp_path / "sharded"
-    run = subprocess.run(_torchrun(nproc, tiny_sd, out, "--batch-size", "1"), capture_output=True, text=True,
-                         timeout=300, env=_env())
+    run = subprocess.run(
+        _torchrun(nproc, tiny_sd, out, "--batch-size", "1"), capture_output=True, text=True, timeout=300, env=_env()
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     for name, _, _ in CONCEPTS:
         torch.testing.assert_close(_exported(out, name), ref[name][0], rtol=0, atol=ATOL)
@@ -89,8 +120,13 @@ def test_sharded_results_equal_single_process(tiny_sd, tmp_path, nproc):
 def test_data_parallel_equals_one_rank_with_w_times_the_batch(tiny_sd, tmp_path):
     ref = _single(tiny_sd, tmp_path / "single", batch_size=2)
     out = tmp_path / "dp"
-    run = subprocess.run(_torchrun(2, tiny_sd, out, "--batch-size", "1", "--parallel", "data"), capture_output=True,
-                         text=True, timeout=300, env=_env())
+    run = subprocess.run(
+        _torchrun(2, tiny_sd, out, "--batch-size", "1", "--parallel", "data"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     for name, _, _ in CONCEPTS:
         torch.testing.assert_close(_exported(out, name), ref[name][0], rtol=0, atol=ATOL)
@@ -103,25 +139,62 @@ def test_killed_rank_is_reported_and_resume_reruns_only_the_unfinished(tiny_sd, 
     # rank 1 the two short concepts. Rank 1 finishes; rank 0 is killed mid-job.
     steps = {"dog": 6, "clock": 60, "bag": 6}
     job = tmp_path / "job.toml"
-    job.write_text("".join(
-        f'[[concept]]\nname = "{n}"\nimages = "{demo_images_dir() / f}"\ninit = "{i}"\nsteps = {steps[n]}\n'
-        for n, f, i in CONCEPTS))
-    ref = train(TrainConfig(model=str(tiny_sd), output_dir=tmp_path / "single", resolution=64, progress=False,
-                            batch_size=1, concepts=[Concept(n, demo_images_dir() / f, i, steps=steps[n])
-                                                    for n, f, i in CONCEPTS])).vectors
+    job.write_text(
+        "".join(
+            f'[[concept]]\nname = "{n}"\nimages = "{demo_images_dir() / f}"\ninit = "{i}"\nsteps = {steps[n]}\n'
+            for n, f, i in CONCEPTS
+        )
+    )
+    ref = train(
+        TrainConfig(
+            model=str(tiny_sd),
+            output_dir=tmp_path / "single",
+            resolution=64,
+            progress=False,
+            batch_size=1,
+            concepts=[Concept(n, demo_images_dir() / f, i, steps=steps[n]) for n, f, i in CONCEPTS],
+        )
+    ).vectors
     out = tmp_path / "out"
 
     def command(*extra: str) -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "dti_fast.cli", "train",
-                "--config", str(job), "--model", str(tiny_sd), "--output", str(out), "--resolution", "64",
-                "--batch-size", "1", "--no-progress", "--checkpoint-every", "1", *extra]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            "-m",
+            "dti_fast.cli",
+            "train",
+            "--config",
+            str(job),
+            "--model",
+            str(tiny_sd),
+            "--output",
+            str(out),
+            "--resolution",
+            "64",
+            "--batch-size",
+            "1",
+            "--no-progress",
+            "--checkpoint-every",
+            "1",
+            *extra,
+        ]
 
     proc = subprocess.Popen(command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     status0 = out / ".ranks" / "rank-0.json"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not (
-        (out / "dog" / "concept.json").exists() and (out / "bag" / "concept.json").exists()
+        (out / "dog" / "concept.json").exists()
+        and (out / "bag" / "concept.json").exists()
         and list((out / "checkpoints" / "rank0-of-2").glob("step-*.safetensors"))
     ):
         time.sleep(0.05)
@@ -141,17 +214,45 @@ def test_killed_rank_is_reported_and_resume_reruns_only_the_unfinished(tiny_sd, 
 
 
 def _torchrun_job(job: Path, model: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "dti_fast.cli", "train",
-            "--config", str(job), "--model", str(model), "--output", str(out), "--resolution", "64",
-            "--batch-size", "1", "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "dti_fast.cli",
+        "train",
+        "--config",
+        str(job),
+        "--model",
+        str(model),
+        "--output",
+        str(out),
+        "--resolution",
+        "64",
+        "--batch-size",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _job_file(tmp_path: Path, steps: dict[str, int]) -> Path:
     job = tmp_path / "job.toml"
-    job.write_text("".join(
-        f'[[concept]]\nname = "{n}"\nimages = "{demo_images_dir() / f}"\ninit = "{i}"\nsteps = {steps[n]}\n'
-        for n, f, i in CONCEPTS if n in steps))
+    job.write_text(
+        "".join(
+            f'[[concept]]\nname = "{n}"\nimages = "{demo_images_dir() / f}"\ninit = "{i}"\nsteps = {steps[n]}\n'
+            for n, f, i in CONCEPTS
+            if n in steps
+        )
+    )
     return job
 
 
@@ -161,8 +262,13 @@ def test_a_rank_that_finishes_early_outwaits_a_short_process_group_timeout(tiny_
     out = tmp_path / "out"
     env = dict(_env(), DTI_FAST_PG_TIMEOUT_S="2")
     started = time.monotonic()
-    run = subprocess.run(_torchrun_job(job, tiny_sd, out, "--checkpoint-every", "50"), capture_output=True,
-                         text=True, timeout=600, env=env)
+    run = subprocess.run(
+        _torchrun_job(job, tiny_sd, out, "--checkpoint-every", "50"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert time.monotonic() - started > 2  # the wait outlasted the configured timeout
     for name in ("dog", "clock"):
@@ -172,12 +278,20 @@ def test_a_rank_that_finishes_early_outwaits_a_short_process_group_timeout(tiny_
 def test_sigterm_to_one_data_parallel_rank_stops_every_rank_with_a_checkpoint(tiny_sd, tmp_path):
     job = _job_file(tmp_path, {"dog": 400, "clock": 400})
     out = tmp_path / "out"
-    proc = subprocess.Popen(_torchrun_job(job, tiny_sd, out, "--parallel", "data", "--checkpoint-every", "1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        _torchrun_job(job, tiny_sd, out, "--parallel", "data", "--checkpoint-every", "1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     deadline = time.monotonic() + 300
     status1 = out / ".ranks" / "rank-1.json"
-    while time.monotonic() < deadline and proc.poll() is None and not (
-            status1.exists() and list((out / "checkpoints").glob("step-*.safetensors"))):
+    while (
+        time.monotonic() < deadline
+        and proc.poll() is None
+        and not (status1.exists() and list((out / "checkpoints").glob("step-*.safetensors")))
+    ):
         time.sleep(0.05)
     os.kill(json.loads(status1.read_text())["pid"], signal.SIGTERM)  # one rank only, not the launcher
     _, err = proc.communicate(timeout=180)  # no rank is left hanging in a collective

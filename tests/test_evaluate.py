@@ -11,18 +11,28 @@ import torch
 from PIL import Image
 
 from dti_fast.demo import demo_images_dir
-from dti_fast.evaluate import (ClipScorer, DinoScorer, Evaluator, SiglipScorer, aggregate, apply_mask,
-                               evaluate_generated, load_references)
-from dti_fast.testing import is_tiny_metric_model
+from dti_fast.evaluate import (
+    ClipScorer,
+    DinoScorer,
+    Evaluator,
+    SiglipScorer,
+    aggregate,
+    apply_mask,
+    evaluate_generated,
+    load_references,
+)
 from dti_fast.generate import ImageRecord
 from dti_fast.io import write_json
+from dti_fast.testing import is_tiny_metric_model
 
 
 @pytest.fixture(scope="module")
 def scorers(tiny_metrics):
-    return {"dino": DinoScorer(tiny_metrics["dino"], device="cpu"),
-            "siglip": SiglipScorer(tiny_metrics["siglip"], device="cpu"),
-            "clip": ClipScorer(tiny_metrics["clip"], device="cpu")}
+    return {
+        "dino": DinoScorer(tiny_metrics["dino"], device="cpu"),
+        "siglip": SiglipScorer(tiny_metrics["siglip"], device="cpu"),
+        "clip": ClipScorer(tiny_metrics["clip"], device="cpu"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +123,10 @@ def test_siglip_text_is_padded_to_the_models_length(scorers):
         s.text_features(["a dog"])
     finally:
         s.tokenizer = real
-    assert calls[0]["padding"] == "max_length" and calls[0]["max_length"] == s.model.config.text_config.max_position_embeddings
+    assert (
+        calls[0]["padding"] == "max_length"
+        and calls[0]["max_length"] == s.model.config.text_config.max_position_embeddings
+    )
 
 
 def test_clip_t_is_the_cosine_of_the_models_embeddings(scorers, photos):
@@ -129,8 +142,9 @@ def test_clip_t_is_the_cosine_of_the_models_embeddings(scorers, photos):
 
 
 def test_aggregate_is_per_subject_then_mean_over_subjects():
-    r = aggregate({"a": {"image": [1.0, 0.0, 0.5, 0.5], "text": [0.2, 0.4, 0.6, 0.8]},
-                   "b": {"image": [0.9], "text": [0.1]}})
+    r = aggregate(
+        {"a": {"image": [1.0, 0.0, 0.5, 0.5], "text": [0.2, 0.4, 0.6, 0.8]}, "b": {"image": [0.9], "text": [0.1]}}
+    )
     assert r["subjects"]["a"] == {"image": 0.5, "text": pytest.approx(0.5)}
     assert r["mean"]["image"] == pytest.approx((0.5 + 0.9) / 2)  # not (2.0 + 0.9) / 5
     assert r["mean"]["text"] == pytest.approx((0.5 + 0.1) / 2)
@@ -173,7 +187,9 @@ def test_evaluate_generated_scores_the_class_noun_text(tmp_path, tiny_metrics, p
         f = f"dog/p000_s{k}.png"
         (gen / "dog").mkdir(parents=True, exist_ok=True)
         img.save(gen / f)
-        records.append(ImageRecord("dog", 0, "a {} in the snow", "a <dog> in the snow", "a dog in the snow", k, f).to_json())
+        records.append(
+            ImageRecord("dog", 0, "a {} in the snow", "a <dog> in the snow", "a dog in the snow", k, f).to_json()
+        )
     write_json({"records": records}, gen / "images.json")
     seen = []
     from transformers import AutoTokenizer
@@ -185,15 +201,21 @@ def test_evaluate_generated_scores_the_class_noun_text(tmp_path, tiny_metrics, p
             seen.extend(texts)
             return real(texts, **kw)
 
-    ev = Evaluator(dino=tiny_metrics["dino"], siglip=tiny_metrics["siglip"], clip=tiny_metrics["clip"], device="cpu",
-                   siglip_tokenizer=Spy())
+    ev = Evaluator(
+        dino=tiny_metrics["dino"],
+        siglip=tiny_metrics["siglip"],
+        clip=tiny_metrics["clip"],
+        device="cpu",
+        siglip_tokenizer=Spy(),
+    )
     result = evaluate_generated(gen, {"dog": [photos[0]]}, ev)
     assert seen == ["a dog in the snow", "a dog in the snow"]
     per = {r["file"]: r for r in result["per_image"]}
     assert per["dog/p000_s0.png"]["image"] == pytest.approx(1.0, abs=1e-5)
     assert per["dog/p000_s1.png"]["image"] < 0.999
     assert result["subjects"]["dog"]["image"] == pytest.approx(
-        (per["dog/p000_s0.png"]["image"] + per["dog/p000_s1.png"]["image"]) / 2)
+        (per["dog/p000_s0.png"]["image"] + per["dog/p000_s1.png"]["image"]) / 2
+    )
     assert set(result["mean"]) == {"image", "text", "clip_i", "clip_t"}
     json.dumps(result)  # serializable as is
     with pytest.raises(ValueError, match="no reference images for concept"):

@@ -23,9 +23,18 @@ def _record(tmp_path: Path, family: str = "sd", method: str = "dti", n: int = 2,
         vectors = v / v.norm(dim=-1, keepdim=True) * 0.5 if method == "dti" else v * 3
         encoders.append(EncoderVectors(vectors=vectors, scale=scale, vocab_scale=0.5))
     concept = Concept(name="bag", images=tmp_path, init="red backpack", class_noun="backpack")
-    return ConceptRecord(concept=concept, tokens=["<bag>", "<bag>_1"][:n], prompt_string="<bag> <bag>_1",
-                         method=method, steps=7, stopped=stopped, fingerprint="f" * 16, model="m", family=family,
-                         encoders=encoders)
+    return ConceptRecord(
+        concept=concept,
+        tokens=["<bag>", "<bag>_1"][:n],
+        prompt_string="<bag> <bag>_1",
+        method=method,
+        steps=7,
+        stopped=stopped,
+        fingerprint="f" * 16,
+        model="m",
+        family=family,
+        encoders=encoders,
+    )
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
@@ -39,7 +48,9 @@ def test_every_format_holds_the_record_vectors(tmp_path, family):
     if family == "sdxl":
         assert torch.equal(load_safetensors(folder / "learned_embeds_2.safetensors")["<bag>"], r.encoders[1].vectors)
         a1111 = load_safetensors(folder / "bag-dti.safetensors")
-        assert torch.equal(a1111["clip_l"], r.encoders[0].vectors) and torch.equal(a1111["clip_g"], r.encoders[1].vectors)
+        assert torch.equal(a1111["clip_l"], r.encoders[0].vectors) and torch.equal(
+            a1111["clip_g"], r.encoders[1].vectors
+        )
     else:
         a1111 = load_torch(folder / "bag-dti.pt")
         assert torch.equal(next(iter(a1111["string_to_param"].values())), r.encoders[0].vectors)

@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dti_fast.concept_files import write_concept_files
-from dti_fast.concept_files import load_concepts, read_concept, unload_concepts
+from dti_fast.concept_files import load_concepts, read_concept, unload_concepts, write_concept_files
 from dti_fast.generate import expand_prompts, generate, load_pipeline, scoring_text
 from dti_fast.io import write_json
 
@@ -44,8 +43,16 @@ def test_load_concepts_puts_the_exported_vectors_in_the_text_encoder_and_unload_
 def test_generate_prompts_times_seeds_manifest_grid_and_skip(trained_sd, sd_pipe, tmp_path):
     dti = trained_sd["dti"]
     prompts = ["a photo of {}", "a {} on the beach"]
-    res = generate(None, [dti.concept_dirs["dog"], dti.concept_dirs["backpack"]], prompts, tmp_path / "g",
-                   seeds=[0, 1], steps=2, batch_size=3, pipe=sd_pipe)
+    res = generate(
+        None,
+        [dti.concept_dirs["dog"], dti.concept_dirs["backpack"]],
+        prompts,
+        tmp_path / "g",
+        seeds=[0, 1],
+        steps=2,
+        batch_size=3,
+        pipe=sd_pipe,
+    )
     assert len(res.records) == 2 * 2 * 2 and res.generated == 8
     manifest = json.loads(res.manifest.read_text())
     rec = next(r for r in manifest["records"] if r["concept"] == "backpack" and r["prompt_index"] == 1)
@@ -56,8 +63,15 @@ def test_generate_prompts_times_seeds_manifest_grid_and_skip(trained_sd, sd_pipe
         assert sheet.size[0] == 2 * 128  # columns = seeds, 64 px tiles shown at 128
     a, b = _pixels(tmp_path / "g" / "dog/p000_s0.png"), _pixels(tmp_path / "g" / "dog/p000_s1.png")
     assert np.abs(a - b).mean() > 1  # seeds differ
-    again = generate(None, [dti.concept_dirs["dog"], dti.concept_dirs["backpack"]], prompts, tmp_path / "g",
-                     seeds=[0, 1], steps=2, pipe=sd_pipe)
+    again = generate(
+        None,
+        [dti.concept_dirs["dog"], dti.concept_dirs["backpack"]],
+        prompts,
+        tmp_path / "g",
+        seeds=[0, 1],
+        steps=2,
+        pipe=sd_pipe,
+    )
     assert again.generated == 0
 
 
@@ -66,7 +80,9 @@ def test_an_image_depends_on_its_seed_not_on_its_batch(trained_sd, sd_pipe, tmp_
     generate(None, [dog], ["a photo of {}"], tmp_path / "b1", seeds=[3, 4, 5], steps=2, batch_size=1, pipe=sd_pipe)
     generate(None, [dog], ["a photo of {}"], tmp_path / "b3", seeds=[3, 4, 5], steps=2, batch_size=3, pipe=sd_pipe)
     for seed in (3, 4, 5):
-        d = np.abs(_pixels(tmp_path / "b1" / f"dog/p000_s{seed}.png") - _pixels(tmp_path / "b3" / f"dog/p000_s{seed}.png"))
+        d = np.abs(
+            _pixels(tmp_path / "b1" / f"dog/p000_s{seed}.png") - _pixels(tmp_path / "b3" / f"dog/p000_s{seed}.png")
+        )
         assert d.max() <= 2, seed
 
 
@@ -91,7 +107,10 @@ def test_sdxl_concept_loads_into_both_encoders_and_generates(trained_sdxl, eval_
     c = read_concept(trained_sdxl.concept_dirs["dog"])
     assert c.family == "sdxl"
     load_concepts(pipe, [c])
-    for tok, enc, v in ((pipe.tokenizer, pipe.text_encoder, c.vectors[0]), (pipe.tokenizer_2, pipe.text_encoder_2, c.vectors[1])):
+    for tok, enc, v in (
+        (pipe.tokenizer, pipe.text_encoder, c.vectors[0]),
+        (pipe.tokenizer_2, pipe.text_encoder_2, c.vectors[1]),
+    ):
         row = enc.get_input_embeddings().weight[tok.convert_tokens_to_ids("<dog>")].detach()
         torch.testing.assert_close(row, v[0], rtol=0, atol=0)
     unload_concepts(pipe, [c])
@@ -110,9 +129,14 @@ def test_wrong_model_for_the_concept_is_a_clear_error(trained_sd, trained_sdxl, 
     # Right family, wrong width (e.g. an SD 1.5 embedding into SD 2.x): the error names the file.
     folder = tmp_path / "wide"
     write_concept_files(folder, "wide", "<wide>", [torch.randn(1, 48)], "sd", steps=1)
-    write_json({"name": "wide", "placeholder": "<wide>", "method": "dti", "model": "other-model"}, folder / "concept.json")
-    with pytest.raises(ValueError, match=r"learned_embeds.safetensors holds vectors of size 48 but text encoder 1 .* "
-                       r"takes 32.*other-model"):
+    write_json(
+        {"name": "wide", "placeholder": "<wide>", "method": "dti", "model": "other-model"}, folder / "concept.json"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"learned_embeds.safetensors holds vectors of size 48 but text encoder 1 .* "
+        r"takes 32.*other-model",
+    ):
         load_concepts(sd_pipe, [read_concept(folder)])
     assert "<wide>" not in sd_pipe.tokenizer.get_vocab()  # nothing half-loaded
 
@@ -138,9 +162,17 @@ def test_scoring_text_puts_the_class_noun_where_the_concept_was():
 def test_expand_prompts_per_concept_lists(trained_sd):
     dti = trained_sd["dti"]
     dog, bag = read_concept(dti.concept_dirs["dog"]), read_concept(dti.concept_dirs["backpack"])
-    recs = expand_prompts({"dog": ["a {} wearing a hat"], "backpack": ["a {} on a rug", "a red {}"]}, [dog, bag], [0, 1])
+    recs = expand_prompts(
+        {"dog": ["a {} wearing a hat"], "backpack": ["a {} on a rug", "a red {}"]}, [dog, bag], [0, 1]
+    )
     assert [(r.concept, r.prompt_index, r.seed) for r in recs] == [
-        ("dog", 0, 0), ("dog", 0, 1), ("backpack", 0, 0), ("backpack", 0, 1), ("backpack", 1, 0), ("backpack", 1, 1)]
+        ("dog", 0, 0),
+        ("dog", 0, 1),
+        ("backpack", 0, 0),
+        ("backpack", 0, 1),
+        ("backpack", 1, 0),
+        ("backpack", 1, 1),
+    ]
     with pytest.raises(ValueError, match="no prompts for concept"):
         expand_prompts({"dog": ["a {}"]}, [dog, bag], [0])
     with pytest.raises(ValueError, match="no concept was given"):
@@ -150,8 +182,22 @@ def test_expand_prompts_per_concept_lists(trained_sd):
 def test_cli_generate(trained_sd, tmp_path, capsys):
     from dti_fast.cli import main
 
-    rc = main(["generate", "--concept", str(trained_sd["dti"].concept_dirs["cat2"]), "--prompt", "a {} in the snow",
-               "--seeds", "0-1", "--steps", "2", "--output", str(tmp_path / "o"), "--no-progress"])
+    rc = main(
+        [
+            "generate",
+            "--concept",
+            str(trained_sd["dti"].concept_dirs["cat2"]),
+            "--prompt",
+            "a {} in the snow",
+            "--seeds",
+            "0-1",
+            "--steps",
+            "2",
+            "--output",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert "2 image(s)" in capsys.readouterr().out
     assert (tmp_path / "o" / "cat2" / "p000_s1.png").is_file() and (tmp_path / "o" / "cat2" / "grid.png").is_file()
@@ -164,6 +210,14 @@ def test_cli_generate(trained_sd, tmp_path, capsys):
 def test_gpu_generation_is_bf16(trained_sd, eval_sd_model, tmp_path):
     pipe = load_pipeline(str(eval_sd_model))
     assert pipe.unet.dtype == torch.bfloat16 and pipe.device.type == "cuda"
-    res = generate(None, [trained_sd["dti"].concept_dirs["dog"]], ["a photo of {}"], tmp_path / "g", seeds=[0, 1],
-                   steps=2, pipe=pipe, batch_size=2)
+    res = generate(
+        None,
+        [trained_sd["dti"].concept_dirs["dog"]],
+        ["a photo of {}"],
+        tmp_path / "g",
+        seeds=[0, 1],
+        steps=2,
+        pipe=pipe,
+        batch_size=2,
+    )
     assert res.generated == 2

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dti_fast.concept_files import write_concept_files
-from dti_fast.concept_files import read_concept
+from dti_fast.concept_files import read_concept, write_concept_files
 from dti_fast.interpolate import interpolate_concepts, interpolate_vectors, interpolation_times, interpolation_vectors
 from dti_fast.io import load_safetensors, write_json
 
 
-def make_concept(folder: Path, name: str, vectors: list[torch.Tensor], method: str = "dti",
-                 scales=None, model: str = "tiny") -> Path:
+def make_concept(
+    folder: Path, name: str, vectors: list[torch.Tensor], method: str = "dti", scales=None, model: str = "tiny"
+) -> Path:
     """A concept folder like training writes (vectors per encoder; DTI vectors rescaled to ``scales``)."""
     family = "sdxl" if len(vectors) == 2 else "sd"
     if method == "dti":
@@ -23,13 +23,31 @@ def make_concept(folder: Path, name: str, vectors: list[torch.Tensor], method: s
     write_concept_files(folder, name, f"<{name}>", vectors, family, steps=1)
     n = vectors[0].shape[0]
     tokens = [f"<{name}>"] + [f"<{name}>_{i}" for i in range(1, n)]
-    write_json({
-        "name": name, "placeholder": f"<{name}>", "tokens": tokens, "prompt_string": " ".join(tokens),
-        "init": "dog", "class_noun": "dog", "kind": "object", "method": method, "steps": 1, "model": model,
-        "family": family,
-        "encoders": [{"scale": (scales[e] if method == "dti" else None), "vocab_scale": 0.39, "dim": v.shape[-1],
-                      "norms": [float(x) for x in v.norm(dim=-1)]} for e, v in enumerate(vectors)],
-    }, folder / "concept.json")
+    write_json(
+        {
+            "name": name,
+            "placeholder": f"<{name}>",
+            "tokens": tokens,
+            "prompt_string": " ".join(tokens),
+            "init": "dog",
+            "class_noun": "dog",
+            "kind": "object",
+            "method": method,
+            "steps": 1,
+            "model": model,
+            "family": family,
+            "encoders": [
+                {
+                    "scale": (scales[e] if method == "dti" else None),
+                    "vocab_scale": 0.39,
+                    "dim": v.shape[-1],
+                    "norms": [float(x) for x in v.norm(dim=-1)],
+                }
+                for e, v in enumerate(vectors)
+            ],
+        },
+        folder / "concept.json",
+    )
     return folder
 
 
@@ -86,8 +104,9 @@ def test_different_vector_counts_dims_or_families_are_clear_errors(tmp_path):
     one = make_concept(tmp_path / "one", "one", [torch.randn(1, 8, generator=g)], scales=[0.4])
     two = make_concept(tmp_path / "two", "two", [torch.randn(2, 8, generator=g)], scales=[0.4])
     wide = make_concept(tmp_path / "wide", "wide", [torch.randn(1, 16, generator=g)], scales=[0.4])
-    xl = make_concept(tmp_path / "xl", "xl", [torch.randn(1, 8, generator=g), torch.randn(1, 16, generator=g)],
-                      scales=[0.4, 0.45])
+    xl = make_concept(
+        tmp_path / "xl", "xl", [torch.randn(1, 8, generator=g), torch.randn(1, 16, generator=g)], scales=[0.4, 0.45]
+    )
     with pytest.raises(ValueError, match=r"has 1 vector\(s\).*has 2 .*same count"):
         interpolate_concepts(one, two, tmp_path / "o1")
     with pytest.raises(ValueError, match="size 8 .* size 16"):
@@ -101,8 +120,12 @@ def test_different_vector_counts_dims_or_families_are_clear_errors(tmp_path):
 def test_sdxl_encoders_share_t_and_files_are_written_per_encoder(tmp_path):
     g = torch.Generator().manual_seed(2)
     scales = [0.38, 0.45]
-    a = make_concept(tmp_path / "a", "a", [torch.randn(2, 32, generator=g), torch.randn(2, 64, generator=g)], scales=scales)
-    b = make_concept(tmp_path / "b", "b", [torch.randn(2, 32, generator=g), torch.randn(2, 64, generator=g)], scales=scales)
+    a = make_concept(
+        tmp_path / "a", "a", [torch.randn(2, 32, generator=g), torch.randn(2, 64, generator=g)], scales=scales
+    )
+    b = make_concept(
+        tmp_path / "b", "b", [torch.randn(2, 32, generator=g), torch.randn(2, 64, generator=g)], scales=scales
+    )
     ca, cb = read_concept(a), read_concept(b)
     res = interpolate_concepts(a, b, tmp_path / "out", steps=5)
     assert res.modes == ["slerp"] and res.times == [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -152,8 +175,15 @@ def test_trained_concepts_interpolate_load_in_diffusers_and_draw_a_strip(trained
     from PIL import Image
 
     dti = trained_sd["dti"]
-    res = interpolate_concepts(dti.concept_dirs["dog"], dti.concept_dirs["cat2"], tmp_path / "out", steps=3,
-                               images=True, inference_steps=2, model=str(eval_sd_model))
+    res = interpolate_concepts(
+        dti.concept_dirs["dog"],
+        dti.concept_dirs["cat2"],
+        tmp_path / "out",
+        steps=3,
+        images=True,
+        inference_steps=2,
+        model=str(eval_sd_model),
+    )
     m_star = dti.scales[0]
     pipe = StableDiffusionPipeline.from_pretrained(eval_sd_model, safety_checker=None, requires_safety_checker=False)
     for t, folder in zip(res.times, res.folders["slerp"]):
@@ -174,13 +204,31 @@ def test_cli_interpolate(trained_sd, tmp_path, capsys):
     from dti_fast.cli import main
 
     ti = trained_sd["ti"]
-    rc = main(["interpolate", str(ti.concept_dirs["dog"]), str(ti.concept_dirs["cat2"]), "--steps", "4",
-               "--no-images", "--output", str(tmp_path / "o")])
+    rc = main(
+        [
+            "interpolate",
+            str(ti.concept_dirs["dog"]),
+            str(ti.concept_dirs["cat2"]),
+            "--steps",
+            "4",
+            "--no-images",
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "lerp, slerp" in out and (tmp_path / "o" / "lerp" / "t1" / "learned_embeds.safetensors").is_file()
     assert len(list((tmp_path / "o" / "slerp").iterdir())) == 4
-    rc = main(["interpolate", str(ti.concept_dirs["dog"]), str(ti.concept_dirs["backpack"]), "--no-images",
-               "--output", str(tmp_path / "o2")])
+    rc = main(
+        [
+            "interpolate",
+            str(ti.concept_dirs["dog"]),
+            str(ti.concept_dirs["backpack"]),
+            "--no-images",
+            "--output",
+            str(tmp_path / "o2"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "same count" in err and len(err.strip().splitlines()) == 1

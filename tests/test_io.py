@@ -22,8 +22,9 @@ def _small_tmpfs(parent: Path, size: str = "64k"):
     folder = parent / f"tmpfs-{uuid.uuid4().hex[:6]}"
     folder.mkdir()
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
+        )
     except FileNotFoundError:
         pytest.skip("no mount command here: a full disk cannot be made")
     if done.returncode != 0:
@@ -66,8 +67,11 @@ def test_other_errors_pass_through_and_leave_no_temporary_file(tmp_path):
 def test_written_files_get_the_umask_mode(tmp_path):
     old = os.umask(0o022)
     try:
-        for path in (save_safetensors({"x": torch.zeros(2)}, tmp_path / "a.safetensors"),
-                     save_torch({"x": torch.zeros(2)}, tmp_path / "b.pt"), write_json({}, tmp_path / "c.json")):
+        for path in (
+            save_safetensors({"x": torch.zeros(2)}, tmp_path / "a.safetensors"),
+            save_torch({"x": torch.zeros(2)}, tmp_path / "b.pt"),
+            write_json({}, tmp_path / "c.json"),
+        ):
             assert (path.stat().st_mode & 0o777) == 0o644, path
     finally:
         os.umask(old)

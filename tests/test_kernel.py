@@ -15,9 +15,10 @@ import torch
 
 pytest.importorskip("triton")
 
+from dti_fast.kernels import spherical_sgd as kmod  # noqa: E402
+
 from dti_fast import SphericalSGD, project_to_sphere, spherical_sgd, spherical_sgd_step_reference  # noqa: E402
 from dti_fast import optim as optim_mod  # noqa: E402
-from dti_fast.kernels import spherical_sgd as kmod  # noqa: E402
 from dti_fast.optim import device_copy  # noqa: E402
 
 # -- tolerances (see test_optim.py for the measurements behind them) -------------------------
@@ -46,7 +47,7 @@ LR = 0.05
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # (beta, kappa, normalize)
 PLAIN = (0.0, 0.0, True)
-FULL = (0.9, 1e-2, True)        # running s with bias correction, and the vMF prior
+FULL = (0.9, 1e-2, True)  # running s with bias correction, and the vMF prior
 BETA = (0.9, 0.0, True)
 RSGD_PRIOR = (0.0, 1e-2, False)
 RSGD = (0.0, 0.0, False)
@@ -97,8 +98,9 @@ def test_kernel_matches_reference(helpers, device, shapes, hyper, dtype):
     kw = dict(device=device, lr=LR, kappa=kappa, beta=beta, normalize=normalize)
     reference = helpers.run_reference(problem, dtype=dtype, **kw)
     params, opt = helpers.run_optimizer(problem, dtype=dtype, fused=True, **kw)
-    helpers.assert_matches_reference(params, opt, reference, atol=ATOL[dtype], s_rtol=S_RTOL[dtype],
-                                     normalize=normalize)
+    helpers.assert_matches_reference(
+        params, opt, reference, atol=ATOL[dtype], s_rtol=S_RTOL[dtype], normalize=normalize
+    )
 
 
 def test_multi_pass_branch_is_used_above_the_single_pass_limit():
@@ -215,8 +217,11 @@ def test_mixed_dtypes_and_sizes_in_one_group(helpers, device, launches):
     fp32_64 = [grid for grid, dt, dim in launches if dim == 64 and dt == kmod._TL_DTYPES[F32]]
     assert set(fp32_64) == {(2,)}  # (3, 64) and (2, 64) share one launch: one program each
     for i, (p, dtype) in enumerate(zip(params, dtypes)):
-        single = {"inits": [problem["inits"][i]], "priors": [problem["priors"][i]],
-                  "grads": [[g[i]] for g in problem["grads"]]}
+        single = {
+            "inits": [problem["inits"][i]],
+            "priors": [problem["priors"][i]],
+            "grads": [[g[i]] for g in problem["grads"]],
+        }
         ref = helpers.run_reference(single, dtype=dtype, **kw)
         helpers.assert_matches_reference([p], opt, ref, atol=ATOL[dtype], s_rtol=S_RTOL[dtype])
 
@@ -282,8 +287,19 @@ def test_functional_fused_call_with_grad_scale(helpers, device):
         p, step = v.clone(), torch.tensor(2.0, device=device)
         s = torch.rand(5, generator=torch.Generator().manual_seed(1)).to(device)
         s0 = s.clone()
-        spherical_sgd([p], [1024.0 * g], [s], [step], [mu], lr=LR, kappa=0.1, beta=0.5, fused=fused,
-                      grad_scale=torch.tensor(1024.0, device=device), found_inf=torch.zeros(1, device=device))
+        spherical_sgd(
+            [p],
+            [1024.0 * g],
+            [s],
+            [step],
+            [mu],
+            lr=LR,
+            kappa=0.1,
+            beta=0.5,
+            fused=fused,
+            grad_scale=torch.tensor(1024.0, device=device),
+            found_inf=torch.zeros(1, device=device),
+        )
         ref_v, ref_s = spherical_sgd_step_reference(v, g, s0, 3, lr=LR, kappa=0.1, mu=mu, beta=0.5)
         torch.testing.assert_close(p, ref_v, atol=FP32_ATOL, rtol=0)
         torch.testing.assert_close(s, ref_s, rtol=1e-5, atol=0)
@@ -340,8 +356,9 @@ def test_aligned_and_general_paths_match_reference(helpers, device, kernel_calls
     reference = helpers.run_reference(problem, dtype=dtype, **kw)
     values = problem["inits"][0].to(device=device, dtype=dtype)
     p = _param_at_offset(values, 0 if layout == "aligned" else 1)
-    opt = SphericalSGD([{"params": [p], "prior": [problem["priors"][0].to(device)]}], lr=LR, kappa=1e-2,
-                       beta=0.9, fused=True)
+    opt = SphericalSGD(
+        [{"params": [p], "prior": [problem["priors"][0].to(device)]}], lr=LR, kappa=1e-2, beta=0.9, fused=True
+    )
     for grads in problem["grads"]:
         p.grad = grads[0].to(device=device, dtype=dtype)
         opt.step()
@@ -395,19 +412,36 @@ def test_launch_candidates_are_valid():
             assert c.block >= dim if c.single_pass else c.block < dim
 
 
-@pytest.mark.parametrize("config", [
-    kmod.LaunchConfig(rows=2, block=256, single_pass=False, num_warps=4),   # chunked: 768 = 3 x 256, no padding
-    kmod.LaunchConfig(rows=8, block=1024, single_pass=True, num_warps=8),
-], ids=["chunked-256", "padded-8rows"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        kmod.LaunchConfig(rows=2, block=256, single_pass=False, num_warps=4),  # chunked: 768 = 3 x 256, no padding
+        kmod.LaunchConfig(rows=8, block=1024, single_pass=True, num_warps=8),
+    ],
+    ids=["chunked-256", "padded-8rows"],
+)
 def test_an_explicit_launch_config_matches_reference(helpers, device, config):
     # What a sweep times must compute the same step.
     problem = helpers.make_problem([(5, 768)], 1, seed=21, with_prior=True)
     v, g, mu = problem["inits"][0].to(device), problem["grads"][0][0].to(device), problem["priors"][0].to(device)
     p, s, step = v.clone(), torch.zeros(5, device=device), torch.zeros((), device=device)
-    kmod.fused_spherical_sgd([p], [g], [s], [step.add_(1)], [project_to_sphere(mu)], lr=LR, kappa=1e-2, beta=0.9,
-                             eps=1e-8, normalize=True, cache=kmod.LaunchCache(), config=config)
-    ref_v, ref_s = spherical_sgd_step_reference(v, g, torch.zeros(5, device=device), 1, lr=LR, kappa=1e-2, mu=mu,
-                                                beta=0.9)
+    kmod.fused_spherical_sgd(
+        [p],
+        [g],
+        [s],
+        [step.add_(1)],
+        [project_to_sphere(mu)],
+        lr=LR,
+        kappa=1e-2,
+        beta=0.9,
+        eps=1e-8,
+        normalize=True,
+        cache=kmod.LaunchCache(),
+        config=config,
+    )
+    ref_v, ref_s = spherical_sgd_step_reference(
+        v, g, torch.zeros(5, device=device), 1, lr=LR, kappa=1e-2, mu=mu, beta=0.9
+    )
     torch.testing.assert_close(p, ref_v, atol=FP32_ATOL, rtol=0)
     torch.testing.assert_close(s, ref_s, rtol=ONE_STEP_S_RTOL, atol=0)
 
@@ -442,12 +476,28 @@ def test_each_launch_reads_its_devices_copy_of_the_scaler_tensors(helpers, devic
     monkeypatch.setattr(optim_mod, "device_copy", fake_copy)
     gen = torch.Generator().manual_seed(5)
     params = [helpers.unit_rows((2, 64), gen).to(device), helpers.unit_rows((3, 77), gen).to(device)]
-    grads = [1024.0 * torch.randn(2, 64, generator=gen).to(device), 1024.0 * torch.randn(3, 77, generator=gen).to(device)]
+    grads = [
+        1024.0 * torch.randn(2, 64, generator=gen).to(device),
+        1024.0 * torch.randn(3, 77, generator=gen).to(device),
+    ]
     scale, found = torch.tensor(1024.0, device=device), torch.zeros(1, device=device)
     states = [torch.zeros(2, device=device), torch.zeros(3, device=device)]
     steps = [torch.ones((), device=device), torch.ones((), device=device)]
-    kmod.fused_spherical_sgd(params, grads, states, steps, None, lr=LR, kappa=0.0, beta=0.0, eps=1e-8, normalize=True,
-                             grad_scale=scale, found_inf=found, cache=kmod.LaunchCache())
+    kmod.fused_spherical_sgd(
+        params,
+        grads,
+        states,
+        steps,
+        None,
+        lr=LR,
+        kappa=0.0,
+        beta=0.0,
+        eps=1e-8,
+        normalize=True,
+        grad_scale=scale,
+        found_inf=found,
+        cache=kmod.LaunchCache(),
+    )
     assert len(kernel_calls) == 2
     passed = [(args[2], args[3]) for args, _ in kernel_calls]
     copies = [t for _, t in given]
@@ -456,7 +506,7 @@ def test_each_launch_reads_its_devices_copy_of_the_scaler_tensors(helpers, devic
         assert any(s_arg is c for c in copies) and any(f_arg is c for c in copies)
 
 
-_COMPILE_CHECK = r'''
+_COMPILE_CHECK = r"""
 import json, re, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -480,7 +530,7 @@ for dtype, vec, dim, single, block_r, block_d in json.loads(sys.argv[1]):
         loads = re.findall(r"ld\.global\S*", ptx)
         out.append([dtype, dim, aligned, sum(".v" in x for x in loads)])
 print(json.dumps(out))
-'''
+"""
 
 
 def test_aligned_specialization_compiles_to_vector_loads_for_sm90(tmp_path):
@@ -496,8 +546,9 @@ def test_aligned_specialization_compiles_to_vector_loads_for_sm90(tmp_path):
     cases = [["float32", 4, 768, True, 4, 1024], ["bfloat16", 8, 8200, False, 1, 2048]]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_CHECK, json.dumps(cases)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_CHECK, json.dumps(cases)], env=env, capture_output=True, text=True, timeout=600
+    )
     if proc.returncode != 0 and ("ptxas" in proc.stderr or "backend" in proc.stderr.lower()):
         pytest.skip(f"Triton cannot compile for sm_90 here: {proc.stderr[-300:]}")
     assert proc.returncode == 0, proc.stderr[-2000:]

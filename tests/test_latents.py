@@ -44,7 +44,7 @@ def test_cached_posteriors_equal_each_crops_own_encoding(vae):
     cache = LatentCache(vae, [data], 64, 8, torch.device("cpu"), torch.float32, max_crops=16, encode_batch=2)
     for i, array in enumerate(data.arrays):
         for k, (top, left) in enumerate(cache.offsets[0][i]):
-            crop = torch.from_numpy(array[top:top + 64, left:left + 64].copy()).permute(2, 0, 1).float() / 127.5 - 1
+            crop = torch.from_numpy(array[top : top + 64, left : left + 64].copy()).permute(2, 0, 1).float() / 127.5 - 1
             with torch.no_grad():
                 dist = vae.encode(crop[None]).latent_dist
             torch.testing.assert_close(cache.means[0][i][k], dist.mean[0], atol=1e-5, rtol=1e-5)

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dti_fast.data import Concept, ConceptImages, load_concept_images
 from dti_fast.demo import demo_images_dir
@@ -32,8 +31,16 @@ def sdxl() -> Path:
 
 
 def _config(model: Path, out: Path, names=("dog", "backpack"), **kw) -> TrainConfig:
-    base = dict(model=str(model), output_dir=out, concepts=[Concept(n, demo_images_dir() / n, INITS[n]) for n in names],
-                steps=3, batch_size=1, resolution=64, checkpoint_every=100, progress=False)
+    base = dict(
+        model=str(model),
+        output_dir=out,
+        concepts=[Concept(n, demo_images_dir() / n, INITS[n]) for n in names],
+        steps=3,
+        batch_size=1,
+        resolution=64,
+        checkpoint_every=100,
+        progress=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -76,7 +83,7 @@ def test_cached_latents_are_the_crops_own_encodings(sd, shape):
     cache = LatentCache(vae, _images([array]), 64, 8, torch.device("cpu"), torch.float32, encode_batch=3)
     offsets = cache.offsets[0][0]
     long_side = max(shape)
-    assert offsets == [(t, l) for t in range(0, shape[0] - 63, 8) for l in range(0, shape[1] - 63, 8)]
+    assert offsets == [(t, left) for t in range(0, shape[0] - 63, 8) for left in range(0, shape[1] - 63, 8)]
     assert len(offsets) == (long_side - 64) // 8 + 1
     eps = torch.randn(len(offsets), 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cached = cache.latents([(0, 0, k) for k in range(len(offsets))], eps)
@@ -88,9 +95,9 @@ def test_cached_latents_are_the_crops_own_encodings(sd, shape):
 
 def test_latent_cache_keeps_at_most_max_crops_evenly_spaced():
     grid = LatentCache.grid(512, 1024, 512, 8, max_crops=16)
-    lefts = [l for _, l in grid]
+    lefts = [left for _, left in grid]
     assert len(grid) == 16 and lefts[0] == 0 and lefts[-1] == 512
-    assert all(l % 8 == 0 for l in lefts) and lefts == sorted(set(lefts))
+    assert all(left % 8 == 0 for left in lefts) and lefts == sorted(set(lefts))
     gaps = np.diff(lefts)
     assert gaps.max() - gaps.min() <= 8  # evenly spaced on the grid
     assert LatentCache.grid(512, 512, 512, 8, max_crops=16) == [(0, 0)]
@@ -202,8 +209,9 @@ def test_ti_adamw_8bit_states_train_and_resume_bit_identically(sd, tmp_path):
     assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
     # Killed after step 2, resumed: the same vectors as the uninterrupted run.
     train(_config(sd, tmp_path / "killed", method="ti", steps=2, checkpoint_every=2, optim_bits=8))
-    resumed = train(_config(sd, tmp_path / "killed", method="ti", steps=4, checkpoint_every=2, optim_bits=8,
-                            resume=True))
+    resumed = train(
+        _config(sd, tmp_path / "killed", method="ti", steps=4, checkpoint_every=2, optim_bits=8, resume=True)
+    )
     for name in full.vectors:
         torch.testing.assert_close(resumed.vectors[name][0], full.vectors[name][0], rtol=0, atol=0)
     # 8-bit moments follow the 32-bit run closely over a few steps.
@@ -324,9 +332,17 @@ def test_compile_does_not_recompile_when_the_batch_changes(sd, tmp_path, monkeyp
     steady = _graphs_compiled(sd, tmp_path / "steady", monkeypatch, steps=3, batch_size=2)
     # The dog stops after 1 step: the next steps hold the backpack alone, half the batch (4 -> 2 images;
     # a batch of 1 would recompile whatever is marked, as dynamo specializes sizes 0 and 1).
-    turns = _graphs_compiled(sd, tmp_path / "turns", monkeypatch, steps=3, batch_size=2,
-                             concepts=[Concept("dog", demo_images_dir() / "dog", "dog", steps=1),
-                                       Concept("backpack", demo_images_dir() / "backpack", "red backpack")])
+    turns = _graphs_compiled(
+        sd,
+        tmp_path / "turns",
+        monkeypatch,
+        steps=3,
+        batch_size=2,
+        concepts=[
+            Concept("dog", demo_images_dir() / "dog", "dog", steps=1),
+            Concept("backpack", demo_images_dir() / "backpack", "red backpack"),
+        ],
+    )
     assert turns == steady > 0
 
 

@@ -175,8 +175,9 @@ def test_gradient_reaches_the_text_conditioning(parts, family):
     assert latents.shape == (bsz, 4, 8, 8)
     hidden, pooled = [], None
     for tok, te in zip(p.tokenizers, p.text_encoders):
-        ids = tok(["a photo of a sks toy"] * bsz, padding="max_length", max_length=77, truncation=True,
-                  return_tensors="pt").input_ids
+        ids = tok(
+            ["a photo of a sks toy"] * bsz, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
         out = te(ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-2] if family == "sdxl" else out.last_hidden_state)
         pooled = getattr(out, "text_embeds", None)
@@ -298,8 +299,9 @@ def test_single_file_checkpoint_is_explained(tmp_path, no_heavy_loading):
 def test_unsupported_pipeline(tmp_path, no_heavy_loading):
     d = tmp_path / "sd3"
     d.mkdir()
-    (d / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline",
-                                                    "transformer": ["diffusers", "SD3Transformer2DModel"]}))
+    (d / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]})
+    )
     with pytest.raises(ValueError, match="StableDiffusion3Pipeline"):
         load_model_parts(str(d))
 
@@ -368,8 +370,11 @@ def test_online_id_resolves_to_the_hub(tiny_dirs, monkeypatch):
     assert (r.source, r.family, r.local) == ("org/some-sdxl", "sdxl", False)
     assert fetched == ["model_index.json"]
 
-    for cls, exc, words in ((RepositoryNotFoundError, FileNotFoundError, "no Hugging Face model"),
-                            (GatedRepoError, PermissionError, "gated")):
+    for cls, exc, words in (
+        (RepositoryNotFoundError, FileNotFoundError, "no Hugging Face model"),
+        (GatedRepoError, PermissionError, "gated"),
+    ):
+
         def fail(repo_id, filename, _cls=cls, **kw):
             raise _hub_error(_cls)
 
@@ -432,10 +437,13 @@ class _RunsCode:
         return (os.system, (f"touch {_RunsCode.marker}",))
 
 
-@pytest.mark.parametrize("part, weights, pickled", [
-    ("unet", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
-    ("text_encoder", "model.safetensors", "pytorch_model.bin"),
-])
+@pytest.mark.parametrize(
+    "part, weights, pickled",
+    [
+        ("unet", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+        ("text_encoder", "model.safetensors", "pytorch_model.bin"),
+    ],
+)
 def test_pickled_weights_that_would_run_code_are_refused_by_name(tmp_path, part, weights, pickled):
     import pickle
     import shutil

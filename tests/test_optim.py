@@ -80,8 +80,9 @@ def test_vectorized_matches_reference(helpers, device, shapes, hyper, dtype):
     kw = dict(device=device, lr=LR, kappa=kappa, beta=beta, normalize=normalize)
     reference = helpers.run_reference(problem, dtype=dtype, **kw)
     params, opt = helpers.run_optimizer(problem, dtype=dtype, fused=False, **kw)
-    helpers.assert_matches_reference(params, opt, reference, atol=ATOL[dtype], s_rtol=S_RTOL[dtype],
-                                     normalize=normalize)
+    helpers.assert_matches_reference(
+        params, opt, reference, atol=ATOL[dtype], s_rtol=S_RTOL[dtype], normalize=normalize
+    )
 
 
 def test_fused_none_on_cpu_is_the_vectorized_path(helpers):
@@ -143,8 +144,11 @@ def test_add_param_group_mid_run(helpers, device, fused):
     assert len(opt.param_groups) == 2
     assert opt.param_groups[1]["beta"] == 0.9 and opt.param_groups[1]["eps"] == 1e-8  # defaults filled in
     assert int(opt.state[p0]["step"]) == 10 and int(opt.state[p1]["step"]) == 6
-    late = {"inits": [problem["inits"][1]], "priors": [problem["priors"][1]],
-            "grads": [[g[1]] for g in problem["grads"][4:]]}
+    late = {
+        "inits": [problem["inits"][1]],
+        "priors": [problem["priors"][1]],
+        "grads": [[g[1]] for g in problem["grads"][4:]],
+    }
     ref = helpers.run_reference(late, dtype=torch.float32, device=device, lr=0.1, kappa=1e-2, beta=0.9)
     torch.testing.assert_close(p1.detach(), ref[0][0], atol=FP32_ATOL, rtol=0)
 
@@ -494,7 +498,10 @@ def test_diffusers_cosine_schedule_with_warmup(helpers, device, fused):
     get_scheduler = pytest.importorskip("diffusers.optimization").get_scheduler
     warmup, total, lr0 = 3, 10, 0.1
     angles, lrs = _angles_per_step(
-        helpers, device, fused, total,
+        helpers,
+        device,
+        fused,
+        total,
         lambda o: get_scheduler("cosine", optimizer=o, num_warmup_steps=warmup, num_training_steps=total),
         lr0=lr0,
     )
@@ -606,8 +613,17 @@ def test_skipped_step_count_with_found_inf_above_one(helpers, device, fused):
     p = _param(helpers, (3, 64), device)
     s, step = torch.zeros(3, device=device), torch.tensor(5.0, device=device)
     before = p.detach().clone()
-    spherical_sgd([p.detach()], [torch.randn(3, 64, device=device)], [s], [step], None, lr=0.1, beta=0.9,
-                  fused=fused, found_inf=torch.tensor([2.0], device=device))
+    spherical_sgd(
+        [p.detach()],
+        [torch.randn(3, 64, device=device)],
+        [s],
+        [step],
+        None,
+        lr=0.1,
+        beta=0.9,
+        fused=fused,
+        found_inf=torch.tensor([2.0], device=device),
+    )
     assert float(step) == 5.0
     assert torch.equal(p.detach(), before) and not s.any()
 
@@ -623,8 +639,9 @@ def test_geoopt_sphere_retraction_is_the_projection_retraction():
     expected = (x + u) / (x + u).norm(dim=-1, keepdim=True)
     torch.testing.assert_close(geoopt.Sphere().retr(x, u), expected, atol=1e-7, rtol=0)
     # ...and its Riemannian gradient is the tangent projection.
-    torch.testing.assert_close(geoopt.Sphere().egrad2rgrad(x, u), u - (u * x).sum(-1, keepdim=True) * x,
-                               atol=1e-7, rtol=0)
+    torch.testing.assert_close(
+        geoopt.Sphere().egrad2rgrad(x, u), u - (u * x).sum(-1, keepdim=True) * x, atol=1e-7, rtol=0
+    )
 
 
 @pytest.mark.parametrize("lr", [0.05, 0.5])
@@ -659,11 +676,11 @@ def test_zero_and_parallel_gradients_give_no_nan(helpers, device, fused, dtype, 
     for _ in range(5):
         v = p.detach().float()
         g = torch.empty(6, 768, device=device)
-        g[0] = 0.0                                   # no gradient at all
-        g[1] = 3.0 * v[1]                            # parallel: no tangent part
-        g[2] = -1e3 * v[2]                           # anti-parallel, large
+        g[0] = 0.0  # no gradient at all
+        g[1] = 3.0 * v[1]  # parallel: no tangent part
+        g[2] = -1e3 * v[2]  # anti-parallel, large
         g[3] = 1e-30 * torch.randn(768, generator=gen).to(device)  # ||g||^2 underflows fp32
-        g[4] = torch.randn(768, generator=gen).to(device)          # an ordinary row
+        g[4] = torch.randn(768, generator=gen).to(device)  # an ordinary row
         g[5] = 0.0
         p.grad = g.to(dtype)
         opt.step()
@@ -739,10 +756,18 @@ def test_functional_call_outside_no_grad(helpers, device):
     gen = torch.Generator().manual_seed(32)
     ps = [torch.nn.Parameter(helpers.unit_rows((2, 64), gen).to(device)) for _ in range(2)]
     grads = [torch.randn(2, 64, generator=gen).to(device) for _ in ps]
-    refs = [spherical_sgd_step_reference(p.detach(), g, torch.zeros(2, device=device), 1, lr=LR)[0]
-            for p, g in zip(ps, grads)]
-    spherical_sgd(ps, grads, [torch.zeros(2, device=device) for _ in ps], [torch.zeros((), device=device) for _ in ps],
-                  None, lr=LR)
+    refs = [
+        spherical_sgd_step_reference(p.detach(), g, torch.zeros(2, device=device), 1, lr=LR)[0]
+        for p, g in zip(ps, grads)
+    ]
+    spherical_sgd(
+        ps,
+        grads,
+        [torch.zeros(2, device=device) for _ in ps],
+        [torch.zeros((), device=device) for _ in ps],
+        None,
+        lr=LR,
+    )
     for p, ref in zip(ps, refs):
         torch.testing.assert_close(p.detach(), ref, atol=FP32_ATOL, rtol=0)
 
@@ -761,8 +786,9 @@ def test_vectorized_runs_share_buffers_correctly(helpers, device, monkeypatch, r
         plan = next(v for k, v in opt._cache.items() if k[0] == "plan")
         n_runs = sum(len(b.runs) for b in plan.buckets)
         assert n_runs == (7 if run_elements == 130 else 2)
-    helpers.assert_matches_reference(params, opt, helpers.run_reference(problem, **kw), atol=FP32_ATOL,
-                                     s_rtol=S_RTOL[torch.float32])
+    helpers.assert_matches_reference(
+        params, opt, helpers.run_reference(problem, **kw), atol=FP32_ATOL, s_rtol=S_RTOL[torch.float32]
+    )
 
 
 def test_packed_state_is_per_param_and_follows_replacement(helpers, device, fused):

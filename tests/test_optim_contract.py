@@ -33,8 +33,10 @@ SHAPES = [(3, 64), (2, 64)]
 
 def _params(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(project_to_sphere(torch.randn(s, generator=gen)).to(device=device, dtype=dtype))
-            for s in SHAPES]
+    return [
+        torch.nn.Parameter(project_to_sphere(torch.randn(s, generator=gen)).to(device=device, dtype=dtype))
+        for s in SHAPES
+    ]
 
 
 def _grads(step: int, device: str) -> list[torch.Tensor]:
@@ -290,8 +292,7 @@ def test_priors_are_state_saved_and_restored(helpers, device, fused):
     # Built with other priors, or with none: the loaded ones replace them.
     for other in ({"prior": [mu.to(device) for mu in _priors(seed=9)]}, {}):
         params = _params(device)
-        fresh = SphericalSGD([{"params": params, **other}], lr=LR, beta=0.9, kappa=0.1 if other else 0.0,
-                             fused=fused)
+        fresh = SphericalSGD([{"params": params, **other}], lr=LR, beta=0.9, kappa=0.1 if other else 0.0, fused=fused)
         fresh.load_state_dict(saved)
         for p, mu in zip(params, expected):
             assert fresh.state[p]["prior"].dtype == torch.float32
@@ -305,8 +306,10 @@ def test_a_state_dict_without_priors_keeps_the_priors_the_optimizer_was_built_wi
     _step(opt, 0, device)
     built = [opt.state[p]["prior"].clone() for p in opt.param_groups[0]["params"]]
     saved = opt.state_dict()
-    bare = {"state": {k: {"step": v["step"], "s": v["s"]} for k, v in saved["state"].items()},
-            "param_groups": saved["param_groups"]}
+    bare = {
+        "state": {k: {"step": v["step"], "s": v["s"]} for k, v in saved["state"].items()},
+        "param_groups": saved["param_groups"],
+    }
     fresh = _ours(_params(device), fused)
     fresh.load_state_dict(bare)
     for p, mu in zip(fresh.param_groups[0]["params"], built):
@@ -359,8 +362,16 @@ def test_a_prior_changed_between_steps_is_used(helpers, device, fused, how):
     for i, (p, g) in enumerate(zip((p0, p1), _grads(2, device))):
         ref, _ = spherical_sgd_step_reference(before[i], g, s_before[i], 3, lr=LR, kappa=0.5, mu=mus[i], beta=0.9)
         torch.testing.assert_close(p.detach(), ref, atol=1e-5, rtol=0)
-    stale, _ = spherical_sgd_step_reference(before[1], _grads(2, device)[1], s_before[1], 3, lr=LR, kappa=0.5,
-                                            mu=project_to_sphere(_priors()[1]).to(device), beta=0.9)
+    stale, _ = spherical_sgd_step_reference(
+        before[1],
+        _grads(2, device)[1],
+        s_before[1],
+        3,
+        lr=LR,
+        kappa=0.5,
+        mu=project_to_sphere(_priors()[1]).to(device),
+        beta=0.9,
+    )
     assert (p1.detach() - stale).abs().max() > 1e-3  # the old prior would give another step
 
 
@@ -368,8 +379,10 @@ def test_a_prior_changed_between_steps_is_used(helpers, device, fused, how):
 
 
 def test_a_tensor_lr_is_accepted_like_torch(device, fused):
-    for name, make in [("SGD", lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9)),
-                       ("SphericalSGD", lambda ps, lr: _ours(ps, fused, lr=lr))]:
+    for name, make in [
+        ("SGD", lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9)),
+        ("SphericalSGD", lambda ps, lr: _ours(ps, fused, lr=lr)),
+    ]:
         with_tensor = make(_params(device), torch.tensor(LR))
         with_float = make(_params(device), LR)
         scheduler = torch.optim.lr_scheduler.StepLR(with_tensor, step_size=1, gamma=0.5)
@@ -399,8 +412,10 @@ def test_step_hooks_run_around_the_step(device, fused):
 
 
 def test_named_parameters_and_their_names_in_the_state_dict(device, fused):
-    for name, make in [("SGD", lambda ps: torch.optim.SGD(ps, lr=LR, momentum=0.9)),
-                       ("SphericalSGD", lambda ps: SphericalSGD(ps, lr=LR, beta=0.9, fused=fused))]:
+    for name, make in [
+        ("SGD", lambda ps: torch.optim.SGD(ps, lr=LR, momentum=0.9)),
+        ("SphericalSGD", lambda ps: SphericalSGD(ps, lr=LR, beta=0.9, fused=fused)),
+    ]:
         named = list(zip(("a", "b"), _params(device)))
         opt = make(named)
         _step(opt, 0, device)

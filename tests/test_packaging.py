@@ -32,11 +32,13 @@ def _run_in_root(code: str, extra_path: str | None = None) -> subprocess.Complet
 
 
 def test_top_level_kernels_looks_absent_without_the_hub_package():
-    code = ("import kernels\n"
-            "assert kernels.__file__ is None and not hasattr(kernels, '__version__')\n"
-            "try:\n    from kernels import get_kernel\nexcept ImportError:\n    print('absent')\n"
-            "from transformers.utils.import_utils import is_kernels_available\n"
-            "print(is_kernels_available())\n")
+    code = (
+        "import kernels\n"
+        "assert kernels.__file__ is None and not hasattr(kernels, '__version__')\n"
+        "try:\n    from kernels import get_kernel\nexcept ImportError:\n    print('absent')\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "print(is_kernels_available())\n"
+    )
     done = _run_in_root(code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["absent", "False"]

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import errno
-import json
 import io
+import json
 import os
 import pickle
 import random
@@ -39,9 +38,18 @@ def tiny_sd(tmp_path_factory) -> Path:
 
 
 def _cfg(model: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(model=str(model), output_dir=out, steps=3, batch_size=1, resolution=64, progress=False,
-                concepts=[Concept("dog", demo_images_dir() / "dog", "dog"),
-                          Concept("clock", demo_images_dir() / "clock", "clock")])
+    base = dict(
+        model=str(model),
+        output_dir=out,
+        steps=3,
+        batch_size=1,
+        resolution=64,
+        progress=False,
+        concepts=[
+            Concept("dog", demo_images_dir() / "dog", "dog"),
+            Concept("clock", demo_images_dir() / "clock", "clock"),
+        ],
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -181,9 +189,28 @@ def test_an_absurd_learning_rate_never_exports_nan_and_exits_non_zero(tiny_sd, t
     from dti_fast.concept_files import read_concept
 
     out = tmp_path / "out"
-    code = main(["train", "--model", str(tiny_sd), "--output", str(out), "--method", method, "--lr", "1e30",
-                 "--concept", f"dog:{demo_images_dir() / 'dog'}:dog", "--steps", "6", "--batch-size", "1",
-                 "--resolution", "64", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tiny_sd),
+            "--output",
+            str(out),
+            "--method",
+            method,
+            "--lr",
+            "1e30",
+            "--concept",
+            f"dog:{demo_images_dir() / 'dog'}:dog",
+            "--steps",
+            "6",
+            "--batch-size",
+            "1",
+            "--resolution",
+            "64",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "every concept was stopped early" in err
     info = json.loads((out / "dog" / "concept.json").read_text())
@@ -237,8 +264,9 @@ def uninterrupted_4(tiny_sd, tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("damage", ["bit flip", "truncation", "bad rng state"])
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tiny_sd, tmp_path, capsys, damage,
-                                                                            uninterrupted_4):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(
+    tiny_sd, tmp_path, capsys, damage, uninterrupted_4
+):
     out = tmp_path / "out"
     older, newest = _two_checkpoints(tiny_sd, out)
     if damage == "bit flip":
@@ -307,10 +335,31 @@ def test_tampered_checkpoint_shapes_refused(tiny_sd, tmp_path):
 
 
 def _train_cmd(model: Path, out: Path, steps: int, resume: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "dti_fast.cli", "train", "--model", str(model), "--output", str(out),
-           "--concept", f"dog:{demo_images_dir() / 'dog'}:dog", "--concept", f"bag:{demo_images_dir() / 'backpack'}:red backpack",
-           "--steps", str(steps), "--batch-size", "1", "--resolution", "64", "--checkpoint-every", "1",
-           "--keep-checkpoints", "2", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dti_fast.cli",
+        "train",
+        "--model",
+        str(model),
+        "--output",
+        str(out),
+        "--concept",
+        f"dog:{demo_images_dir() / 'dog'}:dog",
+        "--concept",
+        f"bag:{demo_images_dir() / 'backpack'}:red backpack",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "1",
+        "--resolution",
+        "64",
+        "--checkpoint-every",
+        "1",
+        "--keep-checkpoints",
+        "2",
+        "--no-progress",
+    ]
     return cmd + (["--resume"] if resume else [])
 
 
@@ -324,14 +373,25 @@ def _wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout: float = 120
 
 def test_kill_9_at_random_points_then_resume_matches_uninterrupted(tiny_sd, tmp_path):
     steps = 12
-    reference = train(_cfg(tiny_sd, tmp_path / "ref", steps=steps, checkpoint_every=1, concepts=[
-        Concept("dog", demo_images_dir() / "dog", "dog"), Concept("bag", demo_images_dir() / "backpack", "red backpack")]))
+    reference = train(
+        _cfg(
+            tiny_sd,
+            tmp_path / "ref",
+            steps=steps,
+            checkpoint_every=1,
+            concepts=[
+                Concept("dog", demo_images_dir() / "dog", "dog"),
+                Concept("bag", demo_images_dir() / "backpack", "red backpack"),
+            ],
+        )
+    )
     out = tmp_path / "killed"
     rng = random.Random(1234)
     kills = 0
     for trial in range(3):
-        proc = subprocess.Popen(_train_cmd(tiny_sd, out, steps, resume=trial > 0), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            _train_cmd(tiny_sd, out, steps, resume=trial > 0), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         _wait_for_checkpoint(out, proc)
         time.sleep(rng.uniform(0.0, 0.6))
         if proc.poll() is None:
@@ -348,8 +408,9 @@ def test_kill_9_at_random_points_then_resume_matches_uninterrupted(tiny_sd, tmp_
 
 def test_sigterm_writes_checkpoint_and_exits_cleanly(tiny_sd, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen(_train_cmd(tiny_sd, out, 400, resume=False), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _train_cmd(tiny_sd, out, 400, resume=False), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     _wait_for_checkpoint(out, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -395,10 +456,30 @@ def test_ctrl_c_in_every_phase_exits_130_without_a_traceback(tiny_sd, tmp_path, 
     script = tmp_path / "sig.py"
     script.write_text(_SIGNAL_SCRIPT)
     out = tmp_path / "out"
-    cmd = [sys.executable, str(script), phase, str(times), "train", "--model", str(tiny_sd), "--output", str(out),
-           "--concept", f"dog:{demo_images_dir() / 'dog'}:dog", "--steps", "2", "--batch-size", "1",
-           "--resolution", "64", "--no-progress", "--validation-prompt", "a photo of {}",
-           "--validation-inference-steps", "2"]
+    cmd = [
+        sys.executable,
+        str(script),
+        phase,
+        str(times),
+        "train",
+        "--model",
+        str(tiny_sd),
+        "--output",
+        str(out),
+        "--concept",
+        f"dog:{demo_images_dir() / 'dog'}:dog",
+        "--steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--resolution",
+        "64",
+        "--no-progress",
+        "--validation-prompt",
+        "a photo of {}",
+        "--validation-inference-steps",
+        "2",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 130, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
@@ -475,8 +556,12 @@ def test_running_out_of_memory_names_the_fix_and_saves_progress(tiny_sd, tmp_pat
     """A real allocator failure (an address-space limit), not a raised exception."""
     script = tmp_path / "oom.py"
     script.write_text(_OOM_SCRIPT)
-    done = subprocess.run([sys.executable, str(script), str(tiny_sd), str(tmp_path / "out"),
-                           str(demo_images_dir() / "dog")], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tiny_sd), str(tmp_path / "out"), str(demo_images_dir() / "dog")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert "out of memory on cpu" in last and "--batch-size" in last and "--resume" in last

@@ -22,23 +22,45 @@ def _cfg(tmp_path: Path, **kw) -> TrainConfig:
     return TrainConfig(model="m", output_dir=tmp_path / "out", concepts=[concept], **kw)
 
 
-@pytest.mark.parametrize("kind, text, value", [
-    (S.POSITIVE_INT, "3", 3), (S.INT, "-2", -2), (S.POSITIVE_FLOAT, "1e-3", 1e-3), (S.NONNEG_FLOAT, "0", 0.0),
-    (S.UNIT_INTERVAL, "0.9", 0.9), (S.BOOL, "false", False), (S.choice("a", "b"), "b", "b"),
-    (S.either(S.literal("auto"), S.POSITIVE_INT), "auto", "auto"), (S.either(S.literal("auto"), S.POSITIVE_INT), "8", 8),
-])
+@pytest.mark.parametrize(
+    "kind, text, value",
+    [
+        (S.POSITIVE_INT, "3", 3),
+        (S.INT, "-2", -2),
+        (S.POSITIVE_FLOAT, "1e-3", 1e-3),
+        (S.NONNEG_FLOAT, "0", 0.0),
+        (S.UNIT_INTERVAL, "0.9", 0.9),
+        (S.BOOL, "false", False),
+        (S.choice("a", "b"), "b", "b"),
+        (S.either(S.literal("auto"), S.POSITIVE_INT), "auto", "auto"),
+        (S.either(S.literal("auto"), S.POSITIVE_INT), "8", 8),
+    ],
+)
 def test_kinds_read_flag_text(kind, text, value):
     assert kind(text, from_text=True) == value
 
 
-@pytest.mark.parametrize("kind, value, message", [
-    (S.POSITIVE_INT, 0, "positive integer"), (S.POSITIVE_INT, 2.5, "integer"), (S.POSITIVE_INT, True, "number"),
-    (S.POSITIVE_INT, "3", "number"), (S.INT, 10 ** 20, "2\\*\\*63"),
-    (S.POSITIVE_FLOAT, math.inf, "finite"), (S.POSITIVE_FLOAT, math.nan, "finite"), (S.POSITIVE_FLOAT, -1.0, "positive"),
-    (S.NONNEG_FLOAT, math.inf, "finite"), (S.UNIT_INTERVAL, 1.0, r"\[0, 1\)"), (S.BOOL, "yes", "true or false"),
-    (S.TEXT, 5, "string"), (S.PATH, 5, "path"), (S.PATH, "", "path"), (S.TEXTS, [1, 2], "list of strings"),
-    (S.choice("a", "b"), "c", "one of a, b"),
-])
+@pytest.mark.parametrize(
+    "kind, value, message",
+    [
+        (S.POSITIVE_INT, 0, "positive integer"),
+        (S.POSITIVE_INT, 2.5, "integer"),
+        (S.POSITIVE_INT, True, "number"),
+        (S.POSITIVE_INT, "3", "number"),
+        (S.INT, 10**20, "2\\*\\*63"),
+        (S.POSITIVE_FLOAT, math.inf, "finite"),
+        (S.POSITIVE_FLOAT, math.nan, "finite"),
+        (S.POSITIVE_FLOAT, -1.0, "positive"),
+        (S.NONNEG_FLOAT, math.inf, "finite"),
+        (S.UNIT_INTERVAL, 1.0, r"\[0, 1\)"),
+        (S.BOOL, "yes", "true or false"),
+        (S.TEXT, 5, "string"),
+        (S.PATH, 5, "path"),
+        (S.PATH, "", "path"),
+        (S.TEXTS, [1, 2], "list of strings"),
+        (S.choice("a", "b"), "c", "one of a, b"),
+    ],
+)
 def test_kinds_refuse_wrong_types_and_ranges(kind, value, message):
     with pytest.raises(ValueError, match=message):
         kind(value)
@@ -75,36 +97,55 @@ def test_unset_flags_do_not_override_a_job_file(tmp_path):
 
 def test_fingerprint_settings_are_those_that_shape_the_vectors():
     assert set(S.fingerprint_fields(TrainConfig)) == {
-        "model", "method", "batch_size", "resolution", "lr", "scale_lr", "kappa", "beta", "norm_scale", "init",
-        "weight_decay", "seed", "latent_cache", "optim_bits"}
+        "model",
+        "method",
+        "batch_size",
+        "resolution",
+        "lr",
+        "scale_lr",
+        "kappa",
+        "beta",
+        "norm_scale",
+        "init",
+        "weight_decay",
+        "seed",
+        "latent_cache",
+        "optim_bits",
+    }
 
 
 def test_fingerprint_ignores_output_options_and_follows_the_math(tmp_path):
     a = _cfg(tmp_path)
     c = a.concepts[0]
-    assert a.concept_fingerprint(c) == _cfg(tmp_path, steps=9, progress=False, keep_checkpoints=5).concept_fingerprint(c)
+    assert a.concept_fingerprint(c) == _cfg(tmp_path, steps=9, progress=False, keep_checkpoints=5).concept_fingerprint(
+        c
+    )
     assert a.concept_fingerprint(c) != _cfg(tmp_path, kappa=2e-4).concept_fingerprint(c)
     assert a.concept_fingerprint(c) != _cfg(tmp_path, latent_cache_crops=4).concept_fingerprint(c)
-    assert (_cfg(tmp_path, latent_cache=False).concept_fingerprint(c)
-            == _cfg(tmp_path, latent_cache=False, latent_cache_crops=4).concept_fingerprint(c))
+    assert _cfg(tmp_path, latent_cache=False).concept_fingerprint(c) == _cfg(
+        tmp_path, latent_cache=False, latent_cache_crops=4
+    ).concept_fingerprint(c)
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"lr": math.inf}, "lr must be positive and finite"),
-    ({"lr": 1e400}, "lr must be positive and finite"),
-    ({"kappa": math.inf}, "kappa must be a finite number >= 0"),
-    ({"kappa": math.nan}, "kappa must be"),
-    ({"beta": 1.0}, "beta must be a number in"),
-    ({"norm_scale": math.inf}, "norm_scale must be mean, min, max or a positive finite number"),
-    ({"norm_scale": "median"}, "norm_scale must be"),
-    ({"steps": 0}, "steps must be a positive integer"),
-    ({"seed": 10 ** 20}, "seed must be below"),
-    ({"max_batch": "many"}, "max_batch must be"),
-    ({"method": "lora"}, "method must be one of dti, ti"),
-    ({"optim_bits": 16}, "optim_bits must be 32 or 8"),
-    ({"validation_prompts": [1, 2]}, "validation_prompts must be a list of strings"),
-    ({"device": 5}, "device must be a string"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"lr": math.inf}, "lr must be positive and finite"),
+        ({"lr": 1e400}, "lr must be positive and finite"),
+        ({"kappa": math.inf}, "kappa must be a finite number >= 0"),
+        ({"kappa": math.nan}, "kappa must be"),
+        ({"beta": 1.0}, "beta must be a number in"),
+        ({"norm_scale": math.inf}, "norm_scale must be mean, min, max or a positive finite number"),
+        ({"norm_scale": "median"}, "norm_scale must be"),
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"seed": 10**20}, "seed must be below"),
+        ({"max_batch": "many"}, "max_batch must be"),
+        ({"method": "lora"}, "method must be one of dti, ti"),
+        ({"optim_bits": 16}, "optim_bits must be 32 or 8"),
+        ({"validation_prompts": [1, 2]}, "validation_prompts must be a list of strings"),
+        ({"device": 5}, "device must be a string"),
+    ],
+)
 def test_python_configs_are_checked_by_the_same_schema(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
         validate_config(_cfg(tmp_path, **kw))
@@ -118,14 +159,17 @@ def test_config_paths_are_normalized(tmp_path, monkeypatch):
     assert cfg.output_dir == tmp_path / "runs" / "x"
 
 
-@pytest.mark.parametrize("line, message", [
-    ('steps = 1.5', "steps must be an integer"),
-    ('lr = inf', "lr must be positive and finite"),
-    ('kappa = nan', "kappa must be"),
-    ('output_dir = 5', "output_dir must be a non-empty path"),
-    ('validation_prompts = [1, 2]', "validation_prompts must be a list of strings"),
-    ('text_cache = "sometimes"', "text_cache must be"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("steps = 1.5", "steps must be an integer"),
+        ("lr = inf", "lr must be positive and finite"),
+        ("kappa = nan", "kappa must be"),
+        ("output_dir = 5", "output_dir must be a non-empty path"),
+        ("validation_prompts = [1, 2]", "validation_prompts must be a list of strings"),
+        ('text_cache = "sometimes"', "text_cache must be"),
+    ],
+)
 def test_job_file_values_are_checked_with_the_key_named(tmp_path, line, message):
     from dti_fast.train import JobError
 
@@ -135,13 +179,16 @@ def test_job_file_values_are_checked_with_the_key_named(tmp_path, line, message)
         read_job_file(job)
 
 
-@pytest.mark.parametrize("entry, message", [
-    ('name = "x"\nimages = 5\ninit = "dog"', "images must be a folder path"),
-    ('name = "x"\nimages = "y"\ninit = 7', "init must be a string"),
-    ('name = "x"\nimages = "y"\ninit = "dog"\nplaceholder = 5', "placeholder must be a string"),
-    ('name = 5\nimages = "y"\ninit = "dog"', "name must be a string"),
-    ('name = "x"\nimages = "y"\ninit = "dog"\nsteps = "3"', "steps must be an integer"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ('name = "x"\nimages = 5\ninit = "dog"', "images must be a folder path"),
+        ('name = "x"\nimages = "y"\ninit = 7', "init must be a string"),
+        ('name = "x"\nimages = "y"\ninit = "dog"\nplaceholder = 5', "placeholder must be a string"),
+        ('name = 5\nimages = "y"\ninit = "dog"', "name must be a string"),
+        ('name = "x"\nimages = "y"\ninit = "dog"\nsteps = "3"', "steps must be an integer"),
+    ],
+)
 def test_wrong_types_in_concepts_are_named(tmp_path, entry, message):
     from dti_fast.train import JobError
 
@@ -164,8 +211,9 @@ def test_job_file_paths_expand_home_and_model_resolves_beside_the_file(tmp_path,
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "models" / "tiny").mkdir(parents=True)
     job = tmp_path / "job.toml"
-    job.write_text('model = "models/tiny"\noutput_dir = "~/x"\n[[concept]]\nname = "a"\nimages = "~/photos"\n'
-                   'init = "dog"\n')
+    job.write_text(
+        'model = "models/tiny"\noutput_dir = "~/x"\n[[concept]]\nname = "a"\nimages = "~/photos"\ninit = "dog"\n'
+    )
     got = read_job_file(job)
     assert got["model"] == str(tmp_path / "models" / "tiny")
     assert got["output_dir"] == tmp_path / "home" / "x"
@@ -178,7 +226,7 @@ def test_job_file_that_is_not_utf8_is_named(tmp_path):
     from dti_fast.train import JobError
 
     job = tmp_path / "job.toml"
-    job.write_bytes('steps = 3\n'.encode("utf-16"))
+    job.write_bytes("steps = 3\n".encode("utf-16"))
     with pytest.raises(JobError, match=f"job file {job} is not UTF-8"):
         read_job_file(job)
 

@@ -154,10 +154,12 @@ def test_slerp_unit_norm_and_constant_angular_speed(theta):
         out = slerp(a, b, t)
         torch.testing.assert_close(out.norm(dim=-1), torch.ones(4), atol=FP32_ATOL, rtol=0)
         # Constant angular speed along the great circle: angle(a, x) = t*theta, angle(x, b) = (1-t)*theta.
-        torch.testing.assert_close(_angle(a, out), torch.full((4,), t * theta, dtype=torch.float64),
-                                   atol=ANGLE_ATOL, rtol=0)
-        torch.testing.assert_close(_angle(out, b), torch.full((4,), (1 - t) * theta, dtype=torch.float64),
-                                   atol=ANGLE_ATOL, rtol=0)
+        torch.testing.assert_close(
+            _angle(a, out), torch.full((4,), t * theta, dtype=torch.float64), atol=ANGLE_ATOL, rtol=0
+        )
+        torch.testing.assert_close(
+            _angle(out, b), torch.full((4,), (1 - t) * theta, dtype=torch.float64), atol=ANGLE_ATOL, rtol=0
+        )
 
 
 def test_slerp_normalizes_inputs_and_takes_per_row_t():
@@ -165,8 +167,9 @@ def test_slerp_normalizes_inputs_and_takes_per_row_t():
     b = _at_angle(a, 1.0)
     t = torch.tensor([0.0, 0.25, 1.0])
     out = slerp(5.0 * a, 0.1 * b, t)  # scaling the inputs must not matter
-    torch.testing.assert_close(_angle(a, out), torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64),
-                               atol=ANGLE_ATOL, rtol=0)
+    torch.testing.assert_close(
+        _angle(a, out), torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64), atol=ANGLE_ATOL, rtol=0
+    )
 
 
 @pytest.mark.parametrize("theta", [0.0, 1e-7, 1e-5, 0.5 * SLERP_LINEAR_THRESHOLD])
@@ -193,8 +196,9 @@ def test_slerp_just_outside_antipodal_threshold_works():
     theta = math.pi - 20 * SLERP_ANTIPODAL_THRESHOLD
     out = slerp(a, _at_angle(a, theta), 0.5)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(_angle(a, out), torch.full((2,), 0.5 * theta, dtype=torch.float64),
-                               atol=1e-4, rtol=0)  # arccos in fp32 near -1 resolves theta to ~1e-4
+    torch.testing.assert_close(
+        _angle(a, out), torch.full((2,), 0.5 * theta, dtype=torch.float64), atol=1e-4, rtol=0
+    )  # arccos in fp32 near -1 resolves theta to ~1e-4
 
 
 def test_slerp_rejects_bad_inputs():
@@ -263,8 +267,9 @@ def test_reference_step_with_beta0_moves_each_row_by_atan_lr():
     g = torch.randn(5, 768, generator=_gen(7))
     for lr in (0.01, 0.1, 0.5):
         new_v, s = spherical_sgd_step_reference(v, g, torch.zeros(5), 1, lr=lr)
-        torch.testing.assert_close(_angle(v, new_v), torch.full((5,), math.atan(lr), dtype=torch.float64),
-                                   atol=ANGLE_ATOL, rtol=0)
+        torch.testing.assert_close(
+            _angle(v, new_v), torch.full((5,), math.atan(lr), dtype=torch.float64), atol=ANGLE_ATOL, rtol=0
+        )
         torch.testing.assert_close(s, project_tangent(v, g).pow(2).sum(-1), rtol=1e-6, atol=0)
 
 
@@ -277,8 +282,9 @@ def test_reference_step_bias_correction_and_running_state():
     n1 = project_tangent(v, g1).norm(dim=-1)
     torch.testing.assert_close(s1, (1 - beta) * n1**2, rtol=1e-6, atol=0)
     # Step 1 with bias correction: s_hat = ||g||^2, so again a move of atan(lr).
-    torch.testing.assert_close(_angle(v, v1), torch.full((3,), math.atan(lr), dtype=torch.float64),
-                               atol=ANGLE_ATOL, rtol=0)
+    torch.testing.assert_close(
+        _angle(v, v1), torch.full((3,), math.atan(lr), dtype=torch.float64), atol=ANGLE_ATOL, rtol=0
+    )
     v2, s2 = spherical_sgd_step_reference(v1, g2, s1, 2, lr=lr, beta=beta, eps=eps)
     n2 = project_tangent(v1, g2).norm(dim=-1)
     expected_s2 = beta * s1 + (1 - beta) * n2**2
@@ -300,8 +306,9 @@ def test_reference_step_prior_and_grad_scale_and_plain_mode():
     torch.testing.assert_close(new_v, expected, atol=FP32_ATOL, rtol=0)
     assert torch.equal(s, s0)
     # grad_scale divides the gradient first.
-    scaled, _ = spherical_sgd_step_reference(v, 1024.0 * g, s0, 3, lr=lr, kappa=kappa, mu=mu,
-                                             normalize=False, grad_scale=1024.0)
+    scaled, _ = spherical_sgd_step_reference(
+        v, 1024.0 * g, s0, 3, lr=lr, kappa=kappa, mu=mu, normalize=False, grad_scale=1024.0
+    )
     torch.testing.assert_close(scaled, expected, atol=FP32_ATOL, rtol=0)
     with pytest.raises(ValueError, match="mu"):
         spherical_sgd_step_reference(v, g, s0, 1, lr=lr, kappa=kappa, mu=None)

@@ -10,15 +10,36 @@ import pytest
 from dti_fast.demo import demo_images_dir
 from dti_fast.suite import SuiteConfig, load_subjects, prompt_sets, run_suite
 
-STAGES = ["train:dti", "train:ti", "generate:dti", "generate:ti", "generate:ti-rescaled", "score:dti", "score:ti",
-          "score:ti-rescaled", "slerp:dti", "slerp:ti"]
+STAGES = [
+    "train:dti",
+    "train:ti",
+    "generate:dti",
+    "generate:ti",
+    "generate:ti-rescaled",
+    "score:dti",
+    "score:ti",
+    "score:ti-rescaled",
+    "slerp:dti",
+    "slerp:ti",
+]
 
 
 def _reduced(out: Path, eval_sd_model, tiny_metrics, **kw) -> SuiteConfig:
     """--quick, made smaller: two subjects, 2 steps, 1 prompt, 2 denoising steps, a 3-image strip."""
-    base = dict(output_dir=out, quick=True, model=str(eval_sd_model), subjects=["cat2", "dog"], steps=2,
-                max_prompts=1, inference_steps=2, slerp_steps=3, dino_model=str(tiny_metrics["dino"]),
-                siglip_model=str(tiny_metrics["siglip"]), clip_model=str(tiny_metrics["clip"]), progress=False)
+    base = dict(
+        output_dir=out,
+        quick=True,
+        model=str(eval_sd_model),
+        subjects=["cat2", "dog"],
+        steps=2,
+        max_prompts=1,
+        inference_steps=2,
+        slerp_steps=3,
+        dino_model=str(tiny_metrics["dino"]),
+        siglip_model=str(tiny_metrics["siglip"]),
+        clip_model=str(tiny_metrics["clip"]),
+        progress=False,
+    )
     base.update(kw)
     return SuiteConfig(**base)
 
@@ -58,12 +79,16 @@ def test_reduced_quick_suite_runs_every_stage_and_writes_the_report(suite_run):
         assert (out / rel).is_file() and f"]({rel})" in md, rel
     assert {"tradeoff", "norms_encoder1"} <= set(report["plots"])
     # One training job per method holds every subject.
-    assert sorted(p.name for p in (out / "train" / "dti").iterdir() if (p / "concept.json").is_file()) == ["cat2", "dog"]
+    assert sorted(p.name for p in (out / "train" / "dti").iterdir() if (p / "concept.json").is_file()) == [
+        "cat2",
+        "dog",
+    ]
     assert (out / "train" / "ti" / "dog" / "rescaled" / "learned_embeds.safetensors").is_file()
 
 
-def test_rerun_skips_finished_work_and_a_changed_setting_redoes_only_what_depends_on_it(suite_run, eval_sd_model,
-                                                                                      tiny_metrics):
+def test_rerun_skips_finished_work_and_a_changed_setting_redoes_only_what_depends_on_it(
+    suite_run, eval_sd_model, tiny_metrics
+):
     out, _ = suite_run
     image = out / "images" / "dti" / "dog" / "p000_s0.png"
     mtime = image.stat().st_mtime_ns

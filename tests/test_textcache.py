@@ -55,8 +55,9 @@ def _prompts(names: dict) -> list[str]:
 
 
 def _ids(tok, prompts):
-    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
+    return tok(
+        prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def _reference(enc, ids, mode: str, pooled: bool):
@@ -197,8 +198,10 @@ def test_penultimate_skips_work(sdxl):
 
     c1 = PrefixCachedTextEncoder(enc1, mode="penultimate")
     c2 = PrefixCachedTextEncoder(enc2, mode="penultimate", pooled=True)
-    handles = [c1.layers[-1].mlp.register_forward_pre_hook(hook("e1")),
-               c2.layers[-1].mlp.register_forward_pre_hook(hook("e2"))]
+    handles = [
+        c1.layers[-1].mlp.register_forward_pre_hook(hook("e1")),
+        c2.layers[-1].mlp.register_forward_pre_hook(hook("e2")),
+    ]
     try:
         ids1, ids2 = _ids(tok1, _prompts(names1)), _ids(tok2, _prompts(names2))
         c1(ids1), c2(ids2)

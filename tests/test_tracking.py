@@ -41,9 +41,18 @@ def test_disabled_progress_prints_nothing():
 
 
 def _cfg(model: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(model=str(model), output_dir=out, steps=4, batch_size=1, resolution=64, progress=False,
-                concepts=[Concept("dog", demo_images_dir() / "dog", "dog"),
-                          Concept("clock", demo_images_dir() / "clock", "clock")])
+    base = dict(
+        model=str(model),
+        output_dir=out,
+        steps=4,
+        batch_size=1,
+        resolution=64,
+        progress=False,
+        concepts=[
+            Concept("dog", demo_images_dir() / "dog", "dog"),
+            Concept("clock", demo_images_dir() / "clock", "clock"),
+        ],
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -57,8 +66,18 @@ def tiny_sd(tmp_path_factory) -> Path:
 
 def test_curves_samples_during_training_and_log_lines(tiny_sd, tmp_path, capsys):
     out = tmp_path / "out"
-    train(_cfg(tiny_sd, out, log_every=2, validation_every=2, validation_prompts=["a photo of {}"],
-               validation_inference_steps=2, progress=True, progress_interval=0.0))
+    train(
+        _cfg(
+            tiny_sd,
+            out,
+            log_every=2,
+            validation_every=2,
+            validation_prompts=["a photo of {}"],
+            validation_inference_steps=2,
+            progress=True,
+            progress_interval=0.0,
+        )
+    )
     assert (out / "curves.png").is_file()
     for name in ("dog", "clock"):
         assert (out / name / "samples" / "step-000002.png").is_file()

@@ -38,8 +38,16 @@ def _concepts(*names: str, **overrides) -> list[Concept]:
 
 
 def _config(model: Path, out: Path, names=("dog", "backpack"), **kw) -> TrainConfig:
-    base = dict(model=str(model), output_dir=out, concepts=_concepts(*names), steps=3, batch_size=1,
-                resolution=64, checkpoint_every=100, progress=False)
+    base = dict(
+        model=str(model),
+        output_dir=out,
+        concepts=_concepts(*names),
+        steps=3,
+        batch_size=1,
+        resolution=64,
+        checkpoint_every=100,
+        progress=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -81,8 +89,9 @@ def test_a1111_file_loads_through_diffusers(tiny_sd, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
     pipe.load_textual_inversion(str(result.concept_dirs["dog"] / "dog-dti.pt"), token="<a1111-dog>")
     tid = pipe.tokenizer.convert_tokens_to_ids("<a1111-dog>")
-    torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[tid].detach(),
-                               result.vectors["dog"][0][0], rtol=0, atol=0)
+    torch.testing.assert_close(
+        pipe.text_encoder.get_input_embeddings().weight[tid].detach(), result.vectors["dog"][0][0], rtol=0, atol=0
+    )
 
 
 def test_sdxl_two_encoders_export_and_load(tiny_sdxl, tmp_path):
@@ -98,14 +107,26 @@ def test_sdxl_two_encoders_export_and_load(tiny_sdxl, tmp_path):
             n = torch.linalg.vector_norm(v, dim=-1)
             torch.testing.assert_close(n, torch.full_like(n, s), rtol=NORM_RTOL, atol=0)
         placeholder = f"<{name}>"
-        pipe.load_textual_inversion(str(folder / "learned_embeds.safetensors"), token=placeholder,
-                                    text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-        pipe.load_textual_inversion(str(folder / "learned_embeds_2.safetensors"), token=placeholder,
-                                    text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+        pipe.load_textual_inversion(
+            str(folder / "learned_embeds.safetensors"),
+            token=placeholder,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+        )
+        pipe.load_textual_inversion(
+            str(folder / "learned_embeds_2.safetensors"),
+            token=placeholder,
+            text_encoder=pipe.text_encoder_2,
+            tokenizer=pipe.tokenizer_2,
+        )
         ids1 = pipe.tokenizer.convert_tokens_to_ids([placeholder])
         ids2 = pipe.tokenizer_2.convert_tokens_to_ids([placeholder])
-        torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[ids1][0].detach(), v1[0], rtol=0, atol=0)
-        torch.testing.assert_close(pipe.text_encoder_2.get_input_embeddings().weight[ids2][0].detach(), v2[0], rtol=0, atol=0)
+        torch.testing.assert_close(
+            pipe.text_encoder.get_input_embeddings().weight[ids1][0].detach(), v1[0], rtol=0, atol=0
+        )
+        torch.testing.assert_close(
+            pipe.text_encoder_2.get_input_embeddings().weight[ids2][0].detach(), v2[0], rtol=0, atol=0
+        )
         a1111 = load_safetensors(folder / f"{name}-dti.safetensors")
         torch.testing.assert_close(a1111["clip_l"], v1, rtol=0, atol=0)
         torch.testing.assert_close(a1111["clip_g"], v2, rtol=0, atol=0)
@@ -168,8 +189,16 @@ def test_max_batch_makes_concepts_take_turns_with_own_step_counts(tiny_sd, tmp_p
 def test_validation_grid_written(tiny_sd, tmp_path):
     from PIL import Image
 
-    result = train(_config(tiny_sd, tmp_path / "out", names=("dog",), steps=1,
-                           validation_prompts=["a photo of {}", "{} on the beach"], validation_inference_steps=2))
+    result = train(
+        _config(
+            tiny_sd,
+            tmp_path / "out",
+            names=("dog",),
+            steps=1,
+            validation_prompts=["a photo of {}", "{} on the beach"],
+            validation_inference_steps=2,
+        )
+    )
     grid = Image.open(result.concept_dirs["dog"] / "samples.png")
     assert grid.size == (128, 64)
 

@@ -134,8 +134,7 @@ CLIP_BIGG_TEXT: dict[str, Any] = dict(
 
 PARAM_COUNTS: dict[str, dict[str, int]] = {
     "sd": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
-    "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
-             "text_encoder_2": 694_659_840},
+    "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
 }
 """Parameter counts of the real models' components (what the configs above build)."""
 
@@ -146,16 +145,29 @@ _REDUCED_VAE = {k: TINY_VAE[k] for k in ("block_out_channels", "layers_per_block
 _REDUCED_CLIP_L = dict(TINY_TE1, num_hidden_layers=2)
 _REDUCED = {
     "sd": {
-        "unet": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
-                     cross_attention_dim=32, attention_head_dim=4, sample_size=8),
+        "unet": dict(
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            sample_size=8,
+        ),
         "vae": _REDUCED_VAE,
         "text_encoder": _REDUCED_CLIP_L,
     },
     "sdxl": {
-        "unet": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
-                     cross_attention_dim=32 + 64, transformer_layers_per_block=(1, 2, 2),
-                     attention_head_dim=(2, 4, 4), addition_time_embed_dim=8,
-                     projection_class_embeddings_input_dim=6 * 8 + 32, sample_size=8),
+        "unet": dict(
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=32 + 64,
+            transformer_layers_per_block=(1, 2, 2),
+            attention_head_dim=(2, 4, 4),
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            sample_size=8,
+        ),
         "vae": _REDUCED_VAE,
         "text_encoder": _REDUCED_CLIP_L,
         "text_encoder_2": dict(TINY_TE2, num_hidden_layers=2),
@@ -282,5 +294,11 @@ def make_full_size_model(
     for module in (*text_encoders, *modules.values()):
         module.to("cpu")
     tag = family + ("-reduced" if reduced else "")
-    return write_model_folder(path, family, unet=modules["unet"], vae=modules["vae"], text_encoders=text_encoders,
-                              index_extra={"_dti_fast_random_arch": tag})
+    return write_model_folder(
+        path,
+        family,
+        unet=modules["unet"],
+        vae=modules["vae"],
+        text_encoders=text_encoders,
+        index_extra={"_dti_fast_random_arch": tag},
+    )

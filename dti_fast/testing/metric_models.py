@@ -64,8 +64,17 @@ def _tiny_siglip_tokenizer(folder: Path, max_length: int):
         return tok
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_tiny_corpus()), model_writer=buf, vocab_size=400, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, hard_vocab_limit=False, minloglevel=2,
+        sentence_iterator=iter(_tiny_corpus()),
+        model_writer=buf,
+        vocab_size=400,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        hard_vocab_limit=False,
+        minloglevel=2,
         character_coverage=1.0,
     )
     (folder / "spiece.model").write_bytes(buf.getvalue())
@@ -98,8 +107,17 @@ def make_tiny_metric_models(folder: str | Path, seed: int = 0) -> dict[str, Path
 
 
 def _make_tiny_metric_models(folder: Path, seed: int) -> dict[str, Path]:
-    from transformers import (BitImageProcessorPil, CLIPConfig, CLIPImageProcessorPil, CLIPModel, Dinov2Config,
-                              Dinov2Model, SiglipConfig, SiglipImageProcessorPil, SiglipModel)
+    from transformers import (
+        BitImageProcessorPil,
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        Dinov2Config,
+        Dinov2Model,
+        SiglipConfig,
+        SiglipImageProcessorPil,
+        SiglipModel,
+    )
 
     from .tiny import clip_tokenizer
 
@@ -112,15 +130,26 @@ def _make_tiny_metric_models(folder: Path, seed: int) -> dict[str, Path]:
         torch.manual_seed(seed)
         dino = Dinov2Model(Dinov2Config(**small, image_size=56, patch_size=14))
         dino.save_pretrained(str(out["dino"]))
-        BitImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56}, do_center_crop=True,
-                             image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-                             do_convert_rgb=True).save_pretrained(str(out["dino"]))
+        BitImageProcessorPil(
+            size={"shortest_edge": 64},
+            crop_size={"height": 56, "width": 56},
+            do_center_crop=True,
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+            do_convert_rgb=True,
+        ).save_pretrained(str(out["dino"]))
 
         sig_len = 16
         stok = _tiny_siglip_tokenizer(out["siglip"], sig_len)
         pad = stok.pad_token_id if stok.pad_token_id is not None else 0
-        text = dict(small, vocab_size=len(stok), max_position_embeddings=sig_len, pad_token_id=pad,
-                    bos_token_id=pad, eos_token_id=stok.eos_token_id if stok.eos_token_id is not None else pad)
+        text = dict(
+            small,
+            vocab_size=len(stok),
+            max_position_embeddings=sig_len,
+            pad_token_id=pad,
+            bos_token_id=pad,
+            eos_token_id=stok.eos_token_id if stok.eos_token_id is not None else pad,
+        )
         vision = dict(small, image_size=32, patch_size=8)
         siglip = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
         with torch.no_grad():  # scale 10, bias 0: random scores spread around 0.5 instead of ~0
@@ -130,30 +159,53 @@ def _make_tiny_metric_models(folder: Path, seed: int) -> dict[str, Path]:
         SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(str(out["siglip"]))
 
         ctok = clip_tokenizer(pad_token="<|endoftext|>")
-        clip_text = dict(small, vocab_size=len(ctok), max_position_embeddings=77, bos_token_id=49406,
-                         eos_token_id=49407, pad_token_id=49407, projection_dim=32)
-        clip = CLIPModel(CLIPConfig(text_config=clip_text, vision_config=dict(small, image_size=32, patch_size=8),
-                                    projection_dim=32))
+        clip_text = dict(
+            small,
+            vocab_size=len(ctok),
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            projection_dim=32,
+        )
+        clip = CLIPModel(
+            CLIPConfig(text_config=clip_text, vision_config=dict(small, image_size=32, patch_size=8), projection_dim=32)
+        )
         clip.save_pretrained(str(out["clip"]))
         ctok.save_pretrained(str(out["clip"]))
         CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-            str(out["clip"]))
+            str(out["clip"])
+        )
     for kind, p in out.items():
         (p / "README.txt").write_text(_TINY_README.format(kind=kind), encoding="utf-8")
     (root / "tiny_metric_models.json").write_text(
-        json.dumps({"version": TINY_METRICS_VERSION, "random_weights": True, "seed": seed,
-                    "siglip_tokenizer": type(stok).__name__}, indent=2) + "\n", encoding="utf-8")
+        json.dumps(
+            {
+                "version": TINY_METRICS_VERSION,
+                "random_weights": True,
+                "seed": seed,
+                "siglip_tokenizer": type(stok).__name__,
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     return out
 
 
 def tiny_metric_models_path(cache_dir: str | Path | None = None) -> dict[str, Path]:
     """The cached tiny metric models (built once, atomically) under ``<cache>/tiny-metrics-v<N>/``."""
-    final = build_once(f"tiny-metrics-v{TINY_METRICS_VERSION}", "tiny_metric_models.json",
-                       make_tiny_metric_models, cache_dir)
+    final = build_once(
+        f"tiny-metrics-v{TINY_METRICS_VERSION}", "tiny_metric_models.json", make_tiny_metric_models, cache_dir
+    )
     return {k: final / k for k in ("dino", "siglip", "clip")}
 
 
 def is_tiny_metric_model(folder: str | Path | None) -> bool:
     """True for a folder written by :func:`make_tiny_metric_models` (random weights)."""
-    return folder is not None and (Path(folder) / "README.txt").is_file() and \
-        "RANDOM-WEIGHT" in (Path(folder) / "README.txt").read_text(encoding="utf-8", errors="replace")
+    return (
+        folder is not None
+        and (Path(folder) / "README.txt").is_file()
+        and "RANDOM-WEIGHT" in (Path(folder) / "README.txt").read_text(encoding="utf-8", errors="replace")
+    )

@@ -90,19 +90,20 @@ def clip_tokenizer_files() -> tuple[Path, Path]:
     vocab, merges = CLIP_TOKENIZER_DIR / "vocab.json", CLIP_TOKENIZER_DIR / "merges.txt"
     if not (vocab.is_file() and merges.is_file()):
         raise FileNotFoundError(
-            f"CLIP tokenizer files are missing from {CLIP_TOKENIZER_DIR}; reinstall dti_fast (they ship as package data)"
+            f"CLIP tokenizer files are missing from {CLIP_TOKENIZER_DIR}; reinstall dti_fast (they ship as "
+            "package data)"
         )
     return vocab, merges
 
 
-def clip_tokenizer(pad_token: str) -> "CLIPTokenizer":
+def clip_tokenizer(pad_token: str) -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 
     clip_tokenizer_files()  # clear error if the package data is missing
     return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), pad_token=pad_token, model_max_length=77)
 
 
-def _save_tokenizer(tok: "CLIPTokenizer", folder: Path) -> None:
+def _save_tokenizer(tok: CLIPTokenizer, folder: Path) -> None:
     """Save like the real SD repos: tokenizer_config, special_tokens_map, vocab.json, merges.txt."""
     tok.save_pretrained(str(folder))
     vocab, merges = clip_tokenizer_files()
@@ -110,10 +111,28 @@ def _save_tokenizer(tok: "CLIPTokenizer", folder: Path) -> None:
         if not (folder / f.name).exists():
             shutil.copyfile(f, folder / f.name)
     special = {
-        "bos_token": {"content": "<|startoftext|>", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},
-        "eos_token": {"content": "<|endoftext|>", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},
+        "bos_token": {
+            "content": "<|startoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "eos_token": {
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
         "pad_token": tok.pad_token,
-        "unk_token": {"content": "<|endoftext|>", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},
+        "unk_token": {
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
     }
     if not (folder / "special_tokens_map.json").exists():
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
@@ -137,11 +156,13 @@ def _prefix_text_encoder_keys(folder: Path) -> None:
     if all(k.startswith(("text_model.", "text_projection.")) for k in keys):
         return
     tensors = load_file(str(file))
-    fixed = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in tensors.items()}
+    fixed = {
+        k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in tensors.items()
+    }
     save_file(fixed, str(file), metadata={**metadata, "format": "pt"})
 
 
-def _tiny_unet(family: str) -> "UNet2DConditionModel":
+def _tiny_unet(family: str) -> UNet2DConditionModel:
     from diffusers import UNet2DConditionModel
 
     common = dict(
@@ -200,16 +221,17 @@ def make_tiny_model(path: str | os.PathLike, family: str = "sd", seed: int = 0) 
         vae = AutoencoderKL(**TINY_VAE, scaling_factor=0.18215 if family == "sd" else 0.13025)
         if family == "sdxl":
             text_encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT, **TINY_TE2, pad_token_id=0)))
-    return write_model_folder(path, family, unet=unet, vae=vae, text_encoders=text_encoders,
-                              index_extra={"_dti_fast_tiny": TINY_VERSION})
+    return write_model_folder(
+        path, family, unet=unet, vae=vae, text_encoders=text_encoders, index_extra={"_dti_fast_tiny": TINY_VERSION}
+    )
 
 
 def write_model_folder(
     path: str | os.PathLike,
     family: str,
     *,
-    unet: "UNet2DConditionModel",
-    vae: "AutoencoderKL",
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
     text_encoders: list[torch.nn.Module],
     index_extra: dict[str, Any] | None = None,
 ) -> Path:
@@ -227,14 +249,26 @@ def write_model_folder(
     tok1 = clip_tokenizer(pad_token="<|endoftext|>")
     if family == "sd":
         pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoders[0], tokenizer=tok1, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=vae,
+            text_encoder=text_encoders[0],
+            tokenizer=tok1,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     elif family == "sdxl":
         pipe = StableDiffusionXLPipeline(
-            vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tok1,
-            tokenizer_2=clip_tokenizer(pad_token="!"), unet=unet, scheduler=scheduler,
-            force_zeros_for_empty_prompt=True, add_watermarker=False,
+            vae=vae,
+            text_encoder=text_encoders[0],
+            text_encoder_2=text_encoders[1],
+            tokenizer=tok1,
+            tokenizer_2=clip_tokenizer(pad_token="!"),
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
         )
     else:
         raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
@@ -262,12 +296,17 @@ def tiny_model_path(family: str = "sd", cache_dir: str | os.PathLike | None = No
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
-    return build_once(f"tiny-{family}-v{TINY_VERSION}", "model_index.json",
-                      lambda folder: make_tiny_model(folder, family=family, seed=0), cache_dir)
+    return build_once(
+        f"tiny-{family}-v{TINY_VERSION}",
+        "model_index.json",
+        lambda folder: make_tiny_model(folder, family=family, seed=0),
+        cache_dir,
+    )
 
 
-def build_once(name: str, marker: str, build: Callable[[Path], Any],
-               cache_dir: str | os.PathLike | None = None) -> Path:
+def build_once(
+    name: str, marker: str, build: Callable[[Path], Any], cache_dir: str | os.PathLike | None = None
+) -> Path:
     """``<cache>/<name>``, built by ``build(folder)`` unless ``<cache>/<name>/<marker>`` exists.
 
     Built in a temporary sibling folder and renamed into place, so concurrent

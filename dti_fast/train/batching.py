@@ -58,6 +58,7 @@ def probe(job: TrainingJob, concepts: Sequence[int], measure_saved: bool = False
             p.grad = None
     return sum(saved.values())
 
+
 def plan_batch(job: TrainingJob) -> int:
     """Pick how many concepts share a step so the step fills the device's memory; returns that number.
 

@@ -65,6 +65,7 @@ def save_checkpoint(job: TrainingJob) -> Path | None:
         stale.unlink(missing_ok=True)
     return path
 
+
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over every tensor's name, dtype, shape and bytes (sorted by name)."""
     h = hashlib.sha256()
@@ -153,8 +154,10 @@ def restore_checkpoint(job: TrainingJob) -> list[Path]:
                 "changed); resume with the same settings, or use a new --output"
             )
         if unreadable:
-            raise ValueError(f"no intact checkpoint under {root} ({unreadable[0][0]} is {unreadable[0][1]}); delete "
-                             "the damaged files to start over, or use a new --output")
+            raise ValueError(
+                f"no intact checkpoint under {root} ({unreadable[0][0]} is {unreadable[0][1]}); delete "
+                "the damaged files to start over, or use a new --output"
+            )
         return []
     loaded: dict[Path, dict[str, torch.Tensor] | None] = {}
 
@@ -174,11 +177,15 @@ def restore_checkpoint(job: TrainingJob) -> list[Path]:
             if not why:
                 best[name] = (path, meta)
                 break
-            print(f"dti-fast: warning: checkpoint {path} cannot restore {name!r}: {why}; trying an older one",
-                  file=sys.stderr)
+            print(
+                f"dti-fast: warning: checkpoint {path} cannot restore {name!r}: {why}; trying an older one",
+                file=sys.stderr,
+            )
         else:
-            raise ValueError(f"no intact checkpoint of concept {name!r} under {root}; delete the damaged files "
-                             "(the warnings above name them) to start it over, or use a new --output")
+            raise ValueError(
+                f"no intact checkpoint of concept {name!r} under {root}; delete the damaged files "
+                "(the warnings above name them) to start it over, or use a new --output"
+            )
     params = [p for emb in job.embeddings for p in emb.rows]
     param_index = {id(p): k for k, p in enumerate(params)}
     current = job.optimizer.state_dict()
@@ -191,8 +198,8 @@ def restore_checkpoint(job: TrainingJob) -> list[Path]:
             for e, emb in enumerate(job.embeddings):
                 emb.rows[i].copy_(tensors[f"rows/{e}/{name}"])
                 prefix = f"optim/{e}/{name}/"
-                entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                entry.update({k[len(prefix):]: v for k, v in scalars.items() if k.startswith(prefix)})
+                entry = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+                entry.update({k[len(prefix) :]: v for k, v in scalars.items() if k.startswith(prefix)})
                 if entry:
                     index = param_index[id(emb.rows[i])]
                     state[index] = {**state.get(index, {}), **entry}
@@ -224,7 +231,10 @@ def finished_concepts(cfg: TrainConfig, data_world: int) -> set[str]:
             info = json.loads(info_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if (info.get("status") == "complete" and info.get("fingerprint") == cfg.concept_fingerprint(c, data_world)
-                and info.get("steps") == cfg.concept_steps(c)):
+        if (
+            info.get("status") == "complete"
+            and info.get("fingerprint") == cfg.concept_fingerprint(c, data_world)
+            and info.get("steps") == cfg.concept_steps(c)
+        ):
             finished.add(c.name)
     return finished

@@ -11,10 +11,11 @@ import hashlib
 import importlib.util
 import json
 import os
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from .. import settings as S
 from ..concept_files import validate_export_names
@@ -27,6 +28,7 @@ __all__ = ["TrainConfig", "METHODS", "DEFAULT_LR", "validate_config", "load_job_
 METHODS = ("dti", "ti")
 DEFAULT_LR = {"dti": 0.01, "ti": 5e-3}
 PERF = "throughput and memory"
+
 
 def _norm_scale(value: Any, from_text: bool) -> str | float:
     if value in ("mean", "min", "max"):
@@ -55,104 +57,211 @@ _MODEL = S.Kind("a model folder or hub id", _model_source)
 class TrainConfig:
     """A training job. Defaults are the paper's (SDXL: resolution 768 is set per model by the caller)."""
 
-    model: str = S.setting(kind=_MODEL, help="diffusers model: a local folder or a hub id (SD 1.x/2.x or SDXL)",
-                           fingerprint=True)
-    output_dir: Path = S.setting(kind=S.PATH, flag="--output", path_base=True,
-                                 help="output folder (one sub-folder per concept)")
+    model: str = S.setting(
+        kind=_MODEL, help="diffusers model: a local folder or a hub id (SD 1.x/2.x or SDXL)", fingerprint=True
+    )
+    output_dir: Path = S.setting(
+        kind=S.PATH, flag="--output", path_base=True, help="output folder (one sub-folder per concept)"
+    )
     concepts: list[Concept] = field(default_factory=list)
-    method: str = S.setting("dti", kind=S.choice(*METHODS), fingerprint=True,
-                            help="dti: fixed norm m*, Riemannian SGD on the direction with a vMF prior; "
-                            "ti: plain Textual Inversion (AdamW on a free vector)", default_text="default dti")
+    method: str = S.setting(
+        "dti",
+        kind=S.choice(*METHODS),
+        fingerprint=True,
+        help="dti: fixed norm m*, Riemannian SGD on the direction with a vMF prior; "
+        "ti: plain Textual Inversion (AdamW on a free vector)",
+        default_text="default dti",
+    )
     steps: int = S.setting(400, kind=S.POSITIVE_INT, help="optimizer steps per concept")
     batch_size: int = S.setting(4, kind=S.POSITIVE_INT, fingerprint=True, help="images per concept per step")
     max_batch: int | str | None = S.setting(
-        None, kind=_MAX_BATCH, help="most images in one forward pass; concepts take turns when the job has more; "
-        "'auto' measures the step's memory and fills the device", default_text="default: every concept in every step")
+        None,
+        kind=_MAX_BATCH,
+        help="most images in one forward pass; concepts take turns when the job has more; "
+        "'auto' measures the step's memory and fills the device",
+        default_text="default: every concept in every step",
+    )
     resolution: int = S.setting(512, kind=S.POSITIVE_INT, fingerprint=True, help="training resolution in pixels")
-    lr: float | None = S.setting(None, kind=S.optional(S.POSITIVE_FLOAT), fingerprint=True,
-                                 help="learning rate before batch scaling", default_text="default: dti 0.01, ti 5e-3")
-    scale_lr: bool = S.setting(True, kind=S.BOOL, flag="--no-scale-lr", action="false", fingerprint=True,
-                               help="do not multiply the learning rate by --batch-size (scaled by default, as in the "
-                               "paper)")
+    lr: float | None = S.setting(
+        None,
+        kind=S.optional(S.POSITIVE_FLOAT),
+        fingerprint=True,
+        help="learning rate before batch scaling",
+        default_text="default: dti 0.01, ti 5e-3",
+    )
+    scale_lr: bool = S.setting(
+        True,
+        kind=S.BOOL,
+        flag="--no-scale-lr",
+        action="false",
+        fingerprint=True,
+        help="do not multiply the learning rate by --batch-size (scaled by default, as in the paper)",
+    )
     kappa: float = S.setting(1e-4, kind=S.NONNEG_FLOAT, fingerprint=True, help="DTI: vMF prior concentration")
-    beta: float = S.setting(0.0, kind=S.UNIT_INTERVAL, fingerprint=True,
-                            help="DTI: decay of the squared-gradient average")
-    norm_scale: str | float = S.setting("mean", kind=_SCALE, flag="--scale", fingerprint=True,
-                                        help="DTI: the fixed norm m*: mean, min or max of the vocabulary's norms, "
-                                        "or a number")
-    init: str = S.setting("token", kind=S.choice("token", "random", "mean"), fingerprint=True,
-                          help="start direction: the initializer's embedding (token), random, or the vocabulary mean")
+    beta: float = S.setting(
+        0.0, kind=S.UNIT_INTERVAL, fingerprint=True, help="DTI: decay of the squared-gradient average"
+    )
+    norm_scale: str | float = S.setting(
+        "mean",
+        kind=_SCALE,
+        flag="--scale",
+        fingerprint=True,
+        help="DTI: the fixed norm m*: mean, min or max of the vocabulary's norms, or a number",
+    )
+    init: str = S.setting(
+        "token",
+        kind=S.choice("token", "random", "mean"),
+        fingerprint=True,
+        help="start direction: the initializer's embedding (token), random, or the vocabulary mean",
+    )
     weight_decay: float = S.setting(1e-2, kind=S.NONNEG_FLOAT, fingerprint=True, help="TI: AdamW weight decay")
     seed: int = S.setting(0, kind=S.INT, fingerprint=True, help="random seed; seeded CPU runs repeat exactly")
     checkpoint_every: int = S.setting(100, kind=S.POSITIVE_INT, help="job steps between checkpoints")
     keep_checkpoints: int = S.setting(2, kind=S.POSITIVE_INT, help="checkpoints kept")
-    resume: bool = S.setting(False, kind=S.BOOL, action="true",
-                             help="continue from the newest checkpoint in the output folder (same settings required)")
-    precision: str = S.setting("auto", kind=S.choice("auto", "fp32", "bf16"),
-                               help="frozen weights and autocast: auto = bf16 on a GPU, fp32 on a CPU")
-    device: str = S.setting("auto", kind=S.TEXT, help="torch device",
-                            default_text="default: cuda if available, else cpu")
+    resume: bool = S.setting(
+        False,
+        kind=S.BOOL,
+        action="true",
+        help="continue from the newest checkpoint in the output folder (same settings required)",
+    )
+    precision: str = S.setting(
+        "auto",
+        kind=S.choice("auto", "fp32", "bf16"),
+        help="frozen weights and autocast: auto = bf16 on a GPU, fp32 on a CPU",
+    )
+    device: str = S.setting(
+        "auto", kind=S.TEXT, help="torch device", default_text="default: cuda if available, else cpu"
+    )
     validation_prompts: list[str] = S.setting(
-        kind=S.TEXTS, default_factory=list, flag="--validation-prompt", action="append",
-        help="prompt for a sample grid after training ({} stands for the concept); repeatable")
+        kind=S.TEXTS,
+        default_factory=list,
+        flag="--validation-prompt",
+        action="append",
+        help="prompt for a sample grid after training ({} stands for the concept); repeatable",
+    )
     validation_inference_steps: int = S.setting(25, kind=S.POSITIVE_INT, help="denoising steps of the samples")
-    validation_every: int | None = S.setting(None, kind=S.optional(S.POSITIVE_INT),
-                                             help="also render the validation prompts every N job steps into "
-                                             "<concept>/samples/step-N.png, to watch a concept learn",
-                                             default_text="default: only after training")
-    export_ti_rescaled: bool = S.setting(False, kind=S.BOOL, action="true",
-                                         help="TI: also export vectors rescaled to m* (the paper's TI-rescaled "
-                                         "baseline) under rescaled/")
-    progress: bool = S.setting(True, kind=S.BOOL, flag="--no-progress", action="false",
-                               help="no progress output (a bar on a terminal, plain lines in a log)")
-    progress_interval: float = S.setting(30.0, kind=S.NONNEG_FLOAT,
-                                         help="seconds between plain progress lines when stderr is not a terminal")
-    log_every: int = S.setting(10, kind=S.POSITIVE_INT, help="job steps between points of the training curves "
-                               "(per-concept loss, norm, angle from the start, learning rate)")
-    report_to: str = S.setting("none", kind=S.choice(*REPORT_TO),
-                               help="also send the curves to TensorBoard (<output>/logs) or Weights & Biases through "
-                               "accelerate's trackers (optional packages); curves.png is written either way")
-    max_bad_steps: int = S.setting(3, kind=S.POSITIVE_INT,
-                                   help="stop a concept after this many steps in a row with a NaN/inf loss, gradient "
-                                   "or update")
-    parallel: str = S.setting("shard", kind=S.choice("shard", "data"),
-                              help="under torchrun / accelerate launch: shard splits the concepts over the ranks; "
-                              "data trains every concept on every rank with different samples and all-reduced "
-                              "gradients (W ranks = one rank with W times the batch)")
+    validation_every: int | None = S.setting(
+        None,
+        kind=S.optional(S.POSITIVE_INT),
+        help="also render the validation prompts every N job steps into "
+        "<concept>/samples/step-N.png, to watch a concept learn",
+        default_text="default: only after training",
+    )
+    export_ti_rescaled: bool = S.setting(
+        False,
+        kind=S.BOOL,
+        action="true",
+        help="TI: also export vectors rescaled to m* (the paper's TI-rescaled baseline) under rescaled/",
+    )
+    progress: bool = S.setting(
+        True,
+        kind=S.BOOL,
+        flag="--no-progress",
+        action="false",
+        help="no progress output (a bar on a terminal, plain lines in a log)",
+    )
+    progress_interval: float = S.setting(
+        30.0, kind=S.NONNEG_FLOAT, help="seconds between plain progress lines when stderr is not a terminal"
+    )
+    log_every: int = S.setting(
+        10,
+        kind=S.POSITIVE_INT,
+        help="job steps between points of the training curves "
+        "(per-concept loss, norm, angle from the start, learning rate)",
+    )
+    report_to: str = S.setting(
+        "none",
+        kind=S.choice(*REPORT_TO),
+        help="also send the curves to TensorBoard (<output>/logs) or Weights & Biases through "
+        "accelerate's trackers (optional packages); curves.png is written either way",
+    )
+    max_bad_steps: int = S.setting(
+        3,
+        kind=S.POSITIVE_INT,
+        help="stop a concept after this many steps in a row with a NaN/inf loss, gradient or update",
+    )
+    parallel: str = S.setting(
+        "shard",
+        kind=S.choice("shard", "data"),
+        help="under torchrun / accelerate launch: shard splits the concepts over the ranks; "
+        "data trains every concept on every rank with different samples and all-reduced "
+        "gradients (W ranks = one rank with W times the batch)",
+    )
     # Throughput and memory levers. Only the latent cache changes what is sampled (crops on a fixed grid).
-    latent_cache: bool = S.setting(True, kind=S.BOOL, flag="--no-latent-cache", action="false", group=PERF,
-                                   fingerprint=True,
-                                   help="VAE-encode every sampled crop every step, at any pixel offset (default: a "
-                                   "fixed set of crops per image on the 8-pixel grid is encoded once and reused)")
-    latent_cache_crops: int = S.setting(16, kind=S.POSITIVE_INT, group=PERF,
-                                        help="most cached crops per image, evenly spaced 8-pixel offsets along the "
-                                        "longer side")
-    text_cache: bool | str = S.setting("auto", kind=_TEXT_CACHE, action="optional_bool", group=PERF,
-                                       help="reuse the text encoders' states before the first learned token and skip "
-                                       "layers whose output is unused (exact)",
-                                       default_text="default: on for SDXL, off for SD, as measured")
-    attention: str = S.setting("sdpa", kind=S.choice("sdpa", "xformers"), group=PERF,
-                               help="attention kernels: sdpa (PyTorch's fused attention) or xformers (CUDA, needs "
-                               "the xformers package)")
-    gradient_checkpointing: bool = S.setting(False, kind=S.BOOL, action="true", group=PERF,
-                                             help="recompute UNet and text-encoder activations in backward: less "
-                                             "memory, more time")
-    channels_last: bool = S.setting(False, kind=S.BOOL, action="true", group=PERF,
-                                    help="run the UNet in channels-last memory format")
-    tf32: bool = S.setting(True, kind=S.BOOL, flag="--no-tf32", action="false", group=PERF,
-                           help="with --precision fp32 on a GPU that has them, do not use TF32 matmuls and "
-                           "convolutions (on by default: about 8x the fp32 matmul rate, 10-bit mantissa inputs)")
-    deterministic: bool = S.setting(False, kind=S.BOOL, action="true", group=PERF,
-                                    help="deterministic CUDA algorithms and the math attention backend, so a resumed "
-                                    "GPU job repeats an uninterrupted one (slower); CPU runs are deterministic anyway")
-    compile: bool = S.setting(False, kind=S.BOOL, action="true", group=PERF,
-                              help="torch.compile the UNet: faster steps after a compile of a minute or more, so for "
-                              "long jobs (see the README's measurements)")
-    optim_bits: int = S.setting(32, kind=S.Kind("32 or 8", S.either(S.literal(32), S.literal(8)).convert,
-                                                choices=(32, 8)),
-                                group=PERF, fingerprint=True,
-                                help="TI: keep AdamW's two moments blockwise in 8 bits (bitsandbytes); DTI's "
-                                "optimizer keeps one fp32 scalar per row, which this does not change")
+    latent_cache: bool = S.setting(
+        True,
+        kind=S.BOOL,
+        flag="--no-latent-cache",
+        action="false",
+        group=PERF,
+        fingerprint=True,
+        help="VAE-encode every sampled crop every step, at any pixel offset (default: a "
+        "fixed set of crops per image on the 8-pixel grid is encoded once and reused)",
+    )
+    latent_cache_crops: int = S.setting(
+        16,
+        kind=S.POSITIVE_INT,
+        group=PERF,
+        help="most cached crops per image, evenly spaced 8-pixel offsets along the longer side",
+    )
+    text_cache: bool | str = S.setting(
+        "auto",
+        kind=_TEXT_CACHE,
+        action="optional_bool",
+        group=PERF,
+        help="reuse the text encoders' states before the first learned token and skip "
+        "layers whose output is unused (exact)",
+        default_text="default: on for SDXL, off for SD, as measured",
+    )
+    attention: str = S.setting(
+        "sdpa",
+        kind=S.choice("sdpa", "xformers"),
+        group=PERF,
+        help="attention kernels: sdpa (PyTorch's fused attention) or xformers (CUDA, needs the xformers package)",
+    )
+    gradient_checkpointing: bool = S.setting(
+        False,
+        kind=S.BOOL,
+        action="true",
+        group=PERF,
+        help="recompute UNet and text-encoder activations in backward: less memory, more time",
+    )
+    channels_last: bool = S.setting(
+        False, kind=S.BOOL, action="true", group=PERF, help="run the UNet in channels-last memory format"
+    )
+    tf32: bool = S.setting(
+        True,
+        kind=S.BOOL,
+        flag="--no-tf32",
+        action="false",
+        group=PERF,
+        help="with --precision fp32 on a GPU that has them, do not use TF32 matmuls and "
+        "convolutions (on by default: about 8x the fp32 matmul rate, 10-bit mantissa inputs)",
+    )
+    deterministic: bool = S.setting(
+        False,
+        kind=S.BOOL,
+        action="true",
+        group=PERF,
+        help="deterministic CUDA algorithms and the math attention backend, so a resumed "
+        "GPU job repeats an uninterrupted one (slower); CPU runs are deterministic anyway",
+    )
+    compile: bool = S.setting(
+        False,
+        kind=S.BOOL,
+        action="true",
+        group=PERF,
+        help="torch.compile the UNet: faster steps after a compile of a minute or more, so for "
+        "long jobs (see the README's measurements)",
+    )
+    optim_bits: int = S.setting(
+        32,
+        kind=S.Kind("32 or 8", S.either(S.literal(32), S.literal(8)).convert, choices=(32, 8)),
+        group=PERF,
+        fingerprint=True,
+        help="TI: keep AdamW's two moments blockwise in 8 bits (bitsandbytes); DTI's "
+        "optimizer keeps one fp32 scalar per row, which this does not change",
+    )
 
     def effective_lr(self, data_world: int = 1) -> float:
         """The learning rate, scaled by the global batch per concept unless ``scale_lr`` is off."""
@@ -172,8 +281,13 @@ class TrainConfig:
         if self.latent_cache:
             data["latent_cache_crops"] = self.latent_cache_crops
         data["data_world"] = data_world
-        data["concept"] = {"name": concept.name, "images": str(concept.images), "init": concept.init,
-                           "placeholder": concept.placeholder, "kind": concept.kind}
+        data["concept"] = {
+            "name": concept.name,
+            "images": str(concept.images),
+            "init": concept.init,
+            "placeholder": concept.placeholder,
+            "kind": concept.kind,
+        }
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -183,14 +297,17 @@ def validate_config(cfg: TrainConfig) -> None:
     if isinstance(cfg.max_batch, int) and cfg.max_batch < cfg.batch_size:
         raise ValueError(f"max_batch ({cfg.max_batch}) must be at least batch_size ({cfg.batch_size})")
     if cfg.attention == "xformers" and importlib.util.find_spec("xformers") is None:
-        raise ValueError("--attention xformers needs the xformers package, which is not installed: "
-                         "pip install 'dti-fast[xformers]' (a CUDA build matching torch), or use --attention sdpa")
+        raise ValueError(
+            "--attention xformers needs the xformers package, which is not installed: "
+            "pip install 'dti-fast[xformers]' (a CUDA build matching torch), or use --attention sdpa"
+        )
     if cfg.optim_bits == 8 and cfg.method == "ti" and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("--optim-bits 8 needs bitsandbytes (pip install bitsandbytes), or use --optim-bits 32")
     check_report_to(cfg.report_to)
     if cfg.validation_every and not cfg.validation_prompts:
-        raise ValueError("validation_every needs validation prompts: add --validation-prompt (or validation_prompts "
-                         "in the job file)")
+        raise ValueError(
+            "validation_every needs validation prompts: add --validation-prompt (or validation_prompts in the job file)"
+        )
     if cfg.resolution % 8:
         raise ValueError(f"resolution must be a multiple of 8 (the VAE's factor), got {cfg.resolution}")
     if not cfg.concepts:

@@ -19,13 +19,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import models
 from ..concept_files import validate_trigger
 from ..data import ConceptImages, random_crop
 from ..distributed import DistContext, all_reduce_grads
-from ..embedding import ConceptTokens, DirectionalEmbedding, add_concept_tokens, initializer_ids, install_embedding, start_rows
+from ..embedding import (
+    ConceptTokens,
+    DirectionalEmbedding,
+    add_concept_tokens,
+    initializer_ids,
+    install_embedding,
+    start_rows,
+)
 from ..export import ConceptRecord, EncoderVectors
 from ..latents import LatentCache
-from .. import models
 from ..models import resolve_device, resolve_dtype
 from ..optim import SphericalSGD
 from ..sphere import norm_scale
@@ -49,8 +56,13 @@ class TrainingJob:
     depend on its batch-mates.
     """
 
-    def __init__(self, cfg: TrainConfig, images: list[ConceptImages], ctx: DistContext | None = None,
-                 checkpoint_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        images: list[ConceptImages],
+        ctx: DistContext | None = None,
+        checkpoint_dir: Path | None = None,
+    ) -> None:
         ctx = ctx or DistContext()
 
         self.cfg = cfg
@@ -75,9 +87,17 @@ class TrainingJob:
         self._configure_model()
         self._tokenize_templates()
         self.latent_cache = (
-            LatentCache(self.parts.vae, images, cfg.resolution, self.vae_factor, self.device, self.weight_dtype,
-                        max_crops=cfg.latent_cache_crops)
-            if cfg.latent_cache else None
+            LatentCache(
+                self.parts.vae,
+                images,
+                cfg.resolution,
+                self.vae_factor,
+                self.device,
+                self.weight_dtype,
+                max_crops=cfg.latent_cache_crops,
+            )
+            if cfg.latent_cache
+            else None
         )
         use_text_cache = cfg.text_cache if cfg.text_cache != "auto" else self.sdxl
         self.text_caches = self._text_caches() if use_text_cache else None
@@ -165,8 +185,9 @@ class TrainingJob:
                         f"{tok.model_max_length}: the vectors past the window would never be trained; use a "
                         "shorter initializer (a few words, such as the class noun)"
                     )
-                ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                          return_tensors="pt").input_ids
+                ids = tok(
+                    prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+                ).input_ids
                 per_concept.append(ids)  # on the CPU: the text cache reads them there without a device sync
             self.prompt_ids.append(per_concept)
 
@@ -176,8 +197,11 @@ class TrainingJob:
         caches = []
         for enc_index, (enc, emb) in enumerate(zip(self.parts.text_encoders, self.embeddings)):
             pooled = self.sdxl and enc_index == len(self.parts.text_encoders) - 1
-            caches.append(PrefixCachedTextEncoder(enc, mode="penultimate" if self.sdxl else "last",
-                                                  pooled=pooled, first_learned_id=emb.first_id))
+            caches.append(
+                PrefixCachedTextEncoder(
+                    enc, mode="penultimate" if self.sdxl else "last", pooled=pooled, first_learned_id=emb.first_id
+                )
+            )
         return caches
 
     def concept_params(self, index: int) -> list[torch.nn.Parameter]:
@@ -197,8 +221,9 @@ class TrainingJob:
 
             # Both moments blockwise in 8 bits (blocks of 256 values, one fp32 absmax each).
             # min_8bit_size=1: a concept's rows (n x 768) are below bitsandbytes' default threshold.
-            self.optimizer = bnb.optim.AdamW8bit(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
-                                                 min_8bit_size=1)
+            self.optimizer = bnb.optim.AdamW8bit(
+                params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, min_8bit_size=1
+            )
         else:
             # DTI's SphericalSGD keeps one fp32 scalar per row, so optim_bits does not apply to it.
             self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
@@ -207,9 +232,11 @@ class TrainingJob:
 
     def active_concepts(self) -> list[int]:
         """Indices of the concepts that still have steps to take and were not stopped."""
-        return [i for i, c in enumerate(self.cfg.concepts)
-                if self.done[c.name] < self.cfg.concept_steps(c) and c.name not in self.stopped]
-
+        return [
+            i
+            for i, c in enumerate(self.cfg.concepts)
+            if self.done[c.name] < self.cfg.concept_steps(c) and c.name not in self.stopped
+        ]
 
     def _draw_sample(self, ci: int) -> dict:
         """One training sample of concept ``ci``, every random choice from the concept's own generator."""
@@ -230,7 +257,9 @@ class TrainingJob:
             "crop": (ci, k, crop),
             "template": template,
             "time_ids": [oh, ow, top, left, res, res],
-            "timestep": int(torch.randint(0, self.parts.noise_scheduler.config.num_train_timesteps, (1,), generator=gen)),
+            "timestep": int(
+                torch.randint(0, self.parts.noise_scheduler.config.num_train_timesteps, (1,), generator=gen)
+            ),
             "noise": torch.randn(self.latent_channels, lat, lat, generator=gen),
             "vae_eps": torch.randn(self.latent_channels, lat, lat, generator=gen),
         }
@@ -309,8 +338,11 @@ class TrainingJob:
             target = latents
         else:
             raise ValueError(f"unsupported prediction_type {kind!r} in the model's scheduler config")
-        autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if self.weight_dtype == torch.bfloat16
-                    else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(dev.type, dtype=torch.bfloat16)
+            if self.weight_dtype == torch.bfloat16
+            else contextlib.nullcontext()
+        )
         attention = contextlib.nullcontext()
         if self.cfg.deterministic:  # the fused attention kernels' backward is not deterministic on CUDA
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -320,7 +352,10 @@ class TrainingJob:
             hidden, pooled = self.encode_text(batch["input_ids"])
             kwargs = {}
             if self.sdxl:
-                kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(dev, hidden.dtype)}
+                kwargs["added_cond_kwargs"] = {
+                    "text_embeds": pooled,
+                    "time_ids": batch["time_ids"].to(dev, hidden.dtype),
+                }
             sample = noisy.to(hidden.dtype)
             if self.cfg.channels_last:
                 sample = sample.contiguous(memory_format=torch.channels_last)
@@ -384,7 +419,8 @@ class TrainingJob:
             owner = torch.repeat_interleave(torch.arange(len(chosen)), torch.tensor([len(ps) for ps in params]))
             norms = torch.stack(torch._foreach_norm(grads)).float()  # inf or NaN iff a gradient entry is
             bad = torch.zeros(len(chosen), device=norms.device).index_add_(
-                0, owner.to(norms.device), (~torch.isfinite(norms)).float())
+                0, owner.to(norms.device), (~torch.isfinite(norms)).float()
+            )
             finite = finite & (bad.to(finite.device) == 0)
         losses, flags = torch.stack([per_concept[chosen].detach().float(), finite.float()]).tolist()
         return losses, [f > 0 for f in flags]
@@ -396,8 +432,13 @@ class TrainingJob:
         Returns the concepts that stepped.
         """
         params = [p for i in stepping for p in self.concept_params(i)]
-        saved = {p: (p.detach().clone(), {k: v.clone() if torch.is_tensor(v) else v
-                                         for k, v in self.optimizer.state.get(p, {}).items()}) for p in params}
+        saved = {
+            p: (
+                p.detach().clone(),
+                {k: v.clone() if torch.is_tensor(v) else v for k, v in self.optimizer.state.get(p, {}).items()},
+            )
+            for p in params
+        }
         self.optimizer.step()
         finite = self._rows_sound(stepping)
         kept = []
@@ -451,18 +492,25 @@ class TrainingJob:
         vocab_scales = [norm_scale(emb.base.weight, cfg.norm_scale) for emb in self.embeddings]
         records = []
         for i, c in enumerate(cfg.concepts):
-            records.append(ConceptRecord(
-                concept=c,
-                tokens=list(self.tokens[0][i].tokens),
-                prompt_string=self.tokens[0][i].prompt_string,
-                method=cfg.method,
-                steps=self.done[c.name],
-                stopped=self.stopped.get(c.name),
-                fingerprint=cfg.concept_fingerprint(c, self.data_world),
-                model=cfg.model,
-                family=self.parts.family,
-                encoders=[EncoderVectors(vectors=emb.vectors(i).cpu(), scale=emb.scale if emb.spherical else None,
-                                         vocab_scale=vocab_scales[e])
-                          for e, emb in enumerate(self.embeddings)],
-            ))
+            records.append(
+                ConceptRecord(
+                    concept=c,
+                    tokens=list(self.tokens[0][i].tokens),
+                    prompt_string=self.tokens[0][i].prompt_string,
+                    method=cfg.method,
+                    steps=self.done[c.name],
+                    stopped=self.stopped.get(c.name),
+                    fingerprint=cfg.concept_fingerprint(c, self.data_world),
+                    model=cfg.model,
+                    family=self.parts.family,
+                    encoders=[
+                        EncoderVectors(
+                            vectors=emb.vectors(i).cpu(),
+                            scale=emb.scale if emb.spherical else None,
+                            vocab_scale=vocab_scales[e],
+                        )
+                        for e, emb in enumerate(self.embeddings)
+                    ],
+                )
+            )
         return records

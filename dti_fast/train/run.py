@@ -47,7 +47,7 @@ class OutputLock:
         self.path = Path(folder) / ".dti_fast.lock"
         self.fh = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fh = open(self.path, "a+", encoding="utf-8")
@@ -101,7 +101,7 @@ class StopSignals:
             signal.signal(sig, handler)
         self._previous = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -161,8 +161,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         previous = failure_report(Path(cfg.output_dir), ctx.world_size)
         if previous:
             print(f"dti-fast: the previous run did not finish: {previous.split('. ')[0]}", file=sys.stderr)
-        print(f"dti-fast: resuming; {len(finished)} concept(s) finished, {len(cfg.concepts) - len(finished)} to train",
-              file=sys.stderr)
+        print(
+            f"dti-fast: resuming; {len(finished)} concept(s) finished, {len(cfg.concepts) - len(finished)} to train",
+            file=sys.stderr,
+        )
     images = [load_concept_images(c, cfg.resolution) for c in mine]
     sub_cfg = replace(cfg, concepts=mine, progress=cfg.progress and ctx.is_main)
     lock = OutputLock(Path(cfg.output_dir)) if ctx.is_main else contextlib.nullcontext()
@@ -174,7 +176,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         except TrainingInterrupted as err:
             ctx.write_status(Path(cfg.output_dir), f"interrupted by {signal.Signals(err.signum).name}", names)
             if ctx.enabled and ctx.is_main:
-                        # A launcher stops every rank when one dies: say which one held what.
+                # A launcher stops every rank when one dies: say which one held what.
                 report = failure_report(Path(cfg.output_dir), ctx.world_size)
                 if report:
                     print(f"dti-fast: {report}", file=sys.stderr)
@@ -192,9 +194,13 @@ def train(cfg: TrainConfig) -> TrainResult:
 @contextlib.contextmanager
 def _numerics(cfg: TrainConfig):
     """TF32 and deterministic algorithms for the job's lifetime; the process-wide settings are restored after."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-             torch.backends.cudnn.benchmark)
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     torch.backends.cudnn.allow_tf32 = cfg.tf32
     if cfg.deterministic:
@@ -204,8 +210,13 @@ def _numerics(cfg: TrainConfig):
     try:
         yield
     finally:
-        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, deterministic,
-         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
+        (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            deterministic,
+            torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark,
+        ) = saved
         torch.use_deterministic_algorithms(deterministic)
 
 
@@ -273,12 +284,21 @@ def _out_of_memory(err: BaseException) -> bool:
 
 
 def _empty_result(cfg: TrainConfig) -> TrainResult:
-    return TrainResult(output_dir=Path(cfg.output_dir), concept_dirs={}, vectors={}, scales=[], job_steps=0,
-                       samples=0, seconds=0.0, skipped_steps=0)
+    return TrainResult(
+        output_dir=Path(cfg.output_dir),
+        concept_dirs={},
+        vectors={},
+        scales=[],
+        job_steps=0,
+        samples=0,
+        seconds=0.0,
+        skipped_steps=0,
+    )
 
 
-def _run(cfg: TrainConfig, images: list[ConceptImages], stop: StopSignals, ctx: DistContext,
-         checkpoint_dir: Path) -> TrainResult:
+def _run(
+    cfg: TrainConfig, images: list[ConceptImages], stop: StopSignals, ctx: DistContext, checkpoint_dir: Path
+) -> TrainResult:
     """The loop: steps until every concept is done or a signal arrives, checkpoints, then the exports."""
     job = TrainingJob(cfg, images, ctx, checkpoint_dir)
     if cfg.resume:
@@ -286,8 +306,10 @@ def _run(cfg: TrainConfig, images: list[ConceptImages], stop: StopSignals, ctx: 
     if cfg.max_batch == "auto":
         fit = plan_batch(job)
         if cfg.progress:
-            print(f"dti-fast: max_batch auto: {fit} concept(s) x {cfg.batch_size} image(s) per step on {job.device}",
-                  file=sys.stderr)
+            print(
+                f"dti-fast: max_batch auto: {fit} concept(s) x {cfg.batch_size} image(s) per step on {job.device}",
+                file=sys.stderr,
+            )
     reset_peak(job.device)
     total = sum(cfg.concept_steps(c) for c in cfg.concepts)
     progress = Progress(total, sum(job.done.values()), cfg.progress, interval=cfg.progress_interval)
@@ -308,9 +330,16 @@ def _run(cfg: TrainConfig, images: list[ConceptImages], stop: StopSignals, ctx: 
             if job.job_step % cfg.checkpoint_every == 0:
                 save_checkpoint(job)
             if cfg.validation_every and job.writes and job.job_step % cfg.validation_every == 0:
-                validation_grids(job.parts, job.concept_records(), cfg.output_dir, cfg.validation_prompts,
-                                 steps=cfg.validation_inference_steps, seed=cfg.seed, resolution=cfg.resolution,
-                                 filename=f"samples/step-{job.job_step:06d}.png")
+                validation_grids(
+                    job.parts,
+                    job.concept_records(),
+                    cfg.output_dir,
+                    cfg.validation_prompts,
+                    steps=cfg.validation_inference_steps,
+                    seed=cfg.seed,
+                    resolution=cfg.resolution,
+                    filename=f"samples/step-{job.job_step:06d}.png",
+                )
     finally:
         progress.close()
     if stop.signum is not None:
@@ -328,8 +357,15 @@ def _run(cfg: TrainConfig, images: list[ConceptImages], stop: StopSignals, ctx: 
         export_concepts(Path(cfg.output_dir), records, ti_rescaled=cfg.export_ti_rescaled)
         curves.finish(Path(cfg.output_dir))
         if cfg.validation_prompts:
-            validation_grids(job.parts, records, cfg.output_dir, cfg.validation_prompts,
-                             steps=cfg.validation_inference_steps, seed=cfg.seed, resolution=cfg.resolution)
+            validation_grids(
+                job.parts,
+                records,
+                cfg.output_dir,
+                cfg.validation_prompts,
+                steps=cfg.validation_inference_steps,
+                seed=cfg.seed,
+                resolution=cfg.resolution,
+            )
     return TrainResult(
         output_dir=Path(cfg.output_dir),
         concept_dirs=concept_dirs,

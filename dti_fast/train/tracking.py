@@ -39,10 +39,12 @@ def check_report_to(report_to: str) -> None:
     if not any(importlib.util.find_spec(m) for m in modules):
         missing.append(pip_name)
     if missing:
-        raise ValueError(f"--report-to {report_to} needs {' and '.join(missing)}, which "
-                         f"{'is' if len(missing) == 1 else 'are'} not installed: pip install {' '.join(missing)} "
-                         "(or pip install 'dti-fast[tracking]'), or leave --report-to at none (curves.png is "
-                         "written either way)")
+        raise ValueError(
+            f"--report-to {report_to} needs {' and '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: pip install {' '.join(missing)} "
+            "(or pip install 'dti-fast[tracking]'), or leave --report-to at none (curves.png is "
+            "written either way)"
+        )
 
 
 def _clock(seconds: float) -> str:
@@ -53,8 +55,9 @@ def _clock(seconds: float) -> str:
 class Progress:
     """Progress of the concept steps: a bar on a terminal, plain lines every ``interval`` s elsewhere."""
 
-    def __init__(self, total: int, initial: int, enabled: bool, interval: float = 30.0,
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self, total: int, initial: int, enabled: bool, interval: float = 30.0, stream: TextIO | None = None
+    ) -> None:
         self.total, self.done, self.start_done = total, initial, initial
         self.stream = stream or sys.stderr
         self.interval = interval
@@ -64,8 +67,9 @@ class Progress:
         if enabled and getattr(self.stream, "isatty", lambda: False)():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="concept-step", dynamic_ncols=True, desc="training",
-                            file=self.stream)
+            self.bar = tqdm(
+                total=total, initial=initial, unit="concept-step", dynamic_ncols=True, desc="training", file=self.stream
+            )
 
     def update(self, done: int, loss: float | None, samples_per_s: float) -> None:
         step = done - self.done
@@ -83,9 +87,13 @@ class Progress:
             elapsed = now - self.started
             rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
             eta = (self.total - done) / rate if rate > 0 else float("nan")
-            print(f"dti-fast: training {done}/{self.total} concept-steps ({100 * done / max(self.total, 1):.0f}%), "
-                  f"{samples_per_s:.1f} samples/s, loss {loss_text}, elapsed {_clock(elapsed)}, "
-                  f"left {_clock(eta) if math.isfinite(eta) else '?'}", file=self.stream, flush=True)
+            print(
+                f"dti-fast: training {done}/{self.total} concept-steps ({100 * done / max(self.total, 1):.0f}%), "
+                f"{samples_per_s:.1f} samples/s, loss {loss_text}, elapsed {_clock(elapsed)}, "
+                f"left {_clock(eta) if math.isfinite(eta) else '?'}",
+                file=self.stream,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -101,7 +109,8 @@ class Curves:
         # Where each concept's directions started (before any resume): the angle is measured from there.
         self.start = [[emb.rows[i].detach().float().clone() for emb in job.embeddings] for i in range(len(self.names))]
         self.points: dict[str, dict[str, list[tuple[float, float]]]] = {
-            key: {n: [] for n in self.names} for key in ("loss", "norm", "angle")}
+            key: {n: [] for n in self.names} for key in ("loss", "norm", "angle")
+        }
         self.lr: list[tuple[float, float]] = []
         self._sum = dict.fromkeys(self.names, 0.0)
         self._count = dict.fromkeys(self.names, 0)
@@ -114,8 +123,9 @@ class Curves:
         check_report_to(report_to)
         from accelerate.tracking import TensorBoardTracker, WandBTracker
 
-        tracker = (TensorBoardTracker(run_name, output_dir / "logs") if report_to == "tensorboard"
-                   else WandBTracker(run_name))
+        tracker = (
+            TensorBoardTracker(run_name, output_dir / "logs") if report_to == "tensorboard" else WandBTracker(run_name)
+        )
         if hasattr(tracker, "start"):  # accelerate >= 1.6 starts trackers explicitly
             tracker.start()
         return [tracker]
@@ -137,10 +147,12 @@ class Curves:
         for i, name in enumerate(self.names):
             now = [emb.vectors(i).float() for emb in job.embeddings]
             norm = torch.stack([v.norm(dim=-1).mean() for v in now]).mean()
-            cos = torch.stack([
-                torch.nn.functional.cosine_similarity(v.to(s.device), s, dim=-1).clamp(-1, 1).acos().mean()
-                for v, s in zip([emb.rows[i].detach().float() for emb in job.embeddings], self.start[i])
-            ]).mean()
+            cos = torch.stack(
+                [
+                    torch.nn.functional.cosine_similarity(v.to(s.device), s, dim=-1).clamp(-1, 1).acos().mean()
+                    for v, s in zip([emb.rows[i].detach().float() for emb in job.embeddings], self.start[i])
+                ]
+            ).mean()
             stats.append(torch.stack([norm, cos]))
         norms_angles = torch.stack(stats).cpu().tolist() if stats else []  # one host copy
         for name, (norm, angle) in zip(self.names, norms_angles):
@@ -168,10 +180,12 @@ class Curves:
         from ..io import atomic_write
         from ..plots import image_grid, line_plot
 
-        panels = [line_plot(self.points["loss"], title="loss per concept (mean between points)", xlabel="job step",
-                            ylabel="loss"),
-                  line_plot(self.points["angle"], title="angle moved from the start", xlabel="job step",
-                            ylabel="degrees")]
+        panels = [
+            line_plot(
+                self.points["loss"], title="loss per concept (mean between points)", xlabel="job step", ylabel="loss"
+            ),
+            line_plot(self.points["angle"], title="angle moved from the start", xlabel="job step", ylabel="degrees"),
+        ]
         sheet = image_grid(panels, columns=2)
         path = Path(output_dir) / "curves.png"
         atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
