@@ -138,13 +138,7 @@ def test_killed_rank_is_reported_and_resume_reruns_only_the_unfinished(tiny_sd, 
     # The clock trains 60 steps, the others 6: balanced by steps, rank 0 holds the clock and
     # rank 1 the two short concepts. Rank 1 finishes; rank 0 is killed mid-job.
     steps = {"dog": 6, "clock": 60, "bag": 6}
-    job = tmp_path / "job.toml"
-    job.write_text(
-        "".join(
-            f'[[concept]]\nname = "{n}"\nimages = "{demo_images_dir() / f}"\ninit = "{i}"\nsteps = {steps[n]}\n'
-            for n, f, i in CONCEPTS
-        )
-    )
+    job = _job_file(tmp_path, steps)
     ref = train(
         TrainConfig(
             model=str(tiny_sd),
@@ -158,36 +152,7 @@ def test_killed_rank_is_reported_and_resume_reruns_only_the_unfinished(tiny_sd, 
     out = tmp_path / "out"
 
     def command(*extra: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            "1",
-            "--nproc-per-node",
-            "2",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(_free_port()),
-            "-m",
-            "dti_fast.cli",
-            "train",
-            "--config",
-            str(job),
-            "--model",
-            str(tiny_sd),
-            "--output",
-            str(out),
-            "--resolution",
-            "64",
-            "--batch-size",
-            "1",
-            "--no-progress",
-            "--checkpoint-every",
-            "1",
-            *extra,
-        ]
+        return _torchrun_job(job, tiny_sd, out, "--checkpoint-every", "1", *extra)
 
     proc = subprocess.Popen(command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     status0 = out / ".ranks" / "rank-0.json"

@@ -57,18 +57,11 @@ def _cfg(model: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory) -> Path:
-    from dti_fast.testing import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "sd", family="sd")
-
-
-def test_curves_samples_during_training_and_log_lines(tiny_sd, tmp_path, capsys):
+def test_curves_samples_during_training_and_log_lines(eval_sd_model, tmp_path, capsys):
     out = tmp_path / "out"
     train(
         _cfg(
-            tiny_sd,
+            eval_sd_model,
             out,
             log_every=2,
             validation_every=2,
@@ -88,16 +81,16 @@ def test_curves_samples_during_training_and_log_lines(tiny_sd, tmp_path, capsys)
     assert lines and lines[-1].startswith("dti-fast: training 8/8 concept-steps (100%)")
 
 
-def test_validation_every_needs_prompts(tiny_sd, tmp_path):
+def test_validation_every_needs_prompts(eval_sd_model, tmp_path):
     with pytest.raises(ValueError, match="validation_every needs validation prompts"):
-        train(_cfg(tiny_sd, tmp_path / "o", validation_every=2))
+        train(_cfg(eval_sd_model, tmp_path / "o", validation_every=2))
 
 
-def test_tensorboard_tracker_writes_events(tiny_sd, tmp_path):
+def test_tensorboard_tracker_writes_events(eval_sd_model, tmp_path):
     pytest.importorskip("accelerate")
     pytest.importorskip("tensorboard")
     out = tmp_path / "out"
-    train(_cfg(tiny_sd, out, log_every=1, report_to="tensorboard"))
+    train(_cfg(eval_sd_model, out, log_every=1, report_to="tensorboard"))
     events = list((out / "logs").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
