@@ -235,3 +235,30 @@ def test_xformers_without_the_package_exits_2_with_the_fix(tmp_path, capsys, mon
     )
     assert code == 2
     assert "pip install" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("gpu0", "'gpu0' is not a torch device"), ("cuda", "has no CUDA GPU that torch can use; use --device cpu")],
+)
+def test_a_device_this_machine_lacks_is_one_line_before_anything_loads(tmp_path, capsys, device, message):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tmp_path / "missing-model"),
+            "--output",
+            str(tmp_path / "o"),
+            "--concept",
+            f"dog:{demo_images_dir() / 'dog'}:dog",
+            "--device",
+            device,
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err

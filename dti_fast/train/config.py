@@ -20,6 +20,7 @@ import tomllib
 from .. import settings as S
 from ..concept_files import validate_export_names
 from ..data import Concept
+from ..models import resolve_device
 from .errors import JobError
 from .tracking import REPORT_TO, check_report_to
 
@@ -304,6 +305,7 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.optim_bits == 8 and cfg.method == "ti" and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("--optim-bits 8 needs bitsandbytes (pip install bitsandbytes), or use --optim-bits 32")
     check_report_to(cfg.report_to)
+    resolve_device(cfg.device)  # "cuda" without CUDA, "gpu0": refused before the photos and the model load
     if cfg.validation_every and not cfg.validation_prompts:
         raise ValueError(
             "validation_every needs validation prompts: add --validation-prompt (or validation_prompts in the job file)"
