@@ -390,6 +390,9 @@ def _add_interpolate_parser(sub) -> None:
 
 
 def _cmd_suite(args: argparse.Namespace) -> int:
+    if args.world:  # the toy world (dti_fast.world)
+        from .world.cli import run_toy_suite
+        return run_toy_suite(args)
     from .suite import SuiteConfig, run_suite
 
     cfg = SuiteConfig(output_dir=args.output, model=args.model, data_dir=args.data, subjects_file=args.subjects_file,
@@ -488,6 +491,8 @@ def _add_suite_parser(sub) -> None:
                    help="training and generation precision: auto (default) = bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--force", action="store_true", help="ignore the state file and redo every stage")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
+    from .world.cli import add_toy_suite_flags
+    add_toy_suite_flags(p)
     p.set_defaults(func=_cmd_suite)
 
 
@@ -535,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(sub)
     _add_interpolate_parser(sub)
     _add_suite_parser(sub)
+    from .world.cli import add_world_parser
+    add_world_parser(sub)
     return parser
 
 

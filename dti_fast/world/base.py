@@ -129,7 +129,7 @@ def train_vae(vae, images: np.ndarray, steps: int, batch: int, seed: int, log: C
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == total - 1:
-            log(f"vae step {step}/{total} l1 {float(loss):.4f} ({time.perf_counter() - t0:.0f} s)")
+            log(f"vae step {step}/{total} l1 {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
         step += 1
     vae.eval()
     return float(loss), total
@@ -280,3 +280,58 @@ def build_base(out, cfg: Optional[BuildConfig] = None, log: Callable = print, fp
     shutil.rmtree(tokdir, ignore_errors=True)
     log(f"wrote {out} in {summary['total_s']:.0f} s")
     return summary
+
+
+def build_world(out, cfg: Optional[BuildConfig] = None, log: Callable = print, scorer_steps: int = 2000,
+                scorer_minutes: Optional[float] = None) -> dict:
+    """The base model plus the world's scorer (``world_scorer/``, validated on fresh renders) in ``out``."""
+    from .scoring import save_scorer, train_scorer, validate
+
+    cfg = cfg or BuildConfig()
+    out = Path(out)
+    summary = build_base(out, cfg, log=log)
+    t = time.perf_counter()
+    model, meta = train_scorer(steps=scorer_steps, seed=cfg.seed + 10, log=log, minutes=scorer_minutes,
+                               n=min(12000, max(500, cfg.images)))
+    rep = validate(model, n=300 if cfg.images < 2000 else 1200)
+    save_scorer(model, out / "world_scorer", {**meta, "validation": rep})
+    summary["scorer_s"] = time.perf_counter() - t
+    summary["scorer_validation"] = rep
+    summary["total_s"] += summary["scorer_s"]
+    (out / "world_build.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    log(f"scorer: text fidelity of captions on fresh renders {rep['text_fidelity_on_renders']:.3f} "
+        f"({summary['scorer_s']:.0f} s); total {summary['total_s']:.0f} s")
+    return summary
+
+
+def world_model_path(cache_dir=None) -> Path:
+    """The cached world base model, copied from the shipped one on first use.
+
+    Lives at ``<cache>/world-base-v<WORLD_VERSION>`` (cache: ``$DTI_FAST_CACHE``, else
+    ``~/.cache/dti_fast``); copied into a temporary sibling and renamed, so concurrent callers
+    never see half a model.
+    """
+    from ..models import _default_cache_root
+
+    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
+    final = root / f"world-base-v{WORLD_VERSION}"
+    if (final / "model_index.json").is_file() and (final / "world_scorer" / "scorer.safetensors").is_file():
+        return final
+    if not (SHIPPED / "model_index.json").is_file():
+        raise FileNotFoundError(f"no world base model at {final} and none shipped at {SHIPPED}; "
+                                f"build one: dti-fast world build-base --output {final}")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".world-{uuid.uuid4().hex[:8]}-", dir=root))
+    try:
+        shutil.copytree(SHIPPED, tmp, dirs_exist_ok=True)
+        if final.exists():
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not (final / "model_index.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
