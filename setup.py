@@ -14,11 +14,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["dti_fast", "dti_fast.kernels"],
+    packages=["dti_fast", "dti_fast.kernels", "dti_fast.world"],
     package_dir={"dti_fast": "dti_fast", "dti_fast.kernels": "kernels"},
     include_package_data=True,
     package_data={"dti_fast": ["assets/clip_tokenizer/*", "assets/dreambooth_mini/*.txt", "assets/dreambooth_mini/*/*",
-                              "assets/*.json"]},
+                              "assets/*.json", "assets/world_base/*.json", "assets/world_base/*/*"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

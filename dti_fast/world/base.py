@@ -39,9 +39,9 @@ class BuildConfig:
     vae_batch: int = 16
     steps: int = 3000
     batch: int = 48
-    lr: float = 8e-4
+    lr: float = 1e-3
     empty_caption: float = 0.1
-    threads: Optional[int] = None
+    threads: Optional[int] = 1  # one torch thread: on busy shared cores more threads cost up to 10x (measured)
     minutes: Optional[float] = None  # wall budget of the UNet stage: the step count shrinks to fit (logged)
     vae_minutes: Optional[float] = None  # the same for the VAE stage
 
@@ -198,7 +198,7 @@ def build_base(out, cfg: Optional[BuildConfig] = None, log: Callable = print, fp
     summary["vae_l1"], summary["vae_steps_done"] = train_vae(vae, images, cfg.vae_steps, cfg.vae_batch, cfg.seed + 1,
                                                              log, cfg.vae_minutes)
     with torch.no_grad():  # reconstruction error on renders the VAE never saw
-        _, test = render_set(256, cfg.seed + 99, held=None)
+        _, test = render_set(256 if cfg.images >= 2000 else 16, cfg.seed + 99, held=None)
         x = _to_tensor(test)
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         summary["vae_heldout_mae_0_255"] = float((rec - x).abs().mean() * 127.5)
@@ -290,9 +290,11 @@ def build_world(out, cfg: Optional[BuildConfig] = None, log: Callable = print, s
     cfg = cfg or BuildConfig()
     out = Path(out)
     summary = build_base(out, cfg, log=log)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     t = time.perf_counter()
-    model, meta = train_scorer(steps=scorer_steps, seed=cfg.seed + 10, log=log, minutes=scorer_minutes,
-                               n=min(12000, max(500, cfg.images)))
+    model, meta = train_scorer(steps=scorer_steps, seed=cfg.seed, log=log, minutes=scorer_minutes,
+                               n=12000 if cfg.images >= 2000 else 500)
     rep = validate(model, n=300 if cfg.images < 2000 else 1200)
     save_scorer(model, out / "world_scorer", {**meta, "validation": rep})
     summary["scorer_s"] = time.perf_counter() - t
