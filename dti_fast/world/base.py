@@ -35,8 +35,8 @@ SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "world_base"
 class BuildConfig:
     seed: int = 0
     images: int = 12000
-    vae_steps: int = 600
-    vae_batch: int = 16
+    vae_steps: int = 2500
+    vae_batch: int = 12
     steps: int = 3000
     batch: int = 48
     lr: float = 1e-3

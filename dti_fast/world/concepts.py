@@ -83,18 +83,27 @@ def concept_spec(c: WorldConcept, rng: np.random.Generator, *, second: Optional[
     return spec
 
 
+def photo_specs(c: WorldConcept, n: int = 5, seed: int = 0) -> list[R.Spec]:
+    """The specs of concept ``c``'s ``n`` training photos."""
+    i = [x.name for x in ALL].index(c.name)
+    rng = np.random.default_rng(seed * 1000 + 17 + i)
+    specs = []
+    for k in range(n):
+        spec = concept_spec(c, rng)
+        if c.kind == "object":
+            spec.main[0].size = "large"  # photos show the object's details
+            spec.main[0].slot = R.POSITIONS[(k + i) % len(R.POSITIONS)]  # varied placement
+        specs.append(spec)
+    return specs
+
+
 def write_photos(folder: Path, n: int = 5, seed: int = 0, concepts=ALL) -> dict[str, Path]:
     """Render ``n`` training photos per concept into ``folder/<name>/``; returns the folders."""
     out = {}
-    for i, c in enumerate(concepts):
+    for c in concepts:
         d = Path(folder) / c.name
         d.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(seed * 1000 + 17 + i)
-        for k in range(n):
-            spec = concept_spec(c, rng)
-            if c.kind == "object":
-                spec.main[0].size = "large"  # photos show the object's details
-                spec.main[0].slot = R.POSITIONS[(k + i) % len(R.POSITIONS)]  # varied placement
+        for k, spec in enumerate(photo_specs(c, n, seed)):
             R.render(spec).save(d / f"{k:02d}.png")
         out[c.name] = d
     return out

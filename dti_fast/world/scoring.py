@@ -171,6 +171,19 @@ def predict(model: Scorer, images, batch: int = 256) -> dict[str, np.ndarray]:
     return {k: torch.cat(v).numpy() for k, v in outs.items()}
 
 
+@torch.no_grad()
+def features(model: Scorer, images, batch: int = 256) -> np.ndarray:
+    """The scorer's 256-d penultimate features, L2-normalized (a DINO-like descriptor of the image)."""
+    x = images if isinstance(images, torch.Tensor) else to_input(images)
+    out = [F.normalize(model.body(x[i:i + batch]), dim=-1) for i in range(0, len(x), batch)]
+    return torch.cat(out).numpy()
+
+
+def reference_similarity(model: Scorer, images, references) -> np.ndarray:
+    """Per image: the mean cosine of its features to each reference image's (the paper's DINO protocol)."""
+    return (features(model, images) @ features(model, references).T).mean(-1)
+
+
 def _row(pred: dict, i: int) -> dict:
     return {k: v[i] for k, v in pred.items()}
 
@@ -261,8 +274,12 @@ def validate(model: Scorer, seed: int = 12345, n: int = 1200) -> dict:
         pr = predict(model, ims)
         sc = np.array([subject_score(_row(pr, i), c.name) for i in range(len(ims))])
         y = np.array([1] * len(pos) + [0] * len(neg))
+        refs = np.stack([np.asarray(R.render(s)) for s in C.photo_specs(c)])
+        cos = reference_similarity(model, ims, refs)
         subj[c.name] = {"accuracy": float(((sc > 0.5) == y).mean()), "mean_pos": float(sc[:60].mean()),
-                        "mean_lookalike": float(sc[60:].mean())}
+                        "mean_lookalike": float(sc[60:].mean()), "cos_pos": float(cos[:60].mean()),
+                        "cos_lookalike": float(cos[60:].mean()),
+                        "cos_auc": float((cos[:60, None] > cos[None, 60:]).mean())}
     for c in C.STYLES:
         pos = [C.concept_spec(c, rng) for _ in range(60)]
         neg = [R.sample_spec(rng, held=None) for _ in range(60)]
@@ -270,7 +287,11 @@ def validate(model: Scorer, seed: int = 12345, n: int = 1200) -> dict:
         pr = predict(model, ims)
         sc = np.array([subject_score(_row(pr, i), c.name) for i in range(len(ims))])
         y = np.array([1] * 60 + [0] * 60)
+        refs = np.stack([np.asarray(R.render(s)) for s in C.photo_specs(c)])
+        cos = reference_similarity(model, ims, refs)
         subj[c.name] = {"accuracy": float(((sc > 0.5) == y).mean()), "mean_pos": float(sc[:60].mean()),
-                        "mean_lookalike": float(sc[60:].mean())}
+                        "mean_lookalike": float(sc[60:].mean()), "cos_pos": float(cos[:60].mean()),
+                        "cos_lookalike": float(cos[60:].mean()),
+                        "cos_auc": float((cos[:60, None] > cos[None, 60:]).mean())}
     report["subject"] = subj
     return report

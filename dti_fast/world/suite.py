@@ -207,6 +207,9 @@ def run_toy_suite(cfg: ToySuiteConfig) -> dict:
             with Image.open(folder / r.file) as im:
                 ims.append(im.convert("RGB"))
         pred = S.predict(scorer, ims)
+        feats = S.features(scorer, ims)
+        ref_feats = {c.name: S.features(scorer, [Image.open(f).convert("RGB") for f in sorted(photos[c.name].glob("*.png"))])
+                     for c in concepts}
         rows = []
         for i, r in enumerate(records):
             c = C.BY_NAME[r.concept]
@@ -214,6 +217,7 @@ def run_toy_suite(cfg: ToySuiteConfig) -> dict:
             p = S._row(pred, i)
             rows.append({"concept": c.name, "level": level, "prompt": r.prompt, "seed": r.seed, "file": r.file,
                          "subject": S.subject_score(p, c.name),
+                         "subject_cos": float((ref_feats[c.name] @ feats[i]).mean()),
                          "text": S.text_fidelity(p, attrs, subject=c.name if c.kind == "object" else None),
                          "checks": S.attribute_checks(p, attrs, subject=c.name if c.kind == "object" else None)})
         results[m] = {"rows": rows}
@@ -227,10 +231,13 @@ def run_toy_suite(cfg: ToySuiteConfig) -> dict:
         for level in range(len(LEVELS)):
             sel = [r for r in rows if r["level"] == level]
             lv[LEVELS[level]] = {"subject": _mean([r["subject"] for r in sel]), "text": _mean([r["text"] for r in sel]),
-                                 "images": len(sel)}
+                                 "subject_cos": _mean([r["subject_cos"] for r in sel]), "images": len(sel)}
         table[m] = {"levels": lv, "subject": _mean([r["subject"] for r in rows]),
+                    "subject_cos": _mean([r["subject_cos"] for r in rows]),
                     "text": _mean([r["text"] for r in rows]),
                     "per_concept": {c.name: {"subject": _mean([r["subject"] for r in rows if r["concept"] == c.name]),
+                                             "subject_cos": _mean([r["subject_cos"] for r in rows
+                                                                   if r["concept"] == c.name]),
                                              "text": _mean([r["text"] for r in rows if r["concept"] == c.name])}
                                     for c in concepts}}
 
@@ -366,6 +373,8 @@ def _markdown(r: dict) -> str:
     for k, s in v["subject"].items():
         L.append(f"| subject {k}: concept vs look-alike (threshold 0.5) | {s['accuracy']:.3f} "
                  f"(mean {s['mean_pos']:.2f} vs {s['mean_lookalike']:.2f}) |")
+        L.append(f"| subject-cos {k}: P(concept render closer to the photos than a look-alike) | {s['cos_auc']:.3f} "
+                 f"(mean cos {s['cos_pos']:.2f} vs {s['cos_lookalike']:.2f}) |")
     L.append("")
     L.append("## Base-model sanity gate\n")
     L.append(f"Text fidelity of the base model alone on {len(g['prompts'])} full captions of held-out (shape, colour, "
@@ -375,23 +384,27 @@ def _markdown(r: dict) -> str:
     L.append("## Results\n")
     L.append("Subject = the scorer's probability that the concept is in the image (max over slots; styles: P(style)); "
              "text = fraction of the prompt's stated attributes the image shows (level 0 states none).\n")
-    head = "| Method | " + " | ".join(f"L{i} {n} subj / text" for i, n in enumerate(LEVELS)) + " | all subj / text | mean norm |"
+    L.append("Subject-cos = mean cosine of the scorer's features to each of the concept's photos (the paper's "
+             "DINO protocol with the world's own feature extractor).\n")
+    head = ("| Method | " + " | ".join(f"L{i} {n} subj / cos / text" for i, n in enumerate(LEVELS))
+            + " | all subj / cos / text | mean norm |")
     L.append(head)
     L.append("| --- |" + " ---: |" * (len(LEVELS) + 2))
     for m, t in r["table"].items():
         ns = [x for v in r["norms"][m].values() for x in v]
-        L.append(f"| {_label(m)} | " + " | ".join(f"{_f(t['levels'][n]['subject'])} / {_f(t['levels'][n]['text'])}"
-                                                  for n in LEVELS)
-                 + f" | {_f(t['subject'])} / {_f(t['text'])} | {_f(float(np.mean(ns)), 3)} |")
+        L.append(f"| {_label(m)} | " + " | ".join(f"{_f(t['levels'][n]['subject'])} / {_f(t['levels'][n]['subject_cos'])}"
+                                                  f" / {_f(t['levels'][n]['text'])}" for n in LEVELS)
+                 + f" | {_f(t['subject'])} / {_f(t['subject_cos'])} / {_f(t['text'])} | {_f(float(np.mean(ns)), 3)} |")
     L.append("")
     L.append(f"m* (mean norm of the {r['vocab_norm_stats']['rows']} non-zero vocabulary rows): {_f(r['m_star'], 4)}; "
              f"vocabulary norms mean {r['vocab_norm_stats']['mean']:.4f}, std {r['vocab_norm_stats']['std']:.4f}.\n")
-    L.append("### Per concept (subject / text)\n")
+    L.append("### Per concept (subject / subject-cos / text)\n")
     names = list(next(iter(r["table"].values()))["per_concept"])
     L.append("| Concept | " + " | ".join(_label(m) for m in r["table"]) + " | norms " + " / ".join(_label(m) for m in r["table"]) + " |")
     L.append("| --- |" + " ---: |" * (len(r["table"]) + 1))
     for n in names:
-        L.append(f"| {n} | " + " | ".join(f"{_f(t['per_concept'][n]['subject'])} / {_f(t['per_concept'][n]['text'])}"
+        L.append(f"| {n} | " + " | ".join(f"{_f(t['per_concept'][n]['subject'])} / {_f(t['per_concept'][n]['subject_cos'])}"
+                                          f" / {_f(t['per_concept'][n]['text'])}"
                                           for t in r["table"].values())
                  + " | " + " / ".join(_f(float(np.mean(r["norms"][m][n])), 3) for m in r["table"]) + " |")
     L.append("")
