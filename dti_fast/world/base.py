@@ -42,6 +42,7 @@ class BuildConfig:
     lr: float = 1e-3
     empty_caption: float = 0.1
     threads: Optional[int] = 1  # one torch thread: on busy shared cores more threads cost up to 10x (measured)
+    resume_from: Optional[str] = None  # continue a built model: its VAE is kept, text encoder + UNet train on
     minutes: Optional[float] = None  # wall budget of the UNet stage: the step count shrinks to fit (logged)
     vae_minutes: Optional[float] = None  # the same for the VAE stage
 
@@ -179,12 +180,25 @@ def build_base(out, cfg: Optional[BuildConfig] = None, log: Callable = print, fp
     vocab = tok.get_vocab()
     used = word_ids(vocab)
     vae, te, unet = make_modules(len(vocab), cfg.seed)
+    if cfg.resume_from:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        src = Path(cfg.resume_from)
+        vae = AutoencoderKL.from_pretrained(str(src), subfolder="vae", torch_dtype=torch.float32)
+        te = CLIPTextModel.from_pretrained(str(src), subfolder="text_encoder", dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(str(src), subfolder="unet", torch_dtype=torch.float32)
+        vae, te, unet = vae.float(), te.float(), unet.float()
+        prev = json.loads((src / "world_build.json").read_text(encoding="utf-8"))
+        summary["resumed_from"] = {"folder": str(src), "config": prev.get("config"), "steps_done": prev.get("steps_done"),
+                                   "vae_heldout_mae_0_255": prev.get("vae_heldout_mae_0_255")}
     with torch.no_grad():  # rows BPE needs but no world text ever uses: exactly zero, forever
         emb = te.get_input_embeddings().weight
         keep = torch.zeros(len(emb), dtype=torch.bool)
         keep[used] = True
         emb[~keep] = 0.0
-        emb[keep] *= 0.02 / emb[keep].std()
+        if not cfg.resume_from:
+            emb[keep] *= 0.02 / emb[keep].std()
     log(f"params: vae {sum(p.numel() for p in vae.parameters())/1e6:.2f}M, text encoder "
         f"{sum(p.numel() for p in te.parameters())/1e6:.2f}M, unet {sum(p.numel() for p in unet.parameters())/1e6:.2f}M; "
         f"vocab {len(vocab)} ({len(used)} word rows)")
@@ -195,8 +209,11 @@ def build_base(out, cfg: Optional[BuildConfig] = None, log: Callable = print, fp
     log(f"rendered {len(images)} scenes in {summary['render_s']:.1f} s")
 
     t = time.perf_counter()
-    summary["vae_l1"], summary["vae_steps_done"] = train_vae(vae, images, cfg.vae_steps, cfg.vae_batch, cfg.seed + 1,
-                                                             log, cfg.vae_minutes)
+    if cfg.resume_from:
+        summary["vae_l1"], summary["vae_steps_done"] = None, 0
+    else:
+        summary["vae_l1"], summary["vae_steps_done"] = train_vae(vae, images, cfg.vae_steps, cfg.vae_batch,
+                                                                 cfg.seed + 1, log, cfg.vae_minutes)
     with torch.no_grad():  # reconstruction error on renders the VAE never saw
         _, test = render_set(256 if cfg.images >= 2000 else 16, cfg.seed + 99, held=None)
         x = _to_tensor(test)
@@ -206,15 +223,15 @@ def build_base(out, cfg: Optional[BuildConfig] = None, log: Callable = print, fp
     summary["vae_s"] = time.perf_counter() - t
     t = time.perf_counter()
     latents = encode_all(vae, images)
-    scale = float(1.0 / latents.std())
+    scale = float(vae.config.scaling_factor) if cfg.resume_from else float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
     summary["encode_s"] = time.perf_counter() - t
     log(f"latent cache {tuple(latents.shape)}, scaling_factor {scale:.4f} ({summary['encode_s']:.1f} s)")
 
     # Captions: drawn per step from each spec with the seeded stream, tokenized on the fly.
-    rng = np.random.default_rng(cfg.seed + 2)
-    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    rng = np.random.default_rng(cfg.seed + 2 + (100 if cfg.resume_from else 0))
+    gen = torch.Generator().manual_seed(cfg.seed + 3 + (100 if cfg.resume_from else 0))
     sched = DDPMScheduler(**SD_SCHEDULER_CONFIG)
     acp = sched.alphas_cumprod
     params = list(te.parameters()) + list(unet.parameters())
@@ -276,6 +293,8 @@ def build_base(out, cfg: Optional[BuildConfig] = None, log: Callable = print, fp
         vae, te, unet = vae.half(), te.half(), unet.half()
     summary["total_s"] = time.perf_counter() - t_all
     write_folder(out, vae, te, unet, tok, {"_dti_fast_world": WORLD_VERSION})
+    for name in ("vocab.json", "merges.txt"):  # the BPE files themselves too (transformers 4.x's slow tokenizer)
+        shutil.copyfile(tokdir / name, out / "tokenizer" / name)
     (out / "world_build.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(tokdir, ignore_errors=True)
     log(f"wrote {out} in {summary['total_s']:.0f} s")
