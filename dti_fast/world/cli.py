@@ -15,7 +15,7 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
     from ..models import _default_cache_root
 
     cfg = BuildConfig(seed=args.seed)
-    for key in ("images", "vae_steps", "steps", "batch", "minutes", "vae_minutes"):
+    for key in ("images", "vae_steps", "steps", "batch", "minutes", "vae_minutes", "lr", "resume_from"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     final = Path(args.output) if args.output else _default_cache_root() / f"world-base-v{WORLD_VERSION}"
@@ -55,6 +55,9 @@ def add_world_parser(sub) -> None:
     p.add_argument("--batch", type=int, help="text encoder + UNet batch (default 48)")
     p.add_argument("--minutes", type=float, help="wall budget of the UNet stage: fewer steps if needed (logged)")
     p.add_argument("--vae-minutes", type=float, help="wall budget of the VAE stage")
+    p.add_argument("--lr", type=float, help="text encoder + UNet peak learning rate (default 1e-3)")
+    p.add_argument("--resume-from", help="continue this built model: keep its VAE, train its text encoder + UNet "
+                   "--steps more (a second stage; the shipped model has one)")
     p.add_argument("--scorer-steps", type=int, default=2000, help="scorer CNN steps (default 2000)")
     p.add_argument("--scorer-minutes", type=float, help="wall budget of the scorer stage")
     p.add_argument("--force", action="store_true", help="rebuild even if the output folder has a model")
