@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["dti_fast", "dti_fast.train", "dti_fast.testing", "dti_fast.kernels"],
+    packages=["dti_fast", "dti_fast.train", "dti_fast.testing", "dti_fast.world", "dti_fast.kernels"],
     package_dir={"dti_fast": "dti_fast", "dti_fast.kernels": "kernels"},
     include_package_data=True,
     package_data={
@@ -23,6 +23,8 @@ setup(
             "assets/dreambooth_mini/*.txt",
             "assets/dreambooth_mini/*/*",
             "assets/*.json",
+            "assets/world_base/*.json",
+            "assets/world_base/*/*",
         ]
     },
     install_requires=[

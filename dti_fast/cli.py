@@ -348,6 +348,10 @@ def _add_interpolate_parser(sub) -> None:
 
 
 def _cmd_suite(args: argparse.Namespace) -> int:
+    if args.world:  # the toy world (dti_fast.world)
+        from .world.cli import run_toy_suite
+
+        return run_toy_suite(args)
     from .suite import SuiteConfig, run_suite
 
     cfg = SuiteConfig(**S.flag_values(args, SuiteConfig))
@@ -378,6 +382,9 @@ def _add_suite_parser(sub) -> None:
         "(a smoke test, minutes on a CPU).",
     )
     S.add_arguments(p, SuiteConfig)
+    from .world.cli import add_toy_suite_flags
+
+    add_toy_suite_flags(p)
     p.set_defaults(func=_cmd_suite)
 
 
@@ -439,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(sub)
     _add_interpolate_parser(sub)
     _add_suite_parser(sub)
+    from .world.cli import add_world_parser
+
+    add_world_parser(sub)
     return parser
 
 

@@ -21,7 +21,11 @@ import json
 import os
 import pickle
 import re
+import shutil
+import tempfile
 import threading
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +38,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "FAMILIES",
+    "SD_SCHEDULER_CONFIG",
+    "build_once",
+    "prefix_text_encoder_keys",
     "ModelParts",
     "ResolvedModel",
     "cache_root",
@@ -50,6 +57,18 @@ __all__ = [
 ]
 
 FAMILIES = ("sd", "sdxl")
+
+# The Stable Diffusion training noise schedule (SD 1.x, 2.x and SDXL share it).
+SD_SCHEDULER_CONFIG: dict[str, Any] = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -608,3 +627,56 @@ def cache_root() -> Path:
         return Path(os.environ["DTI_FAST_CACHE"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dti_fast"
+
+
+def build_once(
+    name: str, marker: str, build: Callable[[Path], Any], cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """``<cache>/<name>``, built by ``build(folder)`` unless ``<cache>/<name>/<marker>`` exists.
+
+    Built in a temporary sibling folder and renamed into place, so concurrent
+    callers never see a half-written folder.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    final = root / name
+    if (final / marker).is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{uuid.uuid4().hex[:8]}-", dir=root))
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / marker).is_file():  # lost a race to a broken folder: replace it
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def prefix_text_encoder_keys(folder: Path) -> None:
+    """Rewrite ``model.safetensors`` with the ``text_model.`` key prefix real SD checkpoints use.
+
+    transformers 5 saves ``CLIPTextModel`` without it; transformers 5 loads either form, while
+    transformers 4.x silently leaves unprefixed weights random.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    file = folder / "model.safetensors"
+    if not file.is_file():
+        return
+    with safe_open(str(file), "pt") as handle:
+        keys = list(handle.keys())
+        metadata = handle.metadata() or {}
+    if all(k.startswith(("text_model.", "text_projection.")) for k in keys):
+        return
+    tensors = load_file(str(file))
+    fixed = {
+        k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in tensors.items()
+    }
+    save_file(fixed, str(file), metadata={**metadata, "format": "pt"})

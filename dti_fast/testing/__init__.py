@@ -9,10 +9,8 @@
 
 from .metric_models import is_tiny_metric_model, make_tiny_metric_models, tiny_metric_models_path
 from .tiny import (
-    SD_SCHEDULER_CONFIG,
     TINY_RESOLUTION,
     TINY_VERSION,
-    build_once,
     clip_tokenizer,
     clip_tokenizer_files,
     make_tiny_model,
@@ -21,10 +19,8 @@ from .tiny import (
 )
 
 __all__ = [
-    "SD_SCHEDULER_CONFIG",
     "TINY_RESOLUTION",
     "TINY_VERSION",
-    "build_once",
     "clip_tokenizer",
     "clip_tokenizer_files",
     "is_tiny_metric_model",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny import build_once
+from ..models import build_once
 
 __all__ = ["TINY_METRICS_VERSION", "is_tiny_metric_model", "make_tiny_metric_models", "tiny_metric_models_path"]
 

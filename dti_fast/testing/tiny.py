@@ -14,15 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..models import FAMILIES, cache_root
+from ..models import FAMILIES, SD_SCHEDULER_CONFIG, build_once, prefix_text_encoder_keys
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -31,8 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "TINY_VERSION",
     "TINY_RESOLUTION",
-    "SD_SCHEDULER_CONFIG",
-    "build_once",
     "clip_tokenizer",
     "clip_tokenizer_files",
     "make_tiny_model",
@@ -44,18 +39,6 @@ TINY_VERSION = 2
 """Bumped whenever the tiny model's architecture changes; part of :func:`tiny_model_path`'s folder name."""
 
 CLIP_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "clip_tokenizer"
-
-# The Stable Diffusion training noise schedule (SD 1.x, 2.x and SDXL share it).
-SD_SCHEDULER_CONFIG: dict[str, Any] = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    prediction_type="epsilon",
-    clip_sample=False,
-    steps_offset=1,
-    timestep_spacing="leading",
-)
 
 # Per-family architecture of the tiny model. Text encoders are real CLIP text transformers
 # (pre-norm, causal mask, quick_gelu) with the real 49408-token vocabulary and 77 positions.
@@ -136,30 +119,6 @@ def _save_tokenizer(tok: CLIPTokenizer, folder: Path) -> None:
     }
     if not (folder / "special_tokens_map.json").exists():
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
-
-
-def _prefix_text_encoder_keys(folder: Path) -> None:
-    """Rewrite ``model.safetensors`` with the ``text_model.`` key prefix real SD checkpoints use.
-
-    transformers 5 saves ``CLIPTextModel`` without it; transformers 5 loads either form, while
-    transformers 4.x silently leaves unprefixed weights random.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    file = folder / "model.safetensors"
-    if not file.is_file():
-        return
-    with safe_open(str(file), "pt") as handle:
-        keys = list(handle.keys())
-        metadata = handle.metadata() or {}
-    if all(k.startswith(("text_model.", "text_projection.")) for k in keys):
-        return
-    tensors = load_file(str(file))
-    fixed = {
-        k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in tensors.items()
-    }
-    save_file(fixed, str(file), metadata={**metadata, "format": "pt"})
 
 
 def _tiny_unet(family: str) -> UNet2DConditionModel:
@@ -279,7 +238,7 @@ def write_model_folder(
             _save_tokenizer(getattr(pipe, name), out / name)
     for name in ("text_encoder", "text_encoder_2"):
         if (out / name).is_dir():
-            _prefix_text_encoder_keys(out / name)
+            prefix_text_encoder_keys(out / name)
     if index_extra:
         index_file = out / "model_index.json"
         index = json.loads(index_file.read_text(encoding="utf-8"))
@@ -302,32 +261,3 @@ def tiny_model_path(family: str = "sd", cache_dir: str | os.PathLike | None = No
         lambda folder: make_tiny_model(folder, family=family, seed=0),
         cache_dir,
     )
-
-
-def build_once(
-    name: str, marker: str, build: Callable[[Path], Any], cache_dir: str | os.PathLike | None = None
-) -> Path:
-    """``<cache>/<name>``, built by ``build(folder)`` unless ``<cache>/<name>/<marker>`` exists.
-
-    Built in a temporary sibling folder and renamed into place, so concurrent
-    callers never see a half-written folder.
-    """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    final = root / name
-    if (final / marker).is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{uuid.uuid4().hex[:8]}-", dir=root))
-    try:
-        build(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / marker).is_file():  # lost a race to a broken folder: replace it
-                shutil.rmtree(final, ignore_errors=True)
-                os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final

@@ -1,0 +1,397 @@
+"""Build the toy world's base text-to-image model from scratch, in diffusers' SD 1.x layout.
+
+Stages (all seeded): render a training set of scenes (no held-out triple, no novel concept),
+train a small ``AutoencoderKL`` (64x64x3 -> 16x16x4) to reconstruct them, encode every render
+once (the latent cache), then train a pre-norm ``CLIPTextModel`` (world-word tokenizer) and a
+small ``UNet2DConditionModel`` jointly with the DDPM epsilon MSE the trainer uses, with 10 %
+empty captions for classifier-free guidance. The folder loads with
+``StableDiffusionPipeline.from_pretrained`` and :func:`dti_fast.models.load_model_parts`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import OBJECT_TEMPLATES, STYLE_TEMPLATES
+from . import render as R
+from .tokenizer import MAX_LENGTH, word_ids, write_tokenizer
+
+WORLD_VERSION = 1
+SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "world_base"
+
+
+@dataclass
+class BuildConfig:
+    seed: int = 0
+    images: int = 12000
+    vae_steps: int = 2500
+    vae_batch: int = 12
+    steps: int = 3000
+    batch: int = 48
+    lr: float = 1e-3
+    empty_caption: float = 0.1
+    threads: int | None = 1  # one torch thread: on busy shared cores more threads cost up to 10x (measured)
+    resume_from: str | None = None  # continue a built model: its VAE is kept, text encoder + UNet train on
+    minutes: float | None = None  # wall budget of the UNet stage: the step count shrinks to fit (logged)
+    vae_minutes: float | None = None  # the same for the VAE stage
+
+
+def _templates():
+    # Templates whose size word would contradict the scene's are left out; every template word
+    # still appears (small/large in the descriptions).
+    return [t for t in OBJECT_TEMPLATES + STYLE_TEMPLATES if "small" not in t and "large" not in t]
+
+
+def training_caption(spec: R.Spec, rng: np.random.Generator) -> str:
+    """A caption of ``spec`` with random attributes left out and a random template framing half the time."""
+    desc = R.describe(
+        spec,
+        colour=rng.random() < 0.9,
+        size=rng.random() < 0.6,
+        position=rng.random() < 0.8,
+        background=rng.random() < 0.85,
+        texture=rng.random() < 0.9,
+        second=rng.random() < 0.9,
+    )
+    if rng.random() < 0.5:
+        tpl = _templates()
+        desc = tpl[rng.integers(len(tpl))].format(desc)
+    return desc
+
+
+def make_modules(vocab_size: int, seed: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            sample_size=R.SIZE,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(8, 32, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            mid_block_add_attention=False,
+        )
+        te = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=vocab_size,
+                hidden_size=128,
+                intermediate_size=512,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                max_position_embeddings=MAX_LENGTH,
+                hidden_act="quick_gelu",
+                projection_dim=128,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        )
+        unet = UNet2DConditionModel(
+            sample_size=R.SIZE // 4,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64, 128),
+            norm_num_groups=16,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=128,
+            attention_head_dim=8,
+        )
+    return vae, te, unet
+
+
+def _to_tensor(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def render_set(n: int, seed: int, **kw) -> tuple[list[R.Spec], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    specs = [R.sample_spec(rng, **kw) for _ in range(n)]
+    return specs, np.stack([np.asarray(R.render(s)) for s in specs])
+
+
+def train_vae(
+    vae, images: np.ndarray, steps: int, batch: int, seed: int, log: Callable, minutes: float | None = None
+) -> tuple[float, int]:
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    total = steps
+    warm = 50
+
+    def lr_at(s: int) -> float:  # warmup, then linear decay to 10 % (the first ``warm`` steps ignore ``total``)
+        return 2e-3 * ((s + 1) / warm if s < warm else 0.1 + 0.9 * (1 - (s - warm) / max(1, total - warm)))
+
+    vae.train()
+    t0 = time.perf_counter()
+    step = 0
+    while step < total:
+        if minutes and step == 10:
+            fit = int(minutes * 60 / ((time.perf_counter() - t0) / 10))
+            if fit < total:
+                total = max(min(total, warm + 1), fit)
+                log(f"vae: {total} steps fit in {minutes} min (of {steps} asked)")
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
+        x = _to_tensor(images[idx.numpy()])
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        loss = (rec - x).abs().mean() + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == total - 1:
+            log(f"vae step {step}/{total} l1 {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+        step += 1
+    vae.eval()
+    return float(loss), total
+
+
+@torch.no_grad()
+def encode_all(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), batch):
+        out.append(vae.encode(_to_tensor(images[i : i + batch])).latent_dist.mean)
+    return torch.cat(out)
+
+
+def write_folder(out: Path, vae, te, unet, tok, extra: dict) -> Path:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from ..models import SD_SCHEDULER_CONFIG, prefix_text_encoder_keys
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=DDPMScheduler(**SD_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out / "tokenizer"))
+    prefix_text_encoder_keys(out / "text_encoder")
+    index_file = out / "model_index.json"
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    index.update(extra)
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return out
+
+
+def build_base(out, cfg: BuildConfig | None = None, log: Callable = print, fp16: bool = True) -> dict:
+    """Train the base model into folder ``out``; returns a summary (losses, wall times)."""
+    from diffusers import DDPMScheduler
+
+    from ..models import SD_SCHEDULER_CONFIG
+
+    cfg = cfg or BuildConfig()
+    out = Path(out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    summary: dict = {"config": asdict(cfg)}
+    t_all = time.perf_counter()
+    tokdir = Path(tempfile.mkdtemp(prefix="world-tok-"))
+    tok = write_tokenizer(tokdir)
+    vocab = tok.get_vocab()
+    used = word_ids(vocab)
+    vae, te, unet = make_modules(len(vocab), cfg.seed)
+    if cfg.resume_from:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        src = Path(cfg.resume_from)
+        vae = AutoencoderKL.from_pretrained(str(src), subfolder="vae", torch_dtype=torch.float32)
+        te = CLIPTextModel.from_pretrained(str(src), subfolder="text_encoder", dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(str(src), subfolder="unet", torch_dtype=torch.float32)
+        vae, te, unet = vae.float(), te.float(), unet.float()
+        prev = json.loads((src / "world_build.json").read_text(encoding="utf-8"))
+        summary["resumed_from"] = {
+            "folder": str(src),
+            "config": prev.get("config"),
+            "steps_done": prev.get("steps_done"),
+            "vae_heldout_mae_0_255": prev.get("vae_heldout_mae_0_255"),
+        }
+    with torch.no_grad():  # rows BPE needs but no world text ever uses: exactly zero, forever
+        emb = te.get_input_embeddings().weight
+        keep = torch.zeros(len(emb), dtype=torch.bool)
+        keep[used] = True
+        emb[~keep] = 0.0
+        if not cfg.resume_from:
+            emb[keep] *= 0.02 / emb[keep].std()
+    log(
+        f"params: vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, text encoder "
+        f"{sum(p.numel() for p in te.parameters()) / 1e6:.2f}M, "
+        f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M; "
+        f"vocab {len(vocab)} ({len(used)} word rows)"
+    )
+
+    t = time.perf_counter()
+    specs, images = render_set(cfg.images, cfg.seed, held=False)
+    summary["render_s"] = time.perf_counter() - t
+    log(f"rendered {len(images)} scenes in {summary['render_s']:.1f} s")
+
+    t = time.perf_counter()
+    if cfg.resume_from:
+        summary["vae_l1"], summary["vae_steps_done"] = None, 0
+    else:
+        summary["vae_l1"], summary["vae_steps_done"] = train_vae(
+            vae, images, cfg.vae_steps, cfg.vae_batch, cfg.seed + 1, log, cfg.vae_minutes
+        )
+    with torch.no_grad():  # reconstruction error on renders the VAE never saw
+        _, test = render_set(256 if cfg.images >= 2000 else 16, cfg.seed + 99, held=None)
+        x = _to_tensor(test)
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        summary["vae_heldout_mae_0_255"] = float((rec - x).abs().mean() * 127.5)
+    log(f"vae held-out mean abs error {summary['vae_heldout_mae_0_255']:.2f} / 255")
+    summary["vae_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    latents = encode_all(vae, images)
+    scale = float(vae.config.scaling_factor) if cfg.resume_from else float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    latents = latents * scale
+    summary["encode_s"] = time.perf_counter() - t
+    log(f"latent cache {tuple(latents.shape)}, scaling_factor {scale:.4f} ({summary['encode_s']:.1f} s)")
+
+    # Captions: drawn per step from each spec with the seeded stream, tokenized on the fly.
+    rng = np.random.default_rng(cfg.seed + 2 + (100 if cfg.resume_from else 0))
+    gen = torch.Generator().manual_seed(cfg.seed + 3 + (100 if cfg.resume_from else 0))
+    sched = DDPMScheduler(**SD_SCHEDULER_CONFIG)
+    acp = sched.alphas_cumprod
+    params = list(te.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    warm = 100
+    total = cfg.steps
+
+    def lr_at(s: int) -> float:  # linear warmup, then cosine to 10 % (the first ``warm`` steps ignore ``total``)
+        if s < warm:
+            return cfg.lr * (s + 1) / warm
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+
+    te.train()
+    unet.train()
+    emb = te.get_input_embeddings().weight
+    t = time.perf_counter()
+    ema = None
+    step = 0
+    while step < total:
+        if cfg.minutes and step == 20:
+            per = (time.perf_counter() - t) / 20
+            fit = int(cfg.minutes * 60 / per)
+            if fit < total:
+                total = max(min(total, warm + 1), fit)
+                log(f"{per:.2f} s/step: {total} steps fit in {cfg.minutes} min (of {cfg.steps} asked)")
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        idx = torch.randint(0, len(latents), (cfg.batch,), generator=gen)
+        caps = ["" if rng.random() < cfg.empty_caption else training_caption(specs[i], rng) for i in idx.tolist()]
+        ids = tok(caps, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        ts = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
+        a = acp[ts].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        cond = te(ids)[0]
+        pred = unet(xt, ts, cond).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
+        if step % 100 == 0 or step == total - 1:
+            el = time.perf_counter() - t
+            log(
+                f"unet step {step}/{total} loss {ema:.4f} lr {lr_at(step):.2e} ({el:.0f} s, "
+                f"{el / (step + 1):.2f} s/step)"
+            )
+        step += 1
+    summary["steps_done"] = total
+    summary["unet_s"] = time.perf_counter() - t
+    summary["unet_loss"] = ema
+    te.eval()
+    unet.eval()
+    with torch.no_grad():
+        zero_rows = int((emb.norm(dim=-1) == 0).sum())
+    summary["zero_rows"] = zero_rows
+    summary["word_rows"] = len(used)
+    if fp16:
+        vae, te, unet = vae.half(), te.half(), unet.half()
+    summary["total_s"] = time.perf_counter() - t_all
+    write_folder(out, vae, te, unet, tok, {"_dti_fast_world": WORLD_VERSION})
+    for name in ("vocab.json", "merges.txt"):  # the BPE files themselves too (transformers 4.x's slow tokenizer)
+        shutil.copyfile(tokdir / name, out / "tokenizer" / name)
+    (out / "world_build.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    shutil.rmtree(tokdir, ignore_errors=True)
+    log(f"wrote {out} in {summary['total_s']:.0f} s")
+    return summary
+
+
+def build_world(
+    out,
+    cfg: BuildConfig | None = None,
+    log: Callable = print,
+    scorer_steps: int = 2000,
+    scorer_minutes: float | None = None,
+) -> dict:
+    """The base model plus the world's scorer (``world_scorer/``, validated on fresh renders) in ``out``."""
+    from .scoring import save_scorer, train_scorer, validate
+
+    cfg = cfg or BuildConfig()
+    out = Path(out)
+    summary = build_base(out, cfg, log=log)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t = time.perf_counter()
+    model, meta = train_scorer(
+        steps=scorer_steps, seed=cfg.seed, log=log, minutes=scorer_minutes, n=12000 if cfg.images >= 2000 else 500
+    )
+    rep = validate(model, n=300 if cfg.images < 2000 else 1200)
+    save_scorer(model, out / "world_scorer", {**meta, "validation": rep})
+    summary["scorer_s"] = time.perf_counter() - t
+    summary["scorer_validation"] = rep
+    summary["total_s"] += summary["scorer_s"]
+    (out / "world_build.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    log(
+        f"scorer: text fidelity of captions on fresh renders {rep['text_fidelity_on_renders']:.3f} "
+        f"({summary['scorer_s']:.0f} s); total {summary['total_s']:.0f} s"
+    )
+    return summary
+
+
+def world_model_path(cache_dir=None) -> Path:
+    """The cached world base model, copied from the shipped one on first use.
+
+    Lives at ``<cache>/world-base-v<WORLD_VERSION>`` (cache: :func:`dti_fast.models.cache_root`);
+    copied atomically (:func:`dti_fast.models.build_once`), so concurrent callers never see half a model.
+    """
+    from ..models import build_once
+
+    def copy_shipped(folder: Path) -> None:
+        if not (SHIPPED / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"no world base model is shipped at {SHIPPED}; build one: dti-fast world build-base"
+            )
+        shutil.copytree(SHIPPED, folder, dirs_exist_ok=True)
+
+    return build_once(f"world-base-v{WORLD_VERSION}", "world_scorer/scorer.safetensors", copy_shipped, cache_dir)

@@ -1,0 +1,135 @@
+"""The toy world (issue 16): renderer, grammar, tokenizer, the shipped base model, build-base, the quick suite."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dti_fast.world import concepts as C
+from dti_fast.world import render as R
+from dti_fast.world.tokenizer import BOS, EOS, build_bpe, check_tokenizer, word_ids, world_words, write_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_render_is_seeded_and_captions_state_the_scene():
+    rng = np.random.default_rng(3)
+    spec = R.sample_spec(rng)
+    a, b = np.asarray(R.render(spec)), np.asarray(R.render(spec))
+    assert a.shape == (64, 64, 3) and (a == b).all()
+    text = R.describe(spec)
+    assert spec.main[0].shape in text or R.PLURALS[spec.main[0].shape] in text
+    assert f"{spec.bg} background" in text
+    assert len(R.SHAPES) >= 6 and len(R.COLOURS) >= 8 and len([t for t in R.TEXTURES if t != "plain"]) >= 2
+
+
+def test_held_out_triples_never_sampled_for_training_but_every_word_is():
+    rng = np.random.default_rng(0)
+    specs = [R.sample_spec(rng, held=False) for _ in range(400)]
+    assert not any(R.held_out(s.main[0].shape, s.main[0].colour, s.bg) for s in specs)
+    held = [R.sample_spec(rng, held=True) for _ in range(20)]
+    assert all(R.held_out(s.main[0].shape, s.main[0].colour, s.bg) for s in held)
+    from dti_fast.world.base import _templates, training_caption
+
+    words = set()
+    for s in specs:
+        for _ in range(3):
+            words.update(training_caption(s, rng).replace("-", " - ").split())
+    for t in _templates():
+        words.update(t.replace("{}", "").replace("-", " - ").split())
+    assert set(world_words()) <= words  # no vocabulary row that training never touches
+
+
+def test_tokenizer_one_id_per_word(tmp_path):
+    tok = write_tokenizer(tmp_path / "tok")
+    check_tokenizer(tok)  # raises if a word splits
+    from transformers import CLIPTokenizer
+
+    again = CLIPTokenizer.from_pretrained(str(tmp_path / "tok"))
+    ids = again("a photo of a small red circle at the top left on a striped blue background").input_ids
+    assert ids[0] == again.convert_tokens_to_ids(BOS) and ids[-1] == again.convert_tokens_to_ids(EOS)
+    assert len(ids) == 2 + 16
+    vocab, _ = build_bpe(world_words())
+    assert len(word_ids(vocab)) == len(world_words()) + 2
+
+
+def test_concept_photos(tmp_path):
+    folders = C.write_photos(tmp_path, n=4)
+    assert set(folders) == {c.name for c in C.ALL}
+    for f in folders.values():
+        assert len(list(f.glob("*.png"))) == 4
+    assert all(c.init in world_words() for c in C.ALL)
+
+
+def test_shipped_base_model_loads_with_project_apis(tmp_path):
+    from dti_fast.models import detect_family, load_model_parts
+    from dti_fast.world.base import SHIPPED, world_model_path
+
+    assert (SHIPPED / "model_index.json").is_file(), "the world base model ships with the package"
+    size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
+    assert size < 15e6
+    path = world_model_path(cache_dir=tmp_path)
+    assert detect_family(path) == "sd"
+    parts = load_model_parts(path)
+    assert parts.resolution == 64
+    emb = parts.text_encoders[0].get_input_embeddings().weight
+    norms = torch.linalg.vector_norm(emb.float(), dim=-1)
+    vocab = json.loads((path / "tokenizer" / "vocab.json").read_text())
+    used = word_ids(vocab)
+    assert (norms[used] > 0).all()
+    unused = [i for i in range(len(norms)) if i not in set(used)]
+    assert (norms[unused] == 0).all()  # BPE-only pieces: zero rows, excluded from m*
+
+
+def test_build_base_tiny(tmp_path):
+    out = tmp_path / "wb"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dti_fast.cli",
+        "world",
+        "build-base",
+        "--output",
+        str(out),
+        "--images",
+        "64",
+        "--vae-steps",
+        "2",
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--scorer-steps",
+        "2",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    from dti_fast.models import detect_family
+
+    assert detect_family(out) == "sd"
+    assert (out / "world_scorer" / "scorer.safetensors").is_file()
+    summary = json.loads((out / "world_build.json").read_text())
+    assert summary["steps_done"] == 2 and summary["zero_rows"] > 0
+
+
+def test_quick_toy_suite_end_to_end(tmp_path):
+    from dti_fast.cli import main
+
+    assert main(["suite", "--world", "toy", "--quick", "--output", str(tmp_path / "s")]) == 0
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert set(report["table"]) == {"ti", "ti-rescaled", "dti"}
+    assert report["scorer_validation"]["text_fidelity_on_renders"] > 0.9
+    m_star = report["m_star"]
+    for norms in report["norms"]["dti"].values():
+        assert all(abs(n - m_star) < 1e-3 for n in norms)
+    for norms in report["norms"]["ti-rescaled"].values():
+        assert all(abs(n - m_star) < 1e-3 for n in norms)
+    for name in ("text_by_level", "norms_encoder1", "tradeoff", "slerp_curve"):
+        assert (tmp_path / "s" / "plots" / f"{name}.png").is_file()
+    md = (tmp_path / "s" / "report.md").read_text()
+    assert "Smoke test" in md and "sanity gate" in md
