@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Download, here where the package registry is reachable, the wheels bench/gpu_check.sh installs offline on
+# a GPU machine whose image lacks them: diffusers and bitsandbytes (no dependencies: the image has torch,
+# transformers, huggingface-hub, numpy, safetensors and Pillow). xformers is left out: no wheel matches the
+# image's torch 2.11 / CUDA 13 (the SDPA path needs none).
+#
+#   bash bench/fetch_wheels.sh [DIR]      # default DIR: wheels/ (git-ignored); about 50 MB
+#
+# Then carry the folder with the working tree (the device tool's `carry: ["wheels"]`) and run
+#   bash bench/gpu_check.sh OUTDIR        # its setup stage installs what is missing from wheels/
+#
+# Environment: WHEEL_PYTHON (default 3.12, the GPU image's python), DIFFUSERS_VERSION (0.42.1),
+# BITSANDBYTES_VERSION (0.50.2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir="${1:-wheels}"
+mkdir -p "$dir"
+py="${PYTHON:-$(command -v python3)}"
+platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
+           --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+fetch() {
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version "${WHEEL_PYTHON:-3.12}" \
+    --implementation cp "${platforms[@]}" -d "$dir" "$1"
+}
+fetch "diffusers==${DIFFUSERS_VERSION:-0.42.1}"
+fetch "bitsandbytes==${BITSANDBYTES_VERSION:-0.50.2}"
+echo "wheels in $dir:"
+ls -l "$dir"/*.whl
+du -sh "$dir"

@@ -1,0 +1,121 @@
+"""The GPU check's closing summary: every goal of the check, the measured figure, pass/fail, the device.
+
+    python bench/gpu_summary.py OUTDIR
+
+Reads the ratio files the check's stages wrote (``optimizer_ratios.json``, ``trainer_ratios.json``; each
+rewritten after every case, so a stage cut short still counts what it measured) and writes
+``OUTDIR/summary.json``. A goal no file measured is listed as ``"measured": false`` with what measures
+it, so a summary never hides a figure it lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# The check's goals (issue 11), in the order the summary lists them; "metric" is the key the bench's own
+# goal entries carry; goals without one are measured by no bench yet.
+GOALS = [
+    {
+        "goal": "kernel >= 90% of the measured copy bandwidth at 1M rows x 768 (fp32, bf16)",
+        "metric": "kernel_fraction_of_copy_gbps",
+        "source": "optimizer_ratios.json",
+    },
+    {
+        "goal": "kernel >= 20x the per-param loop at 1000 concepts",
+        "metric": "speedup_kernel_vs_loop",
+        "source": "optimizer_ratios.json",
+    },
+    {
+        "goal": "one concept >= 1.5x the baseline's samples/s",
+        "metric": "speedup_one_concept",
+        "source": "trainer_ratios.json",
+    },
+    {
+        "goal": "32-concept job >= 4x the baseline's concepts/hour",
+        "metric": "speedup_job_concepts_per_hour",
+        "source": "trainer_ratios.json",
+    },
+    {
+        "goal": "SDXL concepts at 1024 px in one step per 80 GB >= 64",
+        "metric": "max_concurrent_concepts",
+        "source": "trainer_ratios.json",
+    },
+    {
+        "goal": "UNet forward+backward >= 45% of the measured bf16 matmul peak",
+        "metric": "mfu",
+        "source": "trainer_ratios.json",
+    },
+    {
+        "goal": "SDXL concepts per hour with the paper's recipe (400 steps, batch 4, 768 px) >= 100",
+        "metric": None,
+        "source": "not measured by a bench yet",
+    },
+    {
+        "goal": "resume difference with and without --deterministic",
+        "metric": None,
+        "source": "not measured by a bench yet",
+    },
+]
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def summarize(outdir: Path) -> dict:
+    """The summary of the ratio files in ``outdir`` (see the module docstring)."""
+    files = {name: _read(outdir / name) for name in ("optimizer_ratios.json", "trainer_ratios.json")}
+    devices = sorted({str(d.get("device") or d.get("devices") or "") for d in files.values() if d} - {""})
+    entries = []
+    for goal in GOALS:
+        found = [g for g in files.get(goal["source"], {}).get("goals", []) if g.get("metric") == goal["metric"]]
+        if not found:
+            entries.append({**goal, "measured": False, "met": None})
+            continue
+        for g in found:
+            entries.append(
+                {
+                    **goal,
+                    "measured": g.get("value") is not None,
+                    "case": g.get("case"),
+                    "device": g.get("device"),
+                    "target": g.get("target"),
+                    "value": g.get("value"),
+                    "met": g.get("met"),
+                    "applies": g.get("applies", True),
+                }
+            )
+    counted = [e for e in entries if e["measured"] and e.get("applies", True)]
+    return {
+        "devices": devices,
+        "goals": entries,
+        "met": sum(1 for e in counted if e["met"]),
+        "missed": sum(1 for e in counted if e["met"] is False),
+        "not_measured": sum(1 for e in entries if not e["measured"]),
+    }
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python bench/gpu_summary.py OUTDIR", file=sys.stderr)
+        return 2
+    outdir = Path(argv[0])
+    summary = summarize(outdir)
+    (outdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    for e in summary["goals"]:
+        status = "not measured" if not e["measured"] else ("met" if e["met"] else "MISSED")
+        where = f" [{e.get('case')} on {e.get('device')}]" if e["measured"] else f" ({e['source']})"
+        value = f" = {e['value']} (target {e['target']})" if e["measured"] else ""
+        print(f"{status:>12}: {e['goal']}{value}{where}")
+    print(f"summary.json: {summary['met']} met, {summary['missed']} missed, {summary['not_measured']} not measured")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
