@@ -39,8 +39,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(nproc: int, model: Path, out: Path, *extra: str, steps: int = 3) -> list[str]:
-    cmd = [
+def _launch_train(nproc: int) -> list[str]:
+    """``torchrun --nproc-per-node N -m dti_fast.cli train`` on a free local port."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -55,6 +56,11 @@ def _torchrun(nproc: int, model: Path, out: Path, *extra: str, steps: int = 3) -
         "-m",
         "dti_fast.cli",
         "train",
+    ]
+
+
+def _torchrun(nproc: int, model: Path, out: Path, *extra: str, steps: int = 3) -> list[str]:
+    cmd = _launch_train(nproc) + [
         "--model",
         str(model),
         "--output",
@@ -179,21 +185,7 @@ def test_killed_rank_is_reported_and_resume_reruns_only_the_unfinished(tiny_sd, 
 
 
 def _torchrun_job(job: Path, model: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "dti_fast.cli",
-        "train",
+    return _launch_train(2) + [
         "--config",
         str(job),
         "--model",
