@@ -270,6 +270,25 @@ def subject_score(p: dict, concept: str) -> float:
     return float(max(p[f"shape{s}"][k] for s in range(len(R.POSITIONS))))
 
 
+def _subject_validation(model, c, pos: list, neg: list) -> dict:
+    """How the subject scores separate renders of concept ``c`` (``pos``) from look-alikes (``neg``)."""
+    ims = np.stack([np.asarray(R.render(s)) for s in pos + neg])
+    pr = predict(model, ims)
+    sc = np.array([subject_score(_row(pr, i), c.name) for i in range(len(ims))])
+    y = np.array([1] * len(pos) + [0] * len(neg))
+    refs = np.stack([np.asarray(R.render(s)) for s in C.photo_specs(c)])
+    cos = reference_similarity(model, ims, refs)
+    n = len(pos)
+    return {
+        "accuracy": float(((sc > 0.5) == y).mean()),
+        "mean_pos": float(sc[:n].mean()),
+        "mean_lookalike": float(sc[n:].mean()),
+        "cos_pos": float(cos[:n].mean()),
+        "cos_lookalike": float(cos[n:].mean()),
+        "cos_auc": float((cos[:n, None] > cos[None, n:]).mean()),
+    }
+
+
 def validate(model: Scorer, seed: int = 12345, n: int = 1200) -> dict:
     """Accuracy on fresh renders (seeds never used in training): per head, the attribute checks of
     full captions, and concept-vs-look-alike discrimination of the subject score."""
@@ -303,36 +322,10 @@ def validate(model: Scorer, seed: int = 12345, n: int = 1200) -> dict:
         neg = [
             R.sample_spec(rng, held=None, main_shape=c.base_shape, main_colour=c.lookalike_colour) for _ in range(60)
         ]
-        ims = np.stack([np.asarray(R.render(s)) for s in pos + neg])
-        pr = predict(model, ims)
-        sc = np.array([subject_score(_row(pr, i), c.name) for i in range(len(ims))])
-        y = np.array([1] * len(pos) + [0] * len(neg))
-        refs = np.stack([np.asarray(R.render(s)) for s in C.photo_specs(c)])
-        cos = reference_similarity(model, ims, refs)
-        subj[c.name] = {
-            "accuracy": float(((sc > 0.5) == y).mean()),
-            "mean_pos": float(sc[:60].mean()),
-            "mean_lookalike": float(sc[60:].mean()),
-            "cos_pos": float(cos[:60].mean()),
-            "cos_lookalike": float(cos[60:].mean()),
-            "cos_auc": float((cos[:60, None] > cos[None, 60:]).mean()),
-        }
+        subj[c.name] = _subject_validation(model, c, pos, neg)
     for c in C.STYLES:
         pos = [C.concept_spec(c, rng) for _ in range(60)]
         neg = [R.sample_spec(rng, held=None) for _ in range(60)]
-        ims = np.stack([np.asarray(R.render(s)) for s in pos + neg])
-        pr = predict(model, ims)
-        sc = np.array([subject_score(_row(pr, i), c.name) for i in range(len(ims))])
-        y = np.array([1] * 60 + [0] * 60)
-        refs = np.stack([np.asarray(R.render(s)) for s in C.photo_specs(c)])
-        cos = reference_similarity(model, ims, refs)
-        subj[c.name] = {
-            "accuracy": float(((sc > 0.5) == y).mean()),
-            "mean_pos": float(sc[:60].mean()),
-            "mean_lookalike": float(sc[60:].mean()),
-            "cos_pos": float(cos[:60].mean()),
-            "cos_lookalike": float(cos[60:].mean()),
-            "cos_auc": float((cos[:60, None] > cos[None, 60:]).mean()),
-        }
+        subj[c.name] = _subject_validation(model, c, pos, neg)
     report["subject"] = subj
     return report
