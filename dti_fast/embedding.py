@@ -10,8 +10,9 @@ its own step count, and concepts absent from a batch are skipped.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,22 @@ from torch import nn
 
 from .sphere import norm_scale, project_to_sphere
 
-__all__ = ["DirectionalEmbedding", "ConceptTokens", "add_concept_tokens", "install_embedding", "initializer_ids"]
+__all__ = [
+    "CONTEXTUAL_STATES",
+    "ConceptTokens",
+    "DirectionalEmbedding",
+    "INIT_MODES",
+    "add_concept_tokens",
+    "clip_contextual_states",
+    "contextual_states",
+    "initial_rows",
+    "initializer_ids",
+    "install_embedding",
+    "register_contextual_states",
+]
+
+#: Start modes of the learned rows (``--init``).
+INIT_MODES = ("token", "random", "mean", "xinit")
 
 
 @dataclass
@@ -175,4 +191,99 @@ def start_rows(
         return torch.randn(n, weight.shape[1], generator=generator).to(weight.device)
     if mode == "mean":
         return mean_direction(base).expand(n, -1).clone()
-    raise ValueError(f"init mode must be 'token', 'random' or 'mean', got {mode!r}")
+    if mode == "xinit":
+        raise ValueError("init mode 'xinit' needs the text encoder: use initial_rows(), not start_rows()")
+    raise ValueError(f"init mode must be one of {', '.join(INIT_MODES)}, got {mode!r}")
+
+
+# -- CrossInit ("xinit"): start from the text encoder's contextual output for the initializer ------------------
+
+ContextualStates = Callable[[Any, nn.Module, str, Sequence[int]], torch.Tensor]
+"""``fn(tokenizer, text_encoder, words, init_ids) -> (len(init_ids), hidden)``: the encoder's output hidden
+states at the initializer's token positions, piece i in row i."""
+
+
+@torch.no_grad()
+def clip_contextual_states(tokenizer, text_encoder: nn.Module, words: str, init_ids: Sequence[int]) -> torch.Tensor:
+    """CrossInit's start for a CLIP text encoder (SD's one, both of SDXL's): the LAST hidden state at the
+    initializer's pieces.
+
+    The initializer is encoded as a prompt alone, laid out as in training (``<bos> pieces <eos>`` padded to
+    the tokenizer's window, with its attention mask), and the encoder's ``last_hidden_state`` (CLIP: after
+    the final LayerNorm) is read at the pieces' positions 1..n. This is the authors' recipe
+    (kunheek/dti ``src/dti/training/token_embedding_ops.py``, ``token_cross_init``: tokenize with
+    ``padding="max_length"``, run the encoder with the attention mask, take ``last_hidden_state[0]`` at the
+    positions of the content ids), also for SDXL, whose UNet is conditioned on the penultimate layer. CLIP's
+    attention is causal, so the padding does not change these rows. Computed in the encoder's weight dtype,
+    returned in fp32 on the encoder's device.
+    """
+    n = len(init_ids)
+    enc = tokenizer(
+        words, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    ids = enc.input_ids
+    if ids[0, 1 : n + 1].tolist() != list(init_ids) or n + 2 > ids.shape[1]:
+        raise ValueError(
+            f"initializer {words!r}: its pieces {list(init_ids)} are not at positions 1..{n} of the encoded "
+            "prompt (too long for the window?); use a shorter initializer"
+        )
+    device = next(text_encoder.parameters()).device
+    out = text_encoder(input_ids=ids.to(device), attention_mask=enc.attention_mask.to(device))
+    return out.last_hidden_state[0, 1 : n + 1].float()
+
+
+#: One contextual-state function per text-encoder kind, keyed by the encoder config's ``model_type``
+#: (``CLIPTextModel`` and ``CLIPTextModelWithProjection`` are both ``"clip_text_model"``).
+CONTEXTUAL_STATES: dict[str, ContextualStates] = {"clip_text_model": clip_contextual_states}
+
+
+def register_contextual_states(model_type: str, fn: ContextualStates) -> None:
+    """Let ``--init xinit`` handle another text-encoder kind (``fn`` as :data:`ContextualStates`)."""
+    CONTEXTUAL_STATES[model_type] = fn
+
+
+def contextual_states(tokenizer, text_encoder: nn.Module, words: str, init_ids: Sequence[int]) -> torch.Tensor:
+    """The text encoder's contextual output at the initializer's pieces ``(n, hidden)``, fp32, through the
+    function registered for the encoder's kind; a clear error for a kind without one."""
+    kind = getattr(getattr(text_encoder, "config", None), "model_type", None)
+    fn = CONTEXTUAL_STATES.get(kind)
+    if fn is None:
+        raise ValueError(
+            f"--init xinit has no contextual-state function for a {type(text_encoder).__name__} "
+            f"(model_type {kind!r}; known: {', '.join(sorted(CONTEXTUAL_STATES))}); use --init token"
+        )
+    states = fn(tokenizer, text_encoder, words, init_ids)
+    width = text_encoder.get_input_embeddings().embedding_dim
+    if tuple(states.shape) != (len(init_ids), width):
+        raise ValueError(
+            f"the contextual states of {words!r} have shape {tuple(states.shape)}, expected "
+            f"({len(init_ids)}, {width}): the output width must be the input embedding's"
+        )
+    if not torch.isfinite(states).all():
+        raise ValueError(f"the text encoder's output for initializer {words!r} is not finite")
+    return states.detach().float()
+
+
+def initial_rows(
+    tokenizer,
+    text_encoder: nn.Module,
+    base: nn.Embedding,
+    words: str,
+    init_ids: Sequence[int],
+    mode: str,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One concept's ``(start, prior)`` rows for one encoder, both ``(n, dim)`` fp32 and unnormalized.
+
+    ``start``: :func:`start_rows` for "token", "random" and "mean"; for "xinit" (CrossInit) the contextual
+    states of :func:`contextual_states`. A spherical (DTI) embedding keeps the start's direction at ``m*``;
+    plain TI uses it as it is, at the output's own norm (CrossInit's recipe).
+    ``prior`` (the vMF mean, normalized by :meth:`DirectionalEmbedding.add_concept`): the initializer's
+    embedding, and for "xinit" the same contextual direction as the start (the authors' code normalizes the
+    start rows into the prior in both cases).
+    """
+    if mode == "xinit":
+        states = contextual_states(tokenizer, text_encoder, words, init_ids).to(base.weight.device)
+        return states, states.clone()
+    start = start_rows(base, init_ids, mode, generator)
+    return start, base.weight.detach().float()[list(init_ids)]

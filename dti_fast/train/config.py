@@ -20,6 +20,7 @@ import tomllib
 from .. import settings as S
 from ..concept_files import validate_export_names
 from ..data import Concept
+from ..embedding import INIT_MODES
 from ..models import resolve_device
 from .errors import JobError
 from .tracking import REPORT_TO, check_report_to
@@ -111,9 +112,11 @@ class TrainConfig:
     )
     init: str = S.setting(
         "token",
-        kind=S.choice("token", "random", "mean"),
+        kind=S.choice(*INIT_MODES),
         fingerprint=True,
-        help="start direction: the initializer's embedding (token), random, or the vocabulary mean",
+        help="start of the learned rows: the initializer's embedding (token), random, the vocabulary mean, "
+        "or xinit (CrossInit: the text encoder's last hidden state at the initializer's tokens; TI keeps "
+        "its norm, DTI its direction at m*, and DTI's prior is that direction)",
     )
     weight_decay: float = S.setting(1e-2, kind=S.NONNEG_FLOAT, fingerprint=True, help="TI: AdamW weight decay")
     seed: int = S.setting(0, kind=S.INT, fingerprint=True, help="random seed; seeded CPU runs repeat exactly")

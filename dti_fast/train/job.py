@@ -27,9 +27,9 @@ from ..embedding import (
     ConceptTokens,
     DirectionalEmbedding,
     add_concept_tokens,
+    initial_rows,
     initializer_ids,
     install_embedding,
-    start_rows,
 )
 from ..export import ConceptRecord, EncoderVectors
 from ..latents import LatentCache
@@ -135,8 +135,7 @@ class TrainingJob:
                     )
                 ct = add_concept_tokens(tok, c.placeholder, len(init_ids), c.name)
                 ct.init_ids = init_ids
-                start = start_rows(emb.base, init_ids, cfg.init, init_gen)
-                prior = emb.base.weight.detach().float()[init_ids]
+                start, prior = initial_rows(tok, enc, emb.base, c.init, init_ids, cfg.init, init_gen)
                 emb.add_concept(ct.ids, start, prior)
                 per_concept.append(ct)
             self.embeddings.append(emb)
