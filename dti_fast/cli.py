@@ -364,6 +364,14 @@ def _cmd_suite(args: argparse.Namespace) -> int:
     print(f"  {'method':<12}" + "".join(f"{k:>10}" for k in keys))
     for method, row in result.table.items():
         print(f"  {method:<12}" + "".join(f"{row.get(k, float('nan')):>10.4f}" for k in keys))
+    if result.style_table:
+        style_keys = [
+            k for k in ("image", "text", "content", "clip_i", "clip_t") if k in next(iter(result.style_table.values()))
+        ]
+        print("  style concepts (image, clip_i: similarity to the style's images; content: the subject alone)")
+        print(f"  {'method':<12}" + "".join(f"{k:>10}" for k in style_keys))
+        for method, row in result.style_table.items():
+            print(f"  {method:<12}" + "".join(f"{row.get(k, float('nan')):>10.4f}" for k in style_keys))
     print(f"report: {result.report_md} (and {result.report_json.name})")
     return 0
 

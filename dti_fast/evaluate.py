@@ -14,6 +14,15 @@ backend (no torchvision needed):
 - **CLIP-T**: cosine of CLIP's projected image and text embeddings (same text).
 - **CLIP-I**: cosine of CLIP's projected image embeddings, generated vs each reference,
   averaged. Default ``openai/clip-vit-base-patch32``.
+- **Content** (style concepts only, with the Text metric): SigLIP's score of the image and
+  the prompt's content part alone ("a lighthouse" of "a lighthouse in <style> style"): does
+  the style token leave the rest of the prompt its say.
+
+For a style concept the references are the style's images, so Image and CLIP-I measure
+style similarity, and Text / CLIP-T score the whole prompt with the style's class words in
+place of its placeholder ("a lighthouse in watercolor painting style"), as the authors'
+style evaluation does (kunheek/dti ``scripts/eval_style.py``: DINOv2 cosine to the style
+images, CLIP cosine to the prompt with the class words).
 
 Aggregation (:func:`aggregate`): per image as above, the mean over a subject's images
 (prompts x seeds) per subject, then the mean over subjects per method.
@@ -57,7 +66,13 @@ DEFAULT_MODELS = {
 }
 #: Metric keys in the order of the report's table.
 METRICS = ("image", "text", "clip_i", "clip_t")
-METRIC_LABELS = {"image": "Image (DINOv2)", "text": "Text (SigLIP)", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
+METRIC_LABELS = {
+    "image": "Image (DINOv2)",
+    "text": "Text (SigLIP)",
+    "clip_i": "CLIP-I",
+    "clip_t": "CLIP-T",
+    "content": "Content (SigLIP)",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,13 +436,25 @@ class Evaluator:
         }
         return {k: os.fspath(getattr(self, k) or DEFAULT_MODELS[k]) for k, on in used.items() if on}
 
-    def score(self, images: Sequence, texts: Sequence[str], references: Sequence) -> dict[str, list[float]]:
-        """Per-image scores of one subject's images: ``{metric: [score per image]}``."""
+    def score(
+        self,
+        images: Sequence,
+        texts: Sequence[str],
+        references: Sequence,
+        content: Sequence[str] | None = None,
+    ) -> dict[str, list[float]]:
+        """Per-image scores of one subject's images: ``{metric: [score per image]}``.
+
+        ``content`` (one text per image): also the "content" score, SigLIP against that text, when the
+        Text metric is on.
+        """
         out: dict[str, list[float]] = {}
         if "image" in self.metrics:
             out["image"] = self._get("dino").similarity(images, references).tolist()
         if "text" in self.metrics:
             out["text"] = self._get("siglip").score(images, texts).tolist()
+            if content is not None:
+                out["content"] = self._get("siglip").score(images, content).tolist()
         if "clip_t" in self.metrics:
             out["clip_t"] = self._get("clip").clip_t(images, texts).tolist()
         if "clip_i" in self.metrics:
@@ -440,12 +467,17 @@ def evaluate_generated(
     references: dict[str, str | Path | Sequence],
     evaluator: Evaluator,
     masks: dict[str, str | Path] | None = None,
+    concepts: Sequence[str] | None = None,
+    content: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Score a folder written by :func:`dti_fast.generate.generate` against each concept's references.
 
     ``references`` maps a concept name to its photo folder (or a list of PIL images);
-    ``masks`` optionally a concept name to its mask folder. Returns :func:`aggregate`'s result
-    plus ``"per_image"``: one entry per image (file, subject, text, seed, scores).
+    ``masks`` optionally a concept name to its mask folder; ``concepts`` limits the scoring to
+    those concepts of the folder; ``content`` maps a prompt template (``{}`` = the concept) to
+    its content text, scored as "content" (every scored prompt needs one). Returns
+    :func:`aggregate`'s result plus ``"per_image"``: one entry per image (subject, file, prompt,
+    ``scored_text``, ``content_text`` with ``content``, seed, and the scores by metric name).
     """
     from PIL import Image
 
@@ -455,9 +487,13 @@ def evaluate_generated(
     records = read_manifest(generated)
     by_subject: dict[str, list] = {}
     for r in records:
-        if r.concept is None:
+        if r.concept is None or (concepts is not None and r.concept not in concepts):
             continue
         by_subject.setdefault(r.concept, []).append(r)
+    if content is not None:
+        lacking = sorted({r.prompt for recs in by_subject.values() for r in recs} - set(content))
+        if lacking:
+            raise ValueError(f"no content text for prompt(s) {', '.join(map(repr, lacking[:3]))}")
     missing = sorted(set(by_subject) - set(references))
     if missing:
         raise ValueError(f"no reference images for concept(s) {', '.join(missing)}; map each to its photo folder")
@@ -473,15 +509,18 @@ def evaluate_generated(
                 raise FileNotFoundError(f"generated image {path} is missing; rerun the generation")
             with Image.open(path) as im:
                 images.append(im.convert("RGB"))
-        scores = evaluator.score(images, [r.text for r in recs], refs)
+        contents = [content[r.prompt] for r in recs] if content is not None else None
+        scores = evaluator.score(images, [r.text for r in recs], refs, content=contents)
         per_image_scores[subject] = scores
         for k, r in enumerate(recs):
             rows.append(
                 {
                     "subject": subject,
                     "file": r.file,
-                    "text": r.text,
                     "prompt": r.prompt,
+                    # "text" is the Text score below; the text it scored is "scored_text".
+                    "scored_text": r.text,
+                    **({"content_text": content[r.prompt]} if content is not None else {}),
                     "seed": r.seed,
                     **{m: v[k] for m, v in scores.items()},
                 }

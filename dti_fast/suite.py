@@ -11,6 +11,13 @@ the subject list (class noun and initializer words; the shipped
 3. **scores** every image (DINOv2 Image, SigLIP Text, CLIP-I, CLIP-T; :mod:`dti_fast.evaluate`),
    per subject then as the mean over subjects,
 
+With ``style_data`` (``--style-data``: one folder of reference images per style and a
+``styles.json`` of class and initializer words) the same jobs also train style concepts (the
+trainer's style templates), generate the style prompts (``assets/style_prompts.json``:
+"<subject> in {} style" over 40 subjects) and score them in their own stage and report
+section: Style (DINOv2) and Style CLIP-I against the style's images, Text (SigLIP) and CLIP-T of
+the prompt with the style's class words, Content (SigLIP) of the subject alone.
+
 then draws a slerp strip between two DTI subjects (and TI's lerp vs slerp) and writes
 ``report.json`` and ``report.md`` with the table, a per-subject appendix and plots (the metric
 trade-off, learned norms against the vocabulary's norm histogram, the strips).
@@ -34,7 +41,7 @@ import re
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -44,7 +51,16 @@ import torch
 from . import settings as S
 from .io import atomic_write, write_json
 
-__all__ = ["SUITE_METHODS", "SuiteConfig", "SuiteResult", "run_suite", "load_subjects", "prompt_sets"]
+__all__ = [
+    "SUITE_METHODS",
+    "SuiteConfig",
+    "SuiteResult",
+    "run_suite",
+    "load_styles",
+    "load_subjects",
+    "prompt_sets",
+    "style_prompts",
+]
 
 SUITE_METHODS = ("dti", "ti", "ti-rescaled")
 LIVE_CLASSES = ("cat", "dog")
@@ -66,6 +82,10 @@ def default_prompts_file() -> Path:
     return _asset("eval_prompts.json")
 
 
+def default_style_prompts_file() -> Path:
+    return _asset("style_prompts.json")
+
+
 def _read_json(path: Path, what: str) -> Any:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
@@ -82,6 +102,7 @@ class Subject:
     init: str
     images: Path
     live: bool
+    style: bool = False
 
 
 def load_subjects(
@@ -147,6 +168,64 @@ def prompt_sets(prompts_file: Path | None = None, prompt_set: str = "simple") ->
         if bad:
             raise ValueError(f"prompt {bad[0]!r} of {prompts_file} has no {{}} for the subject")
     return out
+
+
+def load_styles(style_dir: Path, styles_file: Path | None = None, names: Sequence[str] | None = None) -> list[Subject]:
+    """Style concepts: ``styles_file`` (``{"styles": {name: {"class", "initialization"}}}``, default
+    ``<style_dir>/styles.json``) entries with a folder of reference images in ``style_dir``."""
+    style_dir = Path(style_dir)
+    if not style_dir.is_dir():
+        raise FileNotFoundError(
+            f"style folder {style_dir} does not exist; pass a folder with one sub-folder of reference images "
+            "per style and a styles.json"
+        )
+    styles_file = Path(styles_file) if styles_file else style_dir / "styles.json"
+    if not styles_file.is_file():
+        raise FileNotFoundError(
+            f'styles file {styles_file} does not exist; write {{"styles": {{name: {{"class": "watercolor '
+            'painting", "initialization": "watercolor painting"}}}} there or pass --styles-file'
+        )
+    data = _read_json(styles_file, "styles file")
+    table = data.get("styles") if isinstance(data, dict) else None
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f'styles file {styles_file} has no "styles" table of {{name: {{class, initialization}}}}')
+    if names:
+        unknown = [n for n in names if n not in table]
+        if unknown:
+            raise ValueError(f"style(s) {', '.join(unknown)} are not in {styles_file}; add them there")
+        chosen = list(dict.fromkeys(names))
+    else:
+        chosen = sorted(table)
+    absent = [n for n in chosen if not (style_dir / n).is_dir()]
+    if absent:
+        raise FileNotFoundError(
+            f"style folder(s) {', '.join(str(style_dir / n) for n in absent)} do not exist; each style of "
+            f"{styles_file} needs a folder of reference images"
+        )
+    out = []
+    for n in chosen:
+        entry = table[n]
+        if not isinstance(entry, dict) or not entry.get("class") or not entry.get("initialization"):
+            raise ValueError(f'style {n!r} in {styles_file} needs "class" and "initialization"')
+        out.append(Subject(n, entry["class"], entry["initialization"], style_dir / n, live=False, style=True))
+    return out
+
+
+def style_prompts(prompts_file: Path | None = None) -> dict[str, str]:
+    """The style prompts, ``{prompt: content}``: the file's template (``{subject}`` and ``{}`` for the
+    style) filled with each of its subjects, and the subject alone as the content."""
+    prompts_file = Path(prompts_file) if prompts_file else default_style_prompts_file()
+    data = _read_json(prompts_file, "style prompts file")
+    template = data.get("template") if isinstance(data, dict) else None
+    subjects = data.get("subjects") if isinstance(data, dict) else None
+    if not isinstance(template, str) or "{subject}" not in template or "{}" not in template:
+        raise ValueError(
+            f'style prompts file {prompts_file} needs a "template" with {{subject}} and {{}} (the style), '
+            'e.g. "{subject} in {} style"'
+        )
+    if not isinstance(subjects, list) or not subjects or not all(isinstance(x, str) and x for x in subjects):
+        raise ValueError(f'style prompts file {prompts_file} needs a "subjects" list of strings')
+    return {template.replace("{subject}", x): x for x in subjects}
 
 
 def _comma_list(*choices: str) -> S.Kind:
@@ -285,6 +364,34 @@ class SuiteConfig:
     clip_model: str | None = S.setting(
         None, kind=S.optional(S.TEXT), help="CLIP id or folder", default_text="default openai/clip-vit-base-patch32"
     )
+    style_data: Path | None = S.setting(
+        None,
+        kind=S.optional(S.PATH),
+        help="style concepts too: a folder with one sub-folder of reference images per style and a "
+        "styles.json; scored against the style images with the style prompts (report section 'Style "
+        "concepts')",
+        default_text="default: no style concepts; --quick: two procedural test styles",
+    )
+    styles_file: Path | None = S.setting(
+        None,
+        kind=S.optional(S.PATH),
+        help='JSON {"styles": {name: {"class", "initialization"}}}',
+        default_text="default: styles.json in --style-data",
+    )
+    styles: list[str] | None = S.setting(
+        None,
+        kind=S.optional(S.TEXTS),
+        flag="--style",
+        action="append",
+        help="run only this style; repeatable",
+        default_text="default: every style of the styles file",
+    )
+    style_prompts_file: Path | None = S.setting(
+        None,
+        kind=S.optional(S.PATH),
+        help='style prompts JSON: {"template": "{subject} in {} style", "subjects": [...]}',
+        default_text="default: the shipped style_prompts.json (40 subjects)",
+    )
     metrics: list[str] = S.setting(
         kind=_comma_list("image", "text", "clip_i", "clip_t"),
         default_factory=lambda: ["image", "text", "clip_i", "clip_t"],
@@ -326,6 +433,10 @@ class SuiteConfig:
             self.model = str(tiny_model_path("sd"))
         if self.data_dir is None:
             self.data_dir = demo_images_dir()
+        if self.style_data is None and self.styles_file is None:
+            from .testing import tiny_styles_path
+
+            self.style_data = tiny_styles_path()
         for name, value in (
             ("steps", 20),
             ("batch_size", 1),
@@ -354,6 +465,10 @@ class SuiteConfig:
         S.check_fields(self)
         if self.slerp_steps < 2:
             raise ValueError("slerp_steps must be at least 2")
+        if self.style_data is None and (self.styles_file or self.styles or self.style_prompts_file):
+            raise ValueError(
+                "suite: --styles-file, --style and --style-prompts-file need --style-data (the style images)"
+            )
         if self.masks_dir is not None and not Path(self.masks_dir).is_dir():
             raise FileNotFoundError(
                 f"masks folder {self.masks_dir} does not exist (layout: <masks>/<subject>/<photo "
@@ -370,6 +485,7 @@ class SuiteResult:
     ran: list[str]  # stages run by this call
     skipped: list[str]  # stages found finished
     seconds: float
+    style_table: dict[str, dict[str, float]] = field(default_factory=dict)  # empty without style concepts
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,6 +546,21 @@ class _Run:
         if cfg.max_prompts:
             sets = {k: v[: cfg.max_prompts] for k, v in sets.items()}
         self.prompts = {s.name: sets["live" if s.live else "object"] for s in self.subjects}
+        self.styles: list[Subject] = []
+        self.style_content: dict[str, str] = {}
+        if cfg.style_data is not None:
+            self.styles = load_styles(Path(cfg.style_data), cfg.styles_file, cfg.styles)
+            clash = sorted({s.name for s in self.styles} & {s.name for s in self.subjects})
+            if clash:
+                raise ValueError(
+                    f"style(s) {', '.join(clash)} have the name of a subject; rename them in the styles file"
+                )
+            self.style_content = style_prompts(cfg.style_prompts_file)
+            if cfg.max_prompts:
+                self.style_content = dict(list(self.style_content.items())[: cfg.max_prompts])
+            for s in self.styles:
+                self.prompts[s.name] = list(self.style_content)
+        self.concepts = self.subjects + self.styles  # what each method trains and generates
         from .models import resolve_source
 
         self.resolved = resolve_source(str(cfg.model), None, None)
@@ -528,6 +659,16 @@ class _Run:
                     for s in self.subjects
                 ],
             }
+            | (
+                {
+                    "styles": [
+                        (s.name, s.init, s.class_noun, str(s.images), sorted(p.name for p in s.images.iterdir()))
+                        for s in self.styles
+                    ]
+                }
+                if self.styles
+                else {}
+            )
         )
 
     def generate_fp(self, method: str) -> str:
@@ -556,6 +697,17 @@ class _Run:
             }
         )
 
+    def score_style_fp(self, method: str) -> str:
+        c = self.cfg
+        return _hash(
+            {
+                "generate": self.generate_fp(method),
+                "models": [c.dino_model, c.siglip_model, c.clip_model],
+                "metrics": c.metrics,
+                "content": self.style_content,
+            }
+        )
+
     # -- stages ----------------------------------------------------------------------------
 
     def train(self, method: str) -> None:
@@ -576,7 +728,14 @@ class _Run:
                 model=str(c.model),
                 output_dir=folder,
                 concepts=[
-                    Concept(name=s.name, images=s.images, init=s.init, class_noun=s.class_noun) for s in self.subjects
+                    Concept(
+                        name=s.name,
+                        images=s.images,
+                        init=s.init,
+                        class_noun=s.class_noun,
+                        kind="style" if s.style else "object",
+                    )
+                    for s in self.concepts
                 ],
                 method=tm,
                 steps=c.steps,
@@ -597,7 +756,7 @@ class _Run:
                 "samples_per_second": round(result.samples_per_second, 2),
             }
 
-        exist = all((folder / s.name / "concept.json").is_file() for s in self.subjects)
+        exist = all((folder / s.name / "concept.json").is_file() for s in self.concepts)
         self._stage(f"train:{tm}", self.train_fp(method), exist, work)
 
     def generate(self, method: str) -> None:
@@ -610,7 +769,7 @@ class _Run:
         def work(changed: bool):
             if changed and folder.exists():
                 shutil.rmtree(folder)
-            concepts = [read_concept(self.concept_dir(method, s.name)) for s in self.subjects]
+            concepts = [read_concept(self.concept_dir(method, s.name)) for s in self.concepts]
             res = generate(
                 None,
                 concepts,
@@ -636,11 +795,30 @@ class _Run:
         def work(changed: bool):
             refs = {s.name: s.images for s in self.subjects}
             masks = {s.name: Path(c.masks_dir) / s.name for s in self.subjects} if c.masks_dir else None
-            result = evaluate_generated(self.out / "images" / method, refs, self.evaluator(), masks=masks)
+            result = evaluate_generated(
+                self.out / "images" / method, refs, self.evaluator(), masks=masks, concepts=list(refs)
+            )
             write_json(result, path)
             return {}
 
         self._stage(f"score:{method}", self.score_fp(method), path.is_file(), work)
+
+    def score_style(self, method: str) -> None:
+        """Style concepts: Image / CLIP-I against the style's images (unmasked), Text / CLIP-T of the
+        prompt with the style's class words, and Content: SigLIP of the prompt's subject alone."""
+        from .evaluate import evaluate_generated
+
+        path = self.out / "scores" / f"{method}-style.json"
+
+        def work(changed: bool):
+            refs = {s.name: s.images for s in self.styles}
+            result = evaluate_generated(
+                self.out / "images" / method, refs, self.evaluator(), concepts=list(refs), content=self.style_content
+            )
+            write_json(result, path)
+            return {}
+
+        self._stage(f"score-style:{method}", self.score_style_fp(method), path.is_file(), work)
 
     def slerp(self) -> dict[str, dict[str, str]]:
         """Strips between two subjects: DTI (slerp) and, when trained, TI (lerp vs slerp)."""
@@ -759,7 +937,7 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
-def _write_report(run: _Run, strips: dict[str, dict[str, str]], seconds: float) -> tuple[Path, Path, dict]:
+def _write_report(run: _Run, strips: dict[str, dict[str, str]], seconds: float) -> tuple[Path, Path, dict, dict]:
     from .concept_files import read_concept
     from .evaluate import METRIC_LABELS, METRICS
     from .plots import norm_histogram, scatter_plot
@@ -770,6 +948,18 @@ def _write_report(run: _Run, strips: dict[str, dict[str, str]], seconds: float) 
     metrics = [m for m in METRICS if m in cfg.metrics]
     table = {m: {k: scores[m]["mean"].get(k) for k in metrics} for m in cfg.methods}
     per_subject = {m: scores[m]["subjects"] for m in cfg.methods}
+    style_metrics: list[str] = []
+    style_table: dict[str, dict[str, float]] = {}
+    style_per_subject: dict[str, dict] = {}
+    style_images: dict[str, int] = {}
+    if run.styles:
+        style_scores = {
+            m: json.loads((out / "scores" / f"{m}-style.json").read_text(encoding="utf-8")) for m in cfg.methods
+        }
+        style_metrics = [k for k in metrics for k in ((k, "content") if k == "text" else (k,))]
+        style_table = {m: {k: style_scores[m]["mean"].get(k) for k in style_metrics} for m in cfg.methods}
+        style_per_subject = {m: style_scores[m]["subjects"] for m in cfg.methods}
+        style_images = {m: sum(style_scores[m]["images"].values()) for m in cfg.methods}
     random_metrics = {
         k: is_tiny_metric_model(v)
         for k, v in (("dino", cfg.dino_model), ("siglip", cfg.siglip_model), ("clip", cfg.clip_model))
@@ -787,7 +977,7 @@ def _write_report(run: _Run, strips: dict[str, dict[str, str]], seconds: float) 
     scales: list[float | None] = []
     for m in cfg.methods:
         norms[m] = {}
-        for s in run.subjects:
+        for s in run.concepts:
             c = read_concept(run.concept_dir(m, s.name))
             norms[m][s.name] = [[float(x) for x in torch.linalg.vector_norm(v, dim=-1)] for v in c.vectors]
             if not scales:
@@ -863,6 +1053,12 @@ def _write_report(run: _Run, strips: dict[str, dict[str, str]], seconds: float) 
             for v in vocab
         ],
         "paper_sdxl": {k: {"image": v[0], "text": v[1]} for k, v in PAPER_SDXL.items()},
+        "styles": [asdict(s) | {"images": str(s.images)} for s in run.styles],
+        "style_prompts": len(run.style_content),
+        "style_metrics": style_metrics,
+        "style_table": style_table,
+        "style_per_subject": style_per_subject,
+        "style_images": style_images,
         "plots": plots,
         "strips": strips,
         "stage_seconds": {k: v.get("seconds") for k, v in run.state.data["stages"].items()},
@@ -871,7 +1067,7 @@ def _write_report(run: _Run, strips: dict[str, dict[str, str]], seconds: float) 
     json_path = write_json(report, out / "report.json")
     md = _markdown(report, metrics, METRIC_LABELS)
     md_path = atomic_write(out / "report.md", lambda tmp: tmp.write_text(md, encoding="utf-8"))
-    return json_path, md_path, table
+    return json_path, md_path, table, style_table
 
 
 def _label(method: str) -> str:
@@ -928,6 +1124,7 @@ def _markdown(r: dict, metrics: list[str], labels: dict[str, str]) -> str:
         + ", ".join(f"{_label(k)} {v['image']:.3f} / {v['text']:.3f}" for k, v in r["paper_sdxl"].items())
         + ".\n"
     )
+    L += _style_section(r, labels)
     L.append("### Learned vector norms\n")
     L.append("| Method | text encoder | mean norm | min | max | vocabulary m* (mean row norm) |")
     L.append("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -979,6 +1176,39 @@ def _markdown(r: dict, metrics: list[str], labels: dict[str, str]) -> str:
     return "\n".join(L)
 
 
+def _style_section(r: dict, labels: dict[str, str]) -> list[str]:
+    """The report's "Style concepts" section (a one-line note when the run has none)."""
+    if not r["styles"]:
+        return ["No style concepts in this run (`--style-data` adds them).\n"]
+    keys = r["style_metrics"]
+    head = {**labels, "image": "Style (DINOv2)", "clip_i": "Style CLIP-I"}
+    L = ["## Style concepts\n"]
+    L.append(
+        f"{len(r['styles'])} styles: "
+        + ", ".join(f'{x["name"]} ({x["class_noun"]}, init "{x["init"]}")' for x in r["styles"])
+        + f'; trained with the style templates in the same jobs; {r["style_prompts"]} prompts "<subject> in '
+        "<style> style\" x the seeds each. Style (DINOv2) and Style CLIP-I: cosine to the style's reference "
+        "images (unmasked), averaged. Text (SigLIP) and CLIP-T: the whole prompt with the style's class words "
+        "in place of its placeholder, as in the authors' style evaluation. Content (SigLIP): the subject "
+        'alone ("a lighthouse"): whether the style token leaves the rest of the prompt its say.\n'
+    )
+    L.append("| Method | " + " | ".join(head[k] for k in keys) + " | images |")
+    L.append("| --- | " + " | ".join("---:" for _ in keys) + " | ---: |")
+    for m, row in r["style_table"].items():
+        L.append(f"| {_label(m)} | " + " | ".join(_fmt(row.get(k)) for k in keys) + f" | {r['style_images'][m]} |")
+    L.append("")
+    cols = [(m, k) for m in r["style_table"] for k in keys]
+    L.append("Per style:\n")
+    short = {"image": "Style", "text": "Text", "content": "Content", "clip_i": "Style-CLIP-I", "clip_t": "CLIP-T"}
+    L.append("| Style | " + " | ".join(f"{_label(m)} {short.get(k, k)}" for m, k in cols) + " |")
+    L.append("| --- | " + " | ".join("---:" for _ in cols) + " |")
+    for name in [x["name"] for x in r["styles"]]:
+        vals = [_fmt(r["style_per_subject"][m].get(name, {}).get(k)) for m, k in cols]
+        L.append(f"| {name} | " + " | ".join(vals) + " |")
+    L.append("")
+    return L
+
+
 def run_suite(cfg: SuiteConfig) -> SuiteResult:
     """Run (or resume) the benchmark; returns where the report is and the table."""
     t0 = time.perf_counter()
@@ -999,8 +1229,11 @@ def run_suite(cfg: SuiteConfig) -> SuiteResult:
         run.generate(m)
     for m in cfg.methods:
         run.score(m)
+    if run.styles:
+        for m in cfg.methods:
+            run.score_style(m)
     strips = run.slerp()
     seconds = time.perf_counter() - t0
-    json_path, md_path, table = _write_report(run, strips, seconds)
+    json_path, md_path, table, style_table = _write_report(run, strips, seconds)
     run.log(f"[suite] report: {md_path} ({seconds:.1f} s)")
-    return SuiteResult(out, json_path, md_path, table, run.ran, run.skipped, seconds)
+    return SuiteResult(out, json_path, md_path, table, run.ran, run.skipped, seconds, style_table)

@@ -212,6 +212,7 @@ def test_evaluate_generated_scores_the_class_noun_text(tmp_path, tiny_metrics, p
     assert seen == ["a dog in the snow", "a dog in the snow"]
     per = {r["file"]: r for r in result["per_image"]}
     assert per["dog/p000_s0.png"]["image"] == pytest.approx(1.0, abs=1e-5)
+    assert per["dog/p000_s0.png"]["scored_text"] == "a dog in the snow"
     assert per["dog/p000_s1.png"]["image"] < 0.999
     assert result["subjects"]["dog"]["image"] == pytest.approx(
         (per["dog/p000_s0.png"]["image"] + per["dog/p000_s1.png"]["image"]) / 2

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dti_fast.demo import demo_images_dir
-from dti_fast.suite import SuiteConfig, load_subjects, prompt_sets, run_suite
+from dti_fast.suite import SuiteConfig, load_styles, load_subjects, prompt_sets, run_suite, style_prompts
 
 STAGES = [
     "train:dti",
@@ -19,18 +19,22 @@ STAGES = [
     "score:dti",
     "score:ti",
     "score:ti-rescaled",
+    "score-style:dti",
+    "score-style:ti",
+    "score-style:ti-rescaled",
     "slerp:dti",
     "slerp:ti",
 ]
 
 
 def _reduced(out: Path, eval_sd_model, tiny_metrics, **kw) -> SuiteConfig:
-    """--quick, made smaller: two subjects, 2 steps, 1 prompt, 2 denoising steps, a 3-image strip."""
+    """--quick, made smaller: two subjects and one style, 2 steps, 1 prompt, 2 denoising steps, a 3-image strip."""
     base = dict(
         output_dir=out,
         quick=True,
         model=str(eval_sd_model),
         subjects=["cat2", "dog"],
+        styles=["pointillism"],
         steps=2,
         max_prompts=1,
         inference_steps=2,
@@ -78,12 +82,52 @@ def test_reduced_quick_suite_runs_every_stage_and_writes_the_report(suite_run):
     for rel in list(report["plots"].values()) + [report["strips"]["dti"]["slerp"], report["strips"]["ti"]["all"]]:
         assert (out / rel).is_file() and f"]({rel})" in md, rel
     assert {"tradeoff", "norms_encoder1"} <= set(report["plots"])
-    # One training job per method holds every subject.
+    # One training job per method holds every subject and style.
     assert sorted(p.name for p in (out / "train" / "dti").iterdir() if (p / "concept.json").is_file()) == [
         "cat2",
         "dog",
+        "pointillism",
     ]
     assert (out / "train" / "ti" / "dog" / "rescaled" / "learned_embeds.safetensors").is_file()
+
+
+def test_style_concepts_train_with_style_templates_and_are_scored_against_the_style_images(suite_run, tiny_metrics):
+    from PIL import Image
+
+    from dti_fast.evaluate import Evaluator, load_references
+    from dti_fast.testing import tiny_styles_path
+
+    out, result = suite_run
+    report = json.loads(result.report_json.read_text())
+    # The object table holds the subjects only; the style has its own table with Content.
+    assert set(report["per_subject"]["dti"]) == {"cat2", "dog"}
+    assert [s["name"] for s in report["styles"]] == ["pointillism"]
+    assert report["style_metrics"] == ["image", "text", "content", "clip_i", "clip_t"]
+    assert set(report["style_table"]) == {"dti", "ti", "ti-rescaled"}
+    assert result.style_table == report["style_table"]
+    for row in report["style_table"].values():
+        assert all(isinstance(v, float) for v in row.values()), row
+    assert report["style_images"] == {"dti": 1, "ti": 1, "ti-rescaled": 1}
+    info = json.loads((out / "train" / "dti" / "pointillism" / "concept.json").read_text())
+    assert info["kind"] == "style" and info["class_noun"] == "pointillism painting"
+    assert report["norms"]["dti"]["pointillism"][0][0] == pytest.approx(report["vocab_scale"][0], rel=1e-5)
+    # The scores are the metric models' own, by hand: DINOv2 against the style images, SigLIP of the
+    # prompt with the class words and of the subject alone.
+    scored = json.loads((out / "scores" / "dti-style.json").read_text())
+    (row,) = scored["per_image"]
+    prompt, content = next(iter(style_prompts().items()))
+    assert row["prompt"] == prompt and row["scored_text"] == prompt.replace("{}", "pointillism painting")
+    assert row["content_text"] == content
+    ev = Evaluator(dino=tiny_metrics["dino"], siglip=tiny_metrics["siglip"], clip=tiny_metrics["clip"], device="cpu")
+    image = Image.open(out / "images" / "dti" / row["file"]).convert("RGB")
+    refs = load_references(tiny_styles_path() / "pointillism")
+    by_hand = ev.score([image], [row["scored_text"]], refs, content=[content])
+    for k in ("image", "text", "content", "clip_i", "clip_t"):
+        assert row[k] == pytest.approx(by_hand[k][0], rel=1e-5, abs=1e-6), k
+    assert row["content"] != pytest.approx(row["text"], rel=1e-6)  # a different text was scored
+    md = result.report_md.read_text()
+    assert "## Style concepts" in md and "| Method | Style (DINOv2) | Text (SigLIP) | Content (SigLIP) |" in md
+    assert "| pointillism |" in md
 
 
 def test_rerun_skips_finished_work_and_a_changed_setting_redoes_only_what_depends_on_it(
@@ -96,7 +140,7 @@ def test_rerun_skips_finished_work_and_a_changed_setting_redoes_only_what_depend
     assert again.ran == [] and again.skipped == STAGES
     assert image.stat().st_mtime_ns == mtime
     changed = run_suite(_reduced(out, eval_sd_model, tiny_metrics, inference_steps=3, methods=["dti"]))
-    assert changed.ran == ["generate:dti", "score:dti", "slerp:dti"]
+    assert changed.ran == ["generate:dti", "score:dti", "score-style:dti", "slerp:dti"]
     assert changed.skipped == ["train:dti"]
     assert image.stat().st_mtime_ns != mtime
     assert set(json.loads(changed.report_json.read_text())["table"]) == {"dti"}
@@ -116,7 +160,8 @@ def test_an_interrupted_run_resumes_after_the_last_finished_stage(eval_sd_model,
     assert state["train:dti"]["done"] and state["generate:dti"]["done"] and not state["score:dti"]["done"]
     monkeypatch.undo()
     result = run_suite(_reduced(tmp_path / "r", eval_sd_model, tiny_metrics, **cfg))
-    assert result.skipped == ["train:dti", "generate:dti"] and result.ran == ["score:dti", "slerp:dti"]
+    assert result.skipped == ["train:dti", "generate:dti"]
+    assert result.ran == ["score:dti", "score-style:dti", "slerp:dti"]
     assert "| Method | Image (DINOv2) | images |" in result.report_md.read_text()
 
 
@@ -140,11 +185,41 @@ def test_subjects_and_prompts(tmp_path):
         prompt_sets(prompt_set="fancy")
 
 
+def test_style_prompts_and_style_lists(tmp_path):
+    from dti_fast.testing import tiny_styles_path
+
+    prompts = style_prompts()
+    assert len(prompts) == 40 and len(set(prompts.values())) == 40
+    for prompt, content in prompts.items():
+        assert prompt == f"{content} in {{}} style"
+    styles = load_styles(tiny_styles_path())
+    assert [(s.name, s.style, s.live) for s in styles] == [("pointillism", True, False), ("stained_glass", True, False)]
+    assert styles[1].init == "stained glass" and styles[0].class_noun == "pointillism painting"
+    with pytest.raises(FileNotFoundError, match="style folder .* does not exist"):
+        load_styles(tmp_path / "none")
+    (tmp_path / "s").mkdir()
+    with pytest.raises(FileNotFoundError, match="styles file .*styles.json does not exist"):
+        load_styles(tmp_path / "s")
+    with pytest.raises(ValueError, match="style\\(s\\) cubism are not in"):
+        load_styles(tiny_styles_path(), names=["cubism"])
+    (tmp_path / "s" / "styles.json").write_text(
+        '{"styles": {"ink": {"class": "ink drawing", "initialization": "ink"}}}'
+    )
+    with pytest.raises(FileNotFoundError, match="each style of"):
+        load_styles(tmp_path / "s")
+    bad = tmp_path / "p.json"
+    bad.write_text('{"template": "a {} painting", "subjects": ["a cat"]}')
+    with pytest.raises(ValueError, match='needs a "template" with \\{subject\\}'):
+        style_prompts(bad)
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="give --model"):
         run_suite(SuiteConfig(output_dir=tmp_path, data_dir=demo_images_dir()))
     with pytest.raises(ValueError, match="methods must be"):
         run_suite(SuiteConfig(output_dir=tmp_path, model="m", data_dir=demo_images_dir(), methods=["dreambooth"]))
+    with pytest.raises(ValueError, match="need --style-data"):
+        run_suite(SuiteConfig(output_dir=tmp_path, model="m", data_dir=demo_images_dir(), styles=["ink"]))
 
 
 def test_cli_suite_flags_are_documented_and_errors_are_one_line(capsys, tmp_path):
@@ -155,7 +230,16 @@ def test_cli_suite_flags_are_documented_and_errors_are_one_line(capsys, tmp_path
     for action in suite._actions:
         assert action.help, action.option_strings
     text = suite.format_help()
-    for flag in ("--quick", "--methods", "--masks", "--siglip-model", "--max-prompts", "--seeds", "--force"):
+    for flag in (
+        "--quick",
+        "--methods",
+        "--masks",
+        "--siglip-model",
+        "--max-prompts",
+        "--seeds",
+        "--force",
+        "--style-data",
+    ):
         assert flag in text
     rc = main(["suite", "--output", str(tmp_path / "o"), "--data", str(tmp_path / "missing"), "--model", "x/y"])
     err = capsys.readouterr().err
@@ -176,5 +260,7 @@ def test_quick_mode_end_to_end_through_the_command(tmp_path, monkeypatch, capsys
     assert report["settings"]["steps"] == 20 and report["settings"]["resolution"] == 64
     assert [s["name"] for s in report["subjects"]] == ["backpack", "cat2", "clock", "dog"]
     assert report["images"] == {"dti": 12, "ti": 12, "ti-rescaled": 12}  # 4 subjects x 3 prompts x 1 seed
+    assert [s["name"] for s in report["styles"]] == ["pointillism", "stained_glass"]
+    assert report["style_images"] == {"dti": 6, "ti": 6, "ti-rescaled": 6}  # 2 styles x 3 prompts x 1 seed
     assert report["tiny_diffusion_model"] and all(report["random_weight_metric_models"].values())
     assert (tmp_path / "cache" / "tiny-metrics-v1" / "siglip" / "README.txt").is_file()

@@ -3,11 +3,13 @@
 - :mod:`.tiny`: tiny random-weight SD / SDXL models in diffusers' folder layout
   (real tokenizer, real architecture families), built once and cached.
 - :mod:`.metric_models`: tiny random-weight DINOv2 / SigLIP / CLIP models.
+- :mod:`.styles`: procedural style reference images (two made-up styles).
 - :mod:`.archs`: SD 1.5 and SDXL at their real sizes with random weights, for
   speed and memory figures.
 """
 
 from .metric_models import is_tiny_metric_model, make_tiny_metric_models, tiny_metric_models_path
+from .styles import make_style_images, tiny_styles_path
 from .tiny import (
     TINY_RESOLUTION,
     TINY_VERSION,
@@ -25,8 +27,10 @@ __all__ = [
     "clip_tokenizer_files",
     "is_tiny_metric_model",
     "make_tiny_metric_models",
+    "make_style_images",
     "make_tiny_model",
     "tiny_metric_models_path",
     "tiny_model_path",
+    "tiny_styles_path",
     "write_model_folder",
 ]
