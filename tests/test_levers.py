@@ -372,3 +372,35 @@ def test_deterministic_and_tf32_are_set_for_the_job_and_restored(sd, tmp_path, m
     plain = train(_config(sd, tmp_path / "plain"))
     for name in det.vectors:  # the math attention backend only rounds differently from the fused one
         torch.testing.assert_close(det.vectors[name][0], plain.vectors[name][0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_bf16_unet_runs_outside_autocast_and_bf16_training_is_sound(family, sd, sdxl, tmp_path):
+    """Issue 11 item 6: the frozen bf16 UNet gets bf16 inputs and no autocast; the text encoders keep it."""
+    job = _job(_config(sd if family == "sd" else sdxl, tmp_path / "o", precision="bf16", steps=3))
+    assert job.parts.unet.dtype == torch.bfloat16
+    unet_calls, text_calls = [], []
+
+    def unet_hook(module, args, kwargs):
+        hidden = kwargs["encoder_hidden_states"]
+        unet_calls.append((torch.is_autocast_enabled("cpu"), args[0].dtype, hidden.dtype))
+
+    handles = [
+        job.parts.unet.register_forward_pre_hook(unet_hook, with_kwargs=True),
+        job.embeddings[0].register_forward_pre_hook(lambda m, a: text_calls.append(torch.is_autocast_enabled("cpu"))),
+    ]
+    starts = [p.detach().clone() for emb in job.embeddings for p in emb.rows]
+    try:
+        losses = [job.step() for _ in range(3)]
+    finally:
+        for h in handles:
+            h.remove()
+    assert unet_calls == [(False, torch.bfloat16, torch.bfloat16)] * 3
+    assert text_calls and all(text_calls)  # the text encoders still run under bf16 autocast
+    assert all(isinstance(v, float) and np.isfinite(v) for v in losses), losses
+    assert job.skipped == 0 and all(n == 3 for n in job.done.values())
+    rows = [p.detach() for emb in job.embeddings for p in emb.rows]
+    for row, start in zip(rows, starts):
+        assert row.dtype == torch.float32 and torch.isfinite(row).all()
+        torch.testing.assert_close(row.norm(dim=-1), torch.ones(row.shape[0]), rtol=0, atol=1e-5)
+        assert not torch.equal(row, start)  # it trained

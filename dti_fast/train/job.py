@@ -337,6 +337,10 @@ class TrainingJob:
             target = latents
         else:
             raise ValueError(f"unsupported prediction_type {kind!r} in the model's scheduler config")
+        # bf16: the text encoders run under bf16 autocast (their LayerNorms in fp32, the learned fp32 rows
+        # meeting bf16 weights); the frozen UNet, whose weights are bf16 already, runs WITHOUT autocast on
+        # bf16 inputs: autocast would send its group_norm/layer_norm to fp32, keep fp32 activations for
+        # backward and add casts, for no gain in a frozen bf16 network.
         autocast = (
             torch.autocast(dev.type, dtype=torch.bfloat16)
             if self.weight_dtype == torch.bfloat16
@@ -347,15 +351,18 @@ class TrainingJob:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             attention = sdpa_kernel([SDPBackend.MATH])
-        with autocast, attention:
-            hidden, pooled = self.encode_text(batch["input_ids"])
+        unet_dtype = self.parts.unet.dtype
+        with attention:
+            with autocast:
+                hidden, pooled = self.encode_text(batch["input_ids"])
+            hidden = hidden.to(unet_dtype)
             kwargs = {}
             if self.sdxl:
                 kwargs["added_cond_kwargs"] = {
-                    "text_embeds": pooled,
-                    "time_ids": batch["time_ids"].to(dev, hidden.dtype),
+                    "text_embeds": pooled.to(unet_dtype),
+                    "time_ids": batch["time_ids"].to(dev, unet_dtype),
                 }
-            sample = noisy.to(hidden.dtype)
+            sample = noisy.to(unet_dtype)
             if self.cfg.channels_last:
                 sample = sample.contiguous(memory_format=torch.channels_last)
             if self.cfg.compile:  # probe steps and concepts taking turns change the batch: compile for any size once
