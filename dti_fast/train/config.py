@@ -131,7 +131,8 @@ class TrainConfig:
     precision: str = S.setting(
         "auto",
         kind=S.choice("auto", "fp32", "bf16"),
-        help="frozen weights and autocast: auto = bf16 on a GPU, fp32 on a CPU",
+        help="frozen weights: auto = bf16 on a GPU, fp32 on a CPU; with bf16 the text encoders run under "
+        "bf16 autocast and the UNet in plain bf16 (no autocast)",
     )
     device: str = S.setting(
         "auto", kind=S.TEXT, help="torch device", default_text="default: cuda if available, else cpu"
