@@ -27,7 +27,9 @@ __all__ = [
     "STYLE_TEMPLATES",
     "load_concept_images",
     "load_rgb",
+    "normalize_pixels",
     "random_crop",
+    "random_crop_uint8",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -253,14 +255,30 @@ def load_concept_images(concept: Concept, resolution: int) -> ConceptImages:
     return out
 
 
-def random_crop(array: np.ndarray, resolution: int, generator: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
-    """A random ``resolution`` square crop of an HWC uint8 array as a CHW float tensor in [-1, 1].
+def random_crop_uint8(
+    array: np.ndarray, resolution: int, generator: torch.Generator
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A random ``resolution`` square crop of an HWC uint8 array as a CHW uint8 tensor, and its (top, left).
 
-    Returns the tensor and the crop's (top, left).
+    The trainer sends these 8-bit pixels to the device (a quarter of the bytes of fp32) and normalises
+    there with :func:`normalize_pixels`.
     """
     h, w = array.shape[:2]
     top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
     left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
     crop = array[top : top + resolution, left : left + resolution]
-    tensor = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-    return tensor, (top, left)
+    return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1), (top, left)
+
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any shape, any device) as fp32 in [-1, 1]: ``x / 127.5 - 1``, the same on every device."""
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
+def random_crop(array: np.ndarray, resolution: int, generator: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A random ``resolution`` square crop of an HWC uint8 array as a CHW float tensor in [-1, 1].
+
+    Returns the tensor and the crop's (top, left).
+    """
+    crop, where = random_crop_uint8(array, resolution, generator)
+    return normalize_pixels(crop), where

@@ -18,7 +18,9 @@ from dti_fast.data import (
     Concept,
     load_concept_images,
     load_rgb,
+    normalize_pixels,
     random_crop,
+    random_crop_uint8,
 )
 
 
@@ -114,3 +116,23 @@ def test_random_crop_is_seeded_and_in_range():
     assert a.shape == (3, 64, 64) and float(a.min()) >= -1 and float(a.max()) <= 1
     expected = torch.from_numpy(arr[top : top + 64, left : left + 64].copy()).permute(2, 0, 1).float() / 127.5 - 1
     assert torch.allclose(a, expected)
+
+
+def test_uint8_crops_normalised_later_equal_the_float_crops_bit_for_bit():
+    """Issue 11 item 8: the trainer sends uint8 crops and normalises on the device; same tensor, same draws."""
+    arr = np.random.default_rng(1).integers(0, 256, (64, 100, 3), dtype=np.uint8)
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    floats, raws = [], []
+    for _ in range(4):
+        f, pos_f = random_crop(arr, 64, gen_a)
+        u, pos_u = random_crop_uint8(arr, 64, gen_b)
+        assert pos_f == pos_u and u.dtype == torch.uint8 and u.shape == (3, 64, 64)
+        floats.append(f)
+        raws.append(u)
+    assert torch.equal(gen_a.get_state(), gen_b.get_state())  # the same random draws
+    # The previous trainer path: x.float().div_(127.5).sub_(1.0) per crop on the CPU, then stacked.
+    before = torch.stack([r.float().div_(127.5).sub_(1.0) for r in raws])
+    batched = normalize_pixels(torch.stack(raws))
+    assert batched.dtype == torch.float32
+    assert torch.equal(batched, before) and torch.equal(batched, torch.stack(floats))
+    assert float(normalize_pixels(torch.tensor([0, 255], dtype=torch.uint8))[0]) == -1.0

@@ -404,3 +404,51 @@ def test_bf16_unet_runs_outside_autocast_and_bf16_training_is_sound(family, sd, 
         assert row.dtype == torch.float32 and torch.isfinite(row).all()
         torch.testing.assert_close(row.norm(dim=-1), torch.ones(row.shape[0]), rtol=0, atol=1e-5)
         assert not torch.equal(row, start)  # it trained
+
+
+@pytest.mark.parametrize("latent_cache", [True, False], ids=["latent-cache", "uint8-pixels"])
+def test_drawing_the_next_batch_ahead_changes_nothing(latent_cache, sd, tmp_path):
+    """Issue 11 item 8: step t+1's batch is drawn while step t runs. Concepts taking turns, one finishing
+    early and one stopped by a non-finite loss make the guess wrong at times; losses, rows and generator
+    states stay bit-identical to drawing each batch when its step starts."""
+
+    def run(prefetch: bool):
+        cfg = _config(
+            sd,
+            tmp_path / f"p{prefetch}",
+            names=("dog", "clock", "backpack"),
+            steps=5,
+            max_batch=2,
+            max_bad_steps=1,
+            latent_cache=latent_cache,
+        )
+        cfg.concepts[1].steps = 2  # clock finishes early: the active set shrinks
+        job = _job(cfg)
+        job.prefetch = prefetch
+        original = job.loss
+
+        def loss(batch):
+            total, per = original(batch)
+            if job.job_step == 3 and 0 in batch["owners"]:  # dog's loss turns NaN: dog is stopped
+                per = per.clone()
+                per[0] = float("nan")
+            return total, per
+
+        job.loss = loss
+        losses = []
+        while (value := job.step()) is not None:
+            losses.append(value)
+        rows = [p.detach().clone() for emb in job.embeddings for p in emb.rows]
+        return job, losses, rows
+
+    ahead, ahead_losses, ahead_rows = run(True)
+    plain, plain_losses, plain_rows = run(False)
+    assert ahead.prefetch_stats["used"] > 0 and ahead.prefetch_stats["redrawn"] > 0, ahead.prefetch_stats
+    assert plain.prefetch_stats == {"used": 0, "redrawn": 0}
+    assert "dog" in ahead.stopped and "dog" in plain.stopped
+    assert ahead.done == plain.done and ahead.job_step == plain.job_step
+    assert np.array_equal(np.array(ahead_losses), np.array(plain_losses), equal_nan=True)
+    for a, b in zip(ahead_rows, plain_rows):
+        assert torch.equal(a, b)
+    for name in ahead.generators:
+        assert torch.equal(ahead.generators[name].get_state(), plain.generators[name].get_state())

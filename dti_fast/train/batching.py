@@ -16,10 +16,14 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["pick_concepts", "plan_batch", "probe"]
 
 
-def pick_concepts(job: TrainingJob) -> list[int]:
-    """The concepts of the next step: every active one, or a rotating window of them when they do not fit."""
+def pick_concepts(job: TrainingJob, done: dict[str, int] | None = None, job_step: int | None = None) -> list[int]:
+    """The concepts of the next step: every active one, or a rotating window of them when they do not fit.
+
+    ``done`` and ``job_step`` replace the job's own (the trainer predicts the step after this one with them).
+    """
     cfg = job.cfg
-    active = job.active_concepts()
+    active = job.active_concepts(done)
+    step = job.job_step if job_step is None else job_step
     if not active:
         return []
     if job.concepts_per_step is not None:
@@ -28,7 +32,7 @@ def pick_concepts(job: TrainingJob) -> list[int]:
         per_step = len(active) if cfg.max_batch is None else max(1, cfg.max_batch // cfg.batch_size)
     if per_step >= len(active):
         return active
-    start = (job.job_step * per_step) % len(active)
+    start = (step * per_step) % len(active)
     return [active[(start + k) % len(active)] for k in range(per_step)]
 
 

@@ -45,8 +45,8 @@ def save_checkpoint(job: TrainingJob) -> Path | None:
                     tensors[f"optim/{e}/{c.name}/{key}"] = value.detach().clone()
                 elif isinstance(value, (bool, int, float)):  # e.g. bitsandbytes' integer step
                     scalars[f"optim/{e}/{c.name}/{key}"] = value
-    for name, gen in job.generators.items():
-        tensors[f"rng/{name}"] = gen.get_state()
+    for name, state in job.generator_states().items():  # as if the next step's batch were not drawn yet
+        tensors[f"rng/{name}"] = state
     meta = {
         "format": CHECKPOINT_FORMAT,
         "fingerprints": json.dumps(job.fingerprints()),
@@ -121,6 +121,7 @@ def restore_checkpoint(job: TrainingJob) -> list[Path]:
     generator state) falls back to the previous intact one with a warning.
     Returns the files used.
     """
+    job.discard_prefetch()  # a batch drawn ahead belongs to the state being replaced
     root = Path(job.cfg.output_dir) / "checkpoints"
     wanted = job.fingerprints()
     candidates: dict[str, list[tuple[int, Path, dict]]] = {}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import models
 from ..concept_files import validate_trigger
-from ..data import ConceptImages, random_crop
+from ..data import ConceptImages, normalize_pixels, random_crop_uint8
 from ..distributed import DistContext, all_reduce_grads
 from ..embedding import (
     ConceptTokens,
@@ -111,6 +111,11 @@ class TrainingJob:
         self.last_losses: dict[int, float] = {}  # concept index -> loss, of the last step's stepped concepts
         self.concepts_per_step: int | None = None  # set by batching.plan_batch() for max_batch="auto"
         self.max_images_per_step = 0
+        # Step t+1's batch, drawn while step t's backward runs: (concepts, batch, their generators'
+        # states before the draw). Used when step t+1 picks the same concepts, else redrawn from those states.
+        self.prefetch = True
+        self._prefetched: tuple[list[int], dict, dict[int, torch.Tensor]] | None = None
+        self.prefetch_stats = {"used": 0, "redrawn": 0}
 
     # -- tokens and embeddings ----------------------------------------------------
 
@@ -229,12 +234,14 @@ class TrainingJob:
 
     # -- one step -------------------------------------------------------------------
 
-    def active_concepts(self) -> list[int]:
-        """Indices of the concepts that still have steps to take and were not stopped."""
+    def active_concepts(self, done: dict[str, int] | None = None) -> list[int]:
+        """Indices of the concepts that still have steps to take and were not stopped (``done``: step counts
+        to assume instead of the job's)."""
+        done = self.done if done is None else done
         return [
             i
             for i, c in enumerate(self.cfg.concepts)
-            if self.done[c.name] < self.cfg.concept_steps(c) and c.name not in self.stopped
+            if done[c.name] < self.cfg.concept_steps(c) and c.name not in self.stopped
         ]
 
     def _draw_sample(self, ci: int) -> dict:
@@ -248,7 +255,7 @@ class TrainingJob:
             crop, top, left = self.latent_cache.draw(ci, k, gen)
         else:
             crop = None
-            pixels, (top, left) = random_crop(data.arrays[k], res, gen)
+            pixels, (top, left) = random_crop_uint8(data.arrays[k], res, gen)  # normalised on the device
         template = int(torch.randint(0, len(c.templates), (1,), generator=gen))
         oh, ow = data.original_sizes[k]
         return {
@@ -263,8 +270,19 @@ class TrainingJob:
             "vae_eps": torch.randn(self.latent_channels, lat, lat, generator=gen),
         }
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the job's device: on CUDA through pinned memory with an asynchronous copy."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
     def make_batch(self, chosen: Sequence[int]) -> dict:
-        """This rank's samples of the chosen concepts (``batch_size`` each)."""
+        """This rank's samples of the chosen concepts (``batch_size`` each), their tensors on the device.
+
+        Noise, timesteps and crops are drawn on the CPU from each concept's generator; the batch's tensors
+        go to the device (CUDA: pinned buffers, non-blocking copies), cached latents are gathered there, and
+        uncached crops travel as uint8 pixels, normalised in :meth:`loss`. Prompt ids stay on the CPU.
+        """
         b = self.cfg.batch_size
         samples, owners = [], []
         for ci in chosen:
@@ -279,18 +297,75 @@ class TrainingJob:
                 torch.stack([self.prompt_ids[e][s["crop"][0]][s["template"]] for s in samples])
                 for e in range(len(self.embeddings))
             ],
-            "time_ids": torch.tensor([s["time_ids"] for s in samples], dtype=torch.float32),
-            "timesteps": torch.tensor([s["timestep"] for s in samples], dtype=torch.long),
-            "noise": torch.stack([s["noise"] for s in samples]),
-            "vae_eps": torch.stack([s["vae_eps"] for s in samples]),
+            "time_ids": self._to_device(torch.tensor([s["time_ids"] for s in samples], dtype=torch.float32)),
+            "timesteps": self._to_device(torch.tensor([s["timestep"] for s in samples], dtype=torch.long)),
+            "noise": self._to_device(torch.stack([s["noise"] for s in samples])),
+            "vae_eps": self._to_device(torch.stack([s["vae_eps"] for s in samples])),
             "owners": owners,
         }
         if self.latent_cache is not None:
             with torch.no_grad():
                 batch["latents"] = self.latent_cache.latents([s["crop"] for s in samples], batch["vae_eps"])
         else:
-            batch["pixels"] = torch.stack([s["pixels"] for s in samples])
+            batch["pixels"] = self._to_device(torch.stack([s["pixels"] for s in samples]))  # uint8
         return batch
+
+    # -- the next step's batch, drawn ahead ------------------------------------------------------
+
+    def _batch_for(self, chosen: list[int]) -> dict:
+        """The batch of ``chosen``: the one drawn ahead when it is for the same concepts, else a fresh one
+        drawn after putting the generators back where the draw ahead found them (the same draws either way)."""
+        if self._prefetched is not None:
+            ahead, batch, _ = self._prefetched
+            if ahead == chosen:
+                self._prefetched = None
+                self.prefetch_stats["used"] += 1
+                return batch
+            self.discard_prefetch()
+            self.prefetch_stats["redrawn"] += 1
+        return self.make_batch(chosen)
+
+    def _prefetch_after(self, chosen: list[int]) -> None:
+        """Draw the next step's batch now, assuming every concept of this step takes its step.
+
+        Called while this step's backward runs on an asynchronous device, so the CPU's noise draws,
+        crops and copies overlap the GPU's work. Each concept has its own generator, so drawing
+        ahead consumes every stream in the same order as drawing later does.
+        """
+        if not self.prefetch:
+            return
+        done = dict(self.done)
+        for i in chosen:
+            done[self.cfg.concepts[i].name] += 1
+        from .batching import pick_concepts
+
+        ahead = pick_concepts(self, done=done, job_step=self.job_step + 1)
+        if not ahead:
+            return
+        states = {i: self.generators[self.cfg.concepts[i].name].get_state() for i in ahead}
+        try:
+            batch = self.make_batch(ahead)
+        except BaseException:
+            for i, state in states.items():
+                self.generators[self.cfg.concepts[i].name].set_state(state)
+            raise
+        self._prefetched = (ahead, batch, states)
+
+    def discard_prefetch(self) -> None:
+        """Drop a batch drawn ahead and put its concepts' generators back to where it found them."""
+        if self._prefetched is not None:
+            _, _, states = self._prefetched
+            self._prefetched = None
+            for i, state in states.items():
+                self.generators[self.cfg.concepts[i].name].set_state(state)
+
+    def generator_states(self) -> dict[str, torch.Tensor]:
+        """Every concept's generator state as if nothing were drawn ahead (what a checkpoint keeps)."""
+        states = {name: gen.get_state() for name, gen in self.generators.items()}
+        if self._prefetched is not None:
+            for i, state in self._prefetched[2].items():
+                states[self.cfg.concepts[i].name] = state.clone()
+        return states
 
     def encode_text(self, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The UNet's text conditioning: hidden states (encoders concatenated) and SDXL's pooled embedding."""
@@ -321,7 +396,8 @@ class TrainingJob:
             if "latents" in batch:
                 latents = batch["latents"]
             else:
-                dist = parts.vae.encode(batch["pixels"].to(dev, self.weight_dtype)).latent_dist
+                pixels = normalize_pixels(batch["pixels"].to(dev)).to(self.weight_dtype)
+                dist = parts.vae.encode(pixels).latent_dist
                 latents = dist.mean + dist.std * batch["vae_eps"].to(dev, dist.mean.dtype)
             latents = ((latents - self.shift) * self.scaling).float()
         noise = batch["noise"].to(dev)
@@ -380,8 +456,9 @@ class TrainingJob:
         """One job step; returns the mean loss of the concepts that stepped (None when all are done)."""
         chosen = pick_concepts(self)
         if not chosen:
+            self.discard_prefetch()
             return None
-        batch = self.make_batch(chosen)
+        batch = self._batch_for(chosen)
         self.max_images_per_step = max(self.max_images_per_step, len(batch["owners"]))
         self.optimizer.zero_grad(set_to_none=True)
         total, per_concept = self.loss(batch)
@@ -389,6 +466,7 @@ class TrainingJob:
         if self.data_world > 1:
             all_reduce_grads([p for emb in self.embeddings for p in emb.rows])
             torch.distributed.all_reduce(per_concept.detach())
+        self._prefetch_after(chosen)  # before the first host sync: overlaps the device's backward
         losses, ok = self._finite_losses_and_grads(chosen, per_concept)
         chosen_set = set(chosen)
         for i in range(len(self.cfg.concepts)):
