@@ -302,6 +302,8 @@ class TrainingJob:
             "noise": self._to_device(torch.stack([s["noise"] for s in samples])),
             "vae_eps": self._to_device(torch.stack([s["vae_eps"] for s in samples])),
             "owners": owners,
+            # The same, on the device: the loss's index_add then needs no blocking copy mid-step.
+            "owner_index": self._to_device(torch.tensor(owners, dtype=torch.long)),
         }
         if self.latent_cache is not None:
             with torch.no_grad():
@@ -447,7 +449,7 @@ class TrainingJob:
             pred = self.unet(sample, t, encoder_hidden_states=hidden, **kwargs).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         # Per-concept means, summed: each concept's gradient is what it would get training alone.
-        owners = torch.tensor(batch["owners"], device=per_sample.device)
+        owners = batch["owner_index"].to(per_sample.device)
         per_concept = torch.zeros(len(self.cfg.concepts), device=per_sample.device)
         per_concept = per_concept.index_add(0, owners, per_sample / (self.cfg.batch_size * self.data_world))
         return per_concept.sum(), per_concept
