@@ -1124,7 +1124,6 @@ def _markdown(r: dict, metrics: list[str], labels: dict[str, str]) -> str:
         + ", ".join(f"{_label(k)} {v['image']:.3f} / {v['text']:.3f}" for k, v in r["paper_sdxl"].items())
         + ".\n"
     )
-    L += _style_section(r, labels)
     L.append("### Learned vector norms\n")
     L.append("| Method | text encoder | mean norm | min | max | vocabulary m* (mean row norm) |")
     L.append("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -1140,6 +1139,7 @@ def _markdown(r: dict, metrics: list[str], labels: dict[str, str]) -> str:
                 f"{_fmt(max(vals), 4)} | {_fmt(scale, 4)} |"
             )
     L.append("")
+    L += _style_section(r, labels)
     L.append("## Plots\n")
     if "tradeoff" in r["plots"]:
         L.append(
