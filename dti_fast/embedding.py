@@ -80,6 +80,10 @@ class DirectionalEmbedding(nn.Module):
         scale: ``m*``: a statistic name ("mean", "min", "max") of the
             vocabulary's row norms, or a float. ``None`` means plain TI: rows
             are free vectors used as they are.
+
+    An embedding that scales its output (Gemma's ``embed_scale`` = sqrt(hidden size)) keeps
+    doing so for every id: ``m*`` is the norm of the raw table rows, before that factor,
+    and the learned rows get the same factor as the vocabulary's.
     """
 
     def __init__(self, base: nn.Embedding, first_id: int, scale: str | float | None = "mean") -> None:
@@ -89,6 +93,9 @@ class DirectionalEmbedding(nn.Module):
         self.first_id = int(first_id)
         self.spherical = scale is not None
         self.scale = norm_scale(base.weight, scale) if scale is not None else 1.0
+        # Gemma's embedding multiplies its rows by sqrt(hidden) inside forward(): m* and the learned
+        # rows live before that factor (like the table's rows), and the factor applies to both.
+        self.output_scale = getattr(base, "embed_scale", None)
         self.rows = nn.ParameterList()
         self.priors: list[torch.Tensor] = []
         self.row_ids: list[list[int]] = []
@@ -136,6 +143,8 @@ class DirectionalEmbedding(nn.Module):
         learned = F.embedding(added.clamp(min=0, max=table.shape[0] - 1), table)
         if self.spherical:
             learned = learned * self.scale
+        if self.output_scale is not None:
+            learned = learned * self.output_scale.to(learned.dtype)
         return torch.where(is_added.unsqueeze(-1), learned.to(out.dtype), out)
 
 

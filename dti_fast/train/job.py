@@ -32,6 +32,7 @@ from ..embedding import (
     start_rows,
 )
 from ..export import ConceptRecord, EncoderVectors
+from ..families import Conditioning, family_of
 from ..latents import LatentCache
 from ..models import resolve_device, resolve_dtype
 from ..optim import SphericalSGD
@@ -76,14 +77,18 @@ class TrainingJob:
         if cfg.attention == "xformers" and self.device.type != "cuda":
             raise ValueError(f"--attention xformers needs a CUDA device, not {self.device}; use --attention sdpa")
         self.parts = models.load_model_parts(cfg.model, dtype=self.weight_dtype, device=str(self.device))
+        self.family = family_of(self.parts.family)
         self.sdxl = self.parts.family == "sdxl"
+        self._check_family_options()
         self._install_tokens()
         self._build_optimizer()
-        vae_cfg = self.parts.vae.config
-        self.vae_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
-        self.latent_channels = vae_cfg.latent_channels
-        self.scaling = vae_cfg.scaling_factor
-        self.shift = getattr(vae_cfg, "shift_factor", None) or 0.0
+        self.vae_factor = self.family.vae_factor(self.parts.vae)
+        if cfg.resolution % self.vae_factor:
+            raise ValueError(
+                f"resolution {cfg.resolution} is not a multiple of this model's VAE factor {self.vae_factor}; "
+                f"use a multiple of {self.vae_factor}"
+            )
+        self.latent_shape = self.family.latent_shape(self.parts.vae, cfg.resolution)
         self._configure_model()
         self._tokenize_templates()
         self.latent_cache = (
@@ -93,13 +98,14 @@ class TrainingJob:
                 cfg.resolution,
                 self.vae_factor,
                 self.device,
-                self.weight_dtype,
+                self.parts.vae.dtype,
                 max_crops=cfg.latent_cache_crops,
+                encode=lambda pixels: self.family.posterior(self.parts.vae, pixels),
             )
             if cfg.latent_cache
             else None
         )
-        use_text_cache = cfg.text_cache if cfg.text_cache != "auto" else self.sdxl
+        use_text_cache = cfg.text_cache if cfg.text_cache != "auto" else self.sdxl and self.family.prefix_cache
         self.text_caches = self._text_caches() if use_text_cache else None
         self.generators = {c.name: _concept_generator(cfg.seed, c.name) for c in cfg.concepts}
         self.done = {c.name: 0 for c in cfg.concepts}
@@ -111,6 +117,31 @@ class TrainingJob:
         self.last_losses: dict[int, float] = {}  # concept index -> loss, of the last step's stepped concepts
         self.concepts_per_step: int | None = None  # set by batching.plan_batch() for max_batch="auto"
         self.max_images_per_step = 0
+
+    def _check_family_options(self) -> None:
+        """Refuse settings this model family cannot honour, before any work on it."""
+        cfg, fam = self.cfg, self.family
+        if cfg.text_cache is True and not fam.prefix_cache:
+            why = (
+                "UMT5's encoder is bidirectional, so no prefix of a prompt is independent of the learned tokens"
+                if fam.name == "wan"
+                else "the exact prefix cache covers CLIP text encoders; Gemma-2 runs uncached"
+            )
+            raise ValueError(f"--text-cache: not available for {fam.name} models ({why}); leave it at auto or off")
+        if fam.flow and cfg.attention == "xformers":
+            raise ValueError(
+                f"--attention xformers: {fam.name} models keep diffusers' own attention processors "
+                "(PyTorch SDPA); use --attention sdpa"
+            )
+        if fam.name == "sana":
+            for c in cfg.concepts:
+                if c.placeholder != c.placeholder.lower():
+                    raise ValueError(
+                        f"concept {c.name!r}: placeholder {c.placeholder!r} has upper-case letters, but SanaPipeline "
+                        f"lower-cases prompts, so it would never be typed; use {c.placeholder.lower()!r}"
+                    )
+        if fam.flow and cfg.channels_last:
+            raise ValueError(f"--channels-last applies to UNet models, not {fam.name}'s transformer; leave it off")
 
     # -- tokens and embeddings ----------------------------------------------------
 
@@ -145,7 +176,9 @@ class TrainingJob:
     def _configure_model(self) -> None:
         """Attention kernels, gradient checkpointing and memory format (none changes the math)."""
         cfg, unet = self.cfg, self.parts.unet
-        if cfg.attention == "xformers":
+        if self.family.flow:
+            pass  # the transformers' and VAEs' own processors (linear attention, SDPA) stay
+        elif cfg.attention == "xformers":
             for module in (unet, self.parts.vae):
                 module.enable_xformers_memory_efficient_attention()
         else:
@@ -162,7 +195,7 @@ class TrainingJob:
                 else:
                     enc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 # transformers checkpoints only in training mode; CLIP's dropouts are 0, so the math is unchanged.
-                if not any(getattr(enc.config, k, 0.0) for k in ("dropout", "attention_dropout")):
+                if not any(getattr(enc.config, k, 0.0) for k in ("dropout", "attention_dropout", "dropout_rate")):
                     enc.train()
         if cfg.channels_last:
             unet.to(memory_format=torch.channels_last)
@@ -176,18 +209,17 @@ class TrainingJob:
             per_concept = []
             for ci, c in enumerate(self.cfg.concepts):
                 prompts = [t.format(self.tokens[enc_index][ci].prompt_string) for t in c.templates]
+                window = self.family.text_length(tok)
                 longest = max(len(x) for x in tok(prompts).input_ids)
-                if longest > tok.model_max_length:
+                if longest > window:
                     n = len(self.tokens[enc_index][ci].tokens)
                     raise ValueError(
                         f"concept {c.name!r}: initializer {c.init!r} gives {n} vectors, so its longest training "
                         f"prompt takes {longest} tokens, more than the text encoder's window of "
-                        f"{tok.model_max_length}: the vectors past the window would never be trained; use a "
+                        f"{window}: the vectors past the window would never be trained; use a "
                         "shorter initializer (a few words, such as the class noun)"
                     )
-                ids = tok(
-                    prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-                ).input_ids
+                ids = self.family.tokenize(tok, prompts)
                 per_concept.append(ids)  # on the CPU: the text cache reads them there without a device sync
             self.prompt_ids.append(per_concept)
 
@@ -242,7 +274,6 @@ class TrainingJob:
         """One training sample of concept ``ci``, every random choice from the concept's own generator."""
         c, data, gen = self.cfg.concepts[ci], self.images[ci], self.generators[self.cfg.concepts[ci].name]
         res = self.cfg.resolution
-        lat = res // self.vae_factor
         k = int(torch.randint(0, len(data.arrays), (1,), generator=gen))
         if self.latent_cache is not None:
             pixels = None
@@ -258,10 +289,10 @@ class TrainingJob:
             "template": template,
             "time_ids": [oh, ow, top, left, res, res],
             "timestep": int(
-                torch.randint(0, self.parts.noise_scheduler.config.num_train_timesteps, (1,), generator=gen)
+                torch.randint(0, self.family.num_timesteps(self.parts.noise_scheduler), (1,), generator=gen)
             ),
-            "noise": torch.randn(self.latent_channels, lat, lat, generator=gen),
-            "vae_eps": torch.randn(self.latent_channels, lat, lat, generator=gen),
+            "noise": torch.randn(self.latent_shape, generator=gen),
+            "vae_eps": torch.randn(self.latent_shape, generator=gen),
         }
 
     def make_batch(self, chosen: Sequence[int]) -> dict:
@@ -293,51 +324,33 @@ class TrainingJob:
             batch["pixels"] = torch.stack([s["pixels"] for s in samples])
         return batch
 
-    def encode_text(self, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The UNet's text conditioning: hidden states (encoders concatenated) and SDXL's pooled embedding."""
+    def encode_text(self, input_ids: list[torch.Tensor]) -> Conditioning:
+        """The denoiser's text conditioning (hidden states, SDXL's pooled embedding, SANA's mask)."""
+        if self.text_caches is None:
+            return self.family.encode_text(self.parts.text_encoders, input_ids, self.device)
         hidden, pooled = [], None
-        last = len(self.parts.text_encoders) - 1
-        for enc_index, enc in enumerate(self.parts.text_encoders):
-            if self.text_caches is not None:
-                h, p = self.text_caches[enc_index](input_ids[enc_index])
-                hidden.append(h)
-                if self.sdxl and enc_index == last:
-                    pooled = p
-                continue
-            ids = input_ids[enc_index].to(self.device)
-            if self.sdxl:
-                out = enc(ids, output_hidden_states=True)
-                hidden.append(out.hidden_states[-2])
-                if enc_index == last:
-                    pooled = out[0]
-            else:
-                hidden.append(enc(ids)[0])
-        return torch.cat(hidden, dim=-1), pooled
+        for enc_index, cache in enumerate(self.text_caches):
+            h, p = cache(input_ids[enc_index])
+            hidden.append(h)
+            if cache.pooled:
+                pooled = p
+        return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's loss (sum of per-concept means) and the per-concept terms."""
         dev = self.device
         parts = self.parts
+        fam, vae = self.family, parts.vae
         with torch.no_grad():
             if "latents" in batch:
                 latents = batch["latents"]
             else:
-                dist = parts.vae.encode(batch["pixels"].to(dev, self.weight_dtype)).latent_dist
-                latents = dist.mean + dist.std * batch["vae_eps"].to(dev, dist.mean.dtype)
-            latents = ((latents - self.shift) * self.scaling).float()
+                mean, std = fam.posterior(vae, batch["pixels"].to(dev, vae.dtype))
+                latents = mean + std * batch["vae_eps"].to(dev, mean.dtype)
+            latents = fam.normalize(vae, latents)
         noise = batch["noise"].to(dev)
         t = batch["timesteps"].to(dev)
-        sched = parts.noise_scheduler
-        noisy = sched.add_noise(latents, noise, t)
-        kind = sched.config.prediction_type
-        if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = sched.get_velocity(latents, noise, t)
-        elif kind == "sample":
-            target = latents
-        else:
-            raise ValueError(f"unsupported prediction_type {kind!r} in the model's scheduler config")
+        noisy, target, timestep = fam.noisy_and_target(parts.noise_scheduler, latents, noise, t)
         autocast = (
             torch.autocast(dev.type, dtype=torch.bfloat16)
             if self.weight_dtype == torch.bfloat16
@@ -349,21 +362,17 @@ class TrainingJob:
 
             attention = sdpa_kernel([SDPBackend.MATH])
         with autocast, attention:
-            hidden, pooled = self.encode_text(batch["input_ids"])
-            kwargs = {}
-            if self.sdxl:
-                kwargs["added_cond_kwargs"] = {
-                    "text_embeds": pooled,
-                    "time_ids": batch["time_ids"].to(dev, hidden.dtype),
-                }
-            sample = noisy.to(hidden.dtype)
+            cond = self.encode_text(batch["input_ids"])
+            extra = {"time_ids": batch["time_ids"].to(dev, cond.hidden.dtype)}
+            sample = noisy.to(cond.hidden.dtype)
             if self.cfg.channels_last:
                 sample = sample.contiguous(memory_format=torch.channels_last)
             if self.cfg.compile:  # probe steps and concepts taking turns change the batch: compile for any size once
-                for x in (sample, t, hidden, *kwargs.get("added_cond_kwargs", {}).values()):
-                    torch._dynamo.maybe_mark_dynamic(x, 0)
-            pred = self.unet(sample, t, encoder_hidden_states=hidden, **kwargs).sample
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                for x in (sample, timestep, cond.hidden, cond.pooled, cond.mask, extra["time_ids"]):
+                    if x is not None:
+                        torch._dynamo.maybe_mark_dynamic(x, 0)
+            pred = fam.denoise(self.unet, sample, timestep, cond, extra)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
         # Per-concept means, summed: each concept's gradient is what it would get training alone.
         owners = torch.tensor(batch["owners"], device=per_sample.device)
         per_concept = torch.zeros(len(self.cfg.concepts), device=per_sample.device)
