@@ -37,14 +37,22 @@ class ConceptTokens:
 
 
 def initializer_ids(tokenizer, words: str, concept: str = "?") -> list[int]:
-    """Token ids of the initializer word(s), without special tokens."""
+    """Token ids of the initializer word(s): its pieces, without special tokens.
+
+    Special pieces (unknown, padding, BOS/EOS, written out or produced by the tokenizer) and
+    pieces that are only a word boundary (a lone ``"▁"`` of Gemma/T5 tokenizers) are not
+    words and are left out; an initializer with nothing else is refused.
+    """
     ids = tokenizer(words, add_special_tokens=False)["input_ids"]
-    if not ids:
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    kept = [i for i in ids if i not in special and tokenizer.convert_ids_to_tokens(i).replace("▁", "").strip()]
+    if not kept:
         raise ValueError(
-            f"concept {concept!r}: initializer {words!r} tokenizes to nothing; use ordinary word(s) such as the "
-            "class noun"
+            f"concept {concept!r}: initializer {words!r} tokenizes to nothing this model's tokenizer knows "
+            f"(pieces: {tokenizer.convert_ids_to_tokens(ids) if ids else 'none'}); use ordinary word(s) such as "
+            "the class noun"
         )
-    return list(ids)
+    return kept
 
 
 def add_concept_tokens(tokenizer, placeholder: str, n_vectors: int, concept: str = "?") -> ConceptTokens:

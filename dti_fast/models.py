@@ -48,6 +48,7 @@ __all__ = [
     "detect_family",
     "hub_reachable",
     "load_model_parts",
+    "load_tokenizers",
     "looks_like_path",
     "offline_by_env",
     "pipeline_from_parts",
@@ -588,6 +589,38 @@ def load_model_parts(
     )
 
 
+def _flow_tokenizer(r: ResolvedModel, hub: dict[str, Any]):
+    """The tokenizer of a SANA/Wan folder (``AutoTokenizer``), or a ValueError naming the folder and the fix."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(r.source, subfolder="tokenizer", **hub)
+    except Exception as err:
+        raise ValueError(
+            f"model '{r.shown}': its tokenizer/ folder does not load ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:160] if str(err) else 'no message'}); restore tokenizer/ from the model's "
+            "repository (tokenizer.json and tokenizer_config.json)"
+        ) from None
+
+
+def load_tokenizers(model: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None) -> tuple:
+    """``(family, tokenizers)`` of ``model``, in :class:`ModelParts` order, without loading any weights.
+
+    Lets a job check its placeholders and initializers against the model's tokenizers
+    before the expensive loading starts.
+    """
+    r = resolve_source(os.fspath(model), revision, cache_dir)
+    hub = dict(r.hub_kwargs)
+    if r.local:
+        hub["local_files_only"] = True
+    if r.family in FLOW_FAMILIES:
+        return r.family, [_flow_tokenizer(r, hub)]
+    from transformers import CLIPTokenizer
+
+    subs = ("tokenizer", "tokenizer_2") if r.family == "sdxl" else ("tokenizer",)
+    return r.family, [CLIPTokenizer.from_pretrained(r.source, subfolder=sub, **hub) for sub in subs]
+
+
 def _flow_width_check(r: ResolvedModel, src: str, hub: dict[str, Any]) -> None:
     """Refuse, from the configs alone, a SANA/Wan folder whose text encoder and transformer do not fit."""
     from transformers import AutoConfig
@@ -624,7 +657,6 @@ def _load_flow_parts(
     pipeline decodes in fp32 too).
     """
     import diffusers
-    from transformers import AutoTokenizer
 
     src, hub = r.source, dict(r.hub_kwargs)
     if r.local:
@@ -642,14 +674,7 @@ def _load_flow_parts(
         from transformers import UMT5EncoderModel as TextModel
     if vae_dtype is None:
         vae_dtype = torch.float32 if r.family == "wan" else dtype
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **hub)
-    except Exception as err:
-        raise ValueError(
-            f"model '{r.shown}': its tokenizer/ folder does not load ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:160]}); restore tokenizer/ from the model's repository "
-            "(tokenizer.json and tokenizer_config.json)"
-        ) from None
+    tokenizer = _flow_tokenizer(r, hub)
     try:
         text_encoder = TextModel.from_pretrained(src, subfolder="text_encoder", **tdtype, **weights)
         denoiser = Denoiser.from_pretrained(src, subfolder="transformer", torch_dtype=dtype, **weights)

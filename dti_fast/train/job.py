@@ -11,6 +11,7 @@ concepts share a step is :mod:`.batching`; saving and restoring is
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import sys
 from collections.abc import Sequence
@@ -40,12 +41,62 @@ from ..sphere import norm_scale
 from .batching import pick_concepts
 from .config import TrainConfig
 
-__all__ = ["TrainingJob"]
+__all__ = ["TrainingJob", "check_job_tokens", "preflight"]
 
 
 def _concept_generator(seed: int, name: str) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def check_job_tokens(cfg: TrainConfig, family: str, tokenizers: Sequence) -> None:
+    """Refuse (``ValueError``) what the model's family or tokenizers cannot train, touching no weights.
+
+    Options the family cannot honour; per tokenizer, each concept's trigger, placeholder
+    (not a word of the vocabulary, one token once added) and initializer (at least one
+    ordinary piece; SDXL: as many pieces in both tokenizers).
+    """
+    fam = family_of(family)
+    if cfg.text_cache is True and not fam.prefix_cache:
+        why = (
+            "UMT5's encoder is bidirectional, so no prefix of a prompt is independent of the learned tokens"
+            if fam.name == "wan"
+            else "the exact prefix cache covers CLIP text encoders; Gemma-2 runs uncached"
+        )
+        raise ValueError(f"--text-cache: not available for {fam.name} models ({why}); leave it at auto or off")
+    if fam.flow and cfg.attention == "xformers":
+        raise ValueError(
+            f"--attention xformers: {fam.name} models keep diffusers' own attention processors "
+            "(PyTorch SDPA); use --attention sdpa"
+        )
+    if fam.flow and cfg.channels_last:
+        raise ValueError(f"--channels-last applies to UNet models, not {fam.name}'s transformer; leave it off")
+    if fam.name == "sana":
+        for c in cfg.concepts:
+            if c.placeholder != c.placeholder.lower():
+                raise ValueError(
+                    f"concept {c.name!r}: placeholder {c.placeholder!r} has upper-case letters, but SanaPipeline "
+                    f"lower-cases prompts, so it would never be typed; use {c.placeholder.lower()!r}"
+                )
+    counts: dict[str, int] = {}
+    for enc_index, tok in enumerate(tokenizers):
+        probe = copy.deepcopy(tok)  # placeholders are added to a copy: the real tokenizer stays untouched
+        for c in cfg.concepts:
+            validate_trigger(tok, c, cfg.method)
+            n = len(initializer_ids(tok, c.init, c.name))
+            if enc_index > 0 and n != counts[c.name]:
+                raise ValueError(
+                    f"concept {c.name!r}: initializer {c.init!r} gives a different number of pieces in the "
+                    "two tokenizers; choose initializer words both tokenize alike"
+                )
+            counts[c.name] = n
+            add_concept_tokens(probe, c.placeholder, n, c.name)
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """:func:`check_job_tokens` with the model's tokenizers alone, before images or weights load."""
+    family, tokenizers = models.load_tokenizers(cfg.model)
+    check_job_tokens(cfg, family, tokenizers)
 
 
 class TrainingJob:
@@ -79,7 +130,7 @@ class TrainingJob:
         self.parts = models.load_model_parts(cfg.model, dtype=self.weight_dtype, device=str(self.device))
         self.family = family_of(self.parts.family)
         self.sdxl = self.parts.family == "sdxl"
-        self._check_family_options()
+        check_job_tokens(cfg, self.parts.family, self.parts.tokenizers)
         self._install_tokens()
         self._build_optimizer()
         self.vae_factor = self.family.vae_factor(self.parts.vae)
@@ -118,31 +169,6 @@ class TrainingJob:
         self.concepts_per_step: int | None = None  # set by batching.plan_batch() for max_batch="auto"
         self.max_images_per_step = 0
 
-    def _check_family_options(self) -> None:
-        """Refuse settings this model family cannot honour, before any work on it."""
-        cfg, fam = self.cfg, self.family
-        if cfg.text_cache is True and not fam.prefix_cache:
-            why = (
-                "UMT5's encoder is bidirectional, so no prefix of a prompt is independent of the learned tokens"
-                if fam.name == "wan"
-                else "the exact prefix cache covers CLIP text encoders; Gemma-2 runs uncached"
-            )
-            raise ValueError(f"--text-cache: not available for {fam.name} models ({why}); leave it at auto or off")
-        if fam.flow and cfg.attention == "xformers":
-            raise ValueError(
-                f"--attention xformers: {fam.name} models keep diffusers' own attention processors "
-                "(PyTorch SDPA); use --attention sdpa"
-            )
-        if fam.name == "sana":
-            for c in cfg.concepts:
-                if c.placeholder != c.placeholder.lower():
-                    raise ValueError(
-                        f"concept {c.name!r}: placeholder {c.placeholder!r} has upper-case letters, but SanaPipeline "
-                        f"lower-cases prompts, so it would never be typed; use {c.placeholder.lower()!r}"
-                    )
-        if fam.flow and cfg.channels_last:
-            raise ValueError(f"--channels-last applies to UNet models, not {fam.name}'s transformer; leave it off")
-
     # -- tokens and embeddings ----------------------------------------------------
 
     def _install_tokens(self) -> None:
@@ -151,19 +177,12 @@ class TrainingJob:
         self.embeddings: list[DirectionalEmbedding] = []
         self.tokens: list[list[ConceptTokens]] = []  # per encoder, per concept
         init_gen = torch.Generator().manual_seed(cfg.seed)
-        for enc_index, (tok, enc) in enumerate(zip(self.parts.tokenizers, self.parts.text_encoders)):
+        for tok, enc in zip(self.parts.tokenizers, self.parts.text_encoders):
             emb = install_embedding(enc, len(tok), scale)
             emb.to(self.device)
-            for c in cfg.concepts:
-                validate_trigger(tok, c, cfg.method)
             per_concept = []
-            for c in cfg.concepts:
+            for c in cfg.concepts:  # checked by check_job_tokens()
                 init_ids = initializer_ids(tok, c.init, c.name)
-                if enc_index > 0 and len(init_ids) != len(self.tokens[0][len(per_concept)].ids):
-                    raise ValueError(
-                        f"concept {c.name!r}: initializer {c.init!r} gives a different number of pieces in the "
-                        "two tokenizers; choose initializer words both tokenize alike"
-                    )
                 ct = add_concept_tokens(tok, c.placeholder, len(init_ids), c.name)
                 ct.init_ids = init_ids
                 start = start_rows(emb.base, init_ids, cfg.init, init_gen)

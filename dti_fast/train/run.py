@@ -31,7 +31,7 @@ from .batching import pick_concepts, plan_batch
 from .checkpoint import finished_concepts, restore_checkpoint, save_checkpoint
 from .config import TrainConfig, validate_config
 from .errors import JobError, OutputBusyError, TrainingInterrupted
-from .job import TrainingJob
+from .job import TrainingJob, preflight
 from .tracking import Curves, Progress
 
 __all__ = ["OutputLock", "StopSignals", "TrainResult", "train"]
@@ -146,6 +146,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     this rank's concepts.
     """
     validate_config(cfg)
+    preflight(cfg)  # placeholders and initializers against the tokenizers: before photos and weights load
     ctx = setup_distributed()
     data_world = ctx.world_size if cfg.parallel == "data" else 1
     subset = list(range(len(cfg.concepts)))
