@@ -277,3 +277,41 @@ def test_tiny_tokenizers_are_real_files_of_their_kind(tiny):
     assert ids[0] == gemma.bos_token_id and gemma.convert_ids_to_tokens(ids[-1]) == "▁dog"
     ids = t5("a photo of a dog").input_ids
     assert ids[-1] == t5.eos_token_id and t5.convert_ids_to_tokens(ids[:2]) == ["▁a", "▁photo"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reduced_suite_trains_generates_scores_and_slerps(tiny, tiny_metrics, tmp_path, family):
+    from dti_fast.suite import SuiteConfig, run_suite
+
+    out = tmp_path / "suite"
+    cfg = SuiteConfig(
+        output_dir=out,
+        quick=True,
+        model=str(tiny[family]),
+        subjects=["cat2", "dog"],
+        steps=2,
+        max_prompts=1,
+        inference_steps=2,
+        slerp_steps=3,
+        dino_model=str(tiny_metrics["dino"]),
+        siglip_model=str(tiny_metrics["siglip"]),
+        clip_model=str(tiny_metrics["clip"]),
+        progress=False,
+    )
+    run_suite(cfg)
+    report = json.loads((out / "report.json").read_text())
+    assert report["family"] == family
+    m_star = float(_raw_table_norms(tiny[family]).mean())
+    for per_subject in report["norms"]["dti"].values():
+        for norm in per_subject[0]:
+            assert norm == pytest.approx(m_star, rel=1e-5)
+    assert set(report["table"]) == {"dti", "ti", "ti-rescaled"}
+    assert (out / "slerp" / "dti" / "strip_slerp.png").is_file()
+    # The slerp midpoint stays at m*.
+    from dti_fast.concept_files import read_concept
+
+    mids = [p for p in (out / "slerp" / "dti" / "slerp").iterdir() if p.is_dir()]
+    assert mids
+    for folder in mids:
+        norms = torch.linalg.vector_norm(read_concept(folder).vectors[0], dim=-1)
+        torch.testing.assert_close(norms, torch.full_like(norms, m_star), rtol=1e-5, atol=0)
