@@ -315,3 +315,28 @@ def test_reduced_suite_trains_generates_scores_and_slerps(tiny, tiny_metrics, tm
     for folder in mids:
         norms = torch.linalg.vector_norm(read_concept(folder).vectors[0], dim=-1)
         torch.testing.assert_close(norms, torch.full_like(norms, m_star), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_contextual_states_are_the_conditioning_at_the_texts_pieces(tiny, family):
+    """The CrossInit hook: the encoder's output the denoiser reads, at the initializer's own pieces."""
+    from dti_fast.families import family_of
+    from dti_fast.models import load_model_parts, pipeline_from_parts
+
+    parts = load_model_parts(tiny[family])
+    fam = family_of(family)
+    tok, enc = parts.tokenizers[0], parts.text_encoders[0]
+    states = fam.contextual_states(tok, enc, "red backpack")
+    pieces = tok("red backpack", add_special_tokens=False).input_ids
+    assert states.shape == (len(pieces), enc.config.hidden_size if family == "sana" else enc.config.d_model)
+    pipe = pipeline_from_parts(parts)
+    with torch.no_grad():
+        if family == "sana":
+            embeds = pipe.encode_prompt(
+                "red backpack", do_classifier_free_guidance=False, complex_human_instruction=None
+            )[0]
+            start = 1  # after <bos>
+        else:
+            embeds = pipe.encode_prompt("red backpack", do_classifier_free_guidance=False, max_sequence_length=512)[0]
+            start = 0
+    torch.testing.assert_close(states, embeds[0, start : start + len(pieces)].float(), rtol=1e-5, atol=1e-6)
