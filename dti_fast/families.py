@@ -254,6 +254,9 @@ class Sana(_Flow):
         # SanaPipeline lower-cases and strips every prompt (its caption cleaning off): train on what it sees.
         return super().tokenize(tokenizer, [p.lower().strip() for p in prompts])
 
+    def _states(self, encoder, ids, mask):
+        return encoder(ids, attention_mask=mask, use_cache=False).last_hidden_state  # no KV cache to build
+
     def _condition(self, hidden, mask):
         return Conditioning(hidden, mask=mask)
 
