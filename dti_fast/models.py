@@ -48,7 +48,8 @@ __all__ = [
     "detect_family",
     "hub_reachable",
     "load_model_parts",
-    "load_tokenizers",
+    "ModelPreview",
+    "preview_model",
     "looks_like_path",
     "offline_by_env",
     "pipeline_from_parts",
@@ -603,22 +604,36 @@ def _flow_tokenizer(r: ResolvedModel, hub: dict[str, Any]):
         ) from None
 
 
-def load_tokenizers(model: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None) -> tuple:
-    """``(family, tokenizers)`` of ``model``, in :class:`ModelParts` order, without loading any weights.
+@dataclass
+class ModelPreview:
+    """What a job can check before loading weights: the family, the tokenizers, the VAE's config."""
 
-    Lets a job check its placeholders and initializers against the model's tokenizers
+    family: str
+    tokenizers: list[Any]
+    vae_config: dict[str, Any]
+
+
+def preview_model(model: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None) -> ModelPreview:
+    """The family, tokenizers (in :class:`ModelParts` order) and VAE config of ``model``, loading no weights.
+
+    Lets a job check its placeholders, initializers and resolution against the model
     before the expensive loading starts.
     """
+    from diffusers import AutoencoderKL
+
     r = resolve_source(os.fspath(model), revision, cache_dir)
     hub = dict(r.hub_kwargs)
     if r.local:
         hub["local_files_only"] = True
+    vae_config = dict(AutoencoderKL.load_config(r.source, subfolder="vae", **hub))
     if r.family in FLOW_FAMILIES:
-        return r.family, [_flow_tokenizer(r, hub)]
+        return ModelPreview(r.family, [_flow_tokenizer(r, hub)], vae_config)
     from transformers import CLIPTokenizer
 
     subs = ("tokenizer", "tokenizer_2") if r.family == "sdxl" else ("tokenizer",)
-    return r.family, [CLIPTokenizer.from_pretrained(r.source, subfolder=sub, **hub) for sub in subs]
+    return ModelPreview(
+        r.family, [CLIPTokenizer.from_pretrained(r.source, subfolder=sub, **hub) for sub in subs], vae_config
+    )
 
 
 def _flow_width_check(r: ResolvedModel, src: str, hub: dict[str, Any]) -> None:

@@ -251,6 +251,18 @@ def test_initializer_of_no_pieces_is_refused(tiny, tmp_path, family, init, monke
 def test_family_options_refused(tiny, tmp_path, family, monkeypatch):
     cfg = _config(tiny[family], tmp_path / "out", text_cache=True)
     _refused_before_loading(cfg, f"--text-cache: not available for {family} models", monkeypatch)
+    # The real SANA DC-AE is 32x: a resolution that is a multiple of 8 but not of 32 is refused, naming a fix.
+    if family == "sana":
+        import dti_fast.models
+        from dti_fast.models import ModelPreview
+
+        real = dti_fast.models.preview_model(tiny["sana"])
+        real.vae_config["encoder_block_out_channels"] = [128, 256, 512, 512, 1024, 1024]
+        monkeypatch.setattr(dti_fast.models, "preview_model", lambda *a, **k: ModelPreview(**real.__dict__))
+        cfg = _config(tiny[family], tmp_path / "out", resolution=1000)
+        _refused_before_loading(
+            cfg, "resolution 1000 is not a multiple of this model's VAE factor 32.*992", monkeypatch
+        )
     if family == "sana":
         cfg = _config(tiny[family], tmp_path / "out")
         cfg.concepts[0].placeholder = "<Dog>"

@@ -41,7 +41,7 @@ from ..sphere import norm_scale
 from .batching import pick_concepts
 from .config import TrainConfig
 
-__all__ = ["TrainingJob", "check_job_tokens", "preflight"]
+__all__ = ["TrainingJob", "check_job_tokens", "check_resolution", "preflight"]
 
 
 def _concept_generator(seed: int, name: str) -> torch.Generator:
@@ -93,10 +93,25 @@ def check_job_tokens(cfg: TrainConfig, family: str, tokenizers: Sequence) -> Non
             add_concept_tokens(probe, c.placeholder, n, c.name)
 
 
+def check_resolution(cfg: TrainConfig, family: str, vae) -> int:
+    """The VAE's pixels per latent cell; refuses a resolution that is not a multiple of it."""
+    factor = family_of(family).vae_factor(vae)
+    if cfg.resolution % factor:
+        raise ValueError(
+            f"resolution {cfg.resolution} is not a multiple of this model's VAE factor {factor}; "
+            f"use a multiple of {factor} (e.g. {max(factor, cfg.resolution // factor * factor)})"
+        )
+    return factor
+
+
 def preflight(cfg: TrainConfig) -> None:
-    """:func:`check_job_tokens` with the model's tokenizers alone, before images or weights load."""
-    family, tokenizers = models.load_tokenizers(cfg.model)
-    check_job_tokens(cfg, family, tokenizers)
+    """:func:`check_job_tokens` and :func:`check_resolution` with the model's tokenizers and configs alone,
+    before images or weights load."""
+    from types import SimpleNamespace
+
+    preview = models.preview_model(cfg.model)
+    check_job_tokens(cfg, preview.family, preview.tokenizers)
+    check_resolution(cfg, preview.family, SimpleNamespace(config=SimpleNamespace(**preview.vae_config)))
 
 
 class TrainingJob:
@@ -133,12 +148,7 @@ class TrainingJob:
         check_job_tokens(cfg, self.parts.family, self.parts.tokenizers)
         self._install_tokens()
         self._build_optimizer()
-        self.vae_factor = self.family.vae_factor(self.parts.vae)
-        if cfg.resolution % self.vae_factor:
-            raise ValueError(
-                f"resolution {cfg.resolution} is not a multiple of this model's VAE factor {self.vae_factor}; "
-                f"use a multiple of {self.vae_factor}"
-            )
+        self.vae_factor = check_resolution(cfg, self.parts.family, self.parts.vae)
         self.latent_shape = self.family.latent_shape(self.parts.vae, cfg.resolution)
         self._configure_model()
         self._tokenize_templates()
