@@ -210,13 +210,11 @@ def test_resume_matches_uninterrupted_on_the_cpu(tiny, tmp_path, family):
 
 
 def _refused_before_loading(cfg, match, monkeypatch):
-    """``train(cfg)`` raises one line matching ``match`` before any weights or photos load."""
-    import dti_fast.data
+    """``train(cfg)`` raises one line matching ``match`` before any weights load."""
     import dti_fast.models
 
     calls = []
     monkeypatch.setattr(dti_fast.models, "load_model_parts", lambda *a, **k: calls.append("weights"))
-    monkeypatch.setattr(dti_fast.data, "load_concept_images", lambda *a, **k: calls.append("photos"))
     with pytest.raises((ValueError, FileNotFoundError)) as err:
         train(cfg)
     assert err.match(match)
@@ -251,18 +249,18 @@ def test_initializer_of_no_pieces_is_refused(tiny, tmp_path, family, init, monke
 def test_family_options_refused(tiny, tmp_path, family, monkeypatch):
     cfg = _config(tiny[family], tmp_path / "out", text_cache=True)
     _refused_before_loading(cfg, f"--text-cache: not available for {family} models", monkeypatch)
-    # The real SANA DC-AE is 32x: a resolution that is a multiple of 8 but not of 32 is refused, naming a fix.
+    # A DC-AE of 64x (the real SANA one is 32x; the photos here are 384 px): a resolution that is a multiple
+    # of 8 but not of the VAE's factor is refused, naming a fix, before any weights load.
     if family == "sana":
         import dti_fast.models
         from dti_fast.models import ModelPreview
 
         real = dti_fast.models.preview_model(tiny["sana"])
-        real.vae_config["encoder_block_out_channels"] = [128, 256, 512, 512, 1024, 1024]
+        real.vae_config["encoder_block_out_channels"] = [128, 256, 512, 512, 1024, 1024, 1024]
         monkeypatch.setattr(dti_fast.models, "preview_model", lambda *a, **k: ModelPreview(**real.__dict__))
-        cfg = _config(tiny[family], tmp_path / "out", resolution=1000)
-        _refused_before_loading(
-            cfg, "resolution 1000 is not a multiple of this model's VAE factor 32.*992", monkeypatch
-        )
+        cfg = _config(tiny[family], tmp_path / "out", resolution=200)
+        match = "resolution 200 is not a multiple of this model's VAE factor 64.*192"
+        _refused_before_loading(cfg, match, monkeypatch)
     if family == "sana":
         cfg = _config(tiny[family], tmp_path / "out")
         cfg.concepts[0].placeholder = "<Dog>"

@@ -146,7 +146,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     this rank's concepts.
     """
     validate_config(cfg)
-    preflight(cfg)  # placeholders and initializers against the tokenizers: before photos and weights load
     ctx = setup_distributed()
     data_world = ctx.world_size if cfg.parallel == "data" else 1
     subset = list(range(len(cfg.concepts)))
@@ -167,6 +166,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             file=sys.stderr,
         )
     images = [load_concept_images(c, cfg.resolution) for c in mine]
+    preflight(cfg)  # placeholders, initializers and resolution against the tokenizers and configs: before weights
     sub_cfg = replace(cfg, concepts=mine, progress=cfg.progress and ctx.is_main)
     lock = OutputLock(Path(cfg.output_dir)) if ctx.is_main else contextlib.nullcontext()
     with _agreed(lock, ctx), StopSignals() as stop, _numerics(cfg):
