@@ -36,11 +36,13 @@ Text encoders
     "wan": UMT5's encoder (bidirectional): prompts padded to 512 tokens (``WanPipeline``'s
     default), the last hidden states with the padded positions set to zero, as the pipeline
     does. Both run their encoder over the batch's real tokens only, not the padding
-    (:meth:`_Flow._encode`: exact for what the denoiser sees). Neither uses dti_fast's
-    prefix cache: UMT5 is bidirectional, so no prefix of a prompt is independent of the
-    learned tokens; Gemma-2 is causal, so a cache could be exact, but once the padding is
-    skipped the Gemma forward covers about a dozen tokens per prompt, about 2% of a SANA-1.6B
-    step at 1024 px by FLOP count, of which a prefix cache could save about half: not built.
+    (:meth:`_Flow._encode`: exact for what the denoiser sees). SANA's Gemma-2 is causal:
+    ``--text-cache`` reuses its states before the first learned token
+    (:class:`~dti_fast.textcache.DecoderPrefixCache`, exact; off by default: with the padding
+    skipped, Gemma covers about a dozen tokens per prompt, roughly 1.5% of a SANA-1.6B step
+    at 1024 px by FLOP count, so the cache saves well under 1%, unmeasured on a GPU). UMT5 is
+    bidirectional: no prefix of a prompt is independent of the learned tokens, so Wan has no
+    prefix cache.
 """
 
 from __future__ import annotations
@@ -85,7 +87,10 @@ class Family:
         n = self.text_length(tokenizer)
         return tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
 
-    def encode_text(self, encoders: list, input_ids: list[torch.Tensor], device: torch.device) -> Conditioning:
+    def encode_text(
+        self, encoders: list, input_ids: list[torch.Tensor], device: torch.device, caches: list | None = None
+    ) -> Conditioning:
+        """The denoiser's conditioning of the token ids (one tensor per encoder); ``caches``: prefix caches."""
         raise NotImplementedError
 
     def contextual_states(self, tokenizer, encoder, text: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -140,7 +145,8 @@ class StableDiffusion(Family):
         self.sdxl = name == "sdxl"
         self.pipeline_class = "StableDiffusionXLPipeline" if self.sdxl else "StableDiffusionPipeline"
 
-    def encode_text(self, encoders, input_ids, device) -> Conditioning:
+    def encode_text(self, encoders, input_ids, device, caches=None) -> Conditioning:
+        # SD/SDXL's prefix caches (PrefixCachedTextEncoder) are applied by the trainer itself.
         hidden, pooled = [], None
         last = len(encoders) - 1
         for i, enc in enumerate(encoders):
@@ -208,7 +214,11 @@ class _Flow(Family):
     def _states(self, encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return encoder(ids, attention_mask=mask).last_hidden_state
 
-    def _encode(self, enc, ids: torch.Tensor) -> Conditioning:
+    def make_text_cache(self, encoder, first_learned_id: int):
+        """An exact prefix cache for ``encoder`` (:meth:`_encode` uses it), or None where none can be exact."""
+        return None
+
+    def _encode(self, enc, ids: torch.Tensor, cache=None) -> Conditioning:
         """Conditioning of right-padded ``ids``: the encoder runs on the longest prompt's tokens only.
 
         The positions after it are padding in every sample: Wan's pipeline sets their states to
@@ -220,13 +230,13 @@ class _Flow(Family):
         """
         mask = self.mask(int(enc.config.pad_token_id or 0), ids)
         n = max(int(mask.sum(dim=1).max()), 1)  # one host sync
-        hidden = self._states(enc, ids[:, :n], mask[:, :n])
+        hidden = cache(ids[:, :n], mask[:, :n]) if cache is not None else self._states(enc, ids[:, :n], mask[:, :n])
         hidden = F.pad(hidden, (0, 0, 0, ids.shape[1] - n))
         return self._condition(hidden, mask)
 
-    def encode_text(self, encoders, input_ids, device) -> Conditioning:
+    def encode_text(self, encoders, input_ids, device, caches=None) -> Conditioning:
         (enc,) = encoders
-        return self._encode(enc, input_ids[0].to(device))
+        return self._encode(enc, input_ids[0].to(device), caches[0] if caches else None)
 
     def _condition(self, hidden: torch.Tensor, mask: torch.Tensor) -> Conditioning:
         raise NotImplementedError
@@ -254,8 +264,15 @@ class Sana(_Flow):
         # SanaPipeline lower-cases and strips every prompt (its caption cleaning off): train on what it sees.
         return super().tokenize(tokenizer, [p.lower().strip() for p in prompts])
 
+    prefix_cache = True
+
     def _states(self, encoder, ids, mask):
         return encoder(ids, attention_mask=mask, use_cache=False).last_hidden_state  # no KV cache to build
+
+    def make_text_cache(self, encoder, first_learned_id):
+        from .textcache import DecoderPrefixCache
+
+        return DecoderPrefixCache(encoder, first_learned_id)
 
     def _condition(self, hidden, mask):
         return Conditioning(hidden, mask=mask)

@@ -214,7 +214,8 @@ class TrainConfig:
         group=PERF,
         help="reuse the text encoders' states before the first learned token and skip "
         "layers whose output is unused (exact)",
-        default_text="default: on for SDXL, off for SD, as measured; never for SANA/Wan",
+        default_text="default: on for SDXL, off for SD, as measured; SANA: off unless asked (unmeasured on a "
+        "GPU); Wan: not available (bidirectional encoder)",
     )
     attention: str = S.setting(
         "sdpa",

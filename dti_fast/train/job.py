@@ -58,12 +58,10 @@ def check_job_tokens(cfg: TrainConfig, family: str, tokenizers: Sequence) -> Non
     """
     fam = family_of(family)
     if cfg.text_cache is True and not fam.prefix_cache:
-        why = (
-            "UMT5's encoder is bidirectional, so no prefix of a prompt is independent of the learned tokens"
-            if fam.name == "wan"
-            else "the exact prefix cache covers CLIP text encoders; Gemma-2 runs uncached"
+        raise ValueError(
+            f"--text-cache: not available for {fam.name} models (UMT5's encoder is bidirectional, so no prefix "
+            "of a prompt is independent of the learned tokens); leave it at auto or off"
         )
-        raise ValueError(f"--text-cache: not available for {fam.name} models ({why}); leave it at auto or off")
     if fam.flow and cfg.attention == "xformers":
         raise ValueError(
             f"--attention xformers: {fam.name} models keep diffusers' own attention processors "
@@ -253,6 +251,11 @@ class TrainingJob:
             self.prompt_ids.append(per_concept)
 
     def _text_caches(self) -> list:
+        if self.family.flow:  # SANA: the family's own cache (Gemma-2, a causal decoder)
+            return [
+                self.family.make_text_cache(enc, emb.first_id)
+                for enc, emb in zip(self.parts.text_encoders, self.embeddings)
+            ]
         from ..textcache import PrefixCachedTextEncoder
 
         caches = []
@@ -355,8 +358,8 @@ class TrainingJob:
 
     def encode_text(self, input_ids: list[torch.Tensor]) -> Conditioning:
         """The denoiser's text conditioning (hidden states, SDXL's pooled embedding, SANA's mask)."""
-        if self.text_caches is None:
-            return self.family.encode_text(self.parts.text_encoders, input_ids, self.device)
+        if self.text_caches is None or self.family.flow:
+            return self.family.encode_text(self.parts.text_encoders, input_ids, self.device, self.text_caches)
         hidden, pooled = [], None
         for enc_index, cache in enumerate(self.text_caches):
             h, p = cache(input_ids[enc_index])
