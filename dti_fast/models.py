@@ -4,8 +4,12 @@
   local diffusers folder or a hub id (cached or reachable), and its family;
   :func:`detect_family` reads a folder's ``model_index.json``.
 - :func:`load_model_parts` loads the frozen parts a textual-inversion run needs
-  (tokenizers, text encoders, UNet, VAE, training noise scheduler) with
-  ``from_pretrained``, failing early with a message that names the input and the fix.
+  (tokenizers, text encoders, the UNet or SANA/Wan transformer, VAE, training noise
+  scheduler) with ``from_pretrained``, failing early with a message that names the input
+  and the fix; :func:`preview_model` reads the family, tokenizers and VAE config only.
+- Families: "sd" (SD 1.x/2.x), "sdxl", "sana" (SanaPipeline: Gemma-2, DC-AE) and "wan"
+  (WanPipeline, Wan 2.1: UMT5, 3-D causal VAE); what each trains with is
+  :mod:`dti_fast.families`.
 - :func:`resolve_device` / :func:`resolve_dtype`: what "auto" means everywhere
   (cuda when available; bf16 on a GPU, fp32 on a CPU).
 - :func:`pipeline_from_parts`: a diffusers text-to-image pipeline around loaded parts.
