@@ -68,6 +68,19 @@ def test_detection_and_required_parts(tiny, tmp_path):
         detect_family(two)
 
 
+def test_family_from_a_hub_model_index():
+    """What resolve_source reads for a hub id: model_index.json's _class_name."""
+    from dti_fast.models import _family_from_index
+
+    part = ["diffusers", "X"]
+    sana = {"_class_name": "SanaPipeline", "transformer": part, "text_encoder": ["transformers", "Gemma2Model"]}
+    wan = {"_class_name": "WanPipeline", "transformer": part, "transformer_2": [None, None], "vae": part}
+    assert _family_from_index(sana, "'Efficient-Large-Model/Sana_1600M_1024px_diffusers'") == "sana"
+    assert _family_from_index(wan, "'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'") == "wan"
+    with pytest.raises(ValueError, match="PixArtSigmaPipeline pipeline, not a UNet one.*SanaPipeline"):
+        _family_from_index({"_class_name": "PixArtSigmaPipeline", "transformer": part}, "'x'")
+
+
 @pytest.mark.parametrize("family, text_cache", [("sana", "auto"), ("sana", True), ("wan", "auto")])
 def test_step_loss_and_row_gradients_equal_a_plain_forward(tiny, tmp_path, family, text_cache):
     """The trainer's loss and row gradients equal a forward written out here with diffusers' own modules,
