@@ -217,8 +217,9 @@ def _add_generate_parser(sub) -> None:
     p = sub.add_parser(
         "generate",
         help="generate images with learned concepts (diffusers pipeline)",
-        description="Load a diffusers SD/SDXL pipeline, load the learned concepts with "
-        "load_textual_inversion (SDXL: both encoders), and generate prompts x seeds; writes PNGs, "
+        description="Load a diffusers SD/SDXL/SANA/Wan pipeline, load the learned concepts (SD/SDXL with "
+        "load_textual_inversion, both SDXL encoders; SANA/Wan with dti_fast's own embedding; Wan makes "
+        "one frame per prompt), and generate prompts x seeds; writes PNGs, "
         "images.json and a contact sheet per concept. Images already on disk are kept.",
     )
     p.add_argument(
@@ -429,12 +430,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser(
         "make-tiny-model",
-        help="write a tiny random-weight SD or SDXL model in diffusers' layout",
-        description="Write a tiny random-weight model (real architecture family, CLIP's real "
-        "tokenizer) that diffusers' from_pretrained loads: for tests and demos.",
+        help="write a tiny random-weight SD, SDXL, SANA or Wan model in diffusers' layout",
+        description="Write a tiny random-weight model (real architecture family; CLIP's real "
+        "tokenizer for sd/sdxl, Gemma-2 / T5 kind tokenizers built by dti_fast for sana/wan) "
+        "that diffusers' from_pretrained loads: for tests and demos.",
     )
     tiny.add_argument("dir", type=Path, help="folder to write")
-    tiny.add_argument("--family", choices=["sd", "sdxl"], default="sd", help="architecture family (default sd)")
+    tiny.add_argument(
+        "--family", choices=["sd", "sdxl", "sana", "wan"], default="sd", help="architecture family (default sd)"
+    )
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(func=_cmd_make_tiny_model)
 

@@ -98,8 +98,14 @@ def rescaled_trigger(trigger: str) -> str:
     return f"{trigger}-rescaled"
 
 
+#: Families whose pipelines no A1111-style client loads: their concepts are written in diffusers' format only.
+DIFFUSERS_ONLY_FAMILIES = ("sana", "wan")
+
+
 def trigger_file_names(trigger: str, family: str) -> list[str]:
-    """The trigger-named files of one export: SD ``.pt`` and ``.safetensors``, SDXL ``.safetensors``."""
+    """The trigger-named files of one export: SD ``.pt`` and ``.safetensors``, SDXL ``.safetensors``; SANA/Wan none."""
+    if family in DIFFUSERS_ONLY_FAMILIES:
+        return []
     return [f"{trigger}.pt", f"{trigger}.safetensors"] if family != "sdxl" else [f"{trigger}.safetensors"]
 
 
@@ -193,6 +199,19 @@ def client_info(trigger: str, placeholder: str, family: str) -> dict[str, Any]:
     """concept.json's ``trigger``, ``files`` and per-client ``clients`` (file to use, word to type)."""
     files = trigger_file_names(trigger, family)
     st = f"{trigger}.safetensors"
+    if family in DIFFUSERS_ONLY_FAMILIES:
+        return {
+            "trigger": trigger,
+            "files": {"diffusers": [DIFFUSERS_FILES[0]]},
+            "clients": {
+                "diffusers": {
+                    "file": "the concept folder",
+                    "type": placeholder,
+                    "how": f"dti_fast.load_concepts(pipe, <this folder>) returns the words to type for {placeholder} "
+                    "(diffusers' load_textual_inversion exists only for the CLIP pipelines)",
+                }
+            },
+        }
     return {
         "trigger": trigger,
         "files": {"diffusers": list(DIFFUSERS_FILES[: 2 if family == "sdxl" else 1]), "a1111": files},
@@ -278,6 +297,8 @@ def write_concept_files(
     # clone(): a row slice of a bigger table would otherwise drag the whole storage into the .pt.
     rows = [v.detach().to("cpu").contiguous().clone() for v in vectors]
     written = [save_safetensors({placeholder: rows[0]}, folder / DIFFUSERS_FILES[0])]
+    if family in DIFFUSERS_ONLY_FAMILIES:
+        return written
     if family == "sdxl":
         written.append(save_safetensors({placeholder: rows[1]}, folder / DIFFUSERS_FILES[1]))
         written.append(save_safetensors({"clip_l": rows[0], "clip_g": rows[1]}, folder / f"{trigger}.safetensors"))
@@ -317,7 +338,16 @@ class ConceptEmbeddings:
 
     @property
     def family(self) -> str:
+        """concept.json's family when it says one, else "sdxl" for two encoders' vectors, "sd" for one."""
+        fam = self.info.get("family")
+        if fam in ("sd", "sdxl", "sana", "wan"):
+            return fam
         return "sdxl" if len(self.vectors) == 2 else "sd"
+
+    @property
+    def prompt_string(self) -> str:
+        """The concept's tokens joined by spaces (what a SANA/Wan prompt spells out)."""
+        return " ".join(self.tokens)
 
     @property
     def tokens(self) -> list[str]:
@@ -501,6 +531,12 @@ def read_concept(path: str | Path, token: str | None = None) -> ConceptEmbedding
 
 
 def pipeline_family(pipe) -> str:
+    """ "sana" (SanaPipeline), "wan" (WanPipeline), "sdxl" (a second text encoder) or "sd"."""
+    name = type(pipe).__name__
+    if name.startswith("Sana"):
+        return "sana"
+    if name.startswith("Wan"):
+        return "wan"
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
 
 
@@ -516,6 +552,15 @@ def check_concept_fits(pipe, concept: ConceptEmbeddings) -> None:
     model = getattr(pipe, "_dti_fast_model", "the model")
     pairs = _encoders(pipe)
     fam = pipeline_family(pipe)
+    trained_family = concept.info.get("family")
+    if (fam in DIFFUSERS_ONLY_FAMILIES or trained_family in DIFFUSERS_ONLY_FAMILIES) and trained_family not in (
+        None,
+        fam,
+    ):
+        raise ValueError(
+            f"concept {concept.source} was trained on a {trained_family} model ({concept.info.get('model')}) but "
+            f"model {model} is {fam}; use the model family the concept was trained on or train it on this one"
+        )
     if len(concept.vectors) != len(pairs):
         have = "two text encoders (SDXL)" if len(concept.vectors) == 2 else "one text encoder (SD 1.x/2.x)"
         want = "SDXL, with two text encoders" if fam == "sdxl" else "SD 1.x/2.x, with one text encoder"
@@ -565,7 +610,15 @@ def _check_word_free(pipe, c: ConceptEmbeddings) -> None:
 
 
 def load_concepts(pipe, *concepts: str | Path | ConceptEmbeddings | Sequence[Any]) -> list[str]:
-    """Load concepts into a diffusers SD 1.x/2.x or SDXL pipeline; returns the word to type for each.
+    """Load concepts into a diffusers SD 1.x/2.x, SDXL, SANA or Wan pipeline; returns the words to type for each.
+
+    SANA and Wan pipelines have no ``load_textual_inversion`` (diffusers has it for the CLIP
+    pipelines only) and do not expand a multi-vector word: their tokenizer gets the
+    concept's tokens and their text encoder a :class:`~dti_fast.embedding.DirectionalEmbedding`
+    holding the rows (the trainer's own forward, so generation sees exactly what training
+    saw, Gemma's sqrt(hidden) factor included), and the returned words are all of the
+    concept's tokens (``<bag> <bag>_1``) to put in the prompt. SANA's pipeline lower-cases
+    prompts, so its placeholders are lower case.
 
     Each argument is a concept folder written by training (or its ``rescaled/``), any of the
     export's files (``learned_embeds.safetensors``, ``<trigger>.safetensors``/``.pt``, SDXL
@@ -587,6 +640,10 @@ def load_concepts(pipe, *concepts: str | Path | ConceptEmbeddings | Sequence[Any
         seen[key] = c.source
         check_concept_fits(pipe, c)
         _check_word_free(pipe, c)
+    if pipeline_family(pipe) in DIFFUSERS_ONLY_FAMILIES:
+        state = _flow_state(pipe)
+        _install_rows(pipe, state, state["loaded"] + loaded)
+        return [c.prompt_string for c in loaded]
     done: list[ConceptEmbeddings] = []
     try:
         for c in loaded:
@@ -599,8 +656,51 @@ def load_concepts(pipe, *concepts: str | Path | ConceptEmbeddings | Sequence[Any
     return [c.placeholder for c in loaded]
 
 
+def _flow_state(pipe) -> dict[str, Any]:
+    """What a SANA/Wan pipeline looked like before dti_fast loaded concepts into it, and what it loaded."""
+    import copy
+
+    state = pipe.__dict__.get("_dti_fast_concepts")
+    if state is None:
+        from .embedding import DirectionalEmbedding
+
+        emb = pipe.text_encoder.get_input_embeddings()
+        if isinstance(emb, DirectionalEmbedding):
+            raise ValueError(
+                "this pipeline's text encoder already holds a trainer's embedding; build a fresh pipeline "
+                "(dti_fast.generate.load_pipeline) to load concepts into"
+            )
+        state = {"tokenizer": copy.deepcopy(pipe.tokenizer), "embedding": emb, "loaded": []}
+        pipe.__dict__["_dti_fast_concepts"] = state
+    return state
+
+
+def _install_rows(pipe, state: dict[str, Any], concepts: list[ConceptEmbeddings]) -> None:
+    """Rebuild the SANA/Wan pipeline's tokenizer and input embedding so they hold exactly ``concepts``."""
+    import copy
+
+    from .embedding import DirectionalEmbedding, add_concept_tokens
+
+    tok = copy.deepcopy(state["tokenizer"])
+    base = state["embedding"]
+    emb = DirectionalEmbedding(base, first_id=len(tok), scale=None)
+    for c in concepts:
+        ct = add_concept_tokens(tok, c.placeholder, c.n_vectors, c.name)
+        emb.add_concept(ct.ids, c.vectors[0], c.vectors[0])
+    emb.rows.requires_grad_(False)
+    pipe.text_encoder.set_input_embeddings(emb if concepts else base)
+    pipe.tokenizer = tok
+    state["loaded"] = list(concepts)
+
+
 def unload_concepts(pipe, concepts: Sequence[ConceptEmbeddings]) -> None:
     """Remove the concepts' tokens from every tokenizer and text encoder of ``pipe``."""
+    if pipeline_family(pipe) in DIFFUSERS_ONLY_FAMILIES:
+        state = pipe.__dict__.get("_dti_fast_concepts")
+        if state is not None:
+            gone = {c.placeholder for c in concepts}
+            _install_rows(pipe, state, [c for c in state["loaded"] if c.placeholder not in gone])
+        return
     tokens = [t for c in concepts for t in c.tokens]
     if tokens:
         for tok, enc in _encoders(pipe):

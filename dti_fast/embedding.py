@@ -53,14 +53,22 @@ class ConceptTokens:
 
 
 def initializer_ids(tokenizer, words: str, concept: str = "?") -> list[int]:
-    """Token ids of the initializer word(s), without special tokens."""
+    """Token ids of the initializer word(s): its pieces, without special tokens.
+
+    Special pieces (unknown, padding, BOS/EOS, written out or produced by the tokenizer) and
+    pieces that are only a word boundary (a lone ``"▁"`` of Gemma/T5 tokenizers) are not
+    words and are left out; an initializer with nothing else is refused.
+    """
     ids = tokenizer(words, add_special_tokens=False)["input_ids"]
-    if not ids:
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    kept = [i for i in ids if i not in special and tokenizer.convert_ids_to_tokens(i).replace("▁", "").strip()]
+    if not kept:
         raise ValueError(
-            f"concept {concept!r}: initializer {words!r} tokenizes to nothing; use ordinary word(s) such as the "
-            "class noun"
+            f"concept {concept!r}: initializer {words!r} tokenizes to nothing this model's tokenizer knows "
+            f"(pieces: {tokenizer.convert_ids_to_tokens(ids) if ids else 'none'}); use ordinary word(s) such as "
+            "the class noun"
         )
-    return list(ids)
+    return kept
 
 
 def add_concept_tokens(tokenizer, placeholder: str, n_vectors: int, concept: str = "?") -> ConceptTokens:
@@ -96,6 +104,10 @@ class DirectionalEmbedding(nn.Module):
         scale: ``m*``: a statistic name ("mean", "min", "max") of the
             vocabulary's row norms, or a float. ``None`` means plain TI: rows
             are free vectors used as they are.
+
+    An embedding that scales its output (Gemma's ``embed_scale`` = sqrt(hidden size)) keeps
+    doing so for every id: ``m*`` is the norm of the raw table rows, before that factor,
+    and the learned rows get the same factor as the vocabulary's.
     """
 
     def __init__(self, base: nn.Embedding, first_id: int, scale: str | float | None = "mean") -> None:
@@ -105,6 +117,9 @@ class DirectionalEmbedding(nn.Module):
         self.first_id = int(first_id)
         self.spherical = scale is not None
         self.scale = norm_scale(base.weight, scale) if scale is not None else 1.0
+        # Gemma's embedding multiplies its rows by sqrt(hidden) inside forward(): m* and the learned
+        # rows live before that factor (like the table's rows), and the factor applies to both.
+        self.output_scale = getattr(base, "embed_scale", None)
         self.rows = nn.ParameterList()
         self.priors: list[torch.Tensor] = []
         self.row_ids: list[list[int]] = []
@@ -152,6 +167,8 @@ class DirectionalEmbedding(nn.Module):
         learned = F.embedding(added.clamp(min=0, max=table.shape[0] - 1), table)
         if self.spherical:
             learned = learned * self.scale
+        if self.output_scale is not None:
+            learned = learned * self.output_scale.to(learned.dtype)
         return torch.where(is_added.unsqueeze(-1), learned.to(out.dtype), out)
 
 
@@ -245,6 +262,8 @@ def register_contextual_states(model_type: str, fn: ContextualStates) -> None:
 def contextual_states(tokenizer, text_encoder: nn.Module, words: str, init_ids: Sequence[int]) -> torch.Tensor:
     """The text encoder's contextual output at the initializer's pieces ``(n, hidden)``, fp32, through the
     function registered for the encoder's kind; a clear error for a kind without one."""
+    from . import families  # noqa: F401  (registers the SANA/Wan encoders' functions)
+
     kind = getattr(getattr(text_encoder, "config", None), "model_type", None)
     fn = CONTEXTUAL_STATES.get(kind)
     if fn is None:

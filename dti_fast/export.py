@@ -144,6 +144,8 @@ def validation_grids(
 
     ``parts`` must hold the concepts' tokens and rows (as the trainer's embeddings do).
     """
+    from .concept_files import DIFFUSERS_ONLY_FAMILIES
+    from .generate import render
     from .models import pipeline_from_parts
     from .plots import image_grid
 
@@ -151,10 +153,11 @@ def validation_grids(
     written = []
     for r in records:
         # The bare placeholder: diffusers' pipelines expand it to all of the concept's tokens.
-        texts = [p.replace("{}", r.concept.placeholder) for p in prompts]
+        word = r.concept.placeholder if r.family not in DIFFUSERS_ONLY_FAMILIES else r.prompt_string
+        texts = [p.replace("{}", word) for p in prompts]
         gen = torch.Generator(device="cpu").manual_seed(seed)
         with torch.no_grad():
-            images = pipe(texts, num_inference_steps=steps, generator=gen, height=resolution, width=resolution).images
+            images = render(pipe, texts, gen, steps=steps, height=resolution, width=resolution)
         sheet = image_grid(images, columns=min(4, len(images)))
         path = Path(output_dir) / r.name / filename
         atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))

@@ -1,10 +1,12 @@
 """Generating images with learned concepts: a diffusers pipeline with the embeddings loaded.
 
-:func:`load_pipeline` builds ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` with
-``from_pretrained`` from a model folder or hub id (validated by :mod:`dti_fast.models` first),
-and :func:`dti_fast.concept_files.load_concepts` loads concepts into it with diffusers' own
-``pipe.load_textual_inversion`` (SDXL: once per text encoder), after checking that every
-vector's size matches its text encoder. :func:`generate` runs prompts x seeds in batches (one
+:func:`load_pipeline` builds ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` /
+``SanaPipeline`` / ``WanPipeline`` with ``from_pretrained`` from a model folder or hub id
+(validated by :mod:`dti_fast.models` first), and :func:`dti_fast.concept_files.load_concepts`
+loads concepts into it (SD/SDXL with diffusers' own ``pipe.load_textual_inversion``, once per
+text encoder; SANA/Wan with dti_fast's own embedding), after checking that every vector's
+size matches its text encoder. :func:`render` runs any of the four pipelines (Wan: one
+frame per prompt, as an image). :func:`generate` runs prompts x seeds in batches (one
 CPU generator per image, so an image depends on its seed only, not on the batch it ran in),
 writes PNGs, a manifest and a contact sheet per concept, and skips images already on disk.
 
@@ -34,6 +36,8 @@ __all__ = [
     "expand_prompts",
     "generate",
     "load_pipeline",
+    "prompt_word",
+    "render",
     "scoring_text",
 ]
 
@@ -102,7 +106,14 @@ def load_pipeline(
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)  # newer: dtype=
-            if r.family == "sdxl":
+            if r.family in ("sana", "wan"):
+                import diffusers
+
+                cls = getattr(diffusers, "SanaPipeline" if r.family == "sana" else "WanPipeline")
+                if r.family == "wan" and dt != torch.float32:  # Wan's VAE runs in fp32, as its examples load it
+                    kwargs["torch_dtype"] = {"default": dt, "vae": torch.float32}
+                pipe = cls.from_pretrained(r.source, **kwargs)
+            elif r.family == "sdxl":
                 pipe = StableDiffusionXLPipeline.from_pretrained(r.source, **kwargs)
             else:
                 pipe = StableDiffusionPipeline.from_pretrained(
@@ -111,16 +122,94 @@ def load_pipeline(
     finally:
         if not progress and not bars_were_off:
             dlog.enable_progress_bar()
-    _set_scheduler(pipe, scheduler)
+    if r.family in ("sana", "wan"):
+        if scheduler not in ("auto", "model"):
+            raise ValueError(
+                f"scheduler {scheduler!r}: {r.family} models sample with their own flow-matching scheduler; "
+                "use auto or model"
+            )
+    else:
+        _set_scheduler(pipe, scheduler)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=not progress)
     pipe._dti_fast_model = r.shown  # for error messages
+    index = {}
+    if r.local:
+        try:
+            index = json.loads((Path(r.source) / "model_index.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            index = {}
+    if index.get("_dti_fast_resolution"):
+        pipe._dti_fast_resolution = int(index["_dti_fast_resolution"])  # the tiny models' native size
     return pipe
+
+
+def default_size(pipe) -> int:
+    """The pipeline's native square size in pixels (SANA: sample_size x VAE factor; Wan: 480)."""
+    if getattr(pipe, "_dti_fast_resolution", None):
+        return int(pipe._dti_fast_resolution)
+    from .concept_files import pipeline_family
+
+    fam = pipeline_family(pipe)
+    if fam == "wan":
+        return 480
+    model = pipe.transformer if fam == "sana" else pipe.unet
+    size = model.config.sample_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return int(size) * int(pipe.vae_scale_factor)
+
+
+def render(
+    pipe,
+    prompts: Sequence[str],
+    generators: Sequence[torch.Generator] | torch.Generator,
+    *,
+    steps: int,
+    guidance: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: Sequence[str] | None = None,
+) -> list:
+    """Run any of the four families' pipelines on ``prompts``; returns one PIL image per prompt.
+
+    SANA: no resolution binning (the size asked for is the size made) and no
+    complex-human-instruction prefix (training runs without it). Wan: one frame per prompt
+    (``num_frames=1``), returned as an image. ``guidance`` None keeps the pipeline's default.
+    """
+    from PIL import Image
+
+    from .concept_files import pipeline_family
+
+    fam = pipeline_family(pipe)
+    kwargs: dict[str, Any] = {"num_inference_steps": steps, "generator": generators}
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    if negative_prompt:
+        kwargs["negative_prompt"] = list(negative_prompt)
+    if fam in ("sana", "wan"):
+        side = default_size(pipe)
+        kwargs["height"], kwargs["width"] = height or side, width or side
+    else:
+        kwargs["height"], kwargs["width"] = height, width
+    if fam == "sana":
+        kwargs.update(use_resolution_binning=False, complex_human_instruction=None)
+    if fam == "wan":
+        frames = pipe(prompt=list(prompts), num_frames=1, output_type="np", **kwargs).frames
+        return [Image.fromarray((f[0].clip(0, 1) * 255).round().astype("uint8")) for f in frames]
+    return list(pipe(prompt=list(prompts), **kwargs).images)
 
 
 # --------------------------------------------------------------------------------------------
 # Prompts
 # --------------------------------------------------------------------------------------------
+
+
+def prompt_word(concept: ConceptEmbeddings) -> str:
+    """What stands for ``concept`` in a prompt: its placeholder (SD/SDXL pipelines expand a multi-vector
+    one), or all of its tokens for SANA/Wan, whose pipelines do not."""
+    from .concept_files import DIFFUSERS_ONLY_FAMILIES
+
+    return concept.prompt_string if concept.family in DIFFUSERS_ONLY_FAMILIES else concept.placeholder
 
 
 def scoring_text(prompt: str, class_noun: str | None, placeholders: Sequence[str] = ()) -> str:
@@ -175,7 +264,7 @@ def expand_prompts(
             if not concepts:
                 raise ValueError(f"prompt {prompt!r} has {{}} for a concept but no concept was given; pass --concept")
             targets = [
-                (c.name, prompt.replace("{}", c.placeholder), scoring_text(prompt, c.class_noun)) for c in concepts
+                (c.name, prompt.replace("{}", prompt_word(c)), scoring_text(prompt, c.class_noun)) for c in concepts
             ]
         else:
             owner = next((c for c in concepts if c.placeholder in prompt), None)
@@ -273,19 +362,17 @@ def generate(
             for start in range(0, len(pending), batch_size):
                 batch = pending[start : start + batch_size]
                 gens = [torch.Generator(device="cpu").manual_seed(r.seed) for r in batch]
-                kwargs: dict[str, Any] = {}
-                if negative_prompt:
-                    kwargs["negative_prompt"] = [negative_prompt] * len(batch)
                 with torch.inference_mode():
-                    images = pipe(
-                        prompt=[r.prompt_text for r in batch],
-                        generator=gens,
-                        num_inference_steps=steps,
-                        guidance_scale=guidance,
+                    images = render(
+                        pipe,
+                        [r.prompt_text for r in batch],
+                        gens,
+                        steps=steps,
+                        guidance=guidance,
                         height=height,
                         width=width,
-                        **kwargs,
-                    ).images
+                        negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+                    )
                 for r, img in zip(batch, images):
                     target = out / r.file
                     atomic_write(target, lambda tmp, img=img: img.save(tmp, format="PNG"))

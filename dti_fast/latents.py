@@ -46,6 +46,9 @@ class LatentCache:
         device, dtype: where and in which dtype the VAE runs (the cache keeps its output dtype).
         max_crops: most crops kept per image (evenly spaced grid offsets).
         encode_batch: crops per VAE forward while filling the cache.
+        encode: ``pixels -> (mean, std)`` of the posterior (default: ``vae.encode(pixels).latent_dist``);
+            a family's :meth:`~dti_fast.families.Family.posterior` (SANA's DC-AE is deterministic:
+            std 0; Wan encodes each crop as a one-frame video: latents (C, 1, h, w)).
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class LatentCache:
         dtype: torch.dtype,
         max_crops: int = 16,
         encode_batch: int = 8,
+        encode=None,
     ) -> None:
         if resolution % factor:
             raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor {factor}")
@@ -67,6 +71,12 @@ class LatentCache:
         self.offsets: list[list[list[tuple[int, int]]]] = []
         self.means: list[list[torch.Tensor]] = []
         self.stds: list[list[torch.Tensor]] = []
+        if encode is None:
+
+            def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                dist = vae.encode(pixels).latent_dist
+                return dist.mean, dist.std
+
         with torch.no_grad():
             for data in images:
                 offs, means, stds = [], [], []
@@ -88,9 +98,9 @@ class LatentCache:
                             .div_(127.5)
                             .sub_(1.0)
                         )
-                        dist = vae.encode(pixels.to(device, dtype)).latent_dist
-                        m.append(dist.mean)
-                        s.append(dist.std)
+                        mean, std = encode(pixels.to(device, dtype))
+                        m.append(mean)
+                        s.append(std)
                     mean, std = torch.cat(m).contiguous(), torch.cat(s).contiguous()
                     offs.append(crops)
                     means.append(mean)
@@ -126,7 +136,8 @@ class LatentCache:
     def latents(self, refs: Sequence[tuple[int, int, int]], eps: torch.Tensor) -> torch.Tensor:
         """Posterior samples ``mean + std * eps`` of the crops ``refs`` = (concept, image, crop index).
 
-        ``eps`` is (B, C, h, w); the result is in the cache's dtype, on its device.
+        ``eps`` is shaped like the latents, (B, C, h, w) or Wan's (B, C, 1, h, w); the result is in
+        the cache's dtype, on its device.
         """
         mean = torch.stack([self.means[c][i][k] for c, i, k in refs])
         std = torch.stack([self.stds[c][i][k] for c, i, k in refs])

@@ -4,8 +4,12 @@
   local diffusers folder or a hub id (cached or reachable), and its family;
   :func:`detect_family` reads a folder's ``model_index.json``.
 - :func:`load_model_parts` loads the frozen parts a textual-inversion run needs
-  (tokenizers, text encoders, UNet, VAE, training noise scheduler) with
-  ``from_pretrained``, failing early with a message that names the input and the fix.
+  (tokenizers, text encoders, the UNet or SANA/Wan transformer, VAE, training noise
+  scheduler) with ``from_pretrained``, failing early with a message that names the input
+  and the fix; :func:`preview_model` reads the family, tokenizers and VAE config only.
+- Families: "sd" (SD 1.x/2.x), "sdxl", "sana" (SanaPipeline: Gemma-2, DC-AE) and "wan"
+  (WanPipeline, Wan 2.1: UMT5, 3-D causal VAE); what each trains with is
+  :mod:`dti_fast.families`.
 - :func:`resolve_device` / :func:`resolve_dtype`: what "auto" means everywhere
   (cuda when available; bf16 on a GPU, fp32 on a CPU).
 - :func:`pipeline_from_parts`: a diffusers text-to-image pipeline around loaded parts.
@@ -38,6 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "FAMILIES",
+    "FLOW_FAMILIES",
     "SD_SCHEDULER_CONFIG",
     "build_once",
     "prefix_text_encoder_keys",
@@ -47,6 +52,8 @@ __all__ = [
     "detect_family",
     "hub_reachable",
     "load_model_parts",
+    "ModelPreview",
+    "preview_model",
     "looks_like_path",
     "offline_by_env",
     "pipeline_from_parts",
@@ -56,7 +63,9 @@ __all__ = [
     "resolve_source",
 ]
 
-FAMILIES = ("sd", "sdxl")
+FAMILIES = ("sd", "sdxl", "sana", "wan")
+#: Families whose denoiser is a transformer trained with rectified flow.
+FLOW_FAMILIES = ("sana", "wan")
 
 # The Stable Diffusion training noise schedule (SD 1.x, 2.x and SDXL share it).
 SD_SCHEDULER_CONFIG: dict[str, Any] = dict(
@@ -78,10 +87,14 @@ SD_SCHEDULER_CONFIG: dict[str, Any] = dict(
 
 @dataclass
 class ModelParts:
-    """The frozen parts of a Stable Diffusion / SDXL model that DTI training uses.
+    """The frozen parts of a model that DTI training uses.
 
     ``tokenizers`` and ``text_encoders`` are in the same order: ``[CLIP-L]`` for "sd",
-    ``[CLIP-L, OpenCLIP-bigG]`` (``text_encoder``, ``text_encoder_2``) for "sdxl".
+    ``[CLIP-L, OpenCLIP-bigG]`` (``text_encoder``, ``text_encoder_2``) for "sdxl",
+    ``[Gemma-2]`` for "sana", ``[UMT5 encoder]`` for "wan". ``unet`` is the denoiser: the
+    UNet of "sd"/"sdxl", the transformer of "sana"/"wan" (also reachable as ``denoiser``).
+    ``noise_scheduler`` is the training schedule (DDPM; flow matching with shift 1 for the
+    transformer families); ``extras["scheduler"]`` holds a flow family's sampling scheduler.
     """
 
     family: str
@@ -94,18 +107,27 @@ class ModelParts:
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet ("sd", "sdxl") or transformer ("sana", "wan")."""
+        return self.unet
+
+    @property
     def hidden_sizes(self) -> list[int]:
         """Token-embedding width of each text encoder (e.g. ``[768]`` or ``[768, 1280]``)."""
-        return [int(te.config.hidden_size) for te in self.text_encoders]
+        return [int(te.get_input_embeddings().weight.shape[1]) for te in self.text_encoders]
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixels per latent cell (8 for real SD/SDXL and for the tiny models)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Pixels per latent cell (8 for real SD/SDXL/Wan, 32 for SANA's DC-AE)."""
+        from .families import family_of
+
+        return family_of(self.family).vae_factor(self.vae)
 
     @property
     def resolution(self) -> int:
-        """The UNet's native pixel size (``sample_size * vae_scale_factor``)."""
+        """The denoiser's native pixel size (``sample_size * vae_scale_factor``; Wan: 480, the tiny model's 64)."""
+        if self.family == "wan":
+            return int(self.extras.get("resolution", 480))
         size = self.unet.config.sample_size
         size = size[0] if isinstance(size, (tuple, list)) else size
         return int(size) * self.vae_scale_factor
@@ -117,25 +139,30 @@ def required_parts(family: str) -> tuple[str, ...]:
         return ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     if family == "sdxl":
         return ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+    if family in FLOW_FAMILIES:
+        return ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
     raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
 
 
 # Files that must be inside each subfolder (any one of each tuple).
 _PART_FILES: dict[str, tuple[tuple[str, ...], ...]] = {
     "unet": (("config.json",),),
+    "transformer": (("config.json",),),
     "vae": (("config.json",),),
     "text_encoder": (("config.json",),),
     "text_encoder_2": (("config.json",),),
-    "tokenizer": (("tokenizer.json", "vocab.json"),),
+    "tokenizer": (("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model"),),
     "tokenizer_2": (("tokenizer.json", "vocab.json"),),
     "scheduler": (("scheduler_config.json",),),
 }
 
 _UNSUPPORTED_HINT = (
     "dti_fast supports Stable Diffusion 1.x/2.x (StableDiffusionPipeline layout: unet/, vae/, "
-    "text_encoder/, tokenizer/, scheduler/) and SDXL (StableDiffusionXLPipeline layout, plus "
-    "text_encoder_2/ and tokenizer_2/)"
+    "text_encoder/, tokenizer/, scheduler/), SDXL (StableDiffusionXLPipeline layout, plus "
+    "text_encoder_2/ and tokenizer_2/), SANA (SanaPipeline: transformer/, vae/, text_encoder/, "
+    "tokenizer/, scheduler/) and Wan 2.1 text-to-video (WanPipeline, the same parts)"
 )
+_FLOW_CLASSES = {"SanaPipeline": "sana", "WanPipeline": "wan"}
 
 
 def _family_from_index(index: dict[str, Any], where: str) -> str | None:
@@ -146,6 +173,12 @@ def _family_from_index(index: dict[str, Any], where: str) -> str | None:
         v = index.get(key)
         return isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is not None and v[1] is not None
 
+    if cls in _FLOW_CLASSES:
+        if present("transformer_2"):
+            raise ValueError(
+                f"model {where} is a two-expert {cls} (Wan 2.2 layout, transformer_2/); {_UNSUPPORTED_HINT}"
+            )
+        return _FLOW_CLASSES[cls]
     if "transformer" in index and "unet" not in index:
         raise ValueError(
             f"model {where} is a {cls or 'transformer-based'} pipeline, not a UNet one; {_UNSUPPORTED_HINT}"
@@ -160,10 +193,12 @@ def _family_from_index(index: dict[str, Any], where: str) -> str | None:
 
 
 def detect_family(path: str | os.PathLike) -> str:
-    """Return "sd" or "sdxl" for a local diffusers model folder.
+    """Return "sd", "sdxl", "sana" or "wan" for a local diffusers model folder.
 
-    Reads ``model_index.json`` (``_class_name``, or whether ``text_encoder_2`` is listed); without
-    one, an SDXL folder is recognised by its ``text_encoder_2/`` subfolder.
+    Reads ``model_index.json`` (``_class_name``: ``SanaPipeline``, ``WanPipeline``,
+    ``StableDiffusion*``; or whether ``text_encoder_2`` is listed); without one, an SDXL
+    folder is recognised by its ``text_encoder_2/`` subfolder (transformer pipelines need
+    their ``model_index.json``).
     """
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -184,6 +219,11 @@ def detect_family(path: str | os.PathLike) -> str:
         return "sdxl"
     if (folder / "unet").is_dir() or (folder / "text_encoder").is_dir():
         return "sd"
+    if (folder / "transformer").is_dir():
+        raise ValueError(
+            f"model '{path}' has a transformer/ but no model_index.json saying which pipeline it is; re-save it with "
+            "SanaPipeline/WanPipeline.save_pretrained (or restore its model_index.json)"
+        )
     if (folder / "config.json").is_file() or (folder / "scheduler_config.json").is_file():
         raise ValueError(
             f"model '{path}' looks like one component folder of a model (it has its own config); "
@@ -213,6 +253,14 @@ def _missing_parts(folder: Path, family: str, index: dict[str, Any] | None = Non
     return missing
 
 
+_PIPELINE_CLASS = {
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sana": "SanaPipeline",
+    "wan": "WanPipeline",
+}
+
+
 def _read_index(folder: Path) -> dict[str, Any] | None:
     try:
         return json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
@@ -227,8 +275,8 @@ def _check_local_folder(folder: Path, shown: str) -> str:
     if missing:
         raise FileNotFoundError(
             f"model '{shown}' ({family}) is missing {', '.join(missing)}; pass a complete diffusers "
-            f"folder (as written by {'StableDiffusionXLPipeline' if family == 'sdxl' else 'StableDiffusionPipeline'}"
-            ".save_pretrained) with " + ", ".join(p + "/" for p in required_parts(family))
+            f"folder (as written by {_PIPELINE_CLASS[family]}.save_pretrained) with "
+            + ", ".join(p + "/" for p in required_parts(family))
         )
     return family
 
@@ -473,7 +521,9 @@ def load_model_parts(
     revision: str | None = None,
     cache_dir: str | None = None,
 ) -> ModelParts:
-    """Load the frozen parts of an SD 1.x/2.x or SDXL model from a local folder or a hub model id.
+    """Load the frozen parts of an SD 1.x/2.x, SDXL, SANA or Wan 2.1 model from a local folder or a hub id.
+
+    SANA and Wan: see :func:`_load_flow_parts`. SD/SDXL:
 
     Every part loads with ``from_pretrained(model, subfolder=...)``; the training scheduler is a
     ``DDPMScheduler`` built from ``scheduler/`` (its betas and ``prediction_type`` kept, so SD 2.x
@@ -487,6 +537,8 @@ def load_model_parts(
     that is neither cached nor reachable (offline: within about 2 s).
     """
     r = resolve_source(os.fspath(model), revision, cache_dir)  # validates before the heavy imports
+    if r.family in FLOW_FAMILIES:
+        return _load_flow_parts(r, dtype=dtype, device=device, vae_dtype=vae_dtype, variant=variant)
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -542,6 +594,145 @@ def load_model_parts(
     )
 
 
+def _flow_tokenizer(r: ResolvedModel, hub: dict[str, Any]):
+    """The tokenizer of a SANA/Wan folder (``AutoTokenizer``), or a ValueError naming the folder and the fix."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(r.source, subfolder="tokenizer", **hub)
+    except Exception as err:
+        raise ValueError(
+            f"model '{r.shown}': its tokenizer/ folder does not load ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:160] if str(err) else 'no message'}); restore tokenizer/ from the model's "
+            "repository (tokenizer.json and tokenizer_config.json)"
+        ) from None
+
+
+@dataclass
+class ModelPreview:
+    """What a job can check before loading weights: the family, the tokenizers, the VAE's config."""
+
+    family: str
+    tokenizers: list[Any]
+    vae_config: dict[str, Any]
+
+
+def preview_model(model: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None) -> ModelPreview:
+    """The family, tokenizers (in :class:`ModelParts` order) and VAE config of ``model``, loading no weights.
+
+    Lets a job check its placeholders, initializers and resolution against the model
+    before the expensive loading starts.
+    """
+    from diffusers import AutoencoderKL
+
+    r = resolve_source(os.fspath(model), revision, cache_dir)
+    hub = dict(r.hub_kwargs)
+    if r.local:
+        hub["local_files_only"] = True
+    vae_config = dict(AutoencoderKL.load_config(r.source, subfolder="vae", **hub))
+    if r.family in FLOW_FAMILIES:
+        return ModelPreview(r.family, [_flow_tokenizer(r, hub)], vae_config)
+    from transformers import CLIPTokenizer
+
+    subs = ("tokenizer", "tokenizer_2") if r.family == "sdxl" else ("tokenizer",)
+    return ModelPreview(
+        r.family, [CLIPTokenizer.from_pretrained(r.source, subfolder=sub, **hub) for sub in subs], vae_config
+    )
+
+
+def _flow_width_check(r: ResolvedModel, src: str, hub: dict[str, Any]) -> None:
+    """Refuse, from the configs alone, a SANA/Wan folder whose text encoder and transformer do not fit."""
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(src, subfolder="text_encoder", **hub)
+    width = int(getattr(text, "hidden_size", None) or getattr(text, "d_model"))
+    config = json.loads(Path(src, "transformer", "config.json").read_text(encoding="utf-8")) if r.local else None
+    if config is None:
+        from huggingface_hub import hf_hub_download
+
+        config = json.loads(Path(hf_hub_download(src, "transformer/config.json", **hub)).read_text(encoding="utf-8"))
+    takes = config.get("caption_channels") if r.family == "sana" else config.get("text_dim")
+    if takes is not None and int(takes) != width:
+        raise ValueError(
+            f"model '{r.shown}' does not fit together: its text encoder gives {width} features per token but its "
+            f"transformer takes {takes}; the folder mixes parts of different models: use the parts of one model"
+        )
+
+
+def _load_flow_parts(
+    r: ResolvedModel,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    vae_dtype: torch.dtype | None,
+    variant: str | None,
+) -> ModelParts:
+    """SANA (Gemma-2, DC-AE, SanaTransformer2DModel) or Wan 2.1 (UMT5, AutoencoderKLWan, WanTransformer3DModel).
+
+    The tokenizer loads with ``AutoTokenizer``; the training schedule is
+    ``FlowMatchEulerDiscreteScheduler`` with the folder's ``num_train_timesteps`` and shift 1
+    (see :mod:`dti_fast.families`); the folder's own scheduler (sampling) goes to
+    ``extras["scheduler"]``. Wan's VAE stays fp32 unless ``vae_dtype`` says otherwise (its
+    pipeline decodes in fp32 too).
+    """
+    import diffusers
+
+    src, hub = r.source, dict(r.hub_kwargs)
+    if r.local:
+        hub["local_files_only"] = True
+    weights = dict(hub, variant=variant) if variant else dict(hub)
+    tdtype = _transformers_dtype_kwarg(dtype)
+    _flow_width_check(r, src, hub)
+    if r.family == "sana":
+        from diffusers import AutoencoderDC as VAE
+        from diffusers import SanaTransformer2DModel as Denoiser
+        from transformers import Gemma2Model as TextModel
+    else:
+        from diffusers import AutoencoderKLWan as VAE
+        from diffusers import WanTransformer3DModel as Denoiser
+        from transformers import UMT5EncoderModel as TextModel
+    if vae_dtype is None:
+        vae_dtype = torch.float32 if r.family == "wan" else dtype
+    tokenizer = _flow_tokenizer(r, hub)
+    try:
+        text_encoder = TextModel.from_pretrained(src, subfolder="text_encoder", **tdtype, **weights)
+        denoiser = Denoiser.from_pretrained(src, subfolder="transformer", torch_dtype=dtype, **weights)
+        vae = VAE.from_pretrained(src, subfolder="vae", torch_dtype=vae_dtype, **weights)
+    except (pickle.UnpicklingError, OSError) as err:
+        refused = _refused_pickle(err)
+        if refused is None:
+            raise
+        raise ValueError(
+            f"model '{r.shown}' has weights stored as a pickle that torch refuses to load safely "
+            f"({str(refused).splitlines()[0][:120]}); no code from it ran. Use a model saved as safetensors"
+        ) from None
+    sched_config = diffusers.FlowMatchEulerDiscreteScheduler.load_config(src, subfolder="scheduler", **hub)
+    sched_cls = (
+        getattr(diffusers, str(sched_config.get("_class_name", "")), None) or diffusers.FlowMatchEulerDiscreteScheduler
+    )
+    sampler = sched_cls.from_config(sched_config)
+    noise_scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=int(sched_config.get("num_train_timesteps", 1000)), shift=1.0
+    )
+    for module in (text_encoder, denoiser, vae):
+        _freeze(module).to(device)
+    extras: dict[str, Any] = {"scheduler": sampler}
+    index = _read_index(Path(src)) if r.local else None
+    if index and index.get("_dti_fast_tiny"):
+        extras["tiny"] = index["_dti_fast_tiny"]
+        extras["resolution"] = int(index.get("_dti_fast_resolution", 64))
+    return ModelParts(
+        family=r.family,
+        tokenizers=[tokenizer],
+        text_encoders=[text_encoder],
+        unet=denoiser,
+        vae=vae,
+        noise_scheduler=noise_scheduler,
+        source=r.source if r.local else r.shown,
+        extras=extras,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Devices, pipelines, caches
 # --------------------------------------------------------------------------------------------
@@ -588,12 +779,27 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def pipeline_from_parts(parts: ModelParts, scheduler: Any = None):
-    """A diffusers SD / SDXL text-to-image pipeline around already loaded ``parts`` (no copies, no safety checker).
+    """A diffusers pipeline around already loaded ``parts`` (no copies, no safety checker).
 
-    ``scheduler``: the sampling scheduler (default: DDIM from the training scheduler's config).
+    SD/SDXL: ``StableDiffusion(XL)Pipeline``; SANA: ``SanaPipeline``; Wan: ``WanPipeline``.
+    ``scheduler``: the sampling scheduler (default: DDIM from the training scheduler's config
+    for SD/SDXL, the model folder's own scheduler for SANA/Wan).
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if parts.family in FLOW_FAMILIES:
+        import diffusers
+
+        cls = getattr(diffusers, "SanaPipeline" if parts.family == "sana" else "WanPipeline")
+        pipe = cls(
+            tokenizer=parts.tokenizers[0],
+            text_encoder=parts.text_encoders[0],
+            vae=parts.vae,
+            transformer=parts.unet,
+            scheduler=scheduler if scheduler is not None else parts.extras["scheduler"],
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     if scheduler is None:
         scheduler = DDIMScheduler.from_config(parts.noise_scheduler.config)
     if parts.family == "sdxl":

@@ -278,7 +278,9 @@ class SuiteConfig:
         Path("dti-suite"), kind=S.PATH, flag="--output", help="output folder", default_text="default ./dti-suite"
     )
     model: str | None = S.setting(
-        None, kind=S.optional(S.TEXT), help="diffusers SD 1.x/2.x or SDXL folder or hub id (required without --quick)"
+        None,
+        kind=S.optional(S.TEXT),
+        help="diffusers SD 1.x/2.x, SDXL, SANA or Wan folder or hub id (required without --quick)",
     )
     data_dir: Path | None = S.setting(
         None,
@@ -319,7 +321,7 @@ class SuiteConfig:
         None,
         kind=S.optional(S.POSITIVE_INT),
         help="training resolution",
-        default_text="default: 768 for SDXL, else the model's native size",
+        default_text="default: 768 for SDXL, 1024 for SANA, 480 for Wan, else the model's native size",
     )
     seed: int = S.setting(0, kind=S.INT, help="training seed")
     prompt_set: str = S.setting(
@@ -457,7 +459,7 @@ class SuiteConfig:
 
     def validate(self) -> None:
         if self.model is None:
-            raise ValueError("suite: give --model (a diffusers SD/SDXL folder or hub id), or use --quick")
+            raise ValueError("suite: give --model (a diffusers SD/SDXL/SANA/Wan folder or hub id), or use --quick")
         if self.data_dir is None:
             raise ValueError("suite: give --data (a DreamBooth-layout folder: <data>/<subject>/*.jpg), or use --quick")
         if self.max_batch == 0:
@@ -577,6 +579,11 @@ class _Run:
     def _native_resolution(self) -> int:
         if self.resolved.family == "sdxl":
             return 768  # the paper's SDXL training resolution
+        if self.resolved.family in ("sana", "wan"):
+            index = _local_index(self.resolved)
+            if index.get("_dti_fast_resolution"):
+                return int(index["_dti_fast_resolution"])  # the tiny models
+            return 1024 if self.resolved.family == "sana" else 480  # the authors' SANA size; Wan 2.1 480p
         from diffusers import UNet2DConditionModel
 
         kw = {"local_files_only": True} if self.resolved.local else dict(self.resolved.hub_kwargs)
@@ -904,6 +911,19 @@ class _Run:
         return norms
 
 
+def _local_index(resolved) -> dict:
+    if not resolved.local:
+        return {}
+    try:
+        return json.loads((Path(resolved.source) / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+#: Weight names of the input-embedding table, per text-encoder kind (CLIP, Gemma-2, UMT5).
+_TABLE_KEYS = ("token_embedding.weight", "embed_tokens.weight", "shared.weight")
+
+
 def _read_vocab_norms(resolved) -> list[torch.Tensor]:
     """Norms of the token-embedding rows of text_encoder (and text_encoder_2), read from the weights file
     when local (no model build), else through transformers."""
@@ -917,15 +937,16 @@ def _read_vocab_norms(resolved) -> list[torch.Tensor]:
         if resolved.local and folder.is_dir():
             for f in sorted(folder.glob("*.safetensors")):
                 with safe_open(str(f), framework="pt") as fh:
-                    key = next((k for k in fh.keys() if k.endswith("token_embedding.weight")), None)
+                    key = next((k for k in fh.keys() if k.endswith(_TABLE_KEYS)), None)
                     if key is not None:
                         table = fh.get_tensor(key)
                         break
         if table is None:
-            from transformers import CLIPTextModel
+            from transformers import AutoModel, CLIPTextModel
 
             kw = {"local_files_only": True} if resolved.local else dict(resolved.hub_kwargs)
-            table = CLIPTextModel.from_pretrained(resolved.source, subfolder=sub, **kw).get_input_embeddings().weight
+            cls = AutoModel if resolved.family in ("sana", "wan") else CLIPTextModel
+            table = cls.from_pretrained(resolved.source, subfolder=sub, **kw).get_input_embeddings().weight
         n = torch.linalg.vector_norm(table.detach().float(), dim=-1)
         out.append(n[n > 0])
     return out

@@ -1,4 +1,9 @@
-"""An exact prefix cache for CLIP text encoders during textual-inversion training.
+"""Exact prefix caches for text encoders during textual-inversion training.
+
+:class:`PrefixCachedTextEncoder` serves CLIP text encoders (SD, SDXL; described below);
+:class:`DecoderPrefixCache` serves a transformers causal decoder used as a text encoder
+(SANA's Gemma-2) through the model's own forward and KV cache. A bidirectional encoder
+(Wan's UMT5) cannot have one: every state depends on every token, learned ones included.
 
 CLIP's text transformer (transformers' ``CLIPTextModel`` and
 ``CLIPTextModelWithProjection``) is causal and pre-norm: the hidden state at
@@ -70,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PrefixCachedTextEncoder", "TextEncoding"]
+__all__ = ["DecoderPrefixCache", "PrefixCachedTextEncoder", "TextEncoding"]
 
 MODES = ("last", "penultimate")
 
@@ -419,3 +424,109 @@ class PrefixCachedTextEncoder:
             inside = (q < p).unsqueeze(1)
             y = torch.where(inside, cached, y)
         return y
+
+
+# --------------------------------------------------------------------------------------------
+# Causal decoders used as text encoders (SANA's Gemma-2)
+# --------------------------------------------------------------------------------------------
+
+
+class DecoderPrefixCache:
+    """An exact prefix cache for a transformers causal decoder used as a text encoder (SANA's Gemma-2).
+
+    The states of a causal decoder at the positions before a prompt's first learned token
+    depend on those tokens only. For every distinct prefix (keyed by its token ids, plus
+    device, weight dtype and autocast state) the decoder runs once, under ``no_grad``, and
+    the cache keeps its final-normed outputs there and every layer's keys and values. A
+    batch with shortest prefix ``P`` then runs only positions ``P..n-1``, through the
+    model's own forward with its own cache object (transformers' ``DynamicCache``, one
+    full-length layer per decoder layer), the full attention mask and the true positions:
+    the model's own attention code applies the causal, padding and sliding-window masks
+    (Gemma-2's local layers) and the logit soft-capping, so the result equals the uncached
+    forward (``tests/test_textcache.py`` checks it with a window shorter than the prompt).
+
+    Samples must be right-padded (every learned token before the padding). Falls back to the
+    plain forward when the encoder is in training mode (gradient checkpointing turns
+    transformers' cache off) or when a learned token sits at position 0.
+    """
+
+    def __init__(self, encoder: nn.Module, first_learned_id: int, max_entries: int = 2048) -> None:
+        import inspect
+
+        self.encoder = encoder
+        self.first_learned_id = int(first_learned_id)
+        self.max_entries = int(max_entries)
+        params = inspect.signature(encoder.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache: OrderedDict[tuple, tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def clear(self) -> None:
+        """Drop every cached prefix (needed after changing the frozen encoder weights)."""
+        self._cache.clear()
+
+    def uncached(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The plain forward: final-normed last hidden states (B, n, D)."""
+        return self.encoder(ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+    def _context(self, device: torch.device) -> tuple:
+        autocast = torch.is_autocast_enabled(device.type)
+        weight = self.encoder.get_input_embeddings().weight
+        return (str(device), weight.dtype, autocast, torch.get_autocast_dtype(device.type) if autocast else None)
+
+    @torch.no_grad()
+    def _entry(self, key: tuple, ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            self.hits += 1
+            return hit
+        from transformers import DynamicCache
+
+        self.misses += 1
+        cache = DynamicCache()
+        ones = torch.ones_like(ids).unsqueeze(0)
+        out = self.encoder(ids.unsqueeze(0), attention_mask=ones, use_cache=True, **{self._cache_kw: cache})
+        entry = (out.last_hidden_state[0], [(layer.keys[0], layer.values[0]) for layer in cache.layers])
+        self._cache[key] = entry
+        while len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+        return entry
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The decoder's final-normed states (B, n, D) of right-padded ``ids`` with attention ``mask``."""
+        if self.encoder.training:
+            return self.uncached(ids, mask)
+        from transformers import DynamicCache
+
+        ids_cpu = ids.detach().to("cpu", torch.long)
+        b, n = ids_cpu.shape
+        learned = ids_cpu >= self.first_learned_id
+        real = mask.detach().to("cpu").sum(dim=1).tolist()
+        # A prefix ends at the first learned token, and never reaches into the padding.
+        plen = [min(int(row.int().argmax()) if bool(row.any()) else n, int(r)) for row, r in zip(learned, real)]
+        p = min(plen)
+        if p == 0:
+            return self.uncached(ids, mask)
+        ctx = self._context(ids.device)
+        rows = ids_cpu.tolist()
+        entries = [self._entry(ctx + (tuple(rows[i][: plen[i]]),), ids[i, : plen[i]]) for i in range(b)]
+        if p == n:  # no learned token anywhere: every sample whole from the cache
+            return torch.stack([e[0][:n] for e in entries])
+        cache = DynamicCache()
+        for layer, _ in enumerate(entries[0][1]):
+            keys = torch.stack([e[1][layer][0][:, :p] for e in entries])
+            values = torch.stack([e[1][layer][1][:, :p] for e in entries])
+            cache.update(keys, values, layer)
+        pos = torch.arange(p, n, device=ids.device)
+        out = self.encoder(
+            input_ids=ids[:, p:],
+            attention_mask=mask,
+            position_ids=pos.unsqueeze(0).expand(b, -1),
+            cache_position=pos,
+            use_cache=True,
+            **{self._cache_kw: cache},
+        ).last_hidden_state
+        prefix = torch.stack([e[0][:p] for e in entries]).to(out.dtype)
+        return torch.cat([prefix, out], dim=1)

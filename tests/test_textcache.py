@@ -256,3 +256,76 @@ def test_uncached_is_the_hf_forward(sdxl):
         a, b = cached(ids), cached.uncached(ids)
         torch.testing.assert_close(a.hidden, b.hidden, atol=ATOL, rtol=0)
         torch.testing.assert_close(a.pooled, b.pooled, atol=ATOL, rtol=0)
+
+
+# -- DecoderPrefixCache: Gemma-2 (SANA's text encoder) -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    """The tiny SANA model's Gemma-2 tokenizer with a 4-layer Gemma-2 whose sliding window (4) is shorter
+    than the prompts, with attention soft-capping, and learned rows for the concepts."""
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2Model
+
+    from dti_fast.testing.tiny_flow import TINY_GEMMA
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path("sana") / "tokenizer")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        config = dict(TINY_GEMMA, num_hidden_layers=4, sliding_window=4)
+        enc = Gemma2Model(Gemma2Config(vocab_size=len(tok), **config)).eval().requires_grad_(False)
+    emb = install_embedding(enc, len(tok), "mean")
+    gen = torch.Generator().manual_seed(0)
+    words = {}
+    for placeholder, init in CONCEPTS:
+        init_ids = initializer_ids(tok, init, placeholder)
+        ct = add_concept_tokens(tok, placeholder, len(init_ids), placeholder)
+        emb.add_concept(ct.ids, start_rows(emb.base, init_ids, "random", gen), emb.base.weight.detach()[init_ids])
+        words[placeholder] = ct.prompt_string
+    return tok, enc, emb, words
+
+
+def _gemma_batch(tok, words, templates):
+    prompts = [t.format(words[p]) for t, p in zip(templates, ["<dog>", "<pack>"] * len(templates))]
+    enc = tok(prompts, padding="longest", return_tensors="pt")
+    return enc.input_ids, enc.attention_mask
+
+
+@pytest.mark.parametrize("templates", [OBJECT_TEMPLATES[:4], STYLE_TEMPLATES[:3], OBJECT_TEMPLATES[5:6]])
+def test_gemma_prefix_cache_equals_the_uncached_forward_and_its_gradients(gemma, templates):
+    from dti_fast.textcache import DecoderPrefixCache
+
+    tok, enc, emb, words = gemma
+    ids, mask = _gemma_batch(tok, words, templates)
+    assert ids.shape[1] > 2 * 4  # longer than twice the window: the local layers really slide
+    cache = DecoderPrefixCache(enc, emb.first_id)
+    for _ in range(2):  # the second call reads every prefix from the cache
+        for p in emb.rows:
+            p.grad = None
+        want = cache.uncached(ids, mask)
+        weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(1)) * mask.unsqueeze(-1)
+        (want * weights).sum().backward()
+        grads = [p.grad.clone() for p in emb.rows]
+        for p in emb.rows:
+            p.grad = None
+        got = cache(ids, mask)
+        torch.testing.assert_close(got * mask.unsqueeze(-1), want * mask.unsqueeze(-1), rtol=1e-5, atol=1e-6)
+        (got * weights).sum().backward()
+        for g, p in zip(grads, emb.rows):
+            torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-8)
+    assert cache.hits >= len(templates) and cache.misses <= len(templates)
+
+
+def test_gemma_prefix_cache_uses_the_cached_states(gemma):
+    """A corrupted cache entry changes the output: the cached prefix is what the suffix attends to."""
+    from dti_fast.textcache import DecoderPrefixCache
+
+    tok, enc, emb, words = gemma
+    ids, mask = _gemma_batch(tok, words, OBJECT_TEMPLATES[:2])
+    cache = DecoderPrefixCache(enc, emb.first_id)
+    with torch.no_grad():
+        good = cache(ids, mask)
+        for hidden, kv in cache._cache.values():
+            kv[0][0].add_(1.0)  # the first layer's keys
+        bad = cache(ids, mask)
+    assert not torch.allclose(good, bad)

@@ -1,7 +1,8 @@
 """Stand-ins for tests, benchmarks and the demo: nothing here is needed to train real models.
 
-- :mod:`.tiny`: tiny random-weight SD / SDXL models in diffusers' folder layout
-  (real tokenizer, real architecture families), built once and cached.
+- :mod:`.tiny`: tiny random-weight SD / SDXL / SANA / Wan models in diffusers' folder
+  layout (real tokenizers, real architecture families), built once and cached; SANA and
+  Wan come from :mod:`.tiny_flow`, their Gemma / T5 kind tokenizers from :mod:`.tokenizers`.
 - :mod:`.metric_models`: tiny random-weight DINOv2 / SigLIP / CLIP models.
 - :mod:`.styles`: procedural style reference images (two made-up styles).
 - :mod:`.archs`: SD 1.5 and SDXL at their real sizes with random weights, for

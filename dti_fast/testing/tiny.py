@@ -1,4 +1,4 @@
-"""Tiny random-weight Stable Diffusion and SDXL models in diffusers' real folder layout.
+"""Tiny random-weight Stable Diffusion, SDXL, SANA and Wan models in diffusers' real folder layout.
 
 :func:`make_tiny_model` writes one (CLIP's real BPE tokenizer, shipped in
 ``dti_fast/assets/clip_tokenizer``; real architecture families at tiny widths),
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..models import FAMILIES, SD_SCHEDULER_CONFIG, build_once, prefix_text_encoder_keys
+from ..models import FAMILIES, FLOW_FAMILIES, SD_SCHEDULER_CONFIG, build_once, prefix_text_encoder_keys
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -158,7 +158,10 @@ def _tiny_unet(family: str) -> UNet2DConditionModel:
 
 
 def make_tiny_model(path: str | os.PathLike, family: str = "sd", seed: int = 0) -> Path:
-    """Write a tiny random-weight ``family`` ("sd" or "sdxl") model to ``path`` and return the folder.
+    """Write a tiny random-weight ``family`` ("sd", "sdxl", "sana" or "wan") model to ``path``; returns the folder.
+
+    "sana" and "wan": see :mod:`dti_fast.testing.tiny_flow` (``SanaPipeline`` / ``WanPipeline``
+    layout, Gemma-2 / UMT5 kind tokenizers built by the project). For "sd" and "sdxl":
 
     The folder has diffusers' real layout, saved with ``save_pretrained`` (safetensors): "sd" as a
     ``StableDiffusionPipeline`` (unet, vae, text_encoder, tokenizer, scheduler; no safety checker),
@@ -170,6 +173,11 @@ def make_tiny_model(path: str | os.PathLike, family: str = "sd", seed: int = 0) 
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+    if family in FLOW_FAMILIES:
+        from .tiny_flow import make_tiny_flow_model
+
+        extra = {"_dti_fast_tiny": TINY_VERSION, "_dti_fast_resolution": TINY_RESOLUTION}
+        return make_tiny_flow_model(path, family, seed=seed, index_extra=extra)
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 

@@ -60,7 +60,9 @@ class TrainConfig:
     """A training job. Defaults are the paper's (SDXL: resolution 768 is set per model by the caller)."""
 
     model: str = S.setting(
-        kind=_MODEL, help="diffusers model: a local folder or a hub id (SD 1.x/2.x or SDXL)", fingerprint=True
+        kind=_MODEL,
+        help="diffusers model: a local folder or a hub id (SD 1.x/2.x, SDXL, SANA or Wan 2.1)",
+        fingerprint=True,
     )
     output_dir: Path = S.setting(
         kind=S.PATH, flag="--output", path_base=True, help="output folder (one sub-folder per concept)"
@@ -216,7 +218,8 @@ class TrainConfig:
         group=PERF,
         help="reuse the text encoders' states before the first learned token and skip "
         "layers whose output is unused (exact)",
-        default_text="default: on for SDXL, off for SD, as measured",
+        default_text="default: on for SDXL, off for SD, as measured; SANA: off unless asked (unmeasured on a "
+        "GPU); Wan: not available (bidirectional encoder)",
     )
     attention: str = S.setting(
         "sdpa",

@@ -11,6 +11,7 @@ concepts share a step is :mod:`.batching`; saving and restoring is
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import sys
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from ..embedding import (
     install_embedding,
 )
 from ..export import ConceptRecord, EncoderVectors
+from ..families import Conditioning, family_of
 from ..latents import LatentCache
 from ..models import resolve_device, resolve_dtype
 from ..optim import SphericalSGD
@@ -39,12 +41,75 @@ from ..sphere import norm_scale
 from .batching import pick_concepts
 from .config import TrainConfig
 
-__all__ = ["TrainingJob"]
+__all__ = ["TrainingJob", "check_job_tokens", "check_resolution", "preflight"]
 
 
 def _concept_generator(seed: int, name: str) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def check_job_tokens(cfg: TrainConfig, family: str, tokenizers: Sequence) -> None:
+    """Refuse (``ValueError``) what the model's family or tokenizers cannot train, touching no weights.
+
+    Options the family cannot honour; per tokenizer, each concept's trigger, placeholder
+    (not a word of the vocabulary, one token once added) and initializer (at least one
+    ordinary piece; SDXL: as many pieces in both tokenizers).
+    """
+    fam = family_of(family)
+    if cfg.text_cache is True and not fam.prefix_cache:
+        raise ValueError(
+            f"--text-cache: not available for {fam.name} models (UMT5's encoder is bidirectional, so no prefix "
+            "of a prompt is independent of the learned tokens); leave it at auto or off"
+        )
+    if fam.flow and cfg.attention == "xformers":
+        raise ValueError(
+            f"--attention xformers: {fam.name} models keep diffusers' own attention processors "
+            "(PyTorch SDPA); use --attention sdpa"
+        )
+    if fam.flow and cfg.channels_last:
+        raise ValueError(f"--channels-last applies to UNet models, not {fam.name}'s transformer; leave it off")
+    if fam.name == "sana":
+        for c in cfg.concepts:
+            if c.placeholder != c.placeholder.lower():
+                raise ValueError(
+                    f"concept {c.name!r}: placeholder {c.placeholder!r} has upper-case letters, but SanaPipeline "
+                    f"lower-cases prompts, so it would never be typed; use {c.placeholder.lower()!r}"
+                )
+    counts: dict[str, int] = {}
+    for enc_index, tok in enumerate(tokenizers):
+        probe = copy.deepcopy(tok)  # placeholders are added to a copy: the real tokenizer stays untouched
+        for c in cfg.concepts:
+            validate_trigger(tok, c, cfg.method)
+            n = len(initializer_ids(tok, c.init, c.name))
+            if enc_index > 0 and n != counts[c.name]:
+                raise ValueError(
+                    f"concept {c.name!r}: initializer {c.init!r} gives a different number of pieces in the "
+                    "two tokenizers; choose initializer words both tokenize alike"
+                )
+            counts[c.name] = n
+            add_concept_tokens(probe, c.placeholder, n, c.name)
+
+
+def check_resolution(cfg: TrainConfig, family: str, vae) -> int:
+    """The VAE's pixels per latent cell; refuses a resolution that is not a multiple of it."""
+    factor = family_of(family).vae_factor(vae)
+    if cfg.resolution % factor:
+        raise ValueError(
+            f"resolution {cfg.resolution} is not a multiple of this model's VAE factor {factor}; "
+            f"use a multiple of {factor} (e.g. {max(factor, cfg.resolution // factor * factor)})"
+        )
+    return factor
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """:func:`check_job_tokens` and :func:`check_resolution` with the model's tokenizers and configs alone,
+    before images or weights load."""
+    from types import SimpleNamespace
+
+    preview = models.preview_model(cfg.model)
+    check_job_tokens(cfg, preview.family, preview.tokenizers)
+    check_resolution(cfg, preview.family, SimpleNamespace(config=SimpleNamespace(**preview.vae_config)))
 
 
 class TrainingJob:
@@ -76,14 +141,13 @@ class TrainingJob:
         if cfg.attention == "xformers" and self.device.type != "cuda":
             raise ValueError(f"--attention xformers needs a CUDA device, not {self.device}; use --attention sdpa")
         self.parts = models.load_model_parts(cfg.model, dtype=self.weight_dtype, device=str(self.device))
+        self.family = family_of(self.parts.family)
         self.sdxl = self.parts.family == "sdxl"
+        check_job_tokens(cfg, self.parts.family, self.parts.tokenizers)
         self._install_tokens()
         self._build_optimizer()
-        vae_cfg = self.parts.vae.config
-        self.vae_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
-        self.latent_channels = vae_cfg.latent_channels
-        self.scaling = vae_cfg.scaling_factor
-        self.shift = getattr(vae_cfg, "shift_factor", None) or 0.0
+        self.vae_factor = check_resolution(cfg, self.parts.family, self.parts.vae)
+        self.latent_shape = self.family.latent_shape(self.parts.vae, cfg.resolution)
         self._configure_model()
         self._tokenize_templates()
         self.latent_cache = (
@@ -93,13 +157,14 @@ class TrainingJob:
                 cfg.resolution,
                 self.vae_factor,
                 self.device,
-                self.weight_dtype,
+                self.parts.vae.dtype,
                 max_crops=cfg.latent_cache_crops,
+                encode=lambda pixels: self.family.posterior(self.parts.vae, pixels),
             )
             if cfg.latent_cache
             else None
         )
-        use_text_cache = cfg.text_cache if cfg.text_cache != "auto" else self.sdxl
+        use_text_cache = cfg.text_cache if cfg.text_cache != "auto" else self.sdxl and self.family.prefix_cache
         self.text_caches = self._text_caches() if use_text_cache else None
         self.generators = {c.name: _concept_generator(cfg.seed, c.name) for c in cfg.concepts}
         self.done = {c.name: 0 for c in cfg.concepts}
@@ -125,19 +190,12 @@ class TrainingJob:
         self.embeddings: list[DirectionalEmbedding] = []
         self.tokens: list[list[ConceptTokens]] = []  # per encoder, per concept
         init_gen = torch.Generator().manual_seed(cfg.seed)
-        for enc_index, (tok, enc) in enumerate(zip(self.parts.tokenizers, self.parts.text_encoders)):
+        for tok, enc in zip(self.parts.tokenizers, self.parts.text_encoders):
             emb = install_embedding(enc, len(tok), scale)
             emb.to(self.device)
-            for c in cfg.concepts:
-                validate_trigger(tok, c, cfg.method)
             per_concept = []
-            for c in cfg.concepts:
+            for c in cfg.concepts:  # checked by check_job_tokens()
                 init_ids = initializer_ids(tok, c.init, c.name)
-                if enc_index > 0 and len(init_ids) != len(self.tokens[0][len(per_concept)].ids):
-                    raise ValueError(
-                        f"concept {c.name!r}: initializer {c.init!r} gives a different number of pieces in the "
-                        "two tokenizers; choose initializer words both tokenize alike"
-                    )
                 ct = add_concept_tokens(tok, c.placeholder, len(init_ids), c.name)
                 ct.init_ids = init_ids
                 start, prior = initial_rows(tok, enc, emb.base, c.init, init_ids, cfg.init, init_gen)
@@ -149,7 +207,9 @@ class TrainingJob:
     def _configure_model(self) -> None:
         """Attention kernels, gradient checkpointing and memory format (none changes the math)."""
         cfg, unet = self.cfg, self.parts.unet
-        if cfg.attention == "xformers":
+        if self.family.flow:
+            pass  # the transformers' and VAEs' own processors (linear attention, SDPA) stay
+        elif cfg.attention == "xformers":
             for module in (unet, self.parts.vae):
                 module.enable_xformers_memory_efficient_attention()
         else:
@@ -166,7 +226,7 @@ class TrainingJob:
                 else:
                     enc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 # transformers checkpoints only in training mode; CLIP's dropouts are 0, so the math is unchanged.
-                if not any(getattr(enc.config, k, 0.0) for k in ("dropout", "attention_dropout")):
+                if not any(getattr(enc.config, k, 0.0) for k in ("dropout", "attention_dropout", "dropout_rate")):
                     enc.train()
         if cfg.channels_last:
             unet.to(memory_format=torch.channels_last)
@@ -180,22 +240,26 @@ class TrainingJob:
             per_concept = []
             for ci, c in enumerate(self.cfg.concepts):
                 prompts = [t.format(self.tokens[enc_index][ci].prompt_string) for t in c.templates]
+                window = self.family.text_length(tok)
                 longest = max(len(x) for x in tok(prompts).input_ids)
-                if longest > tok.model_max_length:
+                if longest > window:
                     n = len(self.tokens[enc_index][ci].tokens)
                     raise ValueError(
                         f"concept {c.name!r}: initializer {c.init!r} gives {n} vectors, so its longest training "
                         f"prompt takes {longest} tokens, more than the text encoder's window of "
-                        f"{tok.model_max_length}: the vectors past the window would never be trained; use a "
+                        f"{window}: the vectors past the window would never be trained; use a "
                         "shorter initializer (a few words, such as the class noun)"
                     )
-                ids = tok(
-                    prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-                ).input_ids
+                ids = self.family.tokenize(tok, prompts)
                 per_concept.append(ids)  # on the CPU: the text cache reads them there without a device sync
             self.prompt_ids.append(per_concept)
 
     def _text_caches(self) -> list:
+        if self.family.flow:  # SANA: the family's own cache (Gemma-2, a causal decoder)
+            return [
+                self.family.make_text_cache(enc, emb.first_id)
+                for enc, emb in zip(self.parts.text_encoders, self.embeddings)
+            ]
         from ..textcache import PrefixCachedTextEncoder
 
         caches = []
@@ -248,7 +312,6 @@ class TrainingJob:
         """One training sample of concept ``ci``, every random choice from the concept's own generator."""
         c, data, gen = self.cfg.concepts[ci], self.images[ci], self.generators[self.cfg.concepts[ci].name]
         res = self.cfg.resolution
-        lat = res // self.vae_factor
         k = int(torch.randint(0, len(data.arrays), (1,), generator=gen))
         if self.latent_cache is not None:
             pixels = None
@@ -264,10 +327,10 @@ class TrainingJob:
             "template": template,
             "time_ids": [oh, ow, top, left, res, res],
             "timestep": int(
-                torch.randint(0, self.parts.noise_scheduler.config.num_train_timesteps, (1,), generator=gen)
+                torch.randint(0, self.family.num_timesteps(self.parts.noise_scheduler), (1,), generator=gen)
             ),
-            "noise": torch.randn(self.latent_channels, lat, lat, generator=gen),
-            "vae_eps": torch.randn(self.latent_channels, lat, lat, generator=gen),
+            "noise": torch.randn(self.latent_shape, generator=gen),
+            "vae_eps": torch.randn(self.latent_shape, generator=gen),
         }
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -369,55 +432,37 @@ class TrainingJob:
                 states[self.cfg.concepts[i].name] = state.clone()
         return states
 
-    def encode_text(self, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The UNet's text conditioning: hidden states (encoders concatenated) and SDXL's pooled embedding."""
+    def encode_text(self, input_ids: list[torch.Tensor]) -> Conditioning:
+        """The denoiser's text conditioning (hidden states, SDXL's pooled embedding, SANA's mask)."""
+        if self.text_caches is None or self.family.flow:
+            return self.family.encode_text(self.parts.text_encoders, input_ids, self.device, self.text_caches)
         hidden, pooled = [], None
-        last = len(self.parts.text_encoders) - 1
-        for enc_index, enc in enumerate(self.parts.text_encoders):
-            if self.text_caches is not None:
-                h, p = self.text_caches[enc_index](input_ids[enc_index])
-                hidden.append(h)
-                if self.sdxl and enc_index == last:
-                    pooled = p
-                continue
-            ids = input_ids[enc_index].to(self.device)
-            if self.sdxl:
-                out = enc(ids, output_hidden_states=True)
-                hidden.append(out.hidden_states[-2])
-                if enc_index == last:
-                    pooled = out[0]
-            else:
-                hidden.append(enc(ids)[0])
-        return torch.cat(hidden, dim=-1), pooled
+        for enc_index, cache in enumerate(self.text_caches):
+            h, p = cache(input_ids[enc_index])
+            hidden.append(h)
+            if cache.pooled:
+                pooled = p
+        return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's loss (sum of per-concept means) and the per-concept terms."""
         dev = self.device
         parts = self.parts
+        fam, vae = self.family, parts.vae
         with torch.no_grad():
             if "latents" in batch:
                 latents = batch["latents"]
             else:
-                pixels = normalize_pixels(batch["pixels"].to(dev)).to(self.weight_dtype)
-                dist = parts.vae.encode(pixels).latent_dist
-                latents = dist.mean + dist.std * batch["vae_eps"].to(dev, dist.mean.dtype)
-            latents = ((latents - self.shift) * self.scaling).float()
+                pixels = normalize_pixels(batch["pixels"].to(dev)).to(vae.dtype)  # uint8 on the wire
+                mean, std = fam.posterior(vae, pixels)
+                latents = mean + std * batch["vae_eps"].to(dev, mean.dtype)
+            latents = fam.normalize(vae, latents)
         noise = batch["noise"].to(dev)
         t = batch["timesteps"].to(dev)
-        sched = parts.noise_scheduler
-        noisy = sched.add_noise(latents, noise, t)
-        kind = sched.config.prediction_type
-        if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = sched.get_velocity(latents, noise, t)
-        elif kind == "sample":
-            target = latents
-        else:
-            raise ValueError(f"unsupported prediction_type {kind!r} in the model's scheduler config")
+        noisy, target, timestep = fam.noisy_and_target(parts.noise_scheduler, latents, noise, t)
         # bf16: the text encoders run under bf16 autocast (their LayerNorms in fp32, the learned fp32 rows
-        # meeting bf16 weights); the frozen UNet, whose weights are bf16 already, runs WITHOUT autocast on
-        # bf16 inputs: autocast would send its group_norm/layer_norm to fp32, keep fp32 activations for
+        # meeting bf16 weights); the frozen denoiser, whose weights are bf16 already, runs WITHOUT autocast
+        # on bf16 inputs: autocast would send its group_norm/layer_norm to fp32, keep fp32 activations for
         # backward and add casts, for no gain in a frozen bf16 network.
         autocast = (
             torch.autocast(dev.type, dtype=torch.bfloat16)
@@ -429,25 +474,21 @@ class TrainingJob:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             attention = sdpa_kernel([SDPBackend.MATH])
-        unet_dtype = self.parts.unet.dtype
+        unet_dtype = parts.unet.dtype  # the denoiser (UNet or transformer), not its compiled wrapper
         with attention:
             with autocast:
-                hidden, pooled = self.encode_text(batch["input_ids"])
-            hidden = hidden.to(unet_dtype)
-            kwargs = {}
-            if self.sdxl:
-                kwargs["added_cond_kwargs"] = {
-                    "text_embeds": pooled.to(unet_dtype),
-                    "time_ids": batch["time_ids"].to(dev, unet_dtype),
-                }
+                cond = self.encode_text(batch["input_ids"])
+            cond = cond.to(unet_dtype)
+            extra = {"time_ids": batch["time_ids"].to(dev, unet_dtype)}
             sample = noisy.to(unet_dtype)
             if self.cfg.channels_last:
                 sample = sample.contiguous(memory_format=torch.channels_last)
             if self.cfg.compile:  # probe steps and concepts taking turns change the batch: compile for any size once
-                for x in (sample, t, hidden, *kwargs.get("added_cond_kwargs", {}).values()):
-                    torch._dynamo.maybe_mark_dynamic(x, 0)
-            pred = self.unet(sample, t, encoder_hidden_states=hidden, **kwargs).sample
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                for x in (sample, timestep, cond.hidden, cond.pooled, cond.mask, extra["time_ids"]):
+                    if x is not None:
+                        torch._dynamo.maybe_mark_dynamic(x, 0)
+            pred = fam.denoise(self.unet, sample, timestep, cond, extra)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
         # Per-concept means, summed: each concept's gradient is what it would get training alone.
         owners = batch["owner_index"].to(per_sample.device)
         per_concept = torch.zeros(len(self.cfg.concepts), device=per_sample.device)

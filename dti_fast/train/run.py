@@ -31,7 +31,7 @@ from .batching import pick_concepts, plan_batch
 from .checkpoint import finished_concepts, restore_checkpoint, save_checkpoint
 from .config import TrainConfig, validate_config
 from .errors import JobError, OutputBusyError, TrainingInterrupted
-from .job import TrainingJob
+from .job import TrainingJob, preflight
 from .tracking import Curves, Progress
 
 __all__ = ["OutputLock", "StopSignals", "TrainResult", "train"]
@@ -166,6 +166,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             file=sys.stderr,
         )
     images = [load_concept_images(c, cfg.resolution) for c in mine]
+    preflight(cfg)  # placeholders, initializers and resolution against the tokenizers and configs: before weights
     sub_cfg = replace(cfg, concepts=mine, progress=cfg.progress and ctx.is_main)
     lock = OutputLock(Path(cfg.output_dir)) if ctx.is_main else contextlib.nullcontext()
     with _agreed(lock, ctx), StopSignals() as stop, _numerics(cfg):
