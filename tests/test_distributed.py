@@ -113,7 +113,12 @@ def test_sharded_results_equal_single_process(tiny_sd, tmp_path, nproc):
     ref = _single(tiny_sd, tmp_path / "single", batch_size=1)
     out = tmp_path / "sharded"
     run = subprocess.run(
-        _torchrun(nproc, tiny_sd, out, "--batch-size", "1"), capture_output=True, text=True, timeout=300, env=_env()
+        _torchrun(nproc, tiny_sd, out, "--batch-size", "1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     for name, _, _ in CONCEPTS:
@@ -132,6 +137,7 @@ def test_data_parallel_equals_one_rank_with_w_times_the_batch(tiny_sd, tmp_path)
         text=True,
         timeout=300,
         env=_env(),
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     for name, _, _ in CONCEPTS:
@@ -160,7 +166,9 @@ def test_killed_rank_is_reported_and_resume_reruns_only_the_unfinished(tiny_sd, 
     def command(*extra: str) -> list[str]:
         return _torchrun_job(job, tiny_sd, out, "--checkpoint-every", "1", *extra)
 
-    proc = subprocess.Popen(command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path
+    )
     status0 = out / ".ranks" / "rank-0.json"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not (
@@ -175,7 +183,7 @@ def test_killed_rank_is_reported_and_resume_reruns_only_the_unfinished(tiny_sd, 
     _, err = proc.communicate(timeout=180)
     assert proc.returncode != 0
     assert not (out / "clock" / "concept.json").exists()
-    run = subprocess.run(command("--resume"), capture_output=True, text=True, timeout=300, env=_env())
+    run = subprocess.run(command("--resume"), capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     # The failure is reported with the concepts the dead rank held; only the clock is trained again.
     assert f"rank 0 (pid {victim['pid']}) running, holding concepts clock" in run.stderr
@@ -225,6 +233,7 @@ def test_a_rank_that_finishes_early_outwaits_a_short_process_group_timeout(tiny_
         text=True,
         timeout=600,
         env=env,
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert time.monotonic() - started > 2  # the wait outlasted the configured timeout
@@ -241,6 +250,7 @@ def test_sigterm_to_one_data_parallel_rank_stops_every_rank_with_a_checkpoint(ti
         stderr=subprocess.PIPE,
         text=True,
         env=_env(),
+        cwd=tmp_path,
     )
     deadline = time.monotonic() + 300
     status1 = out / ".ranks" / "rank-1.json"
@@ -254,6 +264,31 @@ def test_sigterm_to_one_data_parallel_rank_stops_every_rank_with_a_checkpoint(ti
     _, err = proc.communicate(timeout=180)  # no rank is left hanging in a collective
     assert proc.returncode != 0
     statuses = [json.loads((out / ".ranks" / f"rank-{r}.json").read_text())["status"] for r in (0, 1)]
-    assert statuses == ["interrupted by SIGTERM", "interrupted by SIGTERM"], (statuses, err[-2000:])
+    assert statuses == ["interrupted by SIGTERM", "interrupted by SIGTERM"], (statuses, err[-6000:])
     assert "stopped by SIGTERM" in err
     assert list((out / "checkpoints").glob("step-*.safetensors"))
+
+
+def test_a_signal_during_the_stop_agreement_waits_for_the_next_one():
+    """Data parallel: a SIGTERM that lands while the ranks agree is not acted on alone (the other ranks voted
+    "go on" and would wait in the next step's all-reduce); every rank stops at the next agreement."""
+    from types import SimpleNamespace
+
+    from dti_fast.train.run import StopSignals, _stopping
+
+    votes = []
+
+    class Ctx:
+        def agree(self, ok: bool) -> bool:
+            votes.append(ok)
+            if len(votes) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives during the collective, after this rank voted
+                return True  # every rank voted "go on"
+            return ok  # the other rank votes "go on" again; this one now votes "stop"
+
+    job = SimpleNamespace(data_world=2, ctx=Ctx())
+    with StopSignals() as stop:
+        assert _stopping(stop, job) is False  # agreed: one more step on every rank
+        assert stop.signum == signal.SIGTERM  # the signal is kept for the next agreement
+        assert _stopping(stop, job) is True
+    assert votes == [True, False]

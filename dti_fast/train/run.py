@@ -254,10 +254,19 @@ def _report_rank_failures(cfg: TrainConfig, ctx: DistContext) -> None:
 
 def _stopping(stop: StopSignals, job: TrainingJob) -> bool:
     """Whether to stop before the next step. Data parallel: when any rank got a signal, every rank stops
-    (one tiny all-reduce), so no rank is left waiting in the next step's collective."""
-    if job.data_world > 1 and not job.ctx.agree(stop.signum is None):
-        stop.signum = stop.signum or signal.SIGTERM
-    return stop.signum is not None
+    (one tiny all-reduce), so no rank is left waiting in the next step's collective.
+
+    Under data parallelism the answer is the agreed one, never a second look at the flag: a signal that
+    lands while the all-reduce runs sets the flag after this rank voted "go on", and stopping on it
+    alone would leave the other ranks in the next step's all-reduce (seen as a gloo "Connection closed
+    by peer" on the others). It is acted on at the next agreement instead.
+    """
+    if job.data_world <= 1:
+        return stop.signum is not None
+    if job.ctx.agree(stop.signum is None):
+        return False
+    stop.signum = stop.signum or signal.SIGTERM
+    return True
 
 
 def _step(job: TrainingJob) -> float | None:
