@@ -16,9 +16,11 @@ and, for params given a prior, ``prior`` (fp32 unit rows shaped like the param).
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -37,6 +39,12 @@ _UNIT_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-
 #: loaded state dict, or an unpickled optimizer) that lacks one gets it from the
 #: optimizer's defaults, so state dicts stay loadable when one is added.
 HYPER_DEFAULTS: dict[str, Any] = {"lr": 0.01, "kappa": 0.0, "beta": 0.0, "eps": 1e-8, "normalize": True, "fused": None}
+_GRAD = operator.attrgetter("grad")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_S = operator.itemgetter("s")
+_STEP = operator.itemgetter("step")
+_PRIOR = operator.itemgetter("prior")
+_VERSION = operator.attrgetter("_version")
 #: Per-param state kept in fp32 on the param's device whatever the param dtype.
 _FP32_STATE = ("step", "s", "prior")
 
@@ -192,7 +200,7 @@ def _span(tensors: Sequence[torch.Tensor], cache: dict, tag: str) -> torch.Tenso
     """
     key = ("span", tag, len(tensors), id(tensors[0]))
     hit = cache.get(key)
-    if hit is not None and all(a is b for a, b in zip(hit[0], tensors)):
+    if hit is not None and len(hit[0]) == len(tensors) and all(map(operator.is_, hit[0], tensors)):
         return hit[1]
     span = None
     base = tensors[0]._base
@@ -358,25 +366,21 @@ class SphericalSGD(Optimizer):
         first: list[tuple[torch.Tensor, int, list, int]] = []
         for group in self.param_groups:
             use_prior = group["kappa"] != 0.0
-            params, states = [], []
-            for i, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(
-                        "SphericalSGD does not support sparse gradients; build the embedding with "
-                        "sparse=False (DirectionalEmbedding's rows are small and dense)"
-                    )
-                param_state = state_of.get(p)
-                if param_state is None or "step" not in param_state:
-                    first.append((p, i, states, len(states)))
-                if use_prior and (param_state is None or "prior" not in param_state):
-                    raise ValueError("kappa > 0 needs a 'prior' in the param group (one tensor per param)")
-                params.append(p)
-                states.append(param_state)
+            # The common case in C-level passes (no Python work per param): every
+            # param has a dense grad and its state (with a prior where needed).
+            params = group["params"]
+            grads = list(map(_GRAD, params))
+            states = list(map(state_of.get, params)) if params else []
+            if (
+                any(map(operator.is_, grads, repeat(None)))
+                or any(map(_IS_SPARSE, grads))
+                or None in states
+                or not all(map(operator.contains, states, repeat("step")))
+                or (use_prior and not all(map(operator.contains, states, repeat("prior"))))
+            ):
+                params, grads, states = self._checked_params(group, use_prior, first)
             if params:
-                work.append((group, params, states))
+                work.append((group, params, grads, states))
         for p, i, _, _ in first:
             _check_unit_rows(p, i)
         batches: dict[tuple, list] = {}
@@ -385,14 +389,14 @@ class SphericalSGD(Optimizer):
             batches.setdefault((id(states), p.device), []).append(p)
         for (_, device), new_params in batches.items():
             _init_packed_state([state_of[p] for p in new_params], new_params, device)
-        for group, params, states in work:
+        for group, params, grads, states in work:
             use_prior = group["kappa"] != 0.0
             spherical_sgd(
                 params,
-                [p.grad for p in params],
-                [st["s"] for st in states],
-                [st["step"] for st in states],
-                [st["prior"] for st in states] if use_prior else None,
+                grads,
+                list(map(_S, states)),
+                list(map(_STEP, states)),
+                list(map(_PRIOR, states)) if use_prior else None,
                 lr=group["lr"],
                 kappa=group["kappa"],
                 beta=group["beta"],
@@ -404,6 +408,34 @@ class SphericalSGD(Optimizer):
                 cache=self._cache,
             )
         return loss
+
+    def _checked_params(self, group: dict[str, Any], use_prior: bool, first: list) -> tuple[list, list, list]:
+        """A group's params with a grad, their grads and states, checked param by param.
+
+        Raises for a sparse grad or a missing prior; params at their first step
+        (no state yet) are added to ``first`` (with the states list and their
+        place in it, filled in once their state is made).
+        """
+        state_of = self.state
+        params, grads, states = [], [], []
+        for i, p in enumerate(group["params"]):
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(
+                    "SphericalSGD does not support sparse gradients; build the embedding with "
+                    "sparse=False (DirectionalEmbedding's rows are small and dense)"
+                )
+            param_state = state_of.get(p)
+            if param_state is None or "step" not in param_state:
+                first.append((p, i, states, len(states)))
+            if use_prior and (param_state is None or "prior" not in param_state):
+                raise ValueError("kappa > 0 needs a 'prior' in the param group (one tensor per param)")
+            params.append(p)
+            grads.append(grad)
+            states.append(param_state)
+        return params, grads, states
 
 
 def _checked_group(group: dict[str, Any], prior: Any) -> list[torch.Tensor] | None:
@@ -647,10 +679,10 @@ def _packed_prior(priors: Sequence[torch.Tensor], dim: int, cache: dict) -> torc
     The version (``t._version``) counts in-place writes: a prior updated in
     place (``copy_``) is re-read at the next step.
     """
-    key = ("prior", tuple(id(mu) for mu in priors))
-    versions = tuple(mu._version for mu in priors)
+    key = ("prior", tuple(map(id, priors)))
+    versions = tuple(map(_VERSION, priors))
     hit = cache.get(key)
-    if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], priors)):
+    if hit is not None and hit[1] == versions and all(map(operator.is_, hit[0], priors)):
         return hit[2]
     if len(cache) > 64:
         for old in [k for k in cache if k[0] == "prior"]:
@@ -688,6 +720,17 @@ class _Run:
     s_views: list[torch.Tensor] = field(default_factory=list)  # of the bucket's s buffer, shaped like the states
     row_counts: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # Consecutive params (the usual case) are taken with one list slice, not per index.
+        a = self.idx[0]
+        self.slice = slice(a, a + len(self.idx)) if self.idx == list(range(a, a + len(self.idx))) else None
+
+    def take(self, items: Sequence) -> list:
+        """The run's entries of a per-param list."""
+        if self.slice is not None:
+            return list(items[self.slice])
+        return [items[i] for i in self.idx]
+
 
 @dataclass
 class _Bucket:
@@ -712,10 +755,13 @@ class _Plan:
     run_elements: int  # the CPU run size it was cut with
 
 
+_SHAPE_DTYPE = operator.attrgetter("shape", "dtype")
+
+
 def _signature(params: Sequence[torch.Tensor]) -> list[tuple]:
     # Shapes and dtypes; a param moved to another device with the same shape fails
     # loudly in the concatenation (it is not silently stepped on the old device).
-    return [(p.shape, p.dtype) for p in params]
+    return list(map(_SHAPE_DTYPE, params))
 
 
 def _plan(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], cache: dict) -> _Plan:
@@ -727,8 +773,9 @@ def _plan(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], cache: 
     if (
         plan is not None
         and plan.run_elements == run_elements
+        and len(plan.params) == len(params)
+        and all(map(operator.is_, plan.params, params))
         and plan.signature == signature
-        and all(a is b for a, b in zip(plan.params, params))
     ):
         return plan
     groups: dict[tuple, list[int]] = {}
@@ -819,9 +866,9 @@ def _vectorized_spherical_sgd(
                     params[i], grads[i], row_states[i], steps[i], priors[i] if use_prior else None, dim, limit, hyper
                 )
                 continue
-            targets = [params[i] for i in run.idx]
-            states = [row_states[i] for i in run.idx]
-            run_grads = [grads[i] for i in run.idx]
+            targets = run.take(params)
+            states = run.take(row_states)
+            run_grads = run.take(grads)
             # Concatenated into buffers kept between steps (no allocation, no fresh pages).
             n = sum(run.rows)
             if run.flat:
@@ -833,12 +880,10 @@ def _vectorized_spherical_sgd(
             s_old = None
             if need_old_s:
                 s_old = torch.cat(states) if run.flat else torch.cat([st.reshape(-1) for st in states])
-            mu = _packed_prior([priors[i] for i in run.idx], dim, cache) if use_prior else None
+            mu = _packed_prior(run.take(priors), dim, cache) if use_prior else None
             t_rows = None
             if uses_s:
-                t_rows = torch.repeat_interleave(
-                    torch.stack([steps[i] for i in run.idx]), run.row_counts, output_size=v.shape[0]
-                )
+                t_rows = torch.repeat_interleave(torch.stack(run.take(steps)), run.row_counts, output_size=v.shape[0])
             # Packed state (the optimizer's own): s is written in place, in one op.
             s_span = _span(states, cache, "s") if normalize else None
             _, s_new = _update_rows(

@@ -818,3 +818,87 @@ def test_packed_state_is_per_param_and_follows_replacement(helpers, device, fuse
         torch.testing.assert_close(p.detach(), ref_v, atol=FP32_ATOL, rtol=0)
         torch.testing.assert_close(opt.state[p]["s"], ref_s, rtol=1e-5, atol=0)
         assert int(opt.state[p]["step"]) == t
+
+
+# -- the step's per-group fast path and cached plans: what invalidates them ----------------------------
+
+
+def _reference_steps(v, grads, s, t0, beta):
+    """The reference stepped through ``grads`` from row state ``s`` at step ``t0``; (rows, s)."""
+    for k, g in enumerate(grads):
+        v, s = spherical_sgd_step_reference(v, g, s, t0 + k + 1, lr=LR, beta=beta)
+    return v, s
+
+
+def test_cached_plan_follows_params_added_to_a_group(helpers, device):
+    # Params appended to a group's list after steps (as a trainer adding a concept might)
+    # start at step 1 with fresh state; the others keep theirs.
+    gen = torch.Generator().manual_seed(41)
+    params = [torch.nn.Parameter(helpers.unit_rows((1, 64), gen).to(device)) for _ in range(5)]
+    opt = SphericalSGD(params, lr=LR, beta=0.9, fused=False)
+    starts = [p.detach().clone() for p in params]
+    grads = [[torch.randn(1, 64, generator=gen).to(device) for _ in range(3)] for _ in range(7)]
+    for k in range(2):
+        for p, g in zip(params, grads):
+            p.grad = g[k]
+        opt.step()
+    extra = [torch.nn.Parameter(helpers.unit_rows((1, 64), gen).to(device)) for _ in range(2)]
+    opt.param_groups[0]["params"].extend(extra)
+    starts += [p.detach().clone() for p in extra]
+    for p, g in zip(opt.param_groups[0]["params"], grads):
+        p.grad = g[2]
+    opt.step()
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        own = grads[i] if i < 5 else grads[i][2:]
+        ref, ref_s = _reference_steps(starts[i], own, torch.zeros(1, device=device), 0, 0.9)
+        torch.testing.assert_close(p.detach(), ref, atol=FP32_ATOL, rtol=0)
+        torch.testing.assert_close(opt.state[p]["s"], ref_s, rtol=1e-5, atol=0)
+        assert int(opt.state[p]["step"]) == len(own)
+
+
+def test_cached_plan_follows_a_param_whose_grad_is_none(helpers, device):
+    # A param without a grad at one step is left alone (rows, s and step count); the
+    # others are stepped, and the next step with every grad set is right for all.
+    gen = torch.Generator().manual_seed(42)
+    params = [torch.nn.Parameter(helpers.unit_rows((2, 64), gen).to(device)) for _ in range(4)]
+    opt = SphericalSGD(params, lr=LR, beta=0.9, fused=False)
+    starts = [p.detach().clone() for p in params]
+    grads = [[torch.randn(2, 64, generator=gen).to(device) for _ in range(3)] for _ in range(4)]
+    for k in range(3):
+        for i, (p, g) in enumerate(zip(params, grads)):
+            p.grad = None if (k == 1 and i == 2) else g[k]
+        opt.step()
+    for i, p in enumerate(params):
+        own = [grads[i][0], grads[i][2]] if i == 2 else grads[i]
+        ref, ref_s = _reference_steps(starts[i], own, torch.zeros(2, device=device), 0, 0.9)
+        torch.testing.assert_close(p.detach(), ref, atol=FP32_ATOL, rtol=0)
+        torch.testing.assert_close(opt.state[p]["s"], ref_s, rtol=1e-5, atol=0)
+        assert int(opt.state[p]["step"]) == len(own)
+
+
+def test_cached_plan_follows_load_state_dict(helpers, device):
+    # After load_state_dict the step reads the loaded step counts and s (new tensors),
+    # not the ones the cached plan and spans were built on.
+    gen = torch.Generator().manual_seed(43)
+    params = [torch.nn.Parameter(helpers.unit_rows((1, 64), gen).to(device)) for _ in range(6)]
+    opt = SphericalSGD(params, lr=LR, beta=0.9, fused=False)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(1, 64, generator=gen).to(device)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    for p in params:  # the state moves on after the save
+        p.grad = torch.randn(1, 64, generator=gen).to(device)
+    opt.step()
+    opt.load_state_dict(saved)
+    before = [p.detach().clone() for p in params]
+    grads = [torch.randn(1, 64, generator=gen).to(device) for _ in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    for k, (p, v, g) in enumerate(zip(params, before, grads)):
+        s_saved = saved["state"][k]["s"].to(device)
+        ref, ref_s = spherical_sgd_step_reference(v, g, s_saved, 3, lr=LR, beta=0.9)
+        torch.testing.assert_close(p.detach(), ref, atol=FP32_ATOL, rtol=0)
+        torch.testing.assert_close(opt.state[p]["s"], ref_s, rtol=1e-5, atol=0)
+        assert int(opt.state[p]["step"]) == 3
