@@ -43,6 +43,7 @@ import gc
 import os
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -526,3 +527,36 @@ def test_trainer(benchmark, bench_results, inputs, tmp_path, case: Case, run: st
     }
     benchmark.extra_info.update({k: v for k, v in info.items() if k != "levers"})
     bench_results.append(info)
+
+
+# -- against diffusers' own script (a checkout given) --------------------------------------------------
+
+
+@pytest.mark.skipif(
+    CUDA or not os.environ.get("DTI_DIFFUSERS_CHECKOUT"),
+    reason="set DTI_DIFFUSERS_CHECKOUT to a diffusers checkout to run its textual_inversion.py (CPU, tiny model)",
+)
+def test_vs_diffusers_script(tmp_path, capsys) -> None:
+    """dti-fast's CLI against the example script as subprocesses (bench/compare_diffusers.py); asserts nothing.
+
+    ``DTI_BENCH_SCRIPT_ROUNDS`` (default 3) one-concept rounds and
+    ``DTI_BENCH_SCRIPT_JOB_ROUNDS`` (default 1) eight-concept rounds;
+    ``DTI_BENCH_SCRIPT_OUT`` writes the JSON. The in-process ``baseline`` runs
+    above are the stand-in; these figures are the script's.
+    """
+    import json
+
+    import compare_diffusers as cmp
+
+    from dti_fast.testing import tiny_model_path
+
+    script = cmp.find_script(None)
+    setup = cmp.Setup(script, tiny_model_path("sd"), sys.executable, tmp_path, 100, 64, CPU_THREADS)
+    rounds = int(os.environ.get("DTI_BENCH_SCRIPT_ROUNDS", "3"))
+    job_rounds = int(os.environ.get("DTI_BENCH_SCRIPT_JOB_ROUNDS", "1"))
+    with capsys.disabled():
+        out = cmp.compare(setup, rounds, job_rounds, progress=lambda s: print(s, flush=True))
+        print("\n" + cmp.format_result(out))
+    path = os.environ.get("DTI_BENCH_SCRIPT_OUT")
+    if path:
+        Path(path).write_text(json.dumps(out, indent=1))
