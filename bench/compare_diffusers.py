@@ -273,7 +273,8 @@ def compare(setup: Setup, rounds: int, job_rounds: int, progress=print) -> dict:
 
 def _describe(res: RunResult) -> str:
     loop = res.loop()
-    rate = f"{loop[0] / loop[1]:.1f} steps/s in the loop" if loop and loop[1] > 0 else "loop not seen"
+    unit = "concept-steps" if res.side == "dti-fast" else "steps"
+    rate = f"{loop[0] / loop[1]:.1f} {unit}/s in the loop" if loop and loop[1] > 0 else "loop not seen"
     load = " ".join(f"{x:.2f}" for x in res.load_before)
     return f"{res.wall_seconds:.2f} s wall, {rate} (load {load})"
 
@@ -305,6 +306,7 @@ def summarize(setup: Setup, one: dict, job_script: list, job_dti: list, rounds: 
         "rounds": rounds,
         "job_rounds": job_rounds,
         "statistic": "median over rounds; rounds alternate which side runs first",
+        "units": "script progress counts steps; dti-fast's counts concept-steps (= steps with one concept)",
         "loop_measure": "progress lines stamped on arrival: script tqdm (TQDM_MININTERVAL=0), dti-fast "
         "--progress-interval 0; from the first step's line to the last one's",
         "one_concept": {
@@ -362,6 +364,10 @@ def _goals(out: dict) -> list[dict]:
     return goals
 
 
+def _f(x, spec: str, width: int, suffix: str = "") -> str:
+    return ("-" if x is None else format(x, spec) + suffix).rjust(width)
+
+
 def format_result(out: dict) -> str:
     one = out["one_concept"]
     lines = [
@@ -371,10 +377,10 @@ def format_result(out: dict) -> str:
         f"{out['rounds']} round(s) one concept, {out['job_rounds']} round(s) 8 concepts, medians",
         f"torchvision: {out['torchvision']}",
         f"{'':<34}{'script':>12}{'dti-fast':>12}{'ratio':>9}",
-        f"{'one concept: loop steps/s':<34}{one['script_loop_steps_per_second']:>12.1f}"
-        f"{one['dti_loop_steps_per_second']:>12.1f}{one['speedup_loop']:>8.2f}x",
-        f"{'one concept: wall s':<34}{one['script_wall_seconds']:>12.2f}{one['dti_wall_seconds']:>12.2f}"
-        f"{one['speedup_wall']:>8.2f}x",
+        f"{'one concept: loop steps/s':<34}{_f(one['script_loop_steps_per_second'], '.1f', 12)}"
+        f"{_f(one['dti_loop_steps_per_second'], '.1f', 12)}{_f(one['speedup_loop'], '.2f', 9, 'x')}",
+        f"{'one concept: wall s':<34}{_f(one['script_wall_seconds'], '.2f', 12)}"
+        f"{_f(one['dti_wall_seconds'], '.2f', 12)}{_f(one['speedup_wall'], '.2f', 9, 'x')}",
     ]
     job = out.get("eight_concepts")
     if job:
@@ -383,9 +389,8 @@ def format_result(out: dict) -> str:
             f"{job['speedup_concepts_per_hour']:>8.2f}x",
             f"{'8 concepts: concepts/hour':<34}{job['script_concepts_per_hour']:>12.0f}"
             f"{job['dti_concepts_per_hour']:>12.0f}{job['speedup_concepts_per_hour']:>8.2f}x",
-            f"{'8 concepts: loop s (sum of runs)':<34}{job['script_loop_seconds']:>12.2f}"
-            f"{job['dti_loop_seconds']:>12.2f}"
-            f"{job['speedup_concepts_per_hour_loop_only']:>8.2f}x",
+            f"{'8 concepts: loop s (sum of runs)':<34}{_f(job['script_loop_seconds'], '.2f', 12)}"
+            f"{_f(job['dti_loop_seconds'], '.2f', 12)}{_f(job['speedup_concepts_per_hour_loop_only'], '.2f', 9, 'x')}",
         ]
     loads = [r["load_before"] for runs in one["runs"].values() for r in runs]
     lines.append("load average (1 min) before each run: " + ", ".join(f"{x[0]:.2f}" for x in loads))
@@ -433,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="OMP/MKL threads of both sides (default 1)")
     parser.add_argument("--work", help="folder for models, outputs and logs (default: a temporary one)")
     parser.add_argument("--out", help="write the result as JSON here")
+    parser.add_argument("--note", help="free text stored in the JSON (e.g. the diffusers commit of an archive)")
     args = parser.parse_args(argv)
     script = find_script(args.diffusers_checkout)
     if script is None:
@@ -443,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         model = Path(args.model) if args.model else tiny_model(work / "tiny-sd")
         setup = Setup(script, model, sys.executable, work, args.steps, args.resolution, args.threads)
         out = compare(setup, args.rounds, args.job_rounds, progress=lambda s: print(s, flush=True))
+    out["note"] = args.note
     print(format_result(out))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
