@@ -1,4 +1,4 @@
-"""Training throughput and memory: dti_fast with all levers against the diffusers example's loop.
+"""Training throughput and memory: dti_fast with all levers against a stand-in for the diffusers example's loop.
 
 Run: ``python -m pytest bench/bench_trainer.py --benchmark-only``
 (``DTI_BENCH_OUT=ratios.json`` also writes the ratio summary; see bench/README.md).
@@ -20,8 +20,11 @@ Runs (the last part of a test id), in this order within a case:
   matmul peak measured in the same process (bf16 8192^3 on a GPU; fp32
   1024^3 on the CPU).
 - ``baseline``: one concept trained the way diffusers' textual-inversion
-  example does (``bench/_baseline.py``): VAE encode every step, AdamW over the
-  full embedding table with frozen-row restore, bf16 + SDPA on a GPU.
+  example does, by an in-process stand-in (``bench/_baseline.py``, not the
+  script; its differences are listed in the summary and bench/README.md):
+  VAE encode every step, AdamW over the full embedding table with frozen-row
+  restore, bf16 + SDPA on a GPU. ``test_vs_diffusers_script`` (given
+  ``DTI_DIFFUSERS_CHECKOUT``) runs the script itself.
 - ``dti-1``: the same concept, steps and batch with ``dti_fast.train.train``
   and all levers.
 - ``dti-32``: a 32-concept job (the four shipped subjects under 32 names).
