@@ -978,8 +978,9 @@ def _update_rows(
     rows and ``s`` are returned. ``out``/``s_out`` (fp32, not aliasing any
     input) receive the results when given.
     """
-    v = v_raw.float()
-    g = g_raw.float()
+    # .float() of an fp32 tensor is itself, but still a dispatch: skipped (one run is ~20 small ops).
+    v = v_raw if v_raw.dtype == torch.float32 else v_raw.float()
+    g = g_raw if g_raw.dtype == torch.float32 else g_raw.float()
     if inv_scale is not None:
         g = g * inv_scale
     if kappa != 0.0:
@@ -993,8 +994,9 @@ def _update_rows(
         if beta != 0.0:
             s_new.mul_(1.0 - beta).add_(s_old, alpha=beta)
             s_hat = s_new / (1.0 - torch.pow(beta, t_rows))
-        neg_coef = _sqrt(s_hat).add_(eps).reciprocal_().mul_(-lr).unsqueeze_(-1)
-        new_v = torch.addcmul(v, g, neg_coef, out=out)
+        # g / (sqrt(s_hat) + eps), as the reference writes it, in the update's one op.
+        denom = _sqrt(s_hat).add_(eps).unsqueeze_(-1)
+        new_v = torch.addcdiv(v, g, denom, value=-lr, out=out)
     else:
         new_v = torch.add(v, g, alpha=-lr, out=out)
     new_v.div_(torch.linalg.vector_norm(new_v, dim=-1, keepdim=True))
