@@ -16,6 +16,7 @@ and, for params given a prior, ``prior`` (fp32 unit rows shaped like the param).
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -695,18 +696,38 @@ def _packed_prior(priors: Sequence[torch.Tensor], dim: int, cache: dict) -> torc
 # On the CPU the row math runs in blocks of about 1 MB per temporary: they stay in
 # cache and are reused, instead of being paged in afresh every step.
 _CPU_BLOCK_ELEMENTS = 1 << 18
-# ATen runs an elementwise op or reduction on one thread below this many elements
-# (at::internal::GRAIN_SIZE). With several threads, runs of many params stay below
-# it: each parallel region ends in a barrier, and on a busy machine (other processes
-# on the cores) a barrier waits for a descheduled thread; measured on 2 shared cores,
-# 1000 params of (4, 768): 81 ms a step with 1 MB blocks, 20 ms with serial blocks.
-# A single large param is still stepped in 1 MB blocks (parallel ops pay off there).
-_ATEN_GRAIN = 32768
+# A run of several params is stepped on one thread: with several, ATen splits every op
+# above 32768 elements (at::internal::GRAIN_SIZE) over them, each parallel region ends
+# in a barrier, and on a busy machine (other processes on the cores) a barrier waits
+# for a descheduled thread. Measured on 2 shared cores, 1000 params of (4, 768): 81 ms
+# a step with parallel 1 MB blocks, 20 ms with runs cut below the grain (~100 runs of
+# ~20 ops), and 500 against 50 ms under heavier load. So the runs stay 1 MB and run
+# with torch's intra-op threads set to one (see _one_thread): serial, and about 8x fewer
+# ops than runs cut at the grain. A single large param is still stepped in 1 MB blocks
+# on every thread (parallel ops pay off there).
 
 
 def _cpu_run_elements() -> int:
-    """How many elements a run of several params may hold on the CPU (see _ATEN_GRAIN)."""
-    return _CPU_BLOCK_ELEMENTS if torch.get_num_threads() == 1 else _ATEN_GRAIN - 1
+    """How many elements a run of several params may hold on the CPU."""
+    return _CPU_BLOCK_ELEMENTS
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """torch's intra-op threads set to one inside (a CPU run of several params), restored after.
+
+    ``torch.set_num_threads`` costs well under a microsecond; for OpenMP builds it is the
+    calling thread's setting.
+    """
+    n = torch.get_num_threads() if device.type == "cpu" else 1
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 @dataclass
@@ -866,39 +887,42 @@ def _vectorized_spherical_sgd(
                     params[i], grads[i], row_states[i], steps[i], priors[i] if use_prior else None, dim, limit, hyper
                 )
                 continue
-            targets = run.take(params)
-            states = run.take(row_states)
-            run_grads = run.take(grads)
-            # Concatenated into buffers kept between steps (no allocation, no fresh pages).
-            n = sum(run.rows)
-            if run.flat:
-                v = torch.cat(targets, out=bucket.v_in[:n])
-                g = torch.cat(run_grads, out=bucket.g_in[:n])
-            else:
-                v = torch.cat([t.reshape(-1, dim) for t in targets], out=bucket.v_in[:n])
-                g = torch.cat([t.reshape(-1, dim) for t in run_grads], out=bucket.g_in[:n])
-            s_old = None
-            if need_old_s:
-                s_old = torch.cat(states) if run.flat else torch.cat([st.reshape(-1) for st in states])
-            mu = _packed_prior(run.take(priors), dim, cache) if use_prior else None
-            t_rows = None
-            if uses_s:
-                t_rows = torch.repeat_interleave(torch.stack(run.take(steps)), run.row_counts, output_size=v.shape[0])
-            # Packed state (the optimizer's own): s is written in place, in one op.
-            s_span = _span(states, cache, "s") if normalize else None
-            _, s_new = _update_rows(
-                v,
-                g,
-                s_old,
-                mu,
-                t_rows,
-                **hyper,
-                out=bucket.out[:n],
-                s_out=s_span if s_span is not None else bucket.s_out[:n],
-            )
-            torch._foreach_copy_(targets, run.out_views)
-            if s_new is not None and s_span is None:
-                torch._foreach_copy_(states, run.s_views)
+            with _one_thread(device):  # serial ops, 1 MB runs (see _cpu_run_elements)
+                targets = run.take(params)
+                states = run.take(row_states)
+                run_grads = run.take(grads)
+                # Concatenated into buffers kept between steps (no allocation, no fresh pages).
+                n = sum(run.rows)
+                if run.flat:
+                    v = torch.cat(targets, out=bucket.v_in[:n])
+                    g = torch.cat(run_grads, out=bucket.g_in[:n])
+                else:
+                    v = torch.cat([t.reshape(-1, dim) for t in targets], out=bucket.v_in[:n])
+                    g = torch.cat([t.reshape(-1, dim) for t in run_grads], out=bucket.g_in[:n])
+                s_old = None
+                if need_old_s:
+                    s_old = torch.cat(states) if run.flat else torch.cat([st.reshape(-1) for st in states])
+                mu = _packed_prior(run.take(priors), dim, cache) if use_prior else None
+                t_rows = None
+                if uses_s:
+                    t_rows = torch.repeat_interleave(
+                        torch.stack(run.take(steps)), run.row_counts, output_size=v.shape[0]
+                    )
+                # Packed state (the optimizer's own): s is written in place, in one op.
+                s_span = _span(states, cache, "s") if normalize else None
+                _, s_new = _update_rows(
+                    v,
+                    g,
+                    s_old,
+                    mu,
+                    t_rows,
+                    **hyper,
+                    out=bucket.out[:n],
+                    s_out=s_span if s_span is not None else bucket.s_out[:n],
+                )
+                torch._foreach_copy_(targets, run.out_views)
+                if s_new is not None and s_span is None:
+                    torch._foreach_copy_(states, run.s_views)
 
 
 def _runs(idx: list[int], rows: list[int], limit: int | None) -> list[list[int]]:
