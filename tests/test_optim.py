@@ -902,3 +902,20 @@ def test_cached_plan_follows_load_state_dict(helpers, device):
         torch.testing.assert_close(p.detach(), ref, atol=FP32_ATOL, rtol=0)
         torch.testing.assert_close(opt.state[p]["s"], ref_s, rtol=1e-5, atol=0)
         assert int(opt.state[p]["step"]) == 3
+
+
+def test_cpu_runs_restore_the_thread_count(helpers):
+    # A CPU run of several params steps on one thread (see optim._one_thread); the caller's
+    # intra-op thread count is back afterwards, and the step is the reference's.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        problem = helpers.make_problem([(4, 64)] * 6, 2, seed=44, with_prior=True)
+        kw = dict(dtype=torch.float32, device="cpu", lr=LR, kappa=1e-2, beta=0.9)
+        params, opt = helpers.run_optimizer(problem, fused=False, **kw)
+        assert torch.get_num_threads() == 2
+        helpers.assert_matches_reference(
+            params, opt, helpers.run_reference(problem, **kw), atol=FP32_ATOL, s_rtol=S_RTOL[torch.float32]
+        )
+    finally:
+        torch.set_num_threads(before)
