@@ -539,7 +539,7 @@ def test_trainer(benchmark, bench_results, inputs, tmp_path, case: Case, run: st
     CUDA or not os.environ.get("DTI_DIFFUSERS_CHECKOUT"),
     reason="set DTI_DIFFUSERS_CHECKOUT to a diffusers checkout to run its textual_inversion.py (CPU, tiny model)",
 )
-def test_vs_diffusers_script(tmp_path, capsys) -> None:
+def test_vs_diffusers_script(benchmark, tmp_path, capsys) -> None:
     """dti-fast's CLI against the example script as subprocesses (bench/compare_diffusers.py); asserts nothing.
 
     ``DTI_BENCH_SCRIPT_ROUNDS`` (default 3) one-concept rounds and
@@ -557,9 +557,16 @@ def test_vs_diffusers_script(tmp_path, capsys) -> None:
     setup = cmp.Setup(script, tiny_model_path("sd"), sys.executable, tmp_path, 100, 64, CPU_THREADS)
     rounds = int(os.environ.get("DTI_BENCH_SCRIPT_ROUNDS", "3"))
     job_rounds = int(os.environ.get("DTI_BENCH_SCRIPT_JOB_ROUNDS", "1"))
+    benchmark.group = "vs-diffusers-script"
     with capsys.disabled():
-        out = cmp.compare(setup, rounds, job_rounds, progress=lambda s: print(s, flush=True))
+        out = benchmark.pedantic(
+            lambda: cmp.compare(setup, rounds, job_rounds, progress=lambda s: print(s, flush=True)),
+            rounds=1,
+            iterations=1,
+            warmup_rounds=0,
+        )
         print("\n" + cmp.format_result(out))
+    benchmark.extra_info.update({k: v for k, v in out.items() if k in ("device", "threads", "goals", "note")})
     path = os.environ.get("DTI_BENCH_SCRIPT_OUT")
     if path:
         Path(path).write_text(json.dumps(out, indent=1))
