@@ -17,8 +17,10 @@ and, for params given a prior, ``prior`` (fp32 unit rows shaped like the param).
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -704,30 +706,49 @@ _CPU_BLOCK_ELEMENTS = 1 << 18
 # ~20 ops), and 500 against 50 ms under heavier load. So the runs stay 1 MB and run
 # with torch's intra-op threads set to one (see _one_thread): serial, and about 8x fewer
 # ops than runs cut at the grain. A single large param is still stepped in 1 MB blocks
-# on every thread (parallel ops pay off there).
+# on every thread (parallel ops pay off there). Builds whose ATen thread pool is not
+# OpenMP's cannot change the thread count once work has started: there the runs are
+# cut below the grain instead, which keeps every op on one thread too.
+_ATEN_GRAIN = 32768
+
+
+@functools.lru_cache(maxsize=1)
+def _threads_can_be_scoped() -> bool:
+    """Whether ``torch.set_num_threads`` may be called at any time (ATen's OpenMP backend)."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 def _cpu_run_elements() -> int:
     """How many elements a run of several params may hold on the CPU."""
-    return _CPU_BLOCK_ELEMENTS
+    if torch.get_num_threads() == 1 or _threads_can_be_scoped():
+        return _CPU_BLOCK_ELEMENTS
+    return _ATEN_GRAIN - 1
+
+
+# torch.get_num_threads() is process-wide: steps in several Python threads take turns
+# in _one_thread, so each reads the caller's count, not another step's temporary one.
+_THREADS_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
 def _one_thread(device: torch.device):
     """torch's intra-op threads set to one inside (a CPU run of several params), restored after.
 
-    ``torch.set_num_threads`` costs well under a microsecond; for OpenMP builds it is the
-    calling thread's setting.
+    ``torch.set_num_threads`` costs well under a microsecond (OpenMP builds; see
+    :func:`_threads_can_be_scoped`).
     """
-    n = torch.get_num_threads() if device.type == "cpu" else 1
-    if n == 1:
+    if device.type != "cpu" or torch.get_num_threads() == 1 or not _threads_can_be_scoped():
         yield
         return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    with _THREADS_LOCK:
+        n = torch.get_num_threads()
+        if n > 1:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            if n > 1:
+                torch.set_num_threads(n)
 
 
 @dataclass

@@ -919,3 +919,52 @@ def test_cpu_runs_restore_the_thread_count(helpers):
         )
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_steps_in_two_threads_restore_the_thread_count(helpers):
+    # Steps of two optimizers in two Python threads at once: the process-wide thread count
+    # is the caller's again when both are done (each reads it outside the other's run).
+    import threading
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        opts = []
+        for seed in (45, 46):
+            gen = torch.Generator().manual_seed(seed)
+            params = [torch.nn.Parameter(helpers.unit_rows((2, 64), gen)) for _ in range(20)]
+            for p in params:
+                p.grad = torch.randn(2, 64, generator=gen)
+            opts.append(SphericalSGD(params, lr=LR, fused=False))
+
+        def steps(opt):
+            for _ in range(50):
+                opt.step()
+
+        workers = [threading.Thread(target=steps, args=(opt,)) for opt in opts]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_runs_without_scoped_threads_are_cut_at_the_grain(helpers, monkeypatch):
+    # Where torch's thread count cannot be changed during work (a non-OpenMP ATen pool),
+    # runs of several params are cut below ATen's grain instead, and the step is the same.
+    monkeypatch.setattr(optim_mod, "_threads_can_be_scoped", lambda: False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        problem = helpers.make_problem([(64, 768)] * 4, 2, seed=47)
+        kw = dict(dtype=torch.float32, device="cpu", lr=LR, beta=0.9)
+        params, opt = helpers.run_optimizer(problem, fused=False, **kw)
+        plan = next(v for k, v in opt._cache.items() if k[0] == "plan")
+        assert sum(len(b.runs) for b in plan.buckets) == 4  # 64 x 768 > the grain: one param per run
+        helpers.assert_matches_reference(
+            params, opt, helpers.run_reference(problem, **kw), atol=FP32_ATOL, s_rtol=S_RTOL[torch.float32]
+        )
+    finally:
+        torch.set_num_threads(before)
