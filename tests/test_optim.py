@@ -968,3 +968,25 @@ def test_cpu_runs_without_scoped_threads_are_cut_at_the_grain(helpers, monkeypat
         )
     finally:
         torch.set_num_threads(before)
+
+
+def test_vectorized_step_leaves_normal_tensors_and_counts_versions(helpers):
+    # The vectorized runs go through inference mode: params and state must stay normal
+    # tensors (usable in place and by autograd afterwards) and the writes must be counted.
+    gen = torch.Generator().manual_seed(48)
+    params = [torch.nn.Parameter(helpers.unit_rows((2, 64), gen)) for _ in range(5)]
+    priors = [helpers.unit_rows((2, 64), gen) for _ in range(5)]
+    opt = SphericalSGD([{"params": params, "prior": priors}], lr=LR, kappa=1e-2, beta=0.9, fused=False)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(2, 64, generator=gen)
+        versions = [p._version for p in params]
+        opt.step()
+        assert all(p._version > v for p, v in zip(params, versions))
+    for p in params:
+        st = opt.state[p]
+        assert not any(t.is_inference() for t in (p, st["s"], st["step"], st["prior"]))
+        st["s"].mul_(1.0)
+        st["prior"].copy_(st["prior"])
+    (params[0].sum() * 2).backward()  # autograd still works on the stepped params
+    assert params[0].grad is not None
