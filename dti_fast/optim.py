@@ -878,9 +878,11 @@ def _vectorized_spherical_sgd(
     Params are bucketed by device, vector size and dtypes; on the CPU a bucket
     is cut into runs (see :func:`_cpu_run_elements`). A run of several params is
     one concatenation of rows and grads, the row math on the whole block
-    (written into buffers kept between steps), and one foreach copy back into
-    the params; ``s`` is written in one op when the run's row states are packed
-    (:func:`_span`), else by a foreach copy. A lone param (or one larger than a
+    (written into buffers kept between steps, allocating nothing of the block's
+    size), and one foreach copy back into the params, in inference mode and,
+    on the CPU, on one intra-op thread (:func:`_one_thread`); ``s`` is written
+    in one op when the run's row states are packed (:func:`_span`), else by a
+    foreach copy. A lone param (or one larger than a
     run) is updated through views in blocks of :data:`_CPU_BLOCK_ELEMENTS`. The
     bucketing, buffers and output views are cached while the params stay the
     same tensors of the same shapes and dtypes.
