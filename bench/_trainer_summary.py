@@ -20,6 +20,24 @@ GOALS = [
     (">= 64 SDXL concepts at once on one 80 GB GPU", "max_concurrent_concepts", 64, ("sdxl-1024",)),
 ]
 
+#: What "baseline" is in this bench, and how it differs from running diffusers' script.
+BASELINE = (
+    "bench/_baseline.py: an in-process stand-in for the procedure of diffusers' "
+    "examples/textual_inversion/textual_inversion.py (textual_inversion_sdxl.py for SDXL), not the script itself; "
+    "against the real script run as a subprocess: bench/compare_diffusers.py"
+)
+BASELINE_DIFFERENCES = [
+    "runs inside the bench's process: no interpreter start, no import of the script's modules (accelerate, "
+    "the script), none of the script's start-up (Accelerator, tokenizer and model loading through its calls); "
+    "its load is timed apart (load_seconds)",
+    "images are decoded and resized once before the loop; the script's DataLoader (no workers) opens, "
+    "decodes, resizes and flips every sample in the loop",
+    "no accelerate wrapping (accelerator.prepare, accelerator.accumulate, accelerator.backward, "
+    "unwrap_model every step), no learning-rate scheduler, no tqdm bar or set_postfix per step",
+    "the model loads directly in the weight dtype (the script loads fp32 and casts)",
+    "batch 4 in the bench's one-concept runs (the script's default is 16; compare_diffusers.py uses 1)",
+]
+
 DEFINITIONS = {
     "samples_per_second": "images trained per second of training loop (model load, caches and planning excluded)",
     "speedup_one_concept": "dti_fast samples/s / baseline samples/s, one concept, same steps and batch",
@@ -166,6 +184,8 @@ def summarize(records: list, load_start: list, load_end: list) -> dict:
         "note": os.environ.get("DTI_BENCH_NOTE") or None,
         "loadavg_start": load_start,
         "loadavg_end": load_end,
+        "baseline": BASELINE,
+        "baseline_differences": BASELINE_DIFFERENCES,
         "definitions": DEFINITIONS,
         "cases": list(cases.values()),
         "goals": goals,
@@ -177,7 +197,12 @@ def _fmt(x, spec: str, width: int) -> str:
 
 
 def print_table(tr, summary: dict) -> None:
-    tr.write_sep("=", "training throughput: dti_fast vs the diffusers example loop (reported, not asserted)")
+    tr.write_sep(
+        "=", "training throughput: dti_fast vs the stand-in of the diffusers example's loop (reported, not asserted)"
+    )
+    tr.write_line(f"baseline: {BASELINE}")
+    for d in BASELINE_DIFFERENCES:
+        tr.write_line(f"  stand-in differs from the script: {d}")
     tr.write_line(
         f"load {summary['loadavg_start']} -> {summary['loadavg_end']}; torch {summary.get('torch')}, "
         f"diffusers {summary.get('diffusers')}"

@@ -41,6 +41,7 @@ reported, never asserted.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -220,6 +221,26 @@ def lean_loop(params: list[torch.Tensor], lr: float = LR, eps: float = EPS) -> N
             p.copy_(new.div_(torch.linalg.vector_norm(new, dim=-1, keepdim=True)))
 
 
+def plain_batched(params: list[torch.Tensor], lr: float = LR, eps: float = EPS) -> None:
+    """The same step as :func:`lean_loop` written as one plain batched computation.
+
+    Concatenate the rows and grads, the row math on the block, one
+    ``torch._foreach_copy_`` back into the params: no checks, no state, no
+    caching. Written after issue 11's outside measurement of such a version,
+    as a yardstick for the vectorized path's own overhead (it assumes every
+    param is ``(vectors, dim)`` fp32 with a grad).
+    """
+    with torch.no_grad():
+        v = torch.cat(params)
+        g = torch.cat([p.grad for p in params])
+        gv = torch.linalg.vecdot(g, v).unsqueeze_(-1)
+        tangent = torch.addcmul(g, v, gv, value=-1.0)
+        norm = torch.linalg.vector_norm(tangent, dim=-1, keepdim=True).add_(eps)
+        new = torch.addcdiv(v, tangent, norm, value=-lr)
+        new.div_(torch.linalg.vector_norm(new, dim=-1, keepdim=True))
+        torch._foreach_copy_(params, list(new.split([p.shape[0] for p in params])))
+
+
 def _lean_step(case: Case) -> Callable[[], None]:
     params, _ = _make_problem(case)
 
@@ -339,12 +360,16 @@ def interleaved_ratios(
     rounds: int = 30,
     threads: tuple[int, ...] = (1, 2),
 ) -> dict:
-    """Time the vectorized path, the lean loop and the reference loop in interleaved rounds.
+    """Time the vectorized path, the lean loop, the reference loop and a plain batched step in interleaved rounds.
 
     Every case is ``concepts`` params of shape ``(vectors, dim)`` (fp32, beta 0,
-    no prior, lr 0.01). Each round runs every path once, in a rotating order,
-    so that load from other processes hits all paths alike; the medians over
-    ``rounds`` give the ratios (lean loop time / path time, higher is faster).
+    no prior, lr 0.01). Each round runs every path once, so that load from
+    other processes hits all paths alike; the rounds go through every order of
+    the paths in turn, so that each path follows each other one equally often
+    (a path that runs right after a 30 ms loop finds colder caches). The
+    medians over ``rounds`` give the ratios (lean loop time / path time,
+    higher is faster). ``plain_batched`` (:func:`plain_batched`) is the
+    floor of a batched step without the optimizer's checks and state.
     Returns a JSON-able dict naming the device and thread counts.
     """
     out = {
@@ -352,6 +377,8 @@ def interleaved_ratios(
         "cuda": CUDA,
         "torch": torch.__version__,
         "rounds": rounds,
+        "threads_note": "torch.set_num_threads per row",
+        "load_average": {"start": os.getloadavg()},
         "statistic": "median over interleaved rounds",
         "step": "beta 0, no prior, lr 0.01, fp32",
         "results": [],
@@ -366,6 +393,7 @@ def interleaved_ratios(
                 vec_params, _ = _make_problem(case)
                 opt = SphericalSGD(vec_params, lr=LR, kappa=0.0, beta=0.0, eps=EPS, fused=False)
                 lean_params, _ = _make_problem(case)
+                plain_params, _ = _make_problem(case)
                 ref_params, _ = _make_problem(case)
                 ref_states = [torch.zeros(p.shape[:-1], device=DEVICE) for p in ref_params]
 
@@ -380,14 +408,15 @@ def interleaved_ratios(
                     "vectorized": opt.step,
                     "lean_loop": lambda: lean_loop(lean_params),
                     "reference_loop": reference_loop,
+                    "plain_batched": lambda: plain_batched(plain_params),
                 }
                 times: dict[str, list[float]] = {k: [] for k in fns}
                 for fn in fns.values():  # warm-up: state, caches
                     fn()
                     _sync()
-                names = list(fns)
+                orders = list(itertools.permutations(fns))
                 for r in range(rounds):
-                    for k in names[r % len(names) :] + names[: r % len(names)]:
+                    for k in orders[r % len(orders)]:
                         t0 = time.perf_counter()
                         fns[k]()
                         _sync()
@@ -400,10 +429,12 @@ def interleaved_ratios(
                         "median_ms": {k: v * 1e3 for k, v in med.items()},
                         "vectorized_vs_lean_loop": med["lean_loop"] / med["vectorized"],
                         "vectorized_vs_reference_loop": med["reference_loop"] / med["vectorized"],
+                        "plain_batched_vs_lean_loop": med["lean_loop"] / med["plain_batched"],
                     }
                 )
     finally:
         torch.set_num_threads(before)
+    out["load_average"]["end"] = os.getloadavg()
     return out
 
 
@@ -411,14 +442,18 @@ def format_interleaved(result: dict) -> str:
     """The interleaved ratios as a small table."""
     lines = [
         f"device: {result['device']} (torch {result['torch']}, {result['rounds']} interleaved rounds, medians)",
-        f"{'case':<16}{'threads':>8}{'vect ms':>10}{'lean ms':>10}{'ref ms':>10}{'vect/lean':>11}{'vect/ref':>10}",
+        "load average (1, 5, 15 min): start {}, end {}".format(
+            *(" ".join(f"{x:.2f}" for x in result["load_average"][k]) for k in ("start", "end"))
+        ),
+        f"{'case':<16}{'threads':>8}{'vect ms':>10}{'lean ms':>10}{'ref ms':>10}{'plain ms':>10}"
+        f"{'vect/lean':>11}{'vect/ref':>10}{'plain/lean':>12}",
     ]
     for r in result["results"]:
         m = r["median_ms"]
         lines.append(
             f"{r['case']:<16}{str(r['threads']):>8}{m['vectorized']:>10.2f}{m['lean_loop']:>10.2f}"
-            f"{m['reference_loop']:>10.2f}{r['vectorized_vs_lean_loop']:>10.2f}x"
-            f"{r['vectorized_vs_reference_loop']:>9.2f}x"
+            f"{m['reference_loop']:>10.2f}{m['plain_batched']:>10.2f}{r['vectorized_vs_lean_loop']:>10.2f}x"
+            f"{r['vectorized_vs_reference_loop']:>9.2f}x{r['plain_batched_vs_lean_loop']:>11.2f}x"
         )
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""Training throughput and memory: dti_fast with all levers against the diffusers example's loop.
+"""Training throughput and memory: dti_fast with all levers against a stand-in for the diffusers example's loop.
 
 Run: ``python -m pytest bench/bench_trainer.py --benchmark-only``
 (``DTI_BENCH_OUT=ratios.json`` also writes the ratio summary; see bench/README.md).
@@ -20,8 +20,11 @@ Runs (the last part of a test id), in this order within a case:
   matmul peak measured in the same process (bf16 8192^3 on a GPU; fp32
   1024^3 on the CPU).
 - ``baseline``: one concept trained the way diffusers' textual-inversion
-  example does (``bench/_baseline.py``): VAE encode every step, AdamW over the
-  full embedding table with frozen-row restore, bf16 + SDPA on a GPU.
+  example does, by an in-process stand-in (``bench/_baseline.py``, not the
+  script; its differences are listed in the summary and bench/README.md):
+  VAE encode every step, AdamW over the full embedding table with frozen-row
+  restore, bf16 + SDPA on a GPU. ``test_vs_diffusers_script`` (given
+  ``DTI_DIFFUSERS_CHECKOUT``) runs the script itself.
 - ``dti-1``: the same concept, steps and batch with ``dti_fast.train.train``
   and all levers.
 - ``dti-32``: a 32-concept job (the four shipped subjects under 32 names).
@@ -43,6 +46,7 @@ import gc
 import os
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -526,3 +530,43 @@ def test_trainer(benchmark, bench_results, inputs, tmp_path, case: Case, run: st
     }
     benchmark.extra_info.update({k: v for k, v in info.items() if k != "levers"})
     bench_results.append(info)
+
+
+# -- against diffusers' own script (a checkout given) --------------------------------------------------
+
+
+@pytest.mark.skipif(
+    CUDA or not os.environ.get("DTI_DIFFUSERS_CHECKOUT"),
+    reason="set DTI_DIFFUSERS_CHECKOUT to a diffusers checkout to run its textual_inversion.py (CPU, tiny model)",
+)
+def test_vs_diffusers_script(benchmark, tmp_path, capsys) -> None:
+    """dti-fast's CLI against the example script as subprocesses (bench/compare_diffusers.py); asserts nothing.
+
+    ``DTI_BENCH_SCRIPT_ROUNDS`` (default 3) one-concept rounds and
+    ``DTI_BENCH_SCRIPT_JOB_ROUNDS`` (default 1) eight-concept rounds;
+    ``DTI_BENCH_SCRIPT_OUT`` writes the JSON. The in-process ``baseline`` runs
+    above are the stand-in; these figures are the script's.
+    """
+    import json
+
+    import compare_diffusers as cmp
+
+    from dti_fast.testing import tiny_model_path
+
+    script = cmp.find_script(None)
+    setup = cmp.Setup(script, tiny_model_path("sd"), sys.executable, tmp_path, 100, 64, CPU_THREADS)
+    rounds = int(os.environ.get("DTI_BENCH_SCRIPT_ROUNDS", "3"))
+    job_rounds = int(os.environ.get("DTI_BENCH_SCRIPT_JOB_ROUNDS", "1"))
+    benchmark.group = "vs-diffusers-script"
+    with capsys.disabled():
+        out = benchmark.pedantic(
+            lambda: cmp.compare(setup, rounds, job_rounds, progress=lambda s: print(s, flush=True)),
+            rounds=1,
+            iterations=1,
+            warmup_rounds=0,
+        )
+        print("\n" + cmp.format_result(out))
+    benchmark.extra_info.update({k: v for k, v in out.items() if k in ("device", "threads", "goals", "note")})
+    path = os.environ.get("DTI_BENCH_SCRIPT_OUT")
+    if path:
+        Path(path).write_text(json.dumps(out, indent=1))

@@ -16,9 +16,14 @@ and, for params given a prior, ``prior`` (fp32 unit rows shaped like the param).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import operator
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -37,6 +42,12 @@ _UNIT_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-
 #: loaded state dict, or an unpickled optimizer) that lacks one gets it from the
 #: optimizer's defaults, so state dicts stay loadable when one is added.
 HYPER_DEFAULTS: dict[str, Any] = {"lr": 0.01, "kappa": 0.0, "beta": 0.0, "eps": 1e-8, "normalize": True, "fused": None}
+_GRAD = operator.attrgetter("grad")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_S = operator.itemgetter("s")
+_STEP = operator.itemgetter("step")
+_PRIOR = operator.itemgetter("prior")
+_VERSION = operator.attrgetter("_version")
 #: Per-param state kept in fp32 on the param's device whatever the param dtype.
 _FP32_STATE = ("step", "s", "prior")
 
@@ -192,7 +203,7 @@ def _span(tensors: Sequence[torch.Tensor], cache: dict, tag: str) -> torch.Tenso
     """
     key = ("span", tag, len(tensors), id(tensors[0]))
     hit = cache.get(key)
-    if hit is not None and all(a is b for a, b in zip(hit[0], tensors)):
+    if hit is not None and len(hit[0]) == len(tensors) and all(map(operator.is_, hit[0], tensors)):
         return hit[1]
     span = None
     base = tensors[0]._base
@@ -358,25 +369,21 @@ class SphericalSGD(Optimizer):
         first: list[tuple[torch.Tensor, int, list, int]] = []
         for group in self.param_groups:
             use_prior = group["kappa"] != 0.0
-            params, states = [], []
-            for i, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(
-                        "SphericalSGD does not support sparse gradients; build the embedding with "
-                        "sparse=False (DirectionalEmbedding's rows are small and dense)"
-                    )
-                param_state = state_of.get(p)
-                if param_state is None or "step" not in param_state:
-                    first.append((p, i, states, len(states)))
-                if use_prior and (param_state is None or "prior" not in param_state):
-                    raise ValueError("kappa > 0 needs a 'prior' in the param group (one tensor per param)")
-                params.append(p)
-                states.append(param_state)
+            # The common case in C-level passes (no Python work per param): every
+            # param has a dense grad and its state (with a prior where needed).
+            params = group["params"]
+            grads = list(map(_GRAD, params))
+            states = list(map(state_of.get, params)) if params else []
+            if (
+                any(map(operator.is_, grads, repeat(None)))
+                or any(map(_IS_SPARSE, grads))
+                or None in states
+                or not all(map(operator.contains, states, repeat("step")))
+                or (use_prior and not all(map(operator.contains, states, repeat("prior"))))
+            ):
+                params, grads, states = self._checked_params(group, use_prior, first)
             if params:
-                work.append((group, params, states))
+                work.append((group, params, grads, states))
         for p, i, _, _ in first:
             _check_unit_rows(p, i)
         batches: dict[tuple, list] = {}
@@ -385,14 +392,14 @@ class SphericalSGD(Optimizer):
             batches.setdefault((id(states), p.device), []).append(p)
         for (_, device), new_params in batches.items():
             _init_packed_state([state_of[p] for p in new_params], new_params, device)
-        for group, params, states in work:
+        for group, params, grads, states in work:
             use_prior = group["kappa"] != 0.0
             spherical_sgd(
                 params,
-                [p.grad for p in params],
-                [st["s"] for st in states],
-                [st["step"] for st in states],
-                [st["prior"] for st in states] if use_prior else None,
+                grads,
+                list(map(_S, states)),
+                list(map(_STEP, states)),
+                list(map(_PRIOR, states)) if use_prior else None,
                 lr=group["lr"],
                 kappa=group["kappa"],
                 beta=group["beta"],
@@ -404,6 +411,34 @@ class SphericalSGD(Optimizer):
                 cache=self._cache,
             )
         return loss
+
+    def _checked_params(self, group: dict[str, Any], use_prior: bool, first: list) -> tuple[list, list, list]:
+        """A group's params with a grad, their grads and states, checked param by param.
+
+        Raises for a sparse grad or a missing prior; params at their first step
+        (no state yet) are added to ``first`` (with the states list and their
+        place in it, filled in once their state is made).
+        """
+        state_of = self.state
+        params, grads, states = [], [], []
+        for i, p in enumerate(group["params"]):
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(
+                    "SphericalSGD does not support sparse gradients; build the embedding with "
+                    "sparse=False (DirectionalEmbedding's rows are small and dense)"
+                )
+            param_state = state_of.get(p)
+            if param_state is None or "step" not in param_state:
+                first.append((p, i, states, len(states)))
+            if use_prior and (param_state is None or "prior" not in param_state):
+                raise ValueError("kappa > 0 needs a 'prior' in the param group (one tensor per param)")
+            params.append(p)
+            grads.append(grad)
+            states.append(param_state)
+        return params, grads, states
 
 
 def _checked_group(group: dict[str, Any], prior: Any) -> list[torch.Tensor] | None:
@@ -647,10 +682,10 @@ def _packed_prior(priors: Sequence[torch.Tensor], dim: int, cache: dict) -> torc
     The version (``t._version``) counts in-place writes: a prior updated in
     place (``copy_``) is re-read at the next step.
     """
-    key = ("prior", tuple(id(mu) for mu in priors))
-    versions = tuple(mu._version for mu in priors)
+    key = ("prior", tuple(map(id, priors)))
+    versions = tuple(map(_VERSION, priors))
     hit = cache.get(key)
-    if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], priors)):
+    if hit is not None and hit[1] == versions and all(map(operator.is_, hit[0], priors)):
         return hit[2]
     if len(cache) > 64:
         for old in [k for k in cache if k[0] == "prior"]:
@@ -663,18 +698,57 @@ def _packed_prior(priors: Sequence[torch.Tensor], dim: int, cache: dict) -> torc
 # On the CPU the row math runs in blocks of about 1 MB per temporary: they stay in
 # cache and are reused, instead of being paged in afresh every step.
 _CPU_BLOCK_ELEMENTS = 1 << 18
-# ATen runs an elementwise op or reduction on one thread below this many elements
-# (at::internal::GRAIN_SIZE). With several threads, runs of many params stay below
-# it: each parallel region ends in a barrier, and on a busy machine (other processes
-# on the cores) a barrier waits for a descheduled thread; measured on 2 shared cores,
-# 1000 params of (4, 768): 81 ms a step with 1 MB blocks, 20 ms with serial blocks.
-# A single large param is still stepped in 1 MB blocks (parallel ops pay off there).
+# A run of several params is stepped on one thread: with several, ATen splits every op
+# above 32768 elements (at::internal::GRAIN_SIZE) over them, each parallel region ends
+# in a barrier, and on a busy machine (other processes on the cores) a barrier waits
+# for a descheduled thread. Measured on 2 shared cores, 1000 params of (4, 768): 81 ms
+# a step with parallel 1 MB blocks, 20 ms with runs cut below the grain (~100 runs of
+# ~20 ops), and 500 against 50 ms under heavier load. So the runs stay 1 MB and run
+# with torch's intra-op threads set to one (see _one_thread): serial, and about 8x fewer
+# ops than runs cut at the grain. A single large param is still stepped in 1 MB blocks
+# on every thread (parallel ops pay off there). Builds whose ATen thread pool is not
+# OpenMP's cannot change the thread count once work has started: there the runs are
+# cut below the grain instead, which keeps every op on one thread too.
 _ATEN_GRAIN = 32768
 
 
+@functools.lru_cache(maxsize=1)
+def _threads_can_be_scoped() -> bool:
+    """Whether ``torch.set_num_threads`` may be called at any time (ATen's OpenMP backend)."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 def _cpu_run_elements() -> int:
-    """How many elements a run of several params may hold on the CPU (see _ATEN_GRAIN)."""
-    return _CPU_BLOCK_ELEMENTS if torch.get_num_threads() == 1 else _ATEN_GRAIN - 1
+    """How many elements a run of several params may hold on the CPU."""
+    if torch.get_num_threads() == 1 or _threads_can_be_scoped():
+        return _CPU_BLOCK_ELEMENTS
+    return _ATEN_GRAIN - 1
+
+
+# torch.get_num_threads() is process-wide: steps in several Python threads take turns
+# in _one_thread, so each reads the caller's count, not another step's temporary one.
+_THREADS_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """torch's intra-op threads set to one inside (a CPU run of several params), restored after.
+
+    ``torch.set_num_threads`` costs well under a microsecond (OpenMP builds; see
+    :func:`_threads_can_be_scoped`).
+    """
+    if device.type != "cpu" or torch.get_num_threads() == 1 or not _threads_can_be_scoped():
+        yield
+        return
+    with _THREADS_LOCK:
+        n = torch.get_num_threads()
+        if n > 1:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            if n > 1:
+                torch.set_num_threads(n)
 
 
 @dataclass
@@ -688,6 +762,17 @@ class _Run:
     s_views: list[torch.Tensor] = field(default_factory=list)  # of the bucket's s buffer, shaped like the states
     row_counts: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # Consecutive params (the usual case) are taken with one list slice, not per index.
+        a = self.idx[0]
+        self.slice = slice(a, a + len(self.idx)) if self.idx == list(range(a, a + len(self.idx))) else None
+
+    def take(self, items: Sequence) -> list:
+        """The run's entries of a per-param list."""
+        if self.slice is not None:
+            return list(items[self.slice])
+        return [items[i] for i in self.idx]
+
 
 @dataclass
 class _Bucket:
@@ -700,6 +785,7 @@ class _Bucket:
     s_out: torch.Tensor | None = None  # (rows of the largest run,) fp32: the new s
     v_in: torch.Tensor | None = None  # (rows of the largest run, dim), param dtype: the rows concatenated
     g_in: torch.Tensor | None = None  # (rows of the largest run, dim), grad dtype: the grads concatenated
+    work: torch.Tensor | None = None  # (rows of the largest run, dim) fp32: products summed along rows
 
 
 @dataclass
@@ -712,10 +798,13 @@ class _Plan:
     run_elements: int  # the CPU run size it was cut with
 
 
+_SHAPE_DTYPE = operator.attrgetter("shape", "dtype")
+
+
 def _signature(params: Sequence[torch.Tensor]) -> list[tuple]:
     # Shapes and dtypes; a param moved to another device with the same shape fails
     # loudly in the concatenation (it is not silently stepped on the old device).
-    return [(p.shape, p.dtype) for p in params]
+    return list(map(_SHAPE_DTYPE, params))
 
 
 def _plan(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], cache: dict) -> _Plan:
@@ -727,8 +816,9 @@ def _plan(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], cache: 
     if (
         plan is not None
         and plan.run_elements == run_elements
+        and len(plan.params) == len(params)
+        and all(map(operator.is_, plan.params, params))
         and plan.signature == signature
-        and all(a is b for a, b in zip(plan.params, params))
     ):
         return plan
     groups: dict[tuple, list[int]] = {}
@@ -750,6 +840,7 @@ def _plan(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], cache: 
             bucket.s_out = torch.empty(most, dtype=torch.float32, device=device)
             bucket.v_in = torch.empty(most, dim, dtype=p_dtype, device=device)
             bucket.g_in = torch.empty(most, dim, dtype=g_dtype, device=device)
+            bucket.work = torch.empty(most, dim, dtype=torch.float32, device=device)
             for run in batched:
                 targets = [params[i] for i in run.idx]
                 out = bucket.out[: sum(run.rows)].split(run.rows)
@@ -787,9 +878,11 @@ def _vectorized_spherical_sgd(
     Params are bucketed by device, vector size and dtypes; on the CPU a bucket
     is cut into runs (see :func:`_cpu_run_elements`). A run of several params is
     one concatenation of rows and grads, the row math on the whole block
-    (written into buffers kept between steps), and one foreach copy back into
-    the params; ``s`` is written in one op when the run's row states are packed
-    (:func:`_span`), else by a foreach copy. A lone param (or one larger than a
+    (written into buffers kept between steps, allocating nothing of the block's
+    size), and one foreach copy back into the params, in inference mode and,
+    on the CPU, on one intra-op thread (:func:`_one_thread`); ``s`` is written
+    in one op when the run's row states are packed (:func:`_span`), else by a
+    foreach copy. A lone param (or one larger than a
     run) is updated through views in blocks of :data:`_CPU_BLOCK_ELEMENTS`. The
     bucketing, buffers and output views are cached while the params stay the
     same tensors of the same shapes and dtypes.
@@ -798,62 +891,76 @@ def _vectorized_spherical_sgd(
     uses_s = normalize and beta != 0.0
     need_old_s = uses_s or (normalize and found_inf is not None)  # a skipped step keeps the old s
     plan = _plan(params, grads, cache)
-    for bucket in plan.buckets:
-        device, dim = bucket.device, bucket.dim
-        scale = device_copy(grad_scale, device, memo)
-        inf = device_copy(found_inf, device, memo)
-        hyper = dict(
-            lr=lr,
-            kappa=kappa,
-            beta=beta,
-            eps=eps,
-            normalize=normalize,
-            inv_scale=scale.reciprocal().to(torch.float32) if scale is not None else None,
-            skip=inf.reshape(()) > 0 if inf is not None else None,
-        )
-        limit = max(1, _CPU_BLOCK_ELEMENTS // dim) if device.type == "cpu" else None
-        for run in bucket.runs:
-            if len(run.idx) == 1:
-                i = run.idx[0]
-                _step_one_param(
-                    params[i], grads[i], row_states[i], steps[i], priors[i] if use_prior else None, dim, limit, hyper
-                )
-                continue
-            targets = [params[i] for i in run.idx]
-            states = [row_states[i] for i in run.idx]
-            run_grads = [grads[i] for i in run.idx]
-            # Concatenated into buffers kept between steps (no allocation, no fresh pages).
-            n = sum(run.rows)
-            if run.flat:
-                v = torch.cat(targets, out=bucket.v_in[:n])
-                g = torch.cat(run_grads, out=bucket.g_in[:n])
-            else:
-                v = torch.cat([t.reshape(-1, dim) for t in targets], out=bucket.v_in[:n])
-                g = torch.cat([t.reshape(-1, dim) for t in run_grads], out=bucket.g_in[:n])
-            s_old = None
-            if need_old_s:
-                s_old = torch.cat(states) if run.flat else torch.cat([st.reshape(-1) for st in states])
-            mu = _packed_prior([priors[i] for i in run.idx], dim, cache) if use_prior else None
-            t_rows = None
-            if uses_s:
-                t_rows = torch.repeat_interleave(
-                    torch.stack([steps[i] for i in run.idx]), run.row_counts, output_size=v.shape[0]
-                )
-            # Packed state (the optimizer's own): s is written in place, in one op.
-            s_span = _span(states, cache, "s") if normalize else None
-            _, s_new = _update_rows(
-                v,
-                g,
-                s_old,
-                mu,
-                t_rows,
-                **hyper,
-                out=bucket.out[:n],
-                s_out=s_span if s_span is not None else bucket.s_out[:n],
+    # Inference mode: the same in-place writes (version counters still count them) through
+    # a shorter dispatch; the concatenations and the foreach copy into many small params
+    # cost about a quarter less. The plan's buffers are made outside it, above.
+    with torch.inference_mode():
+        for bucket in plan.buckets:
+            device, dim = bucket.device, bucket.dim
+            scale = device_copy(grad_scale, device, memo)
+            inf = device_copy(found_inf, device, memo)
+            hyper = dict(
+                lr=lr,
+                kappa=kappa,
+                beta=beta,
+                eps=eps,
+                normalize=normalize,
+                inv_scale=scale.reciprocal().to(torch.float32) if scale is not None else None,
+                skip=inf.reshape(()) > 0 if inf is not None else None,
             )
-            torch._foreach_copy_(targets, run.out_views)
-            if s_new is not None and s_span is None:
-                torch._foreach_copy_(states, run.s_views)
+            limit = max(1, _CPU_BLOCK_ELEMENTS // dim) if device.type == "cpu" else None
+            for run in bucket.runs:
+                if len(run.idx) == 1:
+                    i = run.idx[0]
+                    _step_one_param(
+                        params[i],
+                        grads[i],
+                        row_states[i],
+                        steps[i],
+                        priors[i] if use_prior else None,
+                        dim,
+                        limit,
+                        hyper,
+                    )
+                    continue
+                with _one_thread(device):  # serial ops, 1 MB runs (see _cpu_run_elements)
+                    targets = run.take(params)
+                    states = run.take(row_states)
+                    run_grads = run.take(grads)
+                    # Concatenated into buffers kept between steps (no allocation, no fresh pages).
+                    n = sum(run.rows)
+                    if run.flat:
+                        v = torch.cat(targets, out=bucket.v_in[:n])
+                        g = torch.cat(run_grads, out=bucket.g_in[:n])
+                    else:
+                        v = torch.cat([t.reshape(-1, dim) for t in targets], out=bucket.v_in[:n])
+                        g = torch.cat([t.reshape(-1, dim) for t in run_grads], out=bucket.g_in[:n])
+                    s_old = None
+                    if need_old_s:
+                        s_old = torch.cat(states) if run.flat else torch.cat([st.reshape(-1) for st in states])
+                    mu = _packed_prior(run.take(priors), dim, cache) if use_prior else None
+                    t_rows = None
+                    if uses_s:
+                        t_rows = torch.repeat_interleave(
+                            torch.stack(run.take(steps)), run.row_counts, output_size=v.shape[0]
+                        )
+                    # Packed state (the optimizer's own): s is written in place, in one op.
+                    s_span = _span(states, cache, "s") if normalize else None
+                    _, s_new = _update_rows(
+                        v,
+                        g,
+                        s_old,
+                        mu,
+                        t_rows,
+                        **hyper,
+                        out=bucket.out[:n],
+                        s_out=s_span if s_span is not None else bucket.s_out[:n],
+                        work=bucket.work[:n],
+                        g_owned=True,  # g_in is the bucket's own buffer
+                    )
+                    torch._foreach_copy_(targets, run.out_views)
+                    if s_new is not None and s_span is None:
+                        torch._foreach_copy_(states, run.s_views)
 
 
 def _runs(idx: list[int], rows: list[int], limit: int | None) -> list[list[int]]:
@@ -908,6 +1015,14 @@ def _sqrt(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, s * torch.rsqrt(s), 0.0)
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor, work: torch.Tensor | None, out: torch.Tensor | None = None):
+    """Row-wise dot products of two (R, D) blocks: ``torch.linalg.vecdot``, or with ``work``
+    the same product and sum (what vecdot computes) without allocating the (R, D) product."""
+    if work is None:
+        return torch.linalg.vecdot(a, b, out=out)
+    return torch.sum(torch.mul(a, b, out=work), dim=-1, out=out)
+
+
 def _update_rows(
     v_raw: torch.Tensor,
     g_raw: torch.Tensor,
@@ -924,6 +1039,8 @@ def _update_rows(
     skip: torch.Tensor | None,
     out: torch.Tensor | None = None,
     s_out: torch.Tensor | None = None,
+    work: torch.Tensor | None = None,
+    g_owned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The step on a block of rows (R, D); returns new rows (fp32) and new ``s`` (None without normalize).
 
@@ -931,25 +1048,38 @@ def _update_rows(
     ``s_old`` is needed when ``beta != 0`` or with ``skip``; ``inv_scale`` is 1 / a
     GradScaler's scale; where ``skip`` (a 0-dim bool tensor) is true the old
     rows and ``s`` are returned. ``out``/``s_out`` (fp32, not aliasing any
-    input) receive the results when given.
+    input) receive the results when given. ``work`` (fp32, shaped like the
+    block, aliasing nothing) holds the row products; ``g_owned`` says that
+    ``g_raw`` is the caller's scratch and may be overwritten. With both, a step
+    allocates nothing of the block's size (on the CPU, blocks of a MB or more
+    come fresh from mmap, zero-filled, each time the allocator's threshold is
+    below them: the same step measured 6.5 or 10.5 ms by that state alone).
     """
-    v = v_raw.float()
-    g = g_raw.float()
+    # .float() of an fp32 tensor is itself, but still a dispatch: skipped (one run is ~20 small ops).
+    v = v_raw if v_raw.dtype == torch.float32 else v_raw.float()
+    if g_raw.dtype != torch.float32:
+        g, g_owned = g_raw.float(), True
+    else:
+        g = g_raw
     if inv_scale is not None:
-        g = g * inv_scale
+        g = g.mul_(inv_scale) if g_owned else g * inv_scale
+        g_owned = True
     if kappa != 0.0:
-        g = torch.add(g, mu, alpha=-kappa)
-    gv = torch.linalg.vecdot(g, v).unsqueeze_(-1)
-    g = torch.addcmul(g, v, gv, value=-1.0)  # a fresh tensor from here on: in-place ops are safe
+        g = g.add_(mu, alpha=-kappa) if g_owned else torch.add(g, mu, alpha=-kappa)
+        g_owned = True
+    gv = _rowdot(g, v, work).unsqueeze_(-1)
+    # The tangent: written over g when g is ours, else a fresh tensor; in-place ops are safe from here on.
+    g = g.addcmul_(v, gv, value=-1.0) if g_owned else torch.addcmul(g, v, gv, value=-1.0)
     s_new = None
     if normalize:
-        s_new = torch.linalg.vecdot(g, g, out=s_out)
+        s_new = _rowdot(g, g, work, out=s_out)
         s_hat = s_new
         if beta != 0.0:
             s_new.mul_(1.0 - beta).add_(s_old, alpha=beta)
             s_hat = s_new / (1.0 - torch.pow(beta, t_rows))
-        neg_coef = _sqrt(s_hat).add_(eps).reciprocal_().mul_(-lr).unsqueeze_(-1)
-        new_v = torch.addcmul(v, g, neg_coef, out=out)
+        # g / (sqrt(s_hat) + eps), as the reference writes it, in the update's one op.
+        denom = _sqrt(s_hat).add_(eps).unsqueeze_(-1)
+        new_v = torch.addcdiv(v, g, denom, value=-lr, out=out)
     else:
         new_v = torch.add(v, g, alpha=-lr, out=out)
     new_v.div_(torch.linalg.vector_norm(new_v, dim=-1, keepdim=True))

@@ -818,3 +818,175 @@ def test_packed_state_is_per_param_and_follows_replacement(helpers, device, fuse
         torch.testing.assert_close(p.detach(), ref_v, atol=FP32_ATOL, rtol=0)
         torch.testing.assert_close(opt.state[p]["s"], ref_s, rtol=1e-5, atol=0)
         assert int(opt.state[p]["step"]) == t
+
+
+# -- the step's per-group fast path and cached plans: what invalidates them ----------------------------
+
+
+def _reference_steps(v, grads, s, t0, beta):
+    """The reference stepped through ``grads`` from row state ``s`` at step ``t0``; (rows, s)."""
+    for k, g in enumerate(grads):
+        v, s = spherical_sgd_step_reference(v, g, s, t0 + k + 1, lr=LR, beta=beta)
+    return v, s
+
+
+def test_cached_plan_follows_params_added_to_a_group(helpers, device):
+    # Params appended to a group's list after steps (as a trainer adding a concept might)
+    # start at step 1 with fresh state; the others keep theirs.
+    gen = torch.Generator().manual_seed(41)
+    params = [torch.nn.Parameter(helpers.unit_rows((1, 64), gen).to(device)) for _ in range(5)]
+    opt = SphericalSGD(params, lr=LR, beta=0.9, fused=False)
+    starts = [p.detach().clone() for p in params]
+    grads = [[torch.randn(1, 64, generator=gen).to(device) for _ in range(3)] for _ in range(7)]
+    for k in range(2):
+        for p, g in zip(params, grads):
+            p.grad = g[k]
+        opt.step()
+    extra = [torch.nn.Parameter(helpers.unit_rows((1, 64), gen).to(device)) for _ in range(2)]
+    opt.param_groups[0]["params"].extend(extra)
+    starts += [p.detach().clone() for p in extra]
+    for p, g in zip(opt.param_groups[0]["params"], grads):
+        p.grad = g[2]
+    opt.step()
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        own = grads[i] if i < 5 else grads[i][2:]
+        ref, ref_s = _reference_steps(starts[i], own, torch.zeros(1, device=device), 0, 0.9)
+        torch.testing.assert_close(p.detach(), ref, atol=FP32_ATOL, rtol=0)
+        torch.testing.assert_close(opt.state[p]["s"], ref_s, rtol=1e-5, atol=0)
+        assert int(opt.state[p]["step"]) == len(own)
+
+
+def test_cached_plan_follows_a_param_whose_grad_is_none(helpers, device):
+    # A param without a grad at one step is left alone (rows, s and step count); the
+    # others are stepped, and the next step with every grad set is right for all.
+    gen = torch.Generator().manual_seed(42)
+    params = [torch.nn.Parameter(helpers.unit_rows((2, 64), gen).to(device)) for _ in range(4)]
+    opt = SphericalSGD(params, lr=LR, beta=0.9, fused=False)
+    starts = [p.detach().clone() for p in params]
+    grads = [[torch.randn(2, 64, generator=gen).to(device) for _ in range(3)] for _ in range(4)]
+    for k in range(3):
+        for i, (p, g) in enumerate(zip(params, grads)):
+            p.grad = None if (k == 1 and i == 2) else g[k]
+        opt.step()
+    for i, p in enumerate(params):
+        own = [grads[i][0], grads[i][2]] if i == 2 else grads[i]
+        ref, ref_s = _reference_steps(starts[i], own, torch.zeros(2, device=device), 0, 0.9)
+        torch.testing.assert_close(p.detach(), ref, atol=FP32_ATOL, rtol=0)
+        torch.testing.assert_close(opt.state[p]["s"], ref_s, rtol=1e-5, atol=0)
+        assert int(opt.state[p]["step"]) == len(own)
+
+
+def test_cached_plan_follows_load_state_dict(helpers, device):
+    # After load_state_dict the step reads the loaded step counts and s (new tensors),
+    # not the ones the cached plan and spans were built on.
+    gen = torch.Generator().manual_seed(43)
+    params = [torch.nn.Parameter(helpers.unit_rows((1, 64), gen).to(device)) for _ in range(6)]
+    opt = SphericalSGD(params, lr=LR, beta=0.9, fused=False)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(1, 64, generator=gen).to(device)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    for p in params:  # the state moves on after the save
+        p.grad = torch.randn(1, 64, generator=gen).to(device)
+    opt.step()
+    opt.load_state_dict(saved)
+    before = [p.detach().clone() for p in params]
+    grads = [torch.randn(1, 64, generator=gen).to(device) for _ in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    for k, (p, v, g) in enumerate(zip(params, before, grads)):
+        s_saved = saved["state"][k]["s"].to(device)
+        ref, ref_s = spherical_sgd_step_reference(v, g, s_saved, 3, lr=LR, beta=0.9)
+        torch.testing.assert_close(p.detach(), ref, atol=FP32_ATOL, rtol=0)
+        torch.testing.assert_close(opt.state[p]["s"], ref_s, rtol=1e-5, atol=0)
+        assert int(opt.state[p]["step"]) == 3
+
+
+def test_cpu_runs_restore_the_thread_count(helpers):
+    # A CPU run of several params steps on one thread (see optim._one_thread); the caller's
+    # intra-op thread count is back afterwards, and the step is the reference's.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        problem = helpers.make_problem([(4, 64)] * 6, 2, seed=44, with_prior=True)
+        kw = dict(dtype=torch.float32, device="cpu", lr=LR, kappa=1e-2, beta=0.9)
+        params, opt = helpers.run_optimizer(problem, fused=False, **kw)
+        assert torch.get_num_threads() == 2
+        helpers.assert_matches_reference(
+            params, opt, helpers.run_reference(problem, **kw), atol=FP32_ATOL, s_rtol=S_RTOL[torch.float32]
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_steps_in_two_threads_restore_the_thread_count(helpers):
+    # Steps of two optimizers in two Python threads at once: the process-wide thread count
+    # is the caller's again when both are done (each reads it outside the other's run).
+    import threading
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        opts = []
+        for seed in (45, 46):
+            gen = torch.Generator().manual_seed(seed)
+            params = [torch.nn.Parameter(helpers.unit_rows((2, 64), gen)) for _ in range(20)]
+            for p in params:
+                p.grad = torch.randn(2, 64, generator=gen)
+            opts.append(SphericalSGD(params, lr=LR, fused=False))
+
+        def steps(opt):
+            for _ in range(50):
+                opt.step()
+
+        workers = [threading.Thread(target=steps, args=(opt,)) for opt in opts]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_runs_without_scoped_threads_are_cut_at_the_grain(helpers, monkeypatch):
+    # Where torch's thread count cannot be changed during work (a non-OpenMP ATen pool),
+    # runs of several params are cut below ATen's grain instead, and the step is the same.
+    monkeypatch.setattr(optim_mod, "_threads_can_be_scoped", lambda: False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        problem = helpers.make_problem([(64, 768)] * 4, 2, seed=47)
+        kw = dict(dtype=torch.float32, device="cpu", lr=LR, beta=0.9)
+        params, opt = helpers.run_optimizer(problem, fused=False, **kw)
+        plan = next(v for k, v in opt._cache.items() if k[0] == "plan")
+        assert sum(len(b.runs) for b in plan.buckets) == 4  # 64 x 768 > the grain: one param per run
+        helpers.assert_matches_reference(
+            params, opt, helpers.run_reference(problem, **kw), atol=FP32_ATOL, s_rtol=S_RTOL[torch.float32]
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_vectorized_step_leaves_normal_tensors_and_counts_versions(helpers):
+    # The vectorized runs go through inference mode: params and state must stay normal
+    # tensors (usable in place and by autograd afterwards) and the writes must be counted.
+    gen = torch.Generator().manual_seed(48)
+    params = [torch.nn.Parameter(helpers.unit_rows((2, 64), gen)) for _ in range(5)]
+    priors = [helpers.unit_rows((2, 64), gen) for _ in range(5)]
+    opt = SphericalSGD([{"params": params, "prior": priors}], lr=LR, kappa=1e-2, beta=0.9, fused=False)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(2, 64, generator=gen)
+        versions = [p._version for p in params]
+        opt.step()
+        assert all(p._version > v for p, v in zip(params, versions))
+    for p in params:
+        st = opt.state[p]
+        assert not any(t.is_inference() for t in (p, st["s"], st["step"], st["prior"]))
+        st["s"].mul_(1.0)
+        st["prior"].copy_(st["prior"])
+    (params[0].sum() * 2).backward()  # autograd still works on the stepped params
+    assert params[0].grad is not None
