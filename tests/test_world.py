@@ -83,8 +83,17 @@ def test_concepts_are_unseen_but_between_named_things():
         assert all(abs(m - (x + y) / 2) <= 0.5 for m, x, y in zip(mid, R.COLOURS[a], R.COLOURS[b]))
 
 
-def test_pyramid_noise_is_unit_and_hides_the_mean():
-    from dti_fast.world.base import pyramid_noise
+def test_training_noise_hides_the_mean():
+    from dti_fast.world.base import BuildConfig, pyramid_noise, training_noise
+
+    gen = torch.Generator().manual_seed(0)
+    white = torch.randn((256, 4, 16, 16), generator=gen)
+    off = training_noise((256, 4, 16, 16), gen, BuildConfig(offset_noise=0.3))
+    # per-channel means (what the background colour is made of): std 1/16 in white noise, ~0.31 with the offset
+    assert white.mean(dim=(2, 3)).std() < 0.08 and 0.25 < off.mean(dim=(2, 3)).std() < 0.4
+    assert 0.9 < off.std() < 1.15  # the white part keeps its full power
+    plain = training_noise((2, 4, 16, 16), torch.Generator().manual_seed(1), BuildConfig(offset_noise=0.0))
+    assert torch.equal(plain, torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(1)))
 
     gen = torch.Generator().manual_seed(0)
     white = torch.randn((256, 4, 16, 16), generator=gen)
@@ -145,7 +154,7 @@ def test_build_base_tiny(tmp_path):
     assert (out / "world_scorer" / "scorer.safetensors").is_file()
     summary = json.loads((out / "world_build.json").read_text())
     assert summary["steps_done"] == 2 and summary["zero_rows"] > 0
-    assert summary["scorer_parallel"] and summary["config"]["pyramid"] > 0 and summary["config"]["ema"] > 0
+    assert summary["scorer_parallel"] and summary["config"]["offset_noise"] > 0 and summary["config"]["ema"] > 0
     # the scorer trained beside the base model in its own process equals one trained here, serially
     from safetensors.torch import load_file
 

@@ -26,7 +26,7 @@ from ..data import OBJECT_TEMPLATES, STYLE_TEMPLATES
 from . import render as R
 from .tokenizer import MAX_LENGTH, word_ids, write_tokenizer
 
-WORLD_VERSION = 2  # 2: pyramid noise + weight average, concepts between named things
+WORLD_VERSION = 2  # 2: concepts between named things (and their scorer)
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "world_base"
 
 
@@ -44,22 +44,33 @@ class BuildConfig:
     resume_from: str | None = None  # continue a built model: its VAE is kept, text encoder + UNet train on
     minutes: float | None = None  # wall budget of the UNet stage: the step count shrinks to fit (logged)
     vae_minutes: float | None = None  # the same for the VAE stage
-    pyramid: float = 0.8  # multi-resolution ("pyramid") training noise: weight ratio per octave; 0 = white
+    offset_noise: float = 0.3  # std of a per-sample, per-channel constant added to the training noise (0 = off)
+    pyramid: float = 0.0  # instead: multi-resolution training noise, weight ratio per coarser octave (0 = off)
     ema: float = 0.999  # decay of the weight average that is saved (0 = save the raw weights)
 
 
-def pyramid_noise(shape, gen: torch.Generator, discount: float) -> torch.Tensor:
-    """Gaussian noise with extra power at low spatial frequencies, unit variance per sample.
+def training_noise(shape, gen: torch.Generator, cfg: BuildConfig) -> torch.Tensor:
+    """The base model's training noise: white, plus what hides an image's low frequencies from the model.
 
-    White noise at the sampler's first step still leaves an image's mean colour and layout readable
-    in a training sample's noisy latent (SD's schedule keeps 7 % of the signal at t = 999, and a
-    16x16 latent averages 256 pixels), so a model trained with white noise learns to read the
-    background colour and the positions from the noise it is given instead of from the caption, and
-    at sampling time takes them from the random start (measured: the background colour of a v1 world
-    model followed the caption 12 % of the time, chance). Noise added at every coarser octave
-    (weights ``discount``, ``discount**2``, ...) hides those low frequencies, so the caption must decide
-    them. The sampler still starts from white noise.
+    With white noise, SD's schedule leaves 7 % of the signal in the noisiest sample (t = 999) and a
+    16x16 latent averages 256 pixels, so the image's mean colour stays readable in the noisy input:
+    a model learns to take the background colour from the noise it is given instead of from the
+    caption, and at sampling time takes it from the random start (the v1 model's background colour
+    followed the caption in 12 % of held-out prompts: chance). Offset noise (a constant per sample
+    and channel, std ``cfg.offset_noise``) hides the mean; ``cfg.pyramid`` adds every coarser octave
+    instead (then renormalised). The sampler still starts from white noise.
     """
+    if cfg.pyramid:
+        return pyramid_noise(shape, gen, cfg.pyramid)
+    noise = torch.randn(shape, generator=gen)
+    if cfg.offset_noise:
+        noise = noise + cfg.offset_noise * torch.randn((shape[0], shape[1], 1, 1), generator=gen)
+    return noise
+
+
+def pyramid_noise(shape, gen: torch.Generator, discount: float) -> torch.Tensor:
+    """Gaussian noise with extra power at every coarser octave (weights ``discount``, ``discount**2``, ...),
+    renormalised to unit variance per sample (so its white part is weaker than the sampler's start)."""
     b, c, h, w = shape
     n = torch.randn(shape, generator=gen)
     weight, size = 1.0, h // 2
@@ -335,7 +346,7 @@ def build_base(out, cfg: BuildConfig | None = None, log: Callable = print, fp16:
         caps = ["" if rng.random() < cfg.empty_caption else training_caption(specs[i], rng) for i in idx.tolist()]
         ids = tok(caps, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
         x0 = latents[idx]
-        noise = pyramid_noise(x0.shape, gen, cfg.pyramid) if cfg.pyramid else torch.randn(x0.shape, generator=gen)
+        noise = training_noise(x0.shape, gen, cfg)
         ts = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
         a = acp[ts].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise

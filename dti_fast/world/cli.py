@@ -87,9 +87,15 @@ def add_world_parser(sub) -> None:
     p.add_argument("--steps", type=int, help=f"text encoder + UNet steps (default {d.steps})")
     p.add_argument("--batch", type=int, help=f"text encoder + UNet batch (default {d.batch})")
     p.add_argument(
+        "--offset-noise",
+        type=float,
+        help=f"std of a per-image, per-channel constant added to the training noise (default {d.offset_noise}; "
+        "0: white noise)",
+    )
+    p.add_argument(
         "--pyramid",
         type=float,
-        help=f"multi-resolution training noise, weight ratio per coarser octave (default {d.pyramid}; 0: white noise)",
+        help="instead of offset noise: noise at every coarser octave, this weight ratio per octave (default off)",
     )
     p.add_argument("--ema", type=float, help=f"decay of the saved weight average (default {d.ema}; 0: raw weights)")
     p.add_argument("--minutes", type=float, help="wall budget of the UNet stage: fewer steps if needed (logged)")
