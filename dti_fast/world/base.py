@@ -200,7 +200,7 @@ def train_vae(
             log(f"vae step {step}/{total} l1 {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
         step += 1
     vae.eval()
-    return float(loss), total
+    return loss.item(), total
 
 
 @torch.no_grad()
@@ -360,7 +360,8 @@ def build_base(out, cfg: BuildConfig | None = None, log: Callable = print, fp16:
         if avg is not None:  # warm-started decay, so early steps are not averaged with the random init
             with torch.no_grad():
                 torch._foreach_lerp_(avg, params, 1.0 - min(cfg.ema, (1 + step) / (10 + step)))
-        loss_avg = float(loss) if loss_avg is None else 0.98 * loss_avg + 0.02 * float(loss)
+        value = loss.item()
+        loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
         if step % 100 == 0 or step == total - 1:
             el = time.perf_counter() - t
             log(
