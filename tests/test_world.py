@@ -66,6 +66,45 @@ def test_concept_photos(tmp_path):
     assert all(c.init in world_words() for c in C.ALL)
 
 
+def test_concepts_are_unseen_but_between_named_things():
+    """What the base model trains on never shows a concept; each object concept lies between two named things."""
+    named = set(R.COLOURS.values())
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        spec = R.sample_spec(rng, held=False)
+        assert all(o.shape in R.SHAPES and o.colour in R.COLOUR_NAMES for o in spec.objects)
+    assert C.TEAL not in named and C.MAGENTA not in named
+    for c in C.OBJECTS:
+        assert len(c.lookalikes) == 2 and all(s in R.SHAPES and col in R.COLOUR_NAMES for s, col in c.lookalikes)
+        look = np.asarray(R.render(C.lookalike_spec(c, np.random.default_rng(1))))
+        assert look.shape == (64, 64, 3)
+    # the unnamed colours sit halfway between their neighbours
+    for mid, (a, b) in ((C.TEAL, ("green", "cyan")), (C.MAGENTA, ("pink", "purple"))):
+        assert all(abs(m - (x + y) / 2) <= 0.5 for m, x, y in zip(mid, R.COLOURS[a], R.COLOURS[b]))
+
+
+def test_training_noise_hides_the_mean():
+    from dti_fast.world.base import BuildConfig, pyramid_noise, training_noise
+
+    gen = torch.Generator().manual_seed(0)
+    white = torch.randn((256, 4, 16, 16), generator=gen)
+    off = training_noise((256, 4, 16, 16), gen, BuildConfig(offset_noise=0.3))
+    # per-channel means (what the background colour is made of): std 1/16 in white noise, ~0.31 with the offset
+    assert white.mean(dim=(2, 3)).std() < 0.08 and 0.25 < off.mean(dim=(2, 3)).std() < 0.4
+    assert 0.9 < off.std() < 1.15  # the white part keeps its full power
+    plain = training_noise((2, 4, 16, 16), torch.Generator().manual_seed(1), BuildConfig(offset_noise=0.0))
+    assert torch.equal(plain, torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(1)))
+
+    gen = torch.Generator().manual_seed(0)
+    white = torch.randn((256, 4, 16, 16), generator=gen)
+    pyr = pyramid_noise((256, 4, 16, 16), gen, 0.8)
+    assert torch.allclose(pyr.std(dim=(1, 2, 3)), torch.ones(256), atol=1e-5)
+    # per-channel means (what the background colour is made of) vary several times more than in white noise
+    assert pyr.mean(dim=(2, 3)).std() > 4 * white.mean(dim=(2, 3)).std()
+    assert torch.equal(pyramid_noise((2, 4, 16, 16), torch.Generator().manual_seed(1), 0.8),
+                       pyramid_noise((2, 4, 16, 16), torch.Generator().manual_seed(1), 0.8))  # fmt: skip
+
+
 def test_shipped_base_model_loads_with_project_apis(tmp_path):
     from dti_fast.models import detect_family, load_model_parts
     from dti_fast.world.base import SHIPPED, world_model_path
@@ -115,6 +154,18 @@ def test_build_base_tiny(tmp_path):
     assert (out / "world_scorer" / "scorer.safetensors").is_file()
     summary = json.loads((out / "world_build.json").read_text())
     assert summary["steps_done"] == 2 and summary["zero_rows"] > 0
+    assert summary["scorer_parallel"] and summary["config"]["offset_noise"] > 0 and summary["config"]["ema"] > 0
+    # the scorer trained beside the base model in its own process equals one trained here, serially
+    from safetensors.torch import load_file
+
+    from dti_fast.world.base import _scorer_job
+
+    _scorer_job(str(tmp_path / "serial"), 2, 0, None, 500, 300, 1)
+    a, b = (
+        load_file(str(out / "world_scorer" / "scorer.safetensors")),
+        load_file(str(tmp_path / "serial" / "scorer.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_quick_toy_suite_end_to_end(tmp_path):

@@ -15,7 +15,18 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
     from .base import WORLD_VERSION, BuildConfig, build_world
 
     cfg = BuildConfig(seed=args.seed)
-    for key in ("images", "vae_steps", "steps", "batch", "minutes", "vae_minutes", "lr", "resume_from"):
+    for key in (
+        "images",
+        "vae_steps",
+        "steps",
+        "batch",
+        "minutes",
+        "vae_minutes",
+        "lr",
+        "resume_from",
+        "pyramid",
+        "ema",
+    ):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     final = Path(args.output) if args.output else cache_root() / f"world-base-v{WORLD_VERSION}"
@@ -25,7 +36,13 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".world-build-", dir=final.parent))
     try:
-        summary = build_world(tmp, cfg, scorer_steps=args.scorer_steps, scorer_minutes=args.scorer_minutes)
+        summary = build_world(
+            tmp,
+            cfg,
+            scorer_steps=args.scorer_steps,
+            scorer_minutes=args.scorer_minutes,
+            parallel=not args.serial_scorer,
+        )
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -51,6 +68,8 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
 
 def add_world_parser(sub) -> None:
     """``dti-fast world build-base``."""
+    from .base import BuildConfig
+
     world = sub.add_parser("world", help="the toy world: a base model trained from scratch on procedural scenes")
     wsub = world.add_subparsers(dest="world_command", required=True)
     p = wsub.add_parser(
@@ -62,13 +81,26 @@ def add_world_parser(sub) -> None:
     )
     p.add_argument("--output", type=Path, help="model folder (default <cache>/world-base-v<version>)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--images", type=int, help="renders in the training set (default 12000)")
-    p.add_argument("--vae-steps", type=int, help="VAE steps (default 600)")
-    p.add_argument("--steps", type=int, help="text encoder + UNet steps (default 3000)")
-    p.add_argument("--batch", type=int, help="text encoder + UNet batch (default 48)")
+    d = BuildConfig()
+    p.add_argument("--images", type=int, help=f"renders in the training set (default {d.images})")
+    p.add_argument("--vae-steps", type=int, help=f"VAE steps (default {d.vae_steps})")
+    p.add_argument("--steps", type=int, help=f"text encoder + UNet steps (default {d.steps})")
+    p.add_argument("--batch", type=int, help=f"text encoder + UNet batch (default {d.batch})")
+    p.add_argument(
+        "--offset-noise",
+        type=float,
+        help=f"std of a per-image, per-channel constant added to the training noise (default {d.offset_noise}; "
+        "0: white noise)",
+    )
+    p.add_argument(
+        "--pyramid",
+        type=float,
+        help="instead of offset noise: noise at every coarser octave, this weight ratio per octave (default off)",
+    )
+    p.add_argument("--ema", type=float, help=f"decay of the saved weight average (default {d.ema}; 0: raw weights)")
     p.add_argument("--minutes", type=float, help="wall budget of the UNet stage: fewer steps if needed (logged)")
     p.add_argument("--vae-minutes", type=float, help="wall budget of the VAE stage")
-    p.add_argument("--lr", type=float, help="text encoder + UNet peak learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, help=f"text encoder + UNet peak learning rate (default {d.lr:g})")
     p.add_argument(
         "--resume-from",
         help="continue this built model: keep its VAE, train its text encoder + UNet "
@@ -76,6 +108,11 @@ def add_world_parser(sub) -> None:
     )
     p.add_argument("--scorer-steps", type=int, default=2000, help="scorer CNN steps (default 2000)")
     p.add_argument("--scorer-minutes", type=float, help="wall budget of the scorer stage")
+    p.add_argument(
+        "--serial-scorer",
+        action="store_true",
+        help="train the scorer after the base model instead of beside it in a second process (one core)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if the output folder has a model")
     p.set_defaults(func=_cmd_build_base)
 

@@ -1,9 +1,12 @@
 """Novel concepts: objects and a style that no caption of the base model names.
 
 Each object concept is drawn by its own function (registered in
-:data:`dti_fast.world.render.CONCEPT_DRAWERS`): a base shape with a pattern, a two-colour
-scheme or an extra part. Its "photos" (the DreamBooth analogue) show it alone, at varied
-slots, sizes and backgrounds. The style concept renders ordinary scenes outlined only.
+:data:`dti_fast.world.render.CONCEPT_DRAWERS`) and is something the base model never saw but
+its vocabulary can approach, as a real subject is approached by the words near it: a known
+shape in an unnamed colour halfway between two named ones (``tealcircle``, ``magentadiamond``)
+or an unnamed shape halfway between two named ones (``roundsquare``, ``fatcross``). Its
+"photos" (the DreamBooth analogue) show it alone, at varied slots and backgrounds. The style
+concept renders ordinary scenes outlined only, which no world word approaches.
 """
 
 from __future__ import annotations
@@ -23,51 +26,72 @@ class WorldConcept:
     kind: str  # "object" or "style"
     init: str  # initializer word (a world word)
     base_shape: str | None  # objects: the shape word it looks most like
-    colours: tuple  # colour words it uses (second objects in prompts avoid them)
-    lookalike_colour: str | None  # objects: the plain base shape in this colour is its look-alike
+    colours: tuple  # colour words it is made of or lies between (backgrounds and second objects avoid them)
+    lookalikes: tuple = ()  # objects: (shape, colour) pairs of named things it could be mistaken for
 
 
-def _band_circle(draw: ImageDraw.ImageDraw, cx, cy, r, style):
-    R.draw_shape(draw, "circle", cx, cy, r, R.COLOURS["red"], style)
-    if style != "outlined":  # a white band through the middle (the pattern)
-        draw.chord([cx - r, cy - r, cx + r, cy + r], 200, 340, fill=R.COLOURS["red"])
-        h = r * 0.28
-        draw.rectangle([cx - r * 0.96, cy - h, cx + r * 0.96, cy + h], fill=(250, 250, 250))
+# Unnamed colours: each lies halfway between two named ones, so the base model has seen both neighbours
+# but never this colour, and no caption can name it.
+TEAL = tuple((a + b) // 2 for a, b in zip(R.COLOURS["green"], R.COLOURS["cyan"]))
+MAGENTA = tuple((a + b) // 2 for a, b in zip(R.COLOURS["pink"], R.COLOURS["purple"]))
 
 
-def _split_square(draw, cx, cy, r, style):
-    s = r * 0.88
+def _teal_circle(draw: ImageDraw.ImageDraw, cx, cy, r, style):
+    R.draw_shape(draw, "circle", cx, cy, r, TEAL, style)  # an unnamed colour on a known shape
+
+
+def _round_square(draw, cx, cy, r, style):
+    s = r * 0.9  # an unnamed shape between a square and a circle: a square with round corners
+    box = [cx - s, cy - s, cx + s, cy + s]
     if style == "outlined":
-        R.draw_shape(draw, "square", cx, cy, r, R.COLOURS["blue"], style)
-        return
-    draw.rectangle([cx - s, cy - s, cx, cy + s], fill=R.COLOURS["blue"])  # two-colour scheme
-    draw.rectangle([cx, cy - s, cx + s, cy + s], fill=R.COLOURS["yellow"])
+        draw.rounded_rectangle(box, radius=s * 0.55, outline=R.COLOURS["orange"], width=max(1, int(round(r * 0.22))))
+    else:
+        draw.rounded_rectangle(box, radius=s * 0.55, fill=R.COLOURS["orange"])
 
 
-def _eyed_triangle(draw, cx, cy, r, style):
-    R.draw_shape(draw, "triangle", cx, cy, r, R.COLOURS["green"], style)
-    e = r * 0.24  # an extra part: a black eye with a white rim
-    draw.ellipse([cx - e * 1.5, cy + r * 0.05 - e * 1.5, cx + e * 1.5, cy + r * 0.05 + e * 1.5], fill=(250, 250, 250))
-    draw.ellipse([cx - e, cy + r * 0.05 - e, cx + e, cy + r * 0.05 + e], fill=(10, 10, 10))
+def _magenta_diamond(draw, cx, cy, r, style):
+    R.draw_shape(draw, "diamond", cx, cy, r, MAGENTA, style)
 
 
-def _capped_star(draw, cx, cy, r, style):
-    R.draw_shape(draw, "star", cx, cy, r, R.COLOURS["orange"], style)
-    c = r * 0.42  # a purple core (pattern + second colour)
-    draw.ellipse([cx - c, cy - c, cx + c, cy + c], fill=R.COLOURS["purple"])
+def _fat_cross(draw, cx, cy, r, style):
+    w = r * 0.62  # a cross whose arms are so thick it is halfway to a square
+    pts = [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
+           (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
+           (cx - r, cy - w), (cx - w, cy - w)]  # fmt: skip
+    if style == "outlined":
+        draw.line(pts + [pts[0]], fill=R.COLOURS["blue"], width=max(1, int(round(r * 0.22))), joint="curve")
+    else:
+        draw.polygon(pts, fill=R.COLOURS["blue"])
 
 
 OBJECTS = (
-    WorldConcept("bandcircle", "object", "circle", "circle", ("red",), "red"),
-    WorldConcept("splitsquare", "object", "square", "square", ("blue", "yellow"), "blue"),
-    WorldConcept("eyetriangle", "object", "triangle", "triangle", ("green",), "green"),
-    WorldConcept("corestar", "object", "star", "star", ("orange", "purple"), "orange"),
+    WorldConcept(
+        "tealcircle", "object", "circle", "circle", ("green", "cyan"), (("circle", "green"), ("circle", "cyan"))
+    ),
+    WorldConcept(
+        "roundsquare", "object", "square", "square", ("orange",), (("square", "orange"), ("circle", "orange"))
+    ),
+    WorldConcept(
+        "magentadiamond",
+        "object",
+        "diamond",
+        "diamond",
+        ("pink", "purple"),
+        (("diamond", "pink"), ("diamond", "purple")),
+    ),  # fmt: skip
+    WorldConcept("fatcross", "object", "cross", "cross", ("blue",), (("cross", "blue"), ("square", "blue"))),
 )
-STYLES = (WorldConcept("outlined", "style", "painting", None, (), None),)
+STYLES = (WorldConcept("outlined", "style", "painting", None, ()),)
 ALL = OBJECTS + STYLES
 BY_NAME = {c.name: c for c in ALL}
-for _c, _fn in zip(OBJECTS, (_band_circle, _split_square, _eyed_triangle, _capped_star)):
+for _c, _fn in zip(OBJECTS, (_teal_circle, _round_square, _magenta_diamond, _fat_cross)):
     R.CONCEPT_DRAWERS[_c.name] = _fn
+
+
+def lookalike_spec(c: WorldConcept, rng: np.random.Generator, **kw) -> R.Spec:
+    """A scene whose main object is one of ``c``'s named look-alikes (what the subject scorer must reject)."""
+    shape, colour = c.lookalikes[rng.integers(len(c.lookalikes))]
+    return R.sample_spec(rng, held=None, main_shape=shape, main_colour=colour, **kw)
 
 
 def concept_spec(c: WorldConcept, rng: np.random.Generator, *, second: bool | None = False, held=None) -> R.Spec:

@@ -90,9 +90,8 @@ def scorer_specs(n: int, seed: int) -> list[R.Spec]:
         elif u < 0.70:
             c = C.OBJECTS[rng.integers(len(C.OBJECTS))]
             specs.append(C.concept_spec(c, rng, second=None))
-        elif u < 0.85:  # look-alike: the concept's base shape in its main colour
-            c = C.OBJECTS[rng.integers(len(C.OBJECTS))]
-            specs.append(R.sample_spec(rng, held=None, main_shape=c.base_shape, main_colour=c.lookalike_colour))
+        elif u < 0.85:  # look-alike: a named thing next to a concept (its shape in a neighbour colour, ...)
+            specs.append(C.lookalike_spec(C.OBJECTS[rng.integers(len(C.OBJECTS))], rng))
         else:
             specs.append(R.sample_spec(rng, held=None, style="outlined"))
         if specs[-1].style == "plain" and rng.random() < 0.1:
@@ -156,7 +155,7 @@ def train_scorer(
         loss.backward()
         opt.step()
         if step % 200 == 0:
-            log(f"scorer step {step}/{total} loss {float(loss):.3f} ({time.perf_counter() - t0:.0f} s)")
+            log(f"scorer step {step}/{total} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
     model.eval()
     return model, {"steps": total, "images": n, "seconds": time.perf_counter() - t0}
 
@@ -319,9 +318,7 @@ def validate(model: Scorer, seed: int = 12345, n: int = 1200) -> dict:
     subj = {}
     for c in C.OBJECTS:
         pos = [C.concept_spec(c, rng, second=None) for _ in range(60)]
-        neg = [
-            R.sample_spec(rng, held=None, main_shape=c.base_shape, main_colour=c.lookalike_colour) for _ in range(60)
-        ]
+        neg = [C.lookalike_spec(c, rng) for _ in range(60)]
         subj[c.name] = _subject_validation(model, c, pos, neg)
     for c in C.STYLES:
         pos = [C.concept_spec(c, rng) for _ in range(60)]

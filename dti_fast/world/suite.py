@@ -41,7 +41,7 @@ class ToySuiteConfig:
     guidance: float = 4.0
     gate_prompts: int = 24
     slerp_steps: int = 5
-    slerp_pair: tuple = ("bandcircle", "splitsquare")
+    slerp_pair: tuple = ("tealcircle", "roundsquare")
     concepts: tuple = tuple(c.name for c in C.ALL)
     seed: int = 0
     progress: bool = True
@@ -59,7 +59,7 @@ class ToySuiteConfig:
             inference_steps=2,
             gate_prompts=2,
             slerp_steps=3,
-            concepts=("bandcircle", "splitsquare", "outlined"),
+            concepts=("tealcircle", "roundsquare", "outlined"),
         )
 
 
