@@ -14,7 +14,6 @@ as far as those look like renders.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -161,17 +160,15 @@ def train_scorer(
 
 
 def save_scorer(model: Scorer, folder: Path, meta: dict) -> None:
-    from safetensors.torch import save_file
+    """The scorer's weights (fp16 safetensors) and ``scorer.json`` (classes, training, validation), atomically."""
+    from ..io import save_safetensors, write_json
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.detach().half().contiguous() for k, v in model.state_dict().items() if v.is_floating_point()},
-        str(folder / "scorer.safetensors"),
+    save_safetensors(
+        {k: v.detach().half() for k, v in model.state_dict().items() if v.is_floating_point()},
+        folder / "scorer.safetensors",
     )
-    (folder / "scorer.json").write_text(
-        json.dumps({"shape_classes": SHAPE_CLASSES, "colour_classes": COLOUR_CLASSES, **meta}, indent=2) + "\n",
-        encoding="utf-8",
-    )
+    write_json({"shape_classes": SHAPE_CLASSES, "colour_classes": COLOUR_CLASSES, **meta}, folder / "scorer.json")
 
 
 def load_scorer(folder: Path) -> Scorer:
