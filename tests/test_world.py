@@ -145,6 +145,10 @@ def test_build_base_tiny(tmp_path):
         "4",
         "--scorer-steps",
         "2",
+        "--offset-noise",
+        "0.3",
+        "--ema",
+        "0.999",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -154,7 +158,7 @@ def test_build_base_tiny(tmp_path):
     assert (out / "world_scorer" / "scorer.safetensors").is_file()
     summary = json.loads((out / "world_build.json").read_text())
     assert summary["steps_done"] == 2 and summary["zero_rows"] > 0
-    assert summary["scorer_parallel"] and summary["config"]["offset_noise"] > 0 and summary["config"]["ema"] > 0
+    assert summary["scorer_parallel"] and summary["config"]["offset_noise"] == 0.3 and summary["config"]["ema"] == 0.999
     # the scorer trained beside the base model in its own process equals one trained here, serially
     from safetensors.torch import load_file
 

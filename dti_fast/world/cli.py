@@ -24,6 +24,7 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
         "vae_minutes",
         "lr",
         "resume_from",
+        "offset_noise",
         "pyramid",
         "ema",
     ):
@@ -89,15 +90,15 @@ def add_world_parser(sub) -> None:
     p.add_argument(
         "--offset-noise",
         type=float,
-        help=f"std of a per-image, per-channel constant added to the training noise (default {d.offset_noise}; "
-        "0: white noise)",
+        help="std of a per-image, per-channel constant added to the training noise, e.g. 0.3 (default: white "
+        "noise, the shipped model's recipe)",
     )
     p.add_argument(
         "--pyramid",
         type=float,
         help="instead of offset noise: noise at every coarser octave, this weight ratio per octave (default off)",
     )
-    p.add_argument("--ema", type=float, help=f"decay of the saved weight average (default {d.ema}; 0: raw weights)")
+    p.add_argument("--ema", type=float, help="save a weight average with this decay, e.g. 0.999 (default: raw weights)")
     p.add_argument("--minutes", type=float, help="wall budget of the UNet stage: fewer steps if needed (logged)")
     p.add_argument("--vae-minutes", type=float, help="wall budget of the VAE stage")
     p.add_argument("--lr", type=float, help=f"text encoder + UNet peak learning rate (default {d.lr:g})")
