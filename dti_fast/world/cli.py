@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 
@@ -14,22 +15,10 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
     from ..models import cache_root
     from .base import WORLD_VERSION, BuildConfig, build_world
 
-    cfg = BuildConfig(seed=args.seed)
-    for key in (
-        "images",
-        "vae_steps",
-        "steps",
-        "batch",
-        "minutes",
-        "vae_minutes",
-        "lr",
-        "resume_from",
-        "offset_noise",
-        "pyramid",
-        "ema",
-    ):
-        if getattr(args, key) is not None:
-            setattr(cfg, key, getattr(args, key))
+    cfg = BuildConfig()
+    for f in fields(BuildConfig):  # every BuildConfig field that has a flag and was given
+        if getattr(args, f.name, None) is not None:
+            setattr(cfg, f.name, getattr(args, f.name))
     final = Path(args.output) if args.output else cache_root() / f"world-base-v{WORLD_VERSION}"
     if (final / "model_index.json").is_file() and not args.force:
         print(f"{final} exists; --force rebuilds it")
