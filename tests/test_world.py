@@ -171,19 +171,49 @@ def test_build_base_tiny(tmp_path):
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    # a second stage on top of it, with zero terminal SNR and v-prediction: saved in the scheduler config
+    out2 = tmp_path / "wb2"
+    cmd2 = cmd[:6] + [str(out2), "--images", "64", "--steps", "2", "--batch", "4", "--scorer-steps", "2"]
+    res = subprocess.run(cmd2 + ["--resume-from", str(out), "--zero-snr"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out2 / "world_build.json").read_text())
+    assert summary["config"]["zero_snr"] and summary["resumed_from"]["folder"] == str(out)
+    sched = json.loads((out2 / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["rescale_betas_zero_snr"] and sched["prediction_type"] == "v_prediction"
+    assert sched["timestep_spacing"] == "trailing"
+    # the trainer's scheduler: the last step is pure noise and the target there is -x0
+    from dti_fast.families import family_of
+    from dti_fast.models import load_model_parts
+
+    parts = load_model_parts(out2)
+    fam = family_of("sd")
+    assert float(parts.noise_scheduler.alphas_cumprod[-1]) == 0.0
+    x0, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    noisy, target, _ = fam.noisy_and_target(parts.noise_scheduler, x0, noise, torch.tensor([999, 999]))
+    assert torch.allclose(noisy, noise) and torch.allclose(target, -x0)
+    # the sampler keeps the model's schedule: DDIM on trailing steps, starting at t = 999
+    from dti_fast.generate import load_pipeline
+
+    pipe = load_pipeline(str(out2), device="cpu", dtype="fp32")
+    pipe.scheduler.set_timesteps(20)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and int(pipe.scheduler.timesteps[0]) == 999
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+
 
 def test_quick_toy_suite_end_to_end(tmp_path):
     from dti_fast.cli import main
 
     assert main(["suite", "--world", "toy", "--quick", "--output", str(tmp_path / "s")]) == 0
     report = json.loads((tmp_path / "s" / "report.json").read_text())
-    assert set(report["table"]) == {"ti", "ti-rescaled", "dti"}
+    assert set(report["table"]) == {"ti", "ti-rescaled", "dti", "dti-xinit"}
     assert report["scorer_validation"]["text_fidelity_on_renders"] > 0.9
     m_star = report["m_star"]
     for norms in report["norms"]["dti"].values():
         assert all(abs(n - m_star) < 1e-3 for n in norms)
-    for norms in report["norms"]["ti-rescaled"].values():
-        assert all(abs(n - m_star) < 1e-3 for n in norms)
+    for method in ("ti-rescaled", "dti-xinit"):
+        for norms in report["norms"][method].values():
+            assert all(abs(n - m_star) < 1e-3 for n in norms)
+    assert "DTI + CrossInit" in (tmp_path / "s" / "report.md").read_text()
     for name in ("text_by_level", "norms_encoder1", "tradeoff", "slerp_curve"):
         assert (tmp_path / "s" / "plots" / f"{name}.png").is_file()
     md = (tmp_path / "s" / "report.md").read_text()

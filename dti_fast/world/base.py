@@ -26,7 +26,7 @@ from ..data import OBJECT_TEMPLATES, STYLE_TEMPLATES
 from . import render as R
 from .tokenizer import MAX_LENGTH, word_ids, write_tokenizer
 
-WORLD_VERSION = 2  # 2: concepts between named things (and their scorer)
+WORLD_VERSION = 3  # 2: concepts between named things (and their scorer); 3: zero-terminal-SNR base model
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "world_base"
 
 
@@ -48,6 +48,21 @@ class BuildConfig:
     offset_noise: float = 0.0  # std of a per-sample, per-channel constant added to the training noise (0 = off)
     pyramid: float = 0.0  # instead: multi-resolution training noise, weight ratio per coarser octave (0 = off)
     ema: float = 0.0  # decay of a weight average saved instead of the raw weights (0 = off; e.g. 0.999)
+    # Zero terminal SNR (betas rescaled so t = 999 is pure noise) with v-prediction, sampled on
+    # trailing timesteps: nothing of the image survives at the start, so the layout has to come
+    # from the caption (README: what it measured). Saved in the folder's scheduler config.
+    zero_snr: bool = False
+
+
+def scheduler_config(cfg: BuildConfig) -> dict:
+    """The model's scheduler config: SD 1.x's, or with ``cfg.zero_snr`` rescaled betas, v-prediction, trailing."""
+    from ..models import SD_SCHEDULER_CONFIG
+
+    if not cfg.zero_snr:
+        return dict(SD_SCHEDULER_CONFIG)
+    return dict(
+        SD_SCHEDULER_CONFIG, rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"
+    )
 
 
 def training_noise(shape, gen: torch.Generator, cfg: BuildConfig) -> torch.Tensor:
@@ -212,7 +227,7 @@ def encode_all(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
     return torch.cat(out)
 
 
-def write_folder(out: Path, vae, te, unet, tok, extra: dict) -> Path:
+def write_folder(out: Path, vae, te, unet, tok, extra: dict, scheduler: dict | None = None) -> Path:
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     from ..models import SD_SCHEDULER_CONFIG, prefix_text_encoder_keys
@@ -222,7 +237,7 @@ def write_folder(out: Path, vae, te, unet, tok, extra: dict) -> Path:
         text_encoder=te,
         tokenizer=tok,
         unet=unet,
-        scheduler=DDPMScheduler(**SD_SCHEDULER_CONFIG),
+        scheduler=DDPMScheduler(**(scheduler or SD_SCHEDULER_CONFIG)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -241,8 +256,6 @@ def write_folder(out: Path, vae, te, unet, tok, extra: dict) -> Path:
 def build_base(out, cfg: BuildConfig | None = None, log: Callable = print, fp16: bool = True) -> dict:
     """Train the base model into folder ``out``; returns a summary (losses, wall times)."""
     from diffusers import DDPMScheduler
-
-    from ..models import SD_SCHEDULER_CONFIG
 
     cfg = cfg or BuildConfig()
     out = Path(out)
@@ -315,7 +328,7 @@ def build_base(out, cfg: BuildConfig | None = None, log: Callable = print, fp16:
     # Captions: drawn per step from each spec with the seeded stream, tokenized on the fly.
     rng = np.random.default_rng(cfg.seed + 2 + (100 if cfg.resume_from else 0))
     gen = torch.Generator().manual_seed(cfg.seed + 3 + (100 if cfg.resume_from else 0))
-    sched = DDPMScheduler(**SD_SCHEDULER_CONFIG)
+    sched = DDPMScheduler(**scheduler_config(cfg))
     acp = sched.alphas_cumprod
     params = list(te.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -353,7 +366,8 @@ def build_base(out, cfg: BuildConfig | None = None, log: Callable = print, fp16:
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         cond = te(ids)[0]
         pred = unet(xt, ts, cond).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        target = sched.get_velocity(x0, noise, ts) if sched.config.prediction_type == "v_prediction" else noise
+        loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -385,7 +399,7 @@ def build_base(out, cfg: BuildConfig | None = None, log: Callable = print, fp16:
     if fp16:
         vae, te, unet = vae.half(), te.half(), unet.half()
     summary["total_s"] = time.perf_counter() - t_all
-    write_folder(out, vae, te, unet, tok, {"_dti_fast_world": WORLD_VERSION})
+    write_folder(out, vae, te, unet, tok, {"_dti_fast_world": WORLD_VERSION}, scheduler_config(cfg))
     for name in ("vocab.json", "merges.txt"):  # the BPE files themselves too (transformers 4.x's slow tokenizer)
         shutil.copyfile(tokdir / name, out / "tokenizer" / name)
     (out / "world_build.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -87,6 +87,12 @@ def add_world_parser(sub) -> None:
         type=float,
         help="instead of offset noise: noise at every coarser octave, this weight ratio per octave (default off)",
     )
+    p.add_argument(
+        "--zero-snr",
+        action="store_true",
+        default=None,
+        help="zero terminal SNR with v-prediction (trailing sampling steps), saved in the scheduler config",
+    )
     p.add_argument("--ema", type=float, help="save a weight average with this decay, e.g. 0.999 (default: raw weights)")
     p.add_argument("--minutes", type=float, help="wall budget of the UNet stage: fewer steps if needed (logged)")
     p.add_argument("--vae-minutes", type=float, help="wall budget of the VAE stage")
