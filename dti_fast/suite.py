@@ -62,7 +62,19 @@ __all__ = [
     "style_prompts",
 ]
 
-SUITE_METHODS = ("dti", "ti", "ti-rescaled")
+SUITE_METHODS = ("dti", "ti", "ti-rescaled", "dti-xinit")
+DEFAULT_METHODS = ("dti", "ti", "ti-rescaled")
+# How each method is trained: (its training job's folder, the trainer's method, its init).
+# TI-rescaled is the TI job's rescaled export; dti-xinit is DTI started from CrossInit
+# (``--init xinit``: the direction of the text encoder's output at the initializer's tokens,
+# at m*, which is its vMF prior too).
+METHOD_TRAINING = {
+    "dti": ("dti", "dti", "token"),
+    "ti": ("ti", "ti", "token"),
+    "ti-rescaled": ("ti", "ti", "token"),
+    "dti-xinit": ("dti-xinit", "dti", "xinit"),
+}
+METHOD_LABELS = {"dti": "DTI", "ti": "TI", "ti-rescaled": "TI-rescaled", "dti-xinit": "DTI + CrossInit"}
 LIVE_CLASSES = ("cat", "dog")
 STATE_FILE = "suite_state.json"
 STATE_VERSION = 1
@@ -304,9 +316,10 @@ class SuiteConfig:
     )
     methods: list[str] = S.setting(
         kind=_comma_list(*SUITE_METHODS),
-        default_factory=lambda: list(SUITE_METHODS),
-        help="comma-separated subset of dti, ti, ti-rescaled (ti-rescaled reuses ti's training)",
-        default_text="default all three",
+        default_factory=lambda: list(DEFAULT_METHODS),
+        help="comma-separated subset of dti, ti, ti-rescaled, dti-xinit (ti-rescaled reuses ti's training; "
+        "dti-xinit is DTI started from CrossInit)",
+        default_text="default dti,ti,ti-rescaled; the toy world adds dti-xinit",
     )
     steps: int = S.setting(
         400, kind=S.POSITIVE_INT, help="training steps per subject", default_text="default 400; --quick 20"
@@ -620,7 +633,8 @@ class _Run:
 
     @staticmethod
     def train_method(method: str) -> str:
-        return "ti" if method == "ti-rescaled" else method
+        """The training job (folder under ``train/``) a method's concepts come from."""
+        return METHOD_TRAINING[method][0]
 
     def concept_dir(self, method: str, subject: str) -> Path:
         base = self.out / "train" / self.train_method(method) / subject
@@ -744,7 +758,8 @@ class _Run:
                     )
                     for s in self.concepts
                 ],
-                method=tm,
+                method=METHOD_TRAINING[method][1],
+                init=METHOD_TRAINING[method][2],
                 steps=c.steps,
                 batch_size=c.batch_size,
                 max_batch=max_batch,
@@ -752,7 +767,7 @@ class _Run:
                 seed=c.seed,
                 precision=c.precision,
                 device=c.device,
-                export_ti_rescaled=(tm == "ti"),
+                export_ti_rescaled=(tm == "ti" and "ti-rescaled" in c.methods),
                 resume=True,
                 checkpoint_every=max(1, min(100, c.steps)),
                 progress=c.progress,
@@ -1092,7 +1107,7 @@ def _write_report(run: _Run, strips: dict[str, dict[str, str]], seconds: float) 
 
 
 def _label(method: str) -> str:
-    return {"dti": "DTI", "ti": "TI", "ti-rescaled": "TI-rescaled"}.get(method, method)
+    return METHOD_LABELS.get(method, method)
 
 
 def _markdown(r: dict, metrics: list[str], labels: dict[str, str]) -> str:

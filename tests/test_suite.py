@@ -165,6 +165,23 @@ def test_an_interrupted_run_resumes_after_the_last_finished_stage(eval_sd_model,
     assert "| Method | Image (DINOv2) | images |" in result.report_md.read_text()
 
 
+def test_crossinit_is_a_method_of_its_own(eval_sd_model, tiny_metrics, tmp_path):
+    """dti-xinit trains a job of its own, DTI started from CrossInit: the same norm m*, another direction."""
+    import torch
+
+    from dti_fast.concept_files import read_concept
+
+    cfg = dict(methods=["dti", "dti-xinit"], metrics=["image"], subjects=["dog"], styles=None)
+    result = run_suite(_reduced(tmp_path / "x", eval_sd_model, tiny_metrics, **cfg))
+    assert "train:dti" in result.ran and "train:dti-xinit" in result.ran
+    plain = read_concept(tmp_path / "x" / "train" / "dti" / "dog").vectors[0].float()
+    xinit = read_concept(tmp_path / "x" / "train" / "dti-xinit" / "dog").vectors[0].float()
+    assert torch.allclose(plain.norm(dim=-1), xinit.norm(dim=-1), rtol=1e-3)
+    cos = torch.nn.functional.cosine_similarity(plain, xinit, dim=-1)
+    assert (cos < 0.99).all(), cos  # after 2 steps each is still near its own start
+    assert "| DTI + CrossInit |" in result.report_md.read_text()
+
+
 def test_subjects_and_prompts(tmp_path):
     subjects = load_subjects(demo_images_dir())
     assert [s.name for s in subjects] == ["backpack", "cat2", "clock", "dog"]

@@ -1,4 +1,4 @@
-"""``dti-fast suite --world toy``: TI, TI-rescaled and DTI on the toy world's novel concepts.
+"""``dti-fast suite --world toy``: TI, TI-rescaled, DTI and DTI + CrossInit on the toy world's novel concepts.
 
 Stages: validate the scorers on fresh renders; the base-model sanity gate (held-out attribute
 combinations, the base model alone); render the concepts' photos; one training job per method
@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..suite import METHOD_LABELS, METHOD_TRAINING
 from . import concepts as C
 from . import render as R
 from . import scoring as S
 
 LEVELS = ("concept alone", "+ background", "+ position", "+ second object")
-METHODS = ("ti", "ti-rescaled", "dti")
+METHODS = ("ti", "ti-rescaled", "dti", "dti-xinit")
 
 
 @dataclass
@@ -193,18 +194,20 @@ def run_toy_suite(cfg: ToySuiteConfig) -> dict:
 
     # 4. one training job per method (TI-rescaled = the TI job's rescaled export)
     trained: dict[str, dict] = {}
-    for tm in dict.fromkeys("ti" if m == "ti-rescaled" else m for m in cfg.methods):
+    for tm in dict.fromkeys(METHOD_TRAINING[m][0] for m in cfg.methods):
         t = time.perf_counter()
+        _, method, init = next(METHOD_TRAINING[m] for m in cfg.methods if METHOD_TRAINING[m][0] == tm)
         job = TrainConfig(
             model=str(model),
             output_dir=out / "train" / tm,
             concepts=job_concepts,
-            method=tm,
+            method=method,
+            init=init,
             steps=cfg.steps,
             batch_size=cfg.batch_size,
             resolution=R.SIZE,
             seed=cfg.seed,
-            export_ti_rescaled=(tm == "ti"),
+            export_ti_rescaled=(tm == "ti" and "ti-rescaled" in cfg.methods),
             progress=False,
             device="cpu",
             checkpoint_every=max(cfg.steps, 1),
@@ -217,7 +220,7 @@ def run_toy_suite(cfg: ToySuiteConfig) -> dict:
     def concept_dir(method: str, name: str) -> Path:
         if method == "ti-rescaled":
             return out / "train" / "ti" / name / "rescaled"
-        return out / "train" / method / name
+        return out / "train" / METHOD_TRAINING[method][0] / name
 
     # 5. prompts (the same for every method) and generation
     rng = np.random.default_rng(cfg.seed + 5)
@@ -481,7 +484,7 @@ def _f(v, d=3):
 
 
 def _label(m: str) -> str:
-    return {"dti": "DTI", "ti": "TI", "ti-rescaled": "TI-rescaled"}.get(m, m)
+    return METHOD_LABELS.get(m, m)
 
 
 def _markdown(r: dict) -> str:
@@ -504,7 +507,8 @@ def _markdown(r: dict) -> str:
     L.append(
         f"- Concepts: {', '.join(c['concepts'])}; training {c['steps']} steps, batch {c['batch_size']} per concept, "
         "all concepts in one job per method, the paper's defaults (DTI lr 0.01, kappa 1e-4, init token; "
-        "TI AdamW 5e-3; both scaled by the batch)"
+        "TI AdamW 5e-3; both scaled by the batch); DTI + CrossInit: DTI started from the direction of the "
+        "text encoder's output at the initializer's tokens (its vMF prior too)"
     )
     L.append(
         f"- Generation: {c['draws']} prompts per level and concept x seeds {c['seeds']}, {c['inference_steps']} "
