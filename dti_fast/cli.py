@@ -523,7 +523,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, JobError) as err:
         if debug:
             raise
-        print(f"dti-fast {args.command}: error: {err}", file=sys.stderr)
+        # OSError(errno, message) of our own (no file name) reads better without its "[Errno N]".
+        own = isinstance(err, OSError) and err.errno and err.strerror and err.filename is None
+        print(f"dti-fast {args.command}: error: {err.strerror if own else err}", file=sys.stderr)
         return 2
     except Exception as err:  # a bug, or a failure nobody foresaw: one line and the traceback in a file
         if debug:
