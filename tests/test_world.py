@@ -218,3 +218,17 @@ def test_quick_toy_suite_end_to_end(tmp_path):
         assert (tmp_path / "s" / "plots" / f"{name}.png").is_file()
     md = (tmp_path / "s" / "report.md").read_text()
     assert "Smoke test" in md and "sanity gate" in md
+
+
+def test_gate_command_prints_the_gate_and_refuses_a_folder_without_scorer(tmp_path, capsys):
+    from dti_fast.cli import main
+
+    assert main(["world", "gate", "--prompts", "3", "--inference-steps", "2", "--output", str(tmp_path / "g")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompts"] == 3 and 0.0 <= out["text_fidelity"] <= 1.0 and out["pass"] == (out["text_fidelity"] >= 0.8)
+    assert {"bg", "main_shape"} <= set(out["per_attribute"])
+    assert (tmp_path / "g" / "gate.png").is_file()
+    (tmp_path / "empty").mkdir()
+    assert main(["world", "gate", "--model", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "no world_scorer" in err and "build-base" in err and "Traceback" not in err

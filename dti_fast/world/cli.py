@@ -56,8 +56,42 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gate(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..generate import load_pipeline
+    from . import scoring as S
+    from .base import world_model_path
+    from .suite import GATE_SEED, base_model_gate
+
+    model = Path(args.model) if args.model else world_model_path()
+    if not (model / "world_scorer" / "scorer.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{model} has no world_scorer/scorer.safetensors: give a folder made by dti-fast world build-base"
+        )
+    torch.set_num_threads(args.threads)
+    scorer = S.load_scorer(model / "world_scorer")
+    pipe = load_pipeline(str(model), device="cpu", dtype="fp32")
+    seed = GATE_SEED if args.prompt_seed is None else args.prompt_seed
+    g = base_model_gate(pipe, scorer, args.prompts, seed, args.inference_steps, args.guidance, args.output)
+    print(
+        json.dumps(
+            {
+                "model": str(model),
+                "prompts": args.prompts,
+                "prompt_seed": seed,
+                "text_fidelity": round(g["text_fidelity"], 4),
+                "pass": g["pass"],
+                "per_attribute": {k: round(v, 3) for k, v in g["per_attribute"].items()},
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
 def add_world_parser(sub) -> None:
-    """``dti-fast world build-base``."""
+    """``dti-fast world build-base`` and ``dti-fast world gate``."""
     from .base import BuildConfig
 
     world = sub.add_parser("world", help="the toy world: a base model trained from scratch on procedural scenes")
@@ -66,8 +100,9 @@ def add_world_parser(sub) -> None:
         "build-base",
         help="train the toy world's base model (VAE, text encoder, UNet) and its scorer",
         description="Render the world, train a small AutoencoderKL, then a CLIP text encoder and a "
-        "UNet jointly from scratch (DDPM epsilon MSE), then the pixel scorer; seeded. Writes a "
-        "diffusers SD folder (default: the cache folder the suite uses).",
+        "UNet jointly from scratch (DDPM epsilon MSE; v-prediction with --zero-snr), and the pixel scorer "
+        "beside them; seeded. --resume-from trains a further stage on a built model. Writes a diffusers SD "
+        "folder (default: the cache folder the suite uses). README: the stages that made the shipped model.",
     )
     p.add_argument("--output", type=Path, help="model folder (default <cache>/world-base-v<version>)")
     p.add_argument("--seed", type=int, default=0)
@@ -100,7 +135,7 @@ def add_world_parser(sub) -> None:
     p.add_argument(
         "--resume-from",
         help="continue this built model: keep its VAE, train its text encoder + UNet "
-        "--steps more (a second stage; the shipped model has one)",
+        "--steps more (a further stage; the shipped model was made in six)",
     )
     p.add_argument("--scorer-steps", type=int, default=2000, help="scorer CNN steps (default 2000)")
     p.add_argument("--scorer-minutes", type=float, help="wall budget of the scorer stage")
@@ -111,6 +146,22 @@ def add_world_parser(sub) -> None:
     )
     p.add_argument("--force", action="store_true", help="rebuild even if the output folder has a model")
     p.set_defaults(func=_cmd_build_base)
+
+    g = wsub.add_parser(
+        "gate",
+        help="the base-model sanity gate alone: text fidelity on held-out combinations",
+        description="Sample the base model alone on full captions of held-out (shape, colour, background) "
+        "combinations and read the images with the folder's scorer; prints the text fidelity (pass: >= 0.8) "
+        "and its attributes as JSON. The suite runs the same gate (its default draw, 96 prompts).",
+    )
+    g.add_argument("--model", help="a world base model folder (default: the shipped one, from the cache)")
+    g.add_argument("--prompts", type=int, default=96, help="held-out captions (default 96)")
+    g.add_argument("--prompt-seed", type=int, help="seed of the caption draw (default: the suite's)")
+    g.add_argument("--inference-steps", type=int, default=20, help="DDIM steps (default 20)")
+    g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance (default 4)")
+    g.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    g.add_argument("--output", type=Path, help="write gate.png (the images) into this folder")
+    g.set_defaults(func=_cmd_gate)
 
 
 def add_toy_suite_flags(p) -> None:

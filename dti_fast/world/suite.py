@@ -24,6 +24,7 @@ from . import concepts as C
 from . import render as R
 from . import scoring as S
 
+GATE_SEED = 5150
 LEVELS = ("concept alone", "+ background", "+ position", "+ second object")
 METHODS = ("ti", "ti-rescaled", "dti", "dti-xinit")
 
@@ -40,7 +41,7 @@ class ToySuiteConfig:
     draws: int = 2  # attribute draws (prompts) per level and concept
     inference_steps: int = 20
     guidance: float = 4.0
-    gate_prompts: int = 24
+    gate_prompts: int = 96  # held-out captions of the gate (a draw no base-model choice was made on)
     slerp_steps: int = 5
     slerp_pair: tuple = ("tealcircle", "roundsquare")
     concepts: tuple = tuple(c.name for c in C.ALL)
@@ -100,6 +101,52 @@ def gate_prompts(n: int, seed: int) -> list[tuple[str, dict]]:
     return out
 
 
+def base_model_gate(
+    pipe, scorer, n: int, seed: int, inference_steps: int = 20, guidance: float = 4.0, out_dir: Path | None = None
+) -> dict:
+    """The sanity gate: the base model alone on ``n`` full captions of held-out combinations.
+
+    Image ``i`` is sampled with seed ``i``; each is read by ``scorer``. Returns the mean text
+    fidelity, its pass (>= 0.8), the fidelity per attribute and per prompt; ``out_dir`` gets
+    ``gate.png``, the images in a grid.
+    """
+    from ..plots import image_grid
+
+    gate = gate_prompts(n, seed)
+    images = []
+    for i in range(0, len(gate), 8):
+        chunk = gate[i : i + 8]
+        gens = [torch.Generator().manual_seed(i + k) for k in range(len(chunk))]
+        with torch.inference_mode():
+            images += pipe(
+                prompt=[p for p, _ in chunk],
+                generator=gens,
+                num_inference_steps=inference_steps,
+                guidance_scale=guidance,
+            ).images
+    pred = S.predict(scorer, images)
+    rows = []
+    for i, (p, attrs) in enumerate(gate):
+        ok = S.attribute_checks(S._row(pred, i), attrs)
+        rows.append({"prompt": p, "checks": ok, "fidelity": float(np.mean(list(ok.values())))})
+    per_attr: dict[str, list] = {}
+    for r in rows:
+        for a, v in r["checks"].items():
+            per_attr.setdefault(a, []).append(v)
+    fid = _mean([r["fidelity"] for r in rows])
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        labels = [str(i) for i in range(len(images))]
+        image_grid(images, columns=8, labels=labels, min_tile=96).save(Path(out_dir) / "gate.png")
+    return {
+        "text_fidelity": fid,
+        "pass": fid is not None and fid >= 0.8,
+        "per_attribute": {a: _mean(v) for a, v in per_attr.items()},
+        "rows": rows,
+        "seed": seed,
+    }
+
+
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return float(np.mean(xs)) if xs else None
@@ -122,7 +169,7 @@ def run_toy_suite(cfg: ToySuiteConfig) -> dict:
     from ..data import Concept
     from ..generate import generate, load_pipeline, read_manifest
     from ..interpolate import interpolate_concepts
-    from ..plots import image_grid, norm_histogram, scatter_plot
+    from ..plots import norm_histogram, scatter_plot
     from ..train import TrainConfig, train
     from .base import world_model_path
 
@@ -150,36 +197,11 @@ def run_toy_suite(cfg: ToySuiteConfig) -> dict:
 
     # 2. the base model's sanity gate
     t = time.perf_counter()
-    gate = gate_prompts(cfg.gate_prompts, 4242 + cfg.seed)
-    gate_dir = out / "gate"
-    gate_dir.mkdir(exist_ok=True)
-    gate_images = []
-    for i in range(0, len(gate), 8):
-        chunk = gate[i : i + 8]
-        gens = [torch.Generator().manual_seed(cfg.seed + i + k) for k in range(len(chunk))]
-        with torch.inference_mode():
-            ims = pipe(
-                prompt=[p for p, _ in chunk],
-                generator=gens,
-                num_inference_steps=cfg.inference_steps,
-                guidance_scale=cfg.guidance,
-            ).images
-        gate_images += ims
-    pred = S.predict(scorer, gate_images)
-    gate_rows = []
-    for i, (p, attrs) in enumerate(gate):
-        ok = S.attribute_checks(S._row(pred, i), attrs)
-        gate_rows.append({"prompt": p, "checks": ok, "fidelity": float(np.mean(list(ok.values())))})
-    per_attr: dict[str, list] = {}
-    for r in gate_rows:
-        for a, v in r["checks"].items():
-            per_attr.setdefault(a, []).append(v)
-    gate_fid = _mean([r["fidelity"] for r in gate_rows])
-    image_grid(gate_images, columns=8, labels=[str(i) for i in range(len(gate_images))], min_tile=96).save(
-        gate_dir / "gate.png"
+    g = base_model_gate(
+        pipe, scorer, cfg.gate_prompts, GATE_SEED + cfg.seed, cfg.inference_steps, cfg.guidance, out / "gate"
     )
+    gate_rows, per_attr, gate_fid, gate_pass = g["rows"], g["per_attribute"], g["text_fidelity"], g["pass"]
     seconds["gate"] = time.perf_counter() - t
-    gate_pass = gate_fid is not None and gate_fid >= 0.8
     log(
         f"[toy] base-model gate on held-out combinations: text fidelity {gate_fid:.3f} "
         f"({'PASS' if gate_pass else 'FAIL: the world measures nothing'})"
@@ -455,8 +477,9 @@ def run_toy_suite(cfg: ToySuiteConfig) -> dict:
         "gate": {
             "text_fidelity": gate_fid,
             "pass": gate_pass,
-            "per_attribute": {a: _mean(v) for a, v in per_attr.items()},
+            "per_attribute": per_attr,
             "prompts": gate_rows,
+            "prompt_seed": g["seed"],
             "grid": "gate/gate.png",
         },
         "table": {m: {k: v for k, v in t.items()} for m, t in table.items()},
