@@ -751,6 +751,33 @@ def test_vectorized_plan_follows_params_that_change_shape_or_storage(helpers, de
         torch.testing.assert_close(p.detach(), ref, atol=FP32_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("change", ["reshape", "dtype"])
+def test_vectorized_plan_follows_a_reshape_or_a_new_dtype_of_the_same_size(helpers, device, change):
+    # Changes the cached plan's cheap signature must see: (2, 1, d) -> (1, 2, d) keeps the
+    # element count, rank and vector size; fp32 -> bf16 keeps every size.
+    gen = torch.Generator().manual_seed(33)
+    params = [torch.nn.Parameter(helpers.unit_rows((2, 1, 64), gen).to(device)) for _ in range(3)]
+    opt = SphericalSGD(params, lr=LR, fused=False)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(device)
+    opt.step()
+    if change == "reshape":
+        params[1].data = params[1].detach().reshape(1, 2, 64).clone()
+        opt.state[params[1]]["s"] = torch.zeros(1, 2, device=device)
+    else:
+        params[1].data = params[1].detach().to(torch.bfloat16)
+    before = [p.detach().float().clone() for p in params]
+    grads = [torch.randn(p.shape, generator=gen).to(device, p.dtype) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    for i, (p, v, g) in enumerate(zip(params, before, grads)):
+        ref, _ = spherical_sgd_step_reference(v, g.float(), torch.zeros(v.shape[:-1], device=device), 2, lr=LR)
+        low = p.dtype == torch.bfloat16
+        assert p.shape == v.shape
+        torch.testing.assert_close(p.detach().float(), ref, atol=2e-2 if low else FP32_ATOL, rtol=0, msg=str(i))
+
+
 def test_functional_call_outside_no_grad(helpers, device):
     # Like torch's functional optimizers' callers, but without a no_grad block: it still steps.
     gen = torch.Generator().manual_seed(32)
