@@ -214,6 +214,8 @@ def test_quick_toy_suite_end_to_end(tmp_path):
         for norms in report["norms"][method].values():
             assert all(abs(n - m_star) < 1e-3 for n in norms)
     assert "DTI + CrossInit" in (tmp_path / "s" / "report.md").read_text()
+    assert set(report["paired_vs_ti"]) == {"ti-rescaled", "dti", "dti-xinit"}
+    assert "Paired differences against TI" in (tmp_path / "s" / "report.md").read_text()
     for name in ("text_by_level", "norms_encoder1", "tradeoff", "slerp_curve"):
         assert (tmp_path / "s" / "plots" / f"{name}.png").is_file()
     md = (tmp_path / "s" / "report.md").read_text()
@@ -232,3 +234,37 @@ def test_gate_command_prints_the_gate_and_refuses_a_folder_without_scorer(tmp_pa
     assert main(["world", "gate", "--model", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "no world_scorer" in err and "build-base" in err and "Traceback" not in err
+
+
+def test_paired_differences_pair_images_by_concept_prompt_and_seed():
+    from dti_fast.world.suite import paired_differences
+
+    def rows(shift, text_shift, order):
+        out = [
+            {"concept": c, "prompt": f"p{p}", "seed": s, "subject": 0.1 * p + shift, "text": None if p == 0 else 0.5}
+            for c in ("a", "b")
+            for p in range(3)
+            for s in range(4)
+        ]
+        for r in out:
+            if r["text"] is not None:
+                r["text"] += text_shift
+        return out[::order]
+
+    d = paired_differences({"ti": rows(0.0, 0.0, 1), "dti": rows(0.25, 0.0, -1), "x": rows(-0.1, 0.2, 1)}, "ti")
+    assert set(d) == {"dti", "x"}
+    assert d["dti"]["subject"]["pairs"] == 24 and d["dti"]["text"]["pairs"] == 16  # level-0 prompts state no text
+    assert abs(d["dti"]["subject"]["mean"] - 0.25) < 1e-9 and abs(d["dti"]["subject"]["low"] - 0.25) < 1e-9
+    assert abs(d["x"]["text"]["mean"] - 0.2) < 1e-9 and abs(d["x"]["subject"]["high"] + 0.1) < 1e-9
+    assert paired_differences({"dti": rows(0, 0, 1)}, "ti") == {}
+
+
+def test_level_zero_prompts_differ_per_draw():
+    import numpy as np
+
+    from dti_fast.world import concepts as C
+    from dti_fast.world.suite import _prompts_for
+
+    for c in (C.BY_NAME["tealcircle"], C.BY_NAME["outlined"]):
+        alone = [p for p, level, _ in _prompts_for(c, np.random.default_rng(0), 3) if level == 0]
+        assert len(alone) == 3 and len(set(alone)) == 3 and all("{}" in p for p in alone)

@@ -67,13 +67,17 @@ class ToySuiteConfig:
 
 def _prompts_for(c: C.WorldConcept, rng: np.random.Generator, draws: int) -> list[tuple[str, int, dict]]:
     """(prompt with {}, level, stated attributes) for concept ``c``: ``draws`` per level."""
+    from ..data import OBJECT_TEMPLATES, STYLE_TEMPLATES
+
+    # Level 0: one of the trainer's own templates per draw (draw i: the i-th), never the same twice.
+    alone = OBJECT_TEMPLATES if c.kind == "object" else STYLE_TEMPLATES
     out = []
     for level in range(len(LEVELS)):
-        for _ in range(draws):
+        for i in range(draws):
             if c.kind == "object":
                 spec = C.concept_spec(c, rng, second=level >= 3)
                 if level == 0:
-                    out.append(("a photo of a {}", 0, {}))
+                    out.append((alone[i % len(alone)], 0, {}))
                     continue
                 flags = dict(position=level >= 2, background=True, texture=True, second=level >= 3)
                 text = R.describe(spec, main_word="{}", **flags)
@@ -81,7 +85,7 @@ def _prompts_for(c: C.WorldConcept, rng: np.random.Generator, draws: int) -> lis
             else:
                 spec = R.sample_spec(rng, held=None, count=1, second=level >= 3)
                 if level == 0:
-                    out.append(("a painting in the style of {}", 0, {}))
+                    out.append((alone[i % len(alone)], 0, {}))
                     continue
                 flags = dict(position=level >= 2, background=True, texture=True, second=level >= 3)
                 text = R.describe(spec, size=False, **flags) + " in the style of {}"
@@ -145,6 +149,38 @@ def base_model_gate(
         "rows": rows,
         "seed": seed,
     }
+
+
+def paired_differences(rows: dict[str, list[dict]], base: str, seed: int = 0, resamples: int = 2000) -> dict:
+    """Per method, its images' subject and text scores minus ``base``'s on the same (concept, prompt, seed).
+
+    Returns ``{method: {"subject"|"text": {"mean", "low", "high", "pairs"}}}`` with a percentile
+    bootstrap 95 % interval of the mean difference; empty when ``base`` did not run.
+    """
+    if base not in rows:
+        return {}
+    rng = np.random.default_rng(seed)
+
+    def key(r):
+        return r["concept"], r["prompt"], r["seed"]
+
+    ref = {key(r): r for r in rows[base]}
+    out = {}
+    for m, rs in rows.items():
+        if m == base:
+            continue
+        out[m] = {}
+        for k in ("subject", "text"):
+            d = np.array(
+                [r[k] - ref[key(r)][k] for r in rs if key(r) in ref and r[k] is not None and ref[key(r)][k] is not None]
+            )
+            if len(d) == 0:
+                out[m][k] = {"mean": None, "low": None, "high": None, "pairs": 0}
+                continue
+            boot = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+            low, high = np.percentile(boot, [2.5, 97.5])
+            out[m][k] = {"mean": float(d.mean()), "low": float(low), "high": float(high), "pairs": len(d)}
+    return out
 
 
 def _mean(xs):
@@ -325,6 +361,9 @@ def run_toy_suite(cfg: ToySuiteConfig) -> dict:
             },
         }
 
+    # paired differences against TI: the same prompts and seeds for every method
+    paired = paired_differences({m: results[m]["rows"] for m in cfg.methods}, "ti", seed=cfg.seed)
+
     # norms
     norms = {
         m: {
@@ -465,7 +504,7 @@ def run_toy_suite(cfg: ToySuiteConfig) -> dict:
     ).save(plots_dir / "norms_encoder1.png")
 
     report = {
-        "title": "dti_fast toy world: TI vs TI-rescaled vs DTI",
+        "title": "dti_fast toy world: " + " vs ".join(_label(m) for m in cfg.methods),
         "quick": cfg.quick,
         "model": str(model),
         "device": f"cpu ({torch.get_num_threads()} threads)",
@@ -483,6 +522,7 @@ def run_toy_suite(cfg: ToySuiteConfig) -> dict:
             "grid": "gate/gate.png",
         },
         "table": {m: {k: v for k, v in t.items()} for m, t in table.items()},
+        "paired_vs_ti": paired,
         "norms": norms,
         "m_star": m_star,
         "vocab_norm_stats": {
@@ -594,6 +634,21 @@ def _markdown(r: dict) -> str:
         f"m* (mean norm of the {r['vocab_norm_stats']['rows']} non-zero vocabulary rows): {_f(r['m_star'], 4)}; "
         f"vocabulary norms mean {r['vocab_norm_stats']['mean']:.4f}, std {r['vocab_norm_stats']['std']:.4f}.\n"
     )
+    if r.get("paired_vs_ti"):
+        L.append("### Paired differences against TI\n")
+        L.append(
+            "Each image against TI's image of the same concept, prompt and seed: the mean difference and a 95 % "
+            "bootstrap interval (2000 resamples of the pairs). An interval that contains 0 is no difference.\n"
+        )
+        L.append("| Method | subject - TI's [95 %] | text - TI's [95 %] | pairs (subject / text) |")
+        L.append("| --- | ---: | ---: | ---: |")
+        for m, d in r["paired_vs_ti"].items():
+            cells = []
+            for k in ("subject", "text"):
+                x = d[k]
+                cells.append(f"{x['mean']:+.3f} [{x['low']:+.3f}, {x['high']:+.3f}]" if x["pairs"] else "n/a")
+            L.append(f"| {_label(m)} | {cells[0]} | {cells[1]} | {d['subject']['pairs']} / {d['text']['pairs']} |")
+        L.append("")
     L.append("### Per concept (subject / text)\n")
     names = list(next(iter(r["table"].values()))["per_concept"])
     L.append(
