@@ -135,7 +135,7 @@ def add_world_parser(sub) -> None:
     p.add_argument(
         "--resume-from",
         help="continue this built model: keep its VAE, train its text encoder + UNet "
-        "--steps more (a further stage; the shipped model was made in six)",
+        "--steps more (a further stage; the shipped model was made in seven)",
     )
     p.add_argument("--scorer-steps", type=int, default=2000, help="scorer CNN steps (default 2000)")
     p.add_argument("--scorer-minutes", type=float, help="wall budget of the scorer stage")
