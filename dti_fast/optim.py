@@ -793,34 +793,20 @@ class _Plan:
     """How a list of params is bucketed and run, built once and reused while the params stay the same."""
 
     params: list[torch.Tensor]
-    signature: tuple[list, ...]
+    signature: list[tuple]
     buckets: list[_Bucket]
     run_elements: int  # the CPU run size it was cut with
 
 
-_LAST = operator.methodcaller("size", -1)
-_DTYPE = operator.attrgetter("dtype")
+_SHAPE_DTYPE = operator.attrgetter("shape", "dtype")
 
 
-def _signature(params: Sequence[torch.Tensor]) -> tuple[list, ...]:
-    """What the plan depends on: each param's element count, rank, vector size and dtype.
-
-    Built every step, so it allocates no per-param object that Python's cyclic garbage
-    collector tracks (ints and the dtype singletons only; a ``torch.Size`` is a tuple): a
-    thousand tracked objects a step made the collector run full passes over everything the
-    process holds, about 1 ms a step at 1000 params of (1, 64) (measured, torch 2.13 CPU).
-    Those four give a 1-D or 2-D param's shape; when some param has more dimensions, the
-    full sizes are added. A param moved to another device with the same shape fails loudly
-    in the concatenation (it is not silently stepped on the old device).
-    """
-    dims = list(map(torch.Tensor.dim, params))
-    return (
-        list(map(torch.Tensor.numel, params)),
-        dims,
-        list(map(_LAST, params)),
-        list(map(_DTYPE, params)),
-        list(map(torch.Tensor.size, params)) if max(dims) > 2 else None,
-    )
+def _signature(params: Sequence[torch.Tensor]) -> list[tuple]:
+    # Shapes and dtypes; a param moved to another device with the same shape fails
+    # loudly in the concatenation (it is not silently stepped on the old device).
+    # (Four passes of ints and dtypes instead measured slower, 1.09 against 0.99 ms a
+    # warm step at 1000 params of (1, 64), interleaved.)
+    return list(map(_SHAPE_DTYPE, params))
 
 
 def _plan(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], cache: dict) -> _Plan:
