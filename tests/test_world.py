@@ -268,3 +268,21 @@ def test_level_zero_prompts_differ_per_draw():
     for c in (C.BY_NAME["tealcircle"], C.BY_NAME["outlined"]):
         alone = [p for p, level, _ in _prompts_for(c, np.random.default_rng(0), 3) if level == 0]
         assert len(alone) == 3 and len(set(alone)) == 3 and all("{}" in p for p in alone)
+
+
+def test_a_cached_copy_of_an_earlier_shipped_model_is_replaced_and_a_users_build_is_kept(tmp_path):
+    from dti_fast.world.base import SHIPPED, SHIPPED_MARK, world_model_path
+
+    path = world_model_path(cache_dir=tmp_path)
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert (path / unet).read_bytes() == (SHIPPED / unet).read_bytes()
+    # A copy made from an earlier shipped model (another id, other weights) is refreshed.
+    (path / SHIPPED_MARK).write_text(json.dumps({"shipped": "an earlier model"}))
+    (path / unet).write_bytes(b"old weights")
+    again = world_model_path(cache_dir=tmp_path)
+    assert again == path and (path / unet).read_bytes() == (SHIPPED / unet).read_bytes()
+    assert not [p for p in tmp_path.iterdir() if "stale" in p.name]
+    # A model the user built there (no mark) is theirs: kept as it is.
+    (path / SHIPPED_MARK).unlink()
+    (path / unet).write_bytes(b"the user's weights")
+    assert world_model_path(cache_dir=tmp_path) == path and (path / unet).read_bytes() == b"the user's weights"

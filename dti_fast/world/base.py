@@ -474,13 +474,26 @@ def build_world(
     return summary
 
 
+SHIPPED_MARK = "shipped_copy.json"  # in a cache folder copied from the shipped model: which one
+
+
+def _shipped_id() -> str:
+    """An id of the shipped model: the sha256 of its build log (every build writes a new one)."""
+    import hashlib
+
+    return hashlib.sha256((SHIPPED / "world_build.json").read_bytes()).hexdigest()
+
+
 def world_model_path(cache_dir=None) -> Path:
     """The cached world base model, copied from the shipped one on first use.
 
     Lives at ``<cache>/world-base-v<WORLD_VERSION>`` (cache: :func:`dti_fast.models.cache_root`);
     copied atomically (:func:`dti_fast.models.build_once`), so concurrent callers never see half a model.
+    A copy of an earlier shipped model (its ``shipped_copy.json`` names another) is replaced; a
+    model that ``dti-fast world build-base`` wrote there (no such file) is the user's and is kept.
     """
-    from ..models import build_once
+    from ..io import write_json
+    from ..models import build_once, cache_root
 
     def copy_shipped(folder: Path) -> None:
         if not (SHIPPED / "model_index.json").is_file():
@@ -488,5 +501,21 @@ def world_model_path(cache_dir=None) -> Path:
                 f"no world base model is shipped at {SHIPPED}; build one: dti-fast world build-base"
             )
         shutil.copytree(SHIPPED, folder, dirs_exist_ok=True)
+        write_json({"shipped": _shipped_id()}, folder / SHIPPED_MARK)
 
-    return build_once(f"world-base-v{WORLD_VERSION}", "world_scorer/scorer.safetensors", copy_shipped, cache_dir)
+    name = f"world-base-v{WORLD_VERSION}"
+    final = (Path(cache_dir).expanduser() if cache_dir is not None else cache_root()) / name
+    mark = final / SHIPPED_MARK
+    if mark.is_file() and (SHIPPED / "world_build.json").is_file():
+        try:
+            stale = json.loads(mark.read_text(encoding="utf-8")).get("shipped") != _shipped_id()
+        except (OSError, ValueError, AttributeError):
+            stale = True
+        if stale:  # moved aside in one rename, then removed: a reader never sees half a folder
+            aside = final.with_name(f".{name}-stale-{time.time_ns()}")
+            try:
+                final.rename(aside)
+            except OSError:
+                pass  # another process got there first
+            shutil.rmtree(aside, ignore_errors=True)
+    return build_once(name, "world_scorer/scorer.safetensors", copy_shipped, cache_dir)
