@@ -7,17 +7,13 @@ model, with the output on a real, small tmpfs that fills up.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import subprocess
-import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
+from _shared import small_tmpfs, train_cmd, wait_for_checkpoint
 
-from dti_fast.demo import demo_images_dir
 from dti_fast.io import load_safetensors
 
 FAMILIES = ("sd", "sana", "wan")
@@ -31,54 +27,6 @@ def tiny(tmp_path_factory):
     return {f: make_tiny_model(root / f, family=f) for f in FAMILIES}
 
 
-@contextlib.contextmanager
-def _tmpfs(parent: Path, size: str):
-    """A real filesystem of ``size`` (tmpfs); skips where mounting is not allowed."""
-    folder = parent / f"disk-{uuid.uuid4().hex[:6]}"
-    folder.mkdir()
-    try:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
-        )
-    except FileNotFoundError:
-        pytest.skip("no mount command here: a full disk cannot be made")
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN): {done.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
-def _train_cmd(model: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "dti_fast.cli",
-        "train",
-        "--model",
-        str(model),
-        "--output",
-        str(out),
-        "--concept",
-        f"dog:{demo_images_dir() / 'dog'}:dog",
-        "--concept",
-        f"bag:{demo_images_dir() / 'backpack'}:red backpack",
-        "--steps",
-        str(steps),
-        "--batch-size",
-        "1",
-        "--resolution",
-        "64",
-        "--checkpoint-every",
-        "1",
-        "--keep-checkpoints",
-        "2",
-        "--no-progress",
-        *extra,
-    ]
-
-
 def _fill(disk: Path, leave: int) -> None:
     """Fill ``disk`` up to ``leave`` free bytes with one file."""
     import os
@@ -90,13 +38,13 @@ def _fill(disk: Path, leave: int) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_disk_that_fills_mid_job_is_one_line_and_resume_finishes(tiny, tmp_path, family):
-    with _tmpfs(tmp_path, "4m") as disk:
+    with small_tmpfs(tmp_path, "4m") as disk:
         out = disk / "out"
-        first = subprocess.run(_train_cmd(tiny[family], out, 3), capture_output=True, text=True, timeout=600)
+        first = subprocess.run(train_cmd(tiny[family], out, 3), capture_output=True, text=True, timeout=600)
         assert first.returncode == 0, first.stderr[-2000:]
         # The disk fills up: the next checkpoint cannot be written.
         _fill(disk, leave=2048)
-        full = subprocess.run(_train_cmd(tiny[family], out, 8, "--resume"), capture_output=True, text=True, timeout=600)
+        full = subprocess.run(train_cmd(tiny[family], out, 8, resume=True), capture_output=True, text=True, timeout=600)
         assert full.returncode == 2, full.stderr[-2000:]
         assert "Traceback" not in full.stderr
         last = full.stderr.strip().splitlines()[-1]
@@ -106,7 +54,7 @@ def test_a_disk_that_fills_mid_job_is_one_line_and_resume_finishes(tiny, tmp_pat
             load_safetensors(ckpt)
         # Space is freed; --resume finishes the job from what was saved.
         (disk / "ballast").unlink()
-        done = subprocess.run(_train_cmd(tiny[family], out, 8, "--resume"), capture_output=True, text=True, timeout=600)
+        done = subprocess.run(train_cmd(tiny[family], out, 8, resume=True), capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         for name in ("dog", "bag"):
             assert (out / name / "learned_embeds.safetensors").is_file()
@@ -116,18 +64,14 @@ def test_a_disk_that_fills_mid_job_is_one_line_and_resume_finishes(tiny, tmp_pat
 def test_sigterm_checkpoints_and_resume_finishes(tiny, tmp_path, family):
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        _train_cmd(tiny[family], out, 2000), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        train_cmd(tiny[family], out, 2000), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if list((out / "checkpoints").glob("step-*.safetensors")):
-            break
-        time.sleep(0.05)
+    wait_for_checkpoint(out, proc, timeout=300)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
     assert list((out / "checkpoints").glob("step-*.safetensors"))
-    done = subprocess.run(_train_cmd(tiny[family], out, 3, "--resume"), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(train_cmd(tiny[family], out, 3, resume=True), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "dog" / "learned_embeds.safetensors").is_file()

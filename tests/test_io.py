@@ -2,42 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import pickle
-import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
+from _shared import small_tmpfs
 
 from dti_fast.io import atomic_write, load_safetensors, load_torch, save_safetensors, save_torch, write_json
 
 
-@contextlib.contextmanager
-def _small_tmpfs(parent: Path, size: str = "64k"):
-    """A real filesystem of ``size`` bytes (a tmpfs mount); skips where this machine does not allow mounting."""
-    folder = parent / f"tmpfs-{uuid.uuid4().hex[:6]}"
-    folder.mkdir()
-    try:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
-        )
-    except FileNotFoundError:
-        pytest.skip("no mount command here: a full disk cannot be made")
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN): {done.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
 @pytest.mark.parametrize("writer", ["safetensors", "torch", "json"])
 def test_a_real_full_disk_gives_enospc_with_the_fix_and_keeps_the_old_file(tmp_path, writer):
-    with _small_tmpfs(tmp_path) as disk:
+    with small_tmpfs(tmp_path) as disk:
         target = disk / f"out.{writer}"
         target.write_bytes(b"old")
         big = torch.ones(64, 1024)  # 256 KiB, four times the disk

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _shared import train_cmd, wait_for_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -334,43 +335,6 @@ def test_tampered_checkpoint_shapes_refused(tiny_sd, tmp_path):
 # -- kill -9 and SIGTERM -------------------------------------------------------------------
 
 
-def _train_cmd(model: Path, out: Path, steps: int, resume: bool) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "dti_fast.cli",
-        "train",
-        "--model",
-        str(model),
-        "--output",
-        str(out),
-        "--concept",
-        f"dog:{demo_images_dir() / 'dog'}:dog",
-        "--concept",
-        f"bag:{demo_images_dir() / 'backpack'}:red backpack",
-        "--steps",
-        str(steps),
-        "--batch-size",
-        "1",
-        "--resolution",
-        "64",
-        "--checkpoint-every",
-        "1",
-        "--keep-checkpoints",
-        "2",
-        "--no-progress",
-    ]
-    return cmd + (["--resume"] if resume else [])
-
-
-def _wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if list((out / "checkpoints").glob("step-*.safetensors")):
-            return
-        time.sleep(0.05)
-
-
 def test_kill_9_at_random_points_then_resume_matches_uninterrupted(tiny_sd, tmp_path):
     steps = 12
     reference = train(
@@ -390,16 +354,16 @@ def test_kill_9_at_random_points_then_resume_matches_uninterrupted(tiny_sd, tmp_
     kills = 0
     for trial in range(3):
         proc = subprocess.Popen(
-            _train_cmd(tiny_sd, out, steps, resume=trial > 0), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            train_cmd(tiny_sd, out, steps, resume=trial > 0), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        _wait_for_checkpoint(out, proc)
+        wait_for_checkpoint(out, proc)
         time.sleep(rng.uniform(0.0, 0.6))
         if proc.poll() is None:
             proc.kill()  # SIGKILL: no handler runs
             kills += 1
         proc.wait(timeout=60)
     assert kills >= 1
-    done = subprocess.run(_train_cmd(tiny_sd, out, steps, resume=True), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(train_cmd(tiny_sd, out, steps, resume=True), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     for name in ("dog", "bag"):
         got = load_safetensors(out / name / "learned_embeds.safetensors")[f"<{name}>"]
@@ -409,9 +373,9 @@ def test_kill_9_at_random_points_then_resume_matches_uninterrupted(tiny_sd, tmp_
 def test_sigterm_writes_checkpoint_and_exits_cleanly(tiny_sd, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        _train_cmd(tiny_sd, out, 400, resume=False), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        train_cmd(tiny_sd, out, 400, resume=False), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    _wait_for_checkpoint(out, proc)
+    wait_for_checkpoint(out, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
