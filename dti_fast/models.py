@@ -836,15 +836,27 @@ def cache_root() -> Path:
 
 
 def build_once(
-    name: str, marker: str, build: Callable[[Path], Any], cache_dir: str | os.PathLike | None = None
+    name: str,
+    marker: str,
+    build: Callable[[Path], Any],
+    cache_dir: str | os.PathLike | None = None,
+    stale: Callable[[Path], bool] | None = None,
 ) -> Path:
     """``<cache>/<name>``, built by ``build(folder)`` unless ``<cache>/<name>/<marker>`` exists.
 
     Built in a temporary sibling folder and renamed into place, so concurrent
-    callers never see a half-written folder.
+    callers never see a half-written folder. A folder for which ``stale(folder)``
+    is true is moved aside in one rename, removed, and built again.
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     final = root / name
+    if stale is not None and final.is_dir() and stale(final):
+        aside = root / f".{name}-stale-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(final, aside)
+        except OSError:
+            pass  # another caller moved it first
+        shutil.rmtree(aside, ignore_errors=True)
     if (final / marker).is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)

@@ -493,7 +493,7 @@ def world_model_path(cache_dir=None) -> Path:
     model that ``dti-fast world build-base`` wrote there (no such file) is the user's and is kept.
     """
     from ..io import write_json
-    from ..models import build_once, cache_root
+    from ..models import build_once
 
     def copy_shipped(folder: Path) -> None:
         if not (SHIPPED / "model_index.json").is_file():
@@ -503,19 +503,15 @@ def world_model_path(cache_dir=None) -> Path:
         shutil.copytree(SHIPPED, folder, dirs_exist_ok=True)
         write_json({"shipped": _shipped_id()}, folder / SHIPPED_MARK)
 
-    name = f"world-base-v{WORLD_VERSION}"
-    final = (Path(cache_dir).expanduser() if cache_dir is not None else cache_root()) / name
-    mark = final / SHIPPED_MARK
-    if mark.is_file() and (SHIPPED / "world_build.json").is_file():
+    def earlier_shipped(folder: Path) -> bool:
+        mark = folder / SHIPPED_MARK
+        if not mark.is_file() or not (SHIPPED / "world_build.json").is_file():
+            return False  # the user's own build, or nothing shipped to compare with
         try:
-            stale = json.loads(mark.read_text(encoding="utf-8")).get("shipped") != _shipped_id()
+            return json.loads(mark.read_text(encoding="utf-8")).get("shipped") != _shipped_id()
         except (OSError, ValueError, AttributeError):
-            stale = True
-        if stale:  # moved aside in one rename, then removed: a reader never sees half a folder
-            aside = final.with_name(f".{name}-stale-{time.time_ns()}")
-            try:
-                final.rename(aside)
-            except OSError:
-                pass  # another process got there first
-            shutil.rmtree(aside, ignore_errors=True)
-    return build_once(name, "world_scorer/scorer.safetensors", copy_shipped, cache_dir)
+            return True
+
+    return build_once(
+        f"world-base-v{WORLD_VERSION}", "world_scorer/scorer.safetensors", copy_shipped, cache_dir, earlier_shipped
+    )
