@@ -236,11 +236,10 @@ def run_toy_suite(cfg: ToySuiteConfig) -> dict:
     g = base_model_gate(
         pipe, scorer, cfg.gate_prompts, GATE_SEED + cfg.seed, cfg.inference_steps, cfg.guidance, out / "gate"
     )
-    gate_rows, per_attr, gate_fid, gate_pass = g["rows"], g["per_attribute"], g["text_fidelity"], g["pass"]
     seconds["gate"] = time.perf_counter() - t
     log(
-        f"[toy] base-model gate on held-out combinations: text fidelity {gate_fid:.3f} "
-        f"({'PASS' if gate_pass else 'FAIL: the world measures nothing'})"
+        f"[toy] base-model gate on held-out combinations: text fidelity {g['text_fidelity']:.3f} "
+        f"({'PASS' if g['pass'] else 'FAIL: the world measures nothing'})"
     )
 
     # 3. concept photos
@@ -514,10 +513,10 @@ def run_toy_suite(cfg: ToySuiteConfig) -> dict:
         },
         "scorer_validation": validation,
         "gate": {
-            "text_fidelity": gate_fid,
-            "pass": gate_pass,
-            "per_attribute": per_attr,
-            "prompts": gate_rows,
+            "text_fidelity": g["text_fidelity"],
+            "pass": g["pass"],
+            "per_attribute": g["per_attribute"],
+            "prompts": g["rows"],
             "prompt_seed": g["seed"],
             "grid": "gate/gate.png",
         },
