@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,6 +84,32 @@ def test_concepts_are_unseen_but_between_named_things():
         assert all(abs(m - (x + y) / 2) <= 0.5 for m, x, y in zip(mid, R.COLOURS[a], R.COLOURS[b]))
 
 
+def test_training_timesteps_shift_toward_the_noisy_end():
+    from dti_fast.world.base import training_timesteps
+
+    # shift 1 is the original uniform draw, stream for stream (builds made before the option reproduce)
+    a = training_timesteps(64, torch.Generator().manual_seed(3), 1.0, 1000)
+    assert torch.equal(a, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3)))
+    t = training_timesteps(40000, torch.Generator().manual_seed(0), 3.0, 1000)
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) == 999
+    # s u / (1 + (s - 1) u) > 3/4  <=>  u > 1/2 at s = 3: half the draws in the noisiest quarter
+    assert abs(float((t >= 750).float().mean()) - 0.5) < 0.01
+    assert abs(float((t < 250).float().mean()) - 0.1) < 0.01  # u < 1/10
+    assert torch.equal(t, training_timesteps(40000, torch.Generator().manual_seed(0), 3.0, 1000))
+
+
+def test_build_base_refuses_a_device_this_machine_lacks_before_any_work(tmp_path):
+    out = tmp_path / "wb"
+    cmd = [sys.executable, "-m", "dti_fast.cli", "world", "build-base", "--output", str(out), "--device"]
+    for device, says in (("cuda:7", "cuda:7"), ("gpu", "not a torch device")):
+        if device.startswith("cuda") and torch.cuda.device_count() > 7:
+            continue
+        res = subprocess.run(cmd + [device], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert says in res.stderr and "Traceback" not in res.stderr
+        assert "rendered" not in res.stdout and not out.exists()
+
+
 def test_training_noise_hides_the_mean():
     from dti_fast.world.base import BuildConfig, pyramid_noise, training_noise
 
@@ -149,6 +176,9 @@ def test_build_base_tiny(tmp_path):
         "0.3",
         "--ema",
         "0.999",
+        "--no-zero-snr",
+        "--device",
+        "cpu",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -159,6 +189,13 @@ def test_build_base_tiny(tmp_path):
     summary = json.loads((out / "world_build.json").read_text())
     assert summary["steps_done"] == 2 and summary["zero_rows"] > 0
     assert summary["scorer_parallel"] and summary["config"]["offset_noise"] == 0.3 and summary["config"]["ema"] == 0.999
+    # --no-zero-snr: SD's schedule and the epsilon target; the defaults' shift and UNet-stage threads
+    assert not summary["config"]["zero_snr"] and summary["config"]["timestep_shift"] == 3.0
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "epsilon" and not sched.get("rescale_betas_zero_snr")
+    # the scorer's process is done before the UNet stage, which then has the cores it asked for
+    assert "scorer finished" in res.stdout and summary["unet_threads"] == 2 and summary["device"] == "cpu"
+    assert res.stdout.index("scorer finished") < res.stdout.index("unet step 0/")
     # the scorer trained beside the base model in its own process equals one trained here, serially
     from safetensors.torch import load_file
 
@@ -286,3 +323,35 @@ def test_a_cached_copy_of_an_earlier_shipped_model_is_replaced_and_a_users_build
     (path / SHIPPED_MARK).unlink()
     (path / unet).write_bytes(b"the user's weights")
     assert world_model_path(cache_dir=tmp_path) == path and (path / unet).read_bytes() == b"the user's weights"
+
+
+def test_readme_stage_commands_give_the_configs_the_shipped_build_recorded():
+    """The README's commands that made the shipped model, parsed by today's CLI, are the recipes its
+    build log records (its last stage and the one it resumed from): a changed default cannot
+    silently change what they build."""
+    import shlex
+
+    from dti_fast.cli import build_parser
+    from dti_fast.world.base import SHIPPED
+    from dti_fast.world.cli import build_config
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index('THEN="') :]
+    block = block[: block.index("```")]
+    lines = block.strip().splitlines()
+    then = shlex.split(lines[0].split("=", 1)[1])[0]
+    stages = {}
+    for line in lines[1:]:
+        argv = shlex.split(line.replace("$THEN", then))
+        assert argv[:3] == ["dti-fast", "world", "build-base"], line
+        args = build_parser().parse_args(argv[1:])
+        stages[str(args.output)] = build_config(args)
+    log = json.loads((SHIPPED / "world_build.json").read_text(encoding="utf-8"))
+    recorded = [(stages["world_base"], log["config"], log["steps_done"])]
+    recorded.append((stages["stage6"], log["resumed_from"]["config"], log["resumed_from"]["steps_done"]))
+    keys = ("seed", "images", "batch", "lr", "empty_caption", "threads", "offset_noise", "pyramid", "ema", "zero_snr")
+    for cfg, then_cfg, steps_done in recorded:
+        assert {k: getattr(cfg, k) for k in keys} == {k: then_cfg[k] for k in keys}
+        assert cfg.steps == steps_done and cfg.resume_from  # the count the stage ran; a further stage
+        # options added since: their values then (uniform timesteps, one thread, the CPU)
+        assert cfg.timestep_shift == 1.0 and cfg.unet_threads == 1 and cfg.device == "cpu"

@@ -3,7 +3,8 @@
 Stages (all seeded): render a training set of scenes (no held-out triple, no novel concept),
 train a small ``AutoencoderKL`` (64x64x3 -> 16x16x4) to reconstruct them, encode every render
 once (the latent cache), then train a pre-norm ``CLIPTextModel`` (world-word tokenizer) and a
-small ``UNet2DConditionModel`` jointly with the DDPM epsilon MSE the trainer uses, with 10 %
+small ``UNet2DConditionModel`` jointly (by default on zero terminal SNR with the v target, the
+objective the trainer then follows from the saved scheduler config; else SD's epsilon), with 10 %
 empty captions for classifier-free guidance. The folder loads with
 ``StableDiffusionPipeline.from_pretrained`` and :func:`dti_fast.models.load_model_parts`.
 """
@@ -32,26 +33,40 @@ SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "world_base"
 
 @dataclass
 class BuildConfig:
+    """A base-model build. The defaults are the from-scratch recipe sized to 30 minutes on a 2-core
+    CPU (README: what it reaches); the shipped model was made in stages (README: the commands)."""
+
     seed: int = 0
     images: int = 12000
-    vae_steps: int = 2500
+    vae_steps: int = 1900
     vae_batch: int = 12
-    steps: int = 3000
+    steps: int = 4200
     batch: int = 48
-    lr: float = 1e-3
+    lr: float = 2e-3
     empty_caption: float = 0.1
     threads: int | None = 1  # one torch thread: on busy shared cores more threads cost up to 10x (measured)
     resume_from: str | None = None  # continue a built model: its VAE is kept, text encoder + UNet train on
     minutes: float | None = None  # wall budget of the UNet stage: the step count shrinks to fit (logged)
     vae_minutes: float | None = None  # the same for the VAE stage
-    # Defaults are the shipped model's recipe (white noise, raw weights); README: what the others measured.
+    # README: what each of these measured.
     offset_noise: float = 0.0  # std of a per-sample, per-channel constant added to the training noise (0 = off)
     pyramid: float = 0.0  # instead: multi-resolution training noise, weight ratio per coarser octave (0 = off)
-    ema: float = 0.0  # decay of a weight average saved instead of the raw weights (0 = off; e.g. 0.999)
+    ema: float = 0.999  # decay of a weight average saved instead of the raw weights (0 = off; e.g. 0.999)
     # Zero terminal SNR (betas rescaled so t = 999 is pure noise) with v-prediction, sampled on
     # trailing timesteps: nothing of the image survives at the start, so the layout has to come
     # from the caption (README: what it measured). Saved in the folder's scheduler config.
-    zero_snr: bool = False
+    zero_snr: bool = True
+    # > 1 draws training timesteps toward the noisy end, where the layout is decided:
+    # t / T = s * u / (1 + (s - 1) * u) with u uniform (SD3's shift; 1 = uniform).
+    timestep_shift: float = 3.0
+    # Torch threads of the text encoder + UNet stage. It runs alone (build_world joins the
+    # scorer's process first), so it may use both cores of a 2-core machine: 1.55x one thread's
+    # steps per second there when the machine is quiet (on busy shared cores use 1); None: ``threads``.
+    unet_threads: int | None = 2
+    # Where the VAE, text encoder and UNet train ("auto": the GPU if there is one; "cpu", "cuda:1").
+    # Every random draw is made on the CPU with the seeded generators, so a device changes only
+    # the arithmetic.
+    device: str = "auto"
 
 
 def scheduler_config(cfg: BuildConfig) -> dict:
@@ -98,6 +113,20 @@ def pyramid_noise(shape, gen: torch.Generator, discount: float) -> torch.Tensor:
         )
         size //= 2
     return n / n.std(dim=(1, 2, 3), keepdim=True)
+
+
+def training_timesteps(n: int, gen: torch.Generator, shift: float, num_train: int) -> torch.Tensor:
+    """``n`` training timesteps: uniform, or with ``shift`` > 1 drawn toward the noisy end.
+
+    ``shift`` maps a uniform ``u`` to ``s u / (1 + (s - 1) u)`` (the fraction of the schedule), so
+    with ``s = 3`` half the draws fall in the noisiest quarter. ``shift == 1`` keeps the original
+    draw (``torch.randint``), so builds made before the option reproduce exactly.
+    """
+    if shift == 1.0:
+        return torch.randint(0, num_train, (n,), generator=gen)
+    u = torch.rand(n, generator=gen, dtype=torch.float64)
+    u = shift * u / (1 + (shift - 1) * u)
+    return (u * num_train).long().clamp_(0, num_train - 1)
 
 
 def _templates():
@@ -182,7 +211,14 @@ def render_set(n: int, seed: int, **kw) -> tuple[list[R.Spec], np.ndarray]:
 
 
 def train_vae(
-    vae, images: np.ndarray, steps: int, batch: int, seed: int, log: Callable, minutes: float | None = None
+    vae,
+    images: np.ndarray,
+    steps: int,
+    batch: int,
+    seed: int,
+    log: Callable,
+    minutes: float | None = None,
+    device: str = "cpu",
 ) -> tuple[float, int]:
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
@@ -204,9 +240,9 @@ def train_vae(
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         idx = torch.randint(0, len(images), (batch,), generator=gen)
-        x = _to_tensor(images[idx.numpy()])
+        x = _to_tensor(images[idx.numpy()]).to(device)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)
         rec = vae.decode(z).sample
         loss = (rec - x).abs().mean() + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -221,9 +257,11 @@ def train_vae(
 
 @torch.no_grad()
 def encode_all(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """The latent means of ``images``, on the VAE's device."""
+    device = next(vae.parameters()).device
     out = []
     for i in range(0, len(images), batch):
-        out.append(vae.encode(_to_tensor(images[i : i + batch])).latent_dist.mean)
+        out.append(vae.encode(_to_tensor(images[i : i + batch]).to(device)).latent_dist.mean)
     return torch.cat(out)
 
 
@@ -253,8 +291,18 @@ def write_folder(out: Path, vae, te, unet, tok, extra: dict, scheduler: dict | N
     return out
 
 
-def build_base(out, cfg: BuildConfig | None = None, log: Callable = print, fp16: bool = True) -> dict:
-    """Train the base model into folder ``out``; returns a summary (losses, wall times)."""
+def build_base(
+    out,
+    cfg: BuildConfig | None = None,
+    log: Callable = print,
+    fp16: bool = True,
+    before_unet: Callable[[], None] | None = None,
+) -> dict:
+    """Train the base model into folder ``out``; returns a summary (losses, wall times).
+
+    ``before_unet`` runs between the latent cache and the text encoder + UNet stage
+    (:func:`build_world` waits there for the scorer's process, so that stage has the cores).
+    """
     from diffusers import DDPMScheduler
 
     cfg = cfg or BuildConfig()
@@ -291,6 +339,11 @@ def build_base(out, cfg: BuildConfig | None = None, log: Callable = print, fp16:
         emb[~keep] = 0.0
         if not cfg.resume_from:
             emb[keep] *= 0.02 / emb[keep].std()
+    from ..models import resolve_device
+
+    device = resolve_device(cfg.device)
+    summary["device"] = str(device)
+    vae, te, unet = vae.to(device), te.to(device), unet.to(device)
     log(
         f"params: vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, text encoder "
         f"{sum(p.numel() for p in te.parameters()) / 1e6:.2f}M, "
@@ -308,11 +361,11 @@ def build_base(out, cfg: BuildConfig | None = None, log: Callable = print, fp16:
         summary["vae_l1"], summary["vae_steps_done"] = None, 0
     else:
         summary["vae_l1"], summary["vae_steps_done"] = train_vae(
-            vae, images, cfg.vae_steps, cfg.vae_batch, cfg.seed + 1, log, cfg.vae_minutes
+            vae, images, cfg.vae_steps, cfg.vae_batch, cfg.seed + 1, log, cfg.vae_minutes, device
         )
     with torch.no_grad():  # reconstruction error on renders the VAE never saw
         _, test = render_set(256 if cfg.images >= 2000 else 16, cfg.seed + 99, held=None)
-        x = _to_tensor(test)
+        x = _to_tensor(test).to(device)
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         summary["vae_heldout_mae_0_255"] = float((rec - x).abs().mean() * 127.5)
     log(f"vae held-out mean abs error {summary['vae_heldout_mae_0_255']:.2f} / 255")
@@ -325,11 +378,15 @@ def build_base(out, cfg: BuildConfig | None = None, log: Callable = print, fp16:
     summary["encode_s"] = time.perf_counter() - t
     log(f"latent cache {tuple(latents.shape)}, scaling_factor {scale:.4f} ({summary['encode_s']:.1f} s)")
 
+    if before_unet is not None:
+        before_unet()
+    if cfg.unet_threads:
+        torch.set_num_threads(cfg.unet_threads)
     # Captions: drawn per step from each spec with the seeded stream, tokenized on the fly.
     rng = np.random.default_rng(cfg.seed + 2 + (100 if cfg.resume_from else 0))
     gen = torch.Generator().manual_seed(cfg.seed + 3 + (100 if cfg.resume_from else 0))
     sched = DDPMScheduler(**scheduler_config(cfg))
-    acp = sched.alphas_cumprod
+    acp = sched.alphas_cumprod.to(device)
     params = list(te.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     warm = 100
@@ -359,9 +416,10 @@ def build_base(out, cfg: BuildConfig | None = None, log: Callable = print, fp16:
         idx = torch.randint(0, len(latents), (cfg.batch,), generator=gen)
         caps = ["" if rng.random() < cfg.empty_caption else training_caption(specs[i], rng) for i in idx.tolist()]
         ids = tok(caps, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
-        x0 = latents[idx]
-        noise = training_noise(x0.shape, gen, cfg)
-        ts = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
+        ids = ids.to(device)
+        x0 = latents[idx.to(device)]
+        noise = training_noise(x0.shape, gen, cfg).to(device)
+        ts = training_timesteps(cfg.batch, gen, cfg.timestep_shift, sched.config.num_train_timesteps).to(device)
         a = acp[ts].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         cond = te(ids)[0]
@@ -386,6 +444,7 @@ def build_base(out, cfg: BuildConfig | None = None, log: Callable = print, fp16:
         step += 1
     summary["steps_done"] = total
     summary["unet_s"] = time.perf_counter() - t
+    summary["unet_threads"] = torch.get_num_threads()
     summary["unet_loss"] = loss_avg
     if avg is not None:  # the saved model is the weight average
         with torch.no_grad():
@@ -397,7 +456,9 @@ def build_base(out, cfg: BuildConfig | None = None, log: Callable = print, fp16:
     summary["zero_rows"] = zero_rows
     summary["word_rows"] = len(used)
     if fp16:
-        vae, te, unet = vae.half(), te.half(), unet.half()
+        vae, te, unet = vae.cpu().half(), te.cpu().half(), unet.cpu().half()
+    else:
+        vae, te, unet = vae.cpu(), te.cpu(), unet.cpu()
     summary["total_s"] = time.perf_counter() - t_all
     write_folder(out, vae, te, unet, tok, {"_dti_fast_world": WORLD_VERSION}, scheduler_config(cfg))
     for name in ("vocab.json", "merges.txt"):  # the BPE files themselves too (transformers 4.x's slow tokenizer)
@@ -431,7 +492,9 @@ def build_world(
     """The base model plus the world's scorer (``world_scorer/``, validated on fresh renders) in ``out``.
 
     The scorer learns from renders only, so it does not wait for the base model: with ``parallel``
-    it trains in a second process (one more core) while the base model trains, same seeds, same result.
+    it trains in a second process (one more core) beside the render, VAE and latent-cache stages,
+    same seeds, same result; the text encoder + UNet stage starts once it has finished, so that
+    stage can use every core (``cfg.unet_threads``).
     """
     import multiprocessing
 
@@ -445,16 +508,22 @@ def build_world(
     if parallel:
         proc = multiprocessing.get_context("spawn").Process(target=_scorer_job, args=args, name="world-scorer")
         proc.start()
+
+    def join_scorer() -> None:
+        if proc is None:
+            return
+        waited = time.perf_counter()
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(
+                f"the scorer's training process failed (exit code {proc.exitcode}); see its output above"
+            )
+        log(f"scorer finished (waited {time.perf_counter() - waited:.0f} s for it)")
+
     try:
-        summary = build_base(out, cfg, log=log)
+        summary = build_base(out, cfg, log=log, before_unet=join_scorer)
         if proc is None:
             _scorer_job(*args)
-        else:
-            proc.join()
-            if proc.exitcode != 0:
-                raise RuntimeError(
-                    f"the scorer's training process failed (exit code {proc.exitcode}); see its output above"
-                )
     finally:
         if proc is not None and proc.is_alive():
             proc.terminate()

@@ -9,16 +9,25 @@ from dataclasses import fields
 from pathlib import Path
 
 
-def _cmd_build_base(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from ..models import cache_root
-    from .base import WORLD_VERSION, BuildConfig, build_world
+def build_config(args: argparse.Namespace):
+    """The :class:`BuildConfig` of parsed ``world build-base`` flags: its defaults, then every field given."""
+    from .base import BuildConfig
 
     cfg = BuildConfig()
     for f in fields(BuildConfig):  # every BuildConfig field that has a flag and was given
         if getattr(args, f.name, None) is not None:
             setattr(cfg, f.name, getattr(args, f.name))
+    return cfg
+
+
+def _cmd_build_base(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from ..models import cache_root, resolve_device
+    from .base import WORLD_VERSION, build_world
+
+    cfg = build_config(args)
+    cfg.device = str(resolve_device(cfg.device))  # a device this machine lacks: one line, before any work
     final = Path(args.output) if args.output else cache_root() / f"world-base-v{WORLD_VERSION}"
     if (final / "model_index.json").is_file() and not args.force:
         print(f"{final} exists; --force rebuilds it")
@@ -100,9 +109,11 @@ def add_world_parser(sub) -> None:
         "build-base",
         help="train the toy world's base model (VAE, text encoder, UNet) and its scorer",
         description="Render the world, train a small AutoencoderKL, then a CLIP text encoder and a "
-        "UNet jointly from scratch (DDPM epsilon MSE; v-prediction with --zero-snr), and the pixel scorer "
-        "beside them; seeded. --resume-from trains a further stage on a built model. Writes a diffusers SD "
-        "folder (default: the cache folder the suite uses). README: the stages that made the shipped model.",
+        "UNet jointly from scratch (zero terminal SNR with the v target by default; --no-zero-snr: SD's "
+        "schedule and the epsilon target), and the pixel scorer beside the VAE; seeded. The defaults are "
+        "sized to 30 minutes on a 2-core CPU. --resume-from trains a further stage on a built model. Writes "
+        "a diffusers SD folder (default: the cache folder the suite uses). README: what the default recipe "
+        "reaches and the stages that made the shipped model.",
     )
     p.add_argument("--output", type=Path, help="model folder (default <cache>/world-base-v<version>)")
     p.add_argument("--seed", type=int, default=0)
@@ -114,8 +125,7 @@ def add_world_parser(sub) -> None:
     p.add_argument(
         "--offset-noise",
         type=float,
-        help="std of a per-image, per-channel constant added to the training noise, e.g. 0.3 (default: white "
-        "noise, the shipped model's recipe)",
+        help="std of a per-image, per-channel constant added to the training noise, e.g. 0.3 (default 0: white)",
     )
     p.add_argument(
         "--pyramid",
@@ -124,11 +134,30 @@ def add_world_parser(sub) -> None:
     )
     p.add_argument(
         "--zero-snr",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="zero terminal SNR with v-prediction (trailing sampling steps), saved in the scheduler config",
+        help="zero terminal SNR with v-prediction (trailing sampling steps), saved in the scheduler config "
+        f"(default {'on' if d.zero_snr else 'off'}); --no-zero-snr: SD's schedule and the epsilon target",
     )
-    p.add_argument("--ema", type=float, help="save a weight average with this decay, e.g. 0.999 (default: raw weights)")
+    p.add_argument(
+        "--timestep-shift",
+        type=float,
+        help="draw training timesteps toward the noisy end: t/T = s*u/(1+(s-1)*u), u uniform "
+        f"(default {d.timestep_shift:g}; 1: uniform)",
+    )
+    p.add_argument("--threads", type=int, help=f"torch threads of the VAE and scorer stages (default {d.threads})")
+    p.add_argument(
+        "--unet-threads",
+        type=int,
+        help="torch threads of the text encoder + UNet stage, which runs alone (default "
+        f"{d.unet_threads or 'as --threads'})",
+    )
+    p.add_argument(
+        "--device", help=f"where the VAE, text encoder and UNet train: auto, cpu, cuda, cuda:N (default {d.device})"
+    )
+    p.add_argument(
+        "--ema", type=float, help=f"save a weight average with this decay (default {d.ema:g}; 0: the raw weights)"
+    )
     p.add_argument("--minutes", type=float, help="wall budget of the UNet stage: fewer steps if needed (logged)")
     p.add_argument("--vae-minutes", type=float, help="wall budget of the VAE stage")
     p.add_argument("--lr", type=float, help=f"text encoder + UNet peak learning rate (default {d.lr:g})")
