@@ -88,3 +88,40 @@ def test_the_check_runs_on_a_cpu_machine_and_writes_its_summary(tmp_path):
     assert "no CUDA GPU here" in (out / "gpu_check.log").read_text()
     goals = json.loads((out / "summary.json").read_text())["goals"]
     assert {g["goal"] for g in goals} == {g["goal"] for g in gpu_summary.GOALS}
+
+
+def _check(tmp_path, **env_vars):
+    env = dict(os.environ, PYTHON=sys.executable, DTI_WHEELS=str(tmp_path / "none"), **env_vars)
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def test_the_default_check_leaves_out_the_opt_in_world_stage(tmp_path):
+    done = _check(tmp_path, DTI_CHECK_BUDGET_S="0")  # nothing runs but the summary: the stage list alone
+    listed = [line.split()[0] for line in (tmp_path / "out" / "summary.txt").read_text().splitlines()[1:]]
+    assert listed == ["setup", "env", "tests", "bench_optimizer", "bench_trainer", "summary"], done.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_the_world_stage_builds_gates_and_reports_on_a_cpu_machine(tmp_path):
+    """The opt-in world stage, tiny, on this CPU: the build, its gate and the summary's goal entry."""
+    tiny = "--images 64 --vae-steps 2 --steps 2 --batch 4 --scorer-steps 2 --unet-threads 1"
+    done = _check(tmp_path, DTI_CHECK_STAGES="world summary", DTI_WORLD_ARGS=tiny)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    out = tmp_path / "out"
+    report = json.loads((out / "world_ratios.json").read_text())
+    assert report["device"] == "cpu" and report["build"]["steps_done"] == 2 and report["build"]["device"] == "cpu"
+    assert report["gate"]["prompts"] == 96 and 0.0 <= report["gate"]["text_fidelity"] <= 1.0
+    (goal,) = report["goals"]
+    assert goal["applies"] is False and goal["seconds"] == pytest.approx(report["build"]["total_s"], abs=0.1)
+    entry = next(
+        g for g in json.loads((out / "summary.json").read_text())["goals"] if g["source"] == "world_ratios.json"
+    )
+    assert entry["measured"] and entry["value"] == goal["value"] and entry["applies"] is False
