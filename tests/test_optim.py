@@ -850,11 +850,15 @@ def test_packed_state_is_per_param_and_follows_replacement(helpers, device, fuse
 # -- the step's per-group fast path and cached plans: what invalidates them ----------------------------
 
 
-def _reference_steps(v, grads, s, t0, beta):
-    """The reference stepped through ``grads`` from row state ``s`` at step ``t0``; (rows, s)."""
+def _assert_stepped_like_reference(opt, p, start, grads):
+    """``p``'s rows, its ``s`` and its step count are the reference's after ``grads`` from ``start``
+    (fresh state: s = 0 at step 0; beta 0.9, no prior)."""
+    v, s = start, torch.zeros(start.shape[0], device=start.device)
     for k, g in enumerate(grads):
-        v, s = spherical_sgd_step_reference(v, g, s, t0 + k + 1, lr=LR, beta=beta)
-    return v, s
+        v, s = spherical_sgd_step_reference(v, g, s, k + 1, lr=LR, beta=0.9)
+    torch.testing.assert_close(p.detach(), v, atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(opt.state[p]["s"], s, rtol=1e-5, atol=0)
+    assert int(opt.state[p]["step"]) == len(grads)
 
 
 def test_cached_plan_follows_params_added_to_a_group(helpers, device):
@@ -876,11 +880,7 @@ def test_cached_plan_follows_params_added_to_a_group(helpers, device):
         p.grad = g[2]
     opt.step()
     for i, p in enumerate(opt.param_groups[0]["params"]):
-        own = grads[i] if i < 5 else grads[i][2:]
-        ref, ref_s = _reference_steps(starts[i], own, torch.zeros(1, device=device), 0, 0.9)
-        torch.testing.assert_close(p.detach(), ref, atol=FP32_ATOL, rtol=0)
-        torch.testing.assert_close(opt.state[p]["s"], ref_s, rtol=1e-5, atol=0)
-        assert int(opt.state[p]["step"]) == len(own)
+        _assert_stepped_like_reference(opt, p, starts[i], grads[i] if i < 5 else grads[i][2:])
 
 
 def test_cached_plan_follows_a_param_whose_grad_is_none(helpers, device):
@@ -896,11 +896,7 @@ def test_cached_plan_follows_a_param_whose_grad_is_none(helpers, device):
             p.grad = None if (k == 1 and i == 2) else g[k]
         opt.step()
     for i, p in enumerate(params):
-        own = [grads[i][0], grads[i][2]] if i == 2 else grads[i]
-        ref, ref_s = _reference_steps(starts[i], own, torch.zeros(2, device=device), 0, 0.9)
-        torch.testing.assert_close(p.detach(), ref, atol=FP32_ATOL, rtol=0)
-        torch.testing.assert_close(opt.state[p]["s"], ref_s, rtol=1e-5, atol=0)
-        assert int(opt.state[p]["step"]) == len(own)
+        _assert_stepped_like_reference(opt, p, starts[i], [grads[i][0], grads[i][2]] if i == 2 else grads[i])
 
 
 def test_cached_plan_follows_load_state_dict(helpers, device):
