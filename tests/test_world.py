@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -355,3 +357,20 @@ def test_readme_stage_commands_give_the_configs_the_shipped_build_recorded():
         assert cfg.steps == steps_done and cfg.resume_from  # the count the stage ran; a further stage
         # options added since: their values then (uniform timesteps, one thread, the CPU)
         assert cfg.timestep_shift == 1.0 and cfg.unet_threads == 1 and cfg.device == "cpu"
+
+
+def test_a_build_into_the_cache_says_the_suite_now_uses_it_and_how_to_go_back(tmp_path):
+    from dti_fast.world.base import WORLD_VERSION, world_model_path
+
+    env = dict(os.environ, DTI_FAST_CACHE=str(tmp_path / "cache"))
+    tiny = ["--images", "64", "--vae-steps", "2", "--steps", "2", "--batch", "4", "--scorer-steps", "2"]
+    cmd = [sys.executable, "-m", "dti_fast.cli", "world", "build-base", *tiny, "--unet-threads", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    folder = tmp_path / "cache" / f"world-base-v{WORLD_VERSION}"
+    assert "the toy suite now uses this model" in res.stdout and f"remove {folder}" in res.stdout
+    assert world_model_path(cache_dir=tmp_path / "cache") == folder  # the user's build, kept
+    assert json.loads((folder / "world_build.json").read_text())["steps_done"] == 2
+    shutil.rmtree(folder)  # as the message says: then the shipped model comes back
+    assert world_model_path(cache_dir=tmp_path / "cache") == folder
+    assert (folder / "shipped_copy.json").is_file()

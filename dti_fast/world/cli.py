@@ -62,6 +62,11 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
     )
     print(json.dumps({k: summary.get(k) for k in keys}, indent=1))
     print(f"world base model: {final}")
+    if not args.output:  # the suite's cache folder: a build there replaces the shipped model for the suite
+        print(
+            "the toy suite now uses this model instead of the shipped one: `dti-fast world gate` checks it; "
+            f"remove {final} to go back to the shipped model"
+        )
     return 0
 
 
