@@ -33,12 +33,9 @@ def small_tmpfs(parent: Path, size: str = "64k"):
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
-def train_cmd(model: Path, out: Path, steps: int, resume: bool = False) -> list[str]:
-    """``dti-fast train`` of two demo concepts (dog, bag) at 64 px, a checkpoint every step."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "dti_fast.cli",
+def train_args(model: Path, out: Path, steps: int) -> list[str]:
+    """``dti-fast train``'s arguments for two demo concepts (dog, bag) at 64 px, batch 1, no progress bar."""
+    return [
         "train",
         "--model",
         str(model),
@@ -54,12 +51,14 @@ def train_cmd(model: Path, out: Path, steps: int, resume: bool = False) -> list[
         "1",
         "--resolution",
         "64",
-        "--checkpoint-every",
-        "1",
-        "--keep-checkpoints",
-        "2",
         "--no-progress",
     ]
+
+
+def train_cmd(model: Path, out: Path, steps: int, resume: bool = False) -> list[str]:
+    """The command line of :func:`train_args` in a new process, with a checkpoint every step (two kept)."""
+    cmd = [sys.executable, "-m", "dti_fast.cli", *train_args(model, out, steps)]
+    cmd += ["--checkpoint-every", "1", "--keep-checkpoints", "2"]
     return cmd + (["--resume"] if resume else [])
 
 

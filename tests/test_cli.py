@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _shared import train_args
 
 from dti_fast.cli import build_parser, load_job_file, main
 from dti_fast.demo import demo_images_dir
@@ -114,26 +115,7 @@ def test_train_command_end_to_end(tmp_path, capsys):
     assert main(["make-tiny-model", str(model), "--family", "sd"]) == 0
     assert (model / "model_index.json").exists()
     out = tmp_path / "out"
-    code = main(
-        [
-            "train",
-            "--model",
-            str(model),
-            "--output",
-            str(out),
-            "--concept",
-            f"dog:{demo_images_dir() / 'dog'}:dog",
-            "--concept",
-            f"bag:{demo_images_dir() / 'backpack'}:red backpack",
-            "--steps",
-            "2",
-            "--batch-size",
-            "1",
-            "--resolution",
-            "64",
-            "--no-progress",
-        ]
-    )
+    code = main(train_args(model, out, 2))
     assert code == 0
     report = capsys.readouterr().out
     assert "Trained 2 concept(s) with DTI" in report and str(out / "dog") in report

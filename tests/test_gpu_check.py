@@ -68,19 +68,24 @@ def test_summary_of_nothing_lists_every_goal_as_not_measured(tmp_path):
     assert len(s["goals"]) == len(gpu_summary.GOALS) and s["not_measured"] == len(gpu_summary.GOALS)
 
 
-@pytest.mark.slow
-def test_the_check_runs_on_a_cpu_machine_and_writes_its_summary(tmp_path):
-    """The script itself, setup + env + summary stages, on this CPU (no GPU: it warns and goes on)."""
-    env = dict(os.environ, PYTHON=sys.executable, DTI_CHECK_STAGES="env summary", DTI_WHEELS=str(tmp_path / "none"))
+def _check(tmp_path, timeout: float = 900, **env_vars) -> subprocess.CompletedProcess:
+    """``bench/gpu_check.sh`` into ``tmp_path/out`` with this python, no wheels, ``env_vars`` set."""
+    env = dict(os.environ, PYTHON=sys.executable, DTI_WHEELS=str(tmp_path / "none"), **env_vars)
     env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run(
+    return subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         env=env,
         cwd=ROOT,
     )
+
+
+@pytest.mark.slow
+def test_the_check_runs_on_a_cpu_machine_and_writes_its_summary(tmp_path):
+    """The script itself, setup + env + summary stages, on this CPU (no GPU: it warns and goes on)."""
+    done = _check(tmp_path, timeout=600, DTI_CHECK_STAGES="env summary")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     out = tmp_path / "out"
     summary = (out / "summary.txt").read_text()
@@ -88,19 +93,6 @@ def test_the_check_runs_on_a_cpu_machine_and_writes_its_summary(tmp_path):
     assert "no CUDA GPU here" in (out / "gpu_check.log").read_text()
     goals = json.loads((out / "summary.json").read_text())["goals"]
     assert {g["goal"] for g in goals} == {g["goal"] for g in gpu_summary.GOALS}
-
-
-def _check(tmp_path, **env_vars):
-    env = dict(os.environ, PYTHON=sys.executable, DTI_WHEELS=str(tmp_path / "none"), **env_vars)
-    env.pop("TRITON_INTERPRET", None)
-    return subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-        cwd=ROOT,
-    )
 
 
 def test_the_default_check_leaves_out_the_opt_in_world_stage(tmp_path):
