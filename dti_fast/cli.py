@@ -513,11 +513,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dti-fast {args.command}: {err}", file=sys.stderr)
         return 128 + err.signum
     except KeyboardInterrupt:
-        hint = (
-            "; rerun the same command with --resume to continue from the last checkpoint (without one it starts afresh)"
-            if args.command == "train"
-            else ""
-        )
+        hint = ""
+        if args.command == "train":
+            hint = (
+                "; rerun the same command with --resume to continue from the last checkpoint "
+                "(without one it starts afresh)"
+            )
+        elif getattr(args, "world_command", None) == "build-base":
+            hint = "; run the same command again to continue from the last checkpoint of the build"
         print(f"dti-fast {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except (ValueError, OSError, JobError) as err:

@@ -67,6 +67,104 @@ class BuildConfig:
     # Every random draw is made on the CPU with the seeded generators, so a device changes only
     # the arithmetic.
     device: str = "auto"
+    # Minutes between checkpoints of the VAE and text encoder + UNet stages (0: after every
+    # step). A build stopped by a signal, a crash or kill -9 continues from its last one when
+    # the same command runs again (:func:`build_world`).
+    checkpoint_minutes: float = 2.0
+
+
+# Settings that change how fast a build runs, not what it learns: a build may be resumed with
+# other values of these (the last bits of CPU sums can differ with the thread count).
+RUN_ONLY = ("threads", "unet_threads", "device", "checkpoint_minutes")
+CHECKPOINTS = "checkpoints"  # in the folder being built: the stages' checkpoints and build.json
+
+
+class BuildInterrupted(Exception):
+    """SIGINT/SIGTERM stopped a build after its checkpoint was written."""
+
+    def __init__(self, signum: int, folder: Path) -> None:
+        import signal
+
+        self.signum = signum
+        self.folder = folder
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name}; the build so far is kept in {folder}; "
+            "run the same command again to continue it"
+        )
+
+
+class _Checkpoint:
+    """One stage's resumable state: a safetensors file of tensors with its JSON in the metadata.
+
+    Written atomically (:func:`dti_fast.io.save_safetensors`), so a kill at any moment leaves the
+    previous checkpoint or the new one, never half of one.
+    """
+
+    def __init__(self, path: Path, minutes: float, stop=None) -> None:
+        self.path = Path(path)
+        self.every_s = minutes * 60.0
+        self.stop = stop  # a train.run.StopSignals, or None
+        self.last = time.perf_counter()
+
+    def due(self) -> bool:
+        """Whether to write one now: its interval has passed, or a signal asks the build to stop."""
+        return self.stopping() or time.perf_counter() - self.last >= self.every_s
+
+    def stopping(self) -> bool:
+        return self.stop is not None and self.stop.signum is not None
+
+    def save(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        from ..io import save_safetensors
+
+        save_safetensors(tensors, self.path, metadata={"state": json.dumps(state)})
+        self.last = time.perf_counter()
+        if self.stopping():
+            raise BuildInterrupted(self.stop.signum, self.path.parent.parent)
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        if not self.path.is_file():
+            return None
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(self.path))
+            with safe_open(str(self.path), "pt") as fh:
+                state = json.loads(fh.metadata()["state"])
+        except Exception as err:  # safetensors raises several types for a damaged file
+            raise ValueError(
+                f"the build's checkpoint {self.path} is damaged ({type(err).__name__}: {err}); "
+                "add --force to start the build afresh"
+            ) from err
+        return tensors, state
+
+
+def _module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def _load_module(prefix: str, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    n = len(prefix) + 1
+    module.load_state_dict({k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-param state as flat tensors (``opt.<param index>.<name>``)."""
+    return {f"opt.{i}.{k}": v for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def build_fingerprint(cfg: BuildConfig, **extra) -> dict:
+    """What a build learns from: its settings but the :data:`RUN_ONLY` ones, plus ``extra`` (the scorer's)."""
+    return {**{k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}, **extra}
 
 
 def scheduler_config(cfg: BuildConfig) -> dict:
@@ -219,7 +317,13 @@ def train_vae(
     log: Callable,
     minutes: float | None = None,
     device: str = "cpu",
-) -> tuple[float, int]:
+    ckpt: _Checkpoint | None = None,
+) -> tuple[float, int, float]:
+    """Train ``vae`` to reconstruct ``images``; returns the last loss, the steps run and the seconds.
+
+    With ``ckpt`` it continues from that checkpoint (a finished stage is not run again) and writes
+    one when due and at the end: same seeds, so a resumed stage ends with the same weights.
+    """
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     total = steps
@@ -228,12 +332,26 @@ def train_vae(
     def lr_at(s: int) -> float:  # warmup, then linear decay to 10 % (the first ``warm`` steps ignore ``total``)
         return 2e-3 * ((s + 1) / warm if s < warm else 0.1 + 0.9 * (1 - (s - warm) / max(1, total - warm)))
 
+    step, before, loss_value = 0, 0.0, float("nan")
+    saved = ckpt.load() if ckpt is not None else None
+    if saved is not None:
+        tensors, state = saved
+        _load_module("vae", vae, tensors)
+        _load_optimizer(opt, tensors)
+        gen.set_state(tensors["gen"])
+        step, total, before, loss_value = state["step"], state["total"], state["seconds"], state["loss"]
+        log(f"vae: resuming at step {step}/{total} from {ckpt.path}" if step < total else "vae: trained before")
+
+    def save() -> None:
+        tensors = {**_module_tensors("vae", vae), **_optimizer_tensors(opt), "gen": gen.get_state()}
+        state = {"step": step, "total": total, "seconds": before + time.perf_counter() - t0, "loss": loss_value}
+        ckpt.save(tensors, state)
+
     vae.train()
     t0 = time.perf_counter()
-    step = 0
     while step < total:
         if minutes and step == 10:
-            fit = int(minutes * 60 / ((time.perf_counter() - t0) / 10))
+            fit = int(minutes * 60 / ((before + time.perf_counter() - t0) / 10))
             if fit < total:
                 total = max(min(total, warm + 1), fit)
                 log(f"vae: {total} steps fit in {minutes} min (of {steps} asked)")
@@ -248,11 +366,16 @@ def train_vae(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        loss_value = loss.item()
         if step % 50 == 0 or step == total - 1:
-            log(f"vae step {step}/{total} l1 {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+            log(f"vae step {step}/{total} l1 {loss_value:.4f} ({before + time.perf_counter() - t0:.0f} s)")
         step += 1
+        if ckpt is not None and step < total and ckpt.due():
+            save()
+    if ckpt is not None and (saved is None or saved[1]["step"] < total):
+        save()  # the finished stage: a resumed build does not train it again
     vae.eval()
-    return loss.item(), total
+    return loss_value, total, before + time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -297,11 +420,17 @@ def build_base(
     log: Callable = print,
     fp16: bool = True,
     before_unet: Callable[[], None] | None = None,
+    stop=None,
 ) -> dict:
     """Train the base model into folder ``out``; returns a summary (losses, wall times).
 
     ``before_unet`` runs between the latent cache and the text encoder + UNet stage
     (:func:`build_world` waits there for the scorer's process, so that stage has the cores).
+    The VAE and text encoder + UNet stages write checkpoints into ``out/checkpoints`` every
+    ``cfg.checkpoint_minutes`` and continue from them when ``out`` holds some (the caller checks
+    that they come from the same settings); ``stop`` (a :class:`dti_fast.train.run.StopSignals`)
+    makes them write one and raise :class:`BuildInterrupted`. The rendered scenes and the latent
+    cache are made again on a resume (seeded: the same ones).
     """
     from diffusers import DDPMScheduler
 
@@ -310,6 +439,8 @@ def build_base(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     summary: dict = {"config": asdict(cfg)}
+    ck_dir = out / CHECKPOINTS
+    resumed = []  # the stages continued from a checkpoint, and where
     t_all = time.perf_counter()
     tokdir = Path(tempfile.mkdtemp(prefix="world-tok-"))
     tok = write_tokenizer(tokdir)
@@ -358,18 +489,22 @@ def build_base(
 
     t = time.perf_counter()
     if cfg.resume_from:
-        summary["vae_l1"], summary["vae_steps_done"] = None, 0
+        summary["vae_l1"], summary["vae_steps_done"], vae_train_s = None, 0, 0.0
     else:
-        summary["vae_l1"], summary["vae_steps_done"] = train_vae(
-            vae, images, cfg.vae_steps, cfg.vae_batch, cfg.seed + 1, log, cfg.vae_minutes, device
+        ck = _Checkpoint(ck_dir / "vae.safetensors", cfg.checkpoint_minutes, stop)
+        if ck.path.is_file():
+            resumed.append({"stage": "vae", "step": ck.load()[1]["step"]})
+        summary["vae_l1"], summary["vae_steps_done"], vae_train_s = train_vae(
+            vae, images, cfg.vae_steps, cfg.vae_batch, cfg.seed + 1, log, cfg.vae_minutes, device, ck
         )
+    t_eval = time.perf_counter()
     with torch.no_grad():  # reconstruction error on renders the VAE never saw
         _, test = render_set(256 if cfg.images >= 2000 else 16, cfg.seed + 99, held=None)
         x = _to_tensor(test).to(device)
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         summary["vae_heldout_mae_0_255"] = float((rec - x).abs().mean() * 127.5)
     log(f"vae held-out mean abs error {summary['vae_heldout_mae_0_255']:.2f} / 255")
-    summary["vae_s"] = time.perf_counter() - t
+    summary["vae_s"] = vae_train_s + time.perf_counter() - t_eval  # training (every run of it) + the check
     t = time.perf_counter()
     latents = encode_all(vae, images)
     scale = float(vae.config.scaling_factor) if cfg.resume_from else float(1.0 / latents.std())
@@ -401,12 +536,41 @@ def build_base(
     unet.train()
     emb = te.get_input_embeddings().weight
     avg = [p.detach().clone() for p in params] if cfg.ema else None
-    t = time.perf_counter()
     loss_avg = None
-    step = 0
+    step, before = 0, 0.0
+    ck = _Checkpoint(ck_dir / "unet.safetensors", cfg.checkpoint_minutes, stop)
+    saved = ck.load()
+    if saved is not None:
+        tensors, state = saved
+        _load_module("te", te, tensors)
+        _load_module("unet", unet, tensors)
+        _load_optimizer(opt, tensors)
+        if avg is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(avg, [tensors[f"avg.{i}"] for i in range(len(avg))])
+        gen.set_state(tensors["gen"])
+        rng.bit_generator.state = state["rng"]
+        step, total, before, loss_avg = state["step"], state["total"], state["seconds"], state["loss_avg"]
+        resumed.append({"stage": "unet", "step": step})
+        log(f"unet: resuming at step {step}/{total} from {ck.path}")
+
+    def save() -> None:
+        tensors = {**_module_tensors("te", te), **_module_tensors("unet", unet), **_optimizer_tensors(opt)}
+        tensors.update({f"avg.{i}": a for i, a in enumerate(avg or ())})
+        tensors["gen"] = gen.get_state()
+        state = {
+            "step": step,
+            "total": total,
+            "seconds": before + time.perf_counter() - t,
+            "loss_avg": loss_avg,
+            "rng": rng.bit_generator.state,
+        }
+        ck.save(tensors, state)
+
+    t = time.perf_counter()
     while step < total:
         if cfg.minutes and step == 20:
-            per = (time.perf_counter() - t) / 20
+            per = (before + time.perf_counter() - t) / 20
             fit = int(cfg.minutes * 60 / per)
             if fit < total:
                 total = max(min(total, warm + 1), fit)
@@ -436,14 +600,17 @@ def build_base(
         value = loss.item()
         loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
         if step % 100 == 0 or step == total - 1:
-            el = time.perf_counter() - t
+            el = before + time.perf_counter() - t
             log(
                 f"unet step {step}/{total} loss {loss_avg:.4f} lr {lr_at(step):.2e} ({el:.0f} s, "
                 f"{el / (step + 1):.2f} s/step)"
             )
         step += 1
+        if step < total and ck.due():
+            save()
     summary["steps_done"] = total
-    summary["unet_s"] = time.perf_counter() - t
+    summary["unet_s"] = before + time.perf_counter() - t
+    summary["resumed"] = resumed
     summary["unet_threads"] = torch.get_num_threads()
     summary["unet_loss"] = loss_avg
     if avg is not None:  # the saved model is the weight average
@@ -481,6 +648,14 @@ def _scorer_job(folder: str, steps: int, seed: int, minutes: float | None, n: in
     save_scorer(model, Path(folder), {**meta, "validation": rep, "wall_s": time.perf_counter() - t})
 
 
+def _scorer_process(*args) -> None:
+    """:func:`_scorer_job` in the scorer's own process: Ctrl-C is the build's to handle (it ends this one)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _scorer_job(*args)
+
+
 def build_world(
     out,
     cfg: BuildConfig | None = None,
@@ -488,6 +663,7 @@ def build_world(
     scorer_steps: int = 2000,
     scorer_minutes: float | None = None,
     parallel: bool = True,
+    stop=None,
 ) -> dict:
     """The base model plus the world's scorer (``world_scorer/``, validated on fresh renders) in ``out``.
 
@@ -495,25 +671,60 @@ def build_world(
     it trains in a second process (one more core) beside the render, VAE and latent-cache stages,
     same seeds, same result; the text encoder + UNet stage starts once it has finished, so that
     stage can use every core (``cfg.unet_threads``).
+
+    A build that stopped before it finished (a signal, a crash, kill -9, a full disk) continues
+    when called again on the same ``out`` with the same settings: from the last checkpoint of the
+    VAE or text encoder + UNet stage (:func:`build_base`; seeded, so it ends with the weights an
+    uninterrupted build has), and with the scorer if that had finished. ``out/checkpoints/build.json``
+    records the settings (:func:`build_fingerprint`); other settings raise ``ValueError`` before
+    any work. The checkpoints are removed once the model is written.
     """
     import multiprocessing
 
+    from ..io import write_json
+
     cfg = cfg or BuildConfig()
     out = Path(out)
+    fingerprint = json.loads(
+        json.dumps(build_fingerprint(cfg, scorer_steps=scorer_steps, scorer_minutes=scorer_minutes))
+    )
+    recorded = out / CHECKPOINTS / "build.json"
+    if recorded.is_file():
+        try:
+            before = json.loads(recorded.read_text(encoding="utf-8"))
+        except ValueError:
+            before = {}
+        changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
+        if changed:
+            diff = ", ".join(f"{k} {before.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
+            raise ValueError(
+                f"{out} holds an unfinished build made with other settings ({diff}); run it again with its "
+                "settings to continue it, or add --force to discard it"
+            )
+    else:
+        write_json(fingerprint, recorded)
+    scorer_dir = out / "world_scorer"
+    scorer_done = (scorer_dir / "scorer.json").is_file()  # written last, atomically
     small = cfg.images < 2000
-    args = (str(out / "world_scorer"), scorer_steps, cfg.seed, scorer_minutes, 500 if small else 12000)
+    args = (str(scorer_dir), scorer_steps, cfg.seed, scorer_minutes, 500 if small else 12000)
     args += (300 if small else 1200, cfg.threads)
     t = time.perf_counter()
     proc = None
-    if parallel:
-        proc = multiprocessing.get_context("spawn").Process(target=_scorer_job, args=args, name="world-scorer")
+    if scorer_done:
+        log(f"scorer: trained before ({scorer_dir})")
+    elif parallel:
+        ctx = multiprocessing.get_context("spawn")
+        proc = ctx.Process(target=_scorer_process, args=args, name="world-scorer")
         proc.start()
 
     def join_scorer() -> None:
         if proc is None:
             return
         waited = time.perf_counter()
-        proc.join()
+        while proc.is_alive():
+            proc.join(0.5)
+            if stop is not None and stop.signum is not None:
+                raise BuildInterrupted(stop.signum, out)
         if proc.exitcode != 0:
             raise RuntimeError(
                 f"the scorer's training process failed (exit code {proc.exitcode}); see its output above"
@@ -521,8 +732,8 @@ def build_world(
         log(f"scorer finished (waited {time.perf_counter() - waited:.0f} s for it)")
 
     try:
-        summary = build_base(out, cfg, log=log, before_unet=join_scorer)
-        if proc is None:
+        summary = build_base(out, cfg, log=log, before_unet=join_scorer, stop=stop)
+        if proc is None and not scorer_done:
             _scorer_job(*args)
     finally:
         if proc is not None and proc.is_alive():
@@ -535,6 +746,7 @@ def build_world(
     summary["scorer_validation"] = rep
     summary["total_s"] = time.perf_counter() - t  # wall clock of the whole build, scorer included
     (out / "world_build.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the model is written: nothing left to resume
     log(
         f"scorer: text fidelity of captions on fresh renders {rep['text_fidelity_on_renders']:.3f} "
         f"({summary['scorer_s']:.0f} s{', beside the base model' if parallel else ''}); "

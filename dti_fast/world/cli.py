@@ -21,10 +21,12 @@ def build_config(args: argparse.Namespace):
 
 
 def _cmd_build_base(args: argparse.Namespace) -> int:
-    import tempfile
+    import errno
+    import sys
 
     from ..models import cache_root, resolve_device
-    from .base import WORLD_VERSION, build_world
+    from ..train.run import OutputLock, StopSignals
+    from .base import CHECKPOINTS, WORLD_VERSION, BuildInterrupted, build_world
 
     cfg = build_config(args)
     cfg.device = str(resolve_device(cfg.device))  # a device this machine lacks: one line, before any work
@@ -32,22 +34,41 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
     if (final / "model_index.json").is_file() and not args.force:
         print(f"{final} exists; --force rebuilds it")
         return 0
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".world-build-", dir=final.parent))
-    try:
-        summary = build_world(
-            tmp,
-            cfg,
-            scorer_steps=args.scorer_steps,
-            scorer_minutes=args.scorer_minutes,
-            parallel=not args.serial_scorer,
-        )
+    # The build happens in a folder beside the output, moved into place when it is complete; a build
+    # that stopped keeps its checkpoints there, and the same command continues it.
+    work = final.parent / f".{final.name}.partial"
+    if args.force and work.exists():
+        shutil.rmtree(work)
+    with OutputLock(work), StopSignals() as stop:
+        if (work / CHECKPOINTS).is_dir():
+            print(f"continuing the unfinished build in {work}")
+        try:
+            summary = build_world(
+                work,
+                cfg,
+                scorer_steps=args.scorer_steps,
+                scorer_minutes=args.scorer_minutes,
+                parallel=not args.serial_scorer,
+                stop=stop,
+            )
+        except BuildInterrupted as err:
+            print(f"dti-fast world build-base: {err}", file=sys.stderr)
+            return 128 + err.signum
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"disk full while building into {work}: free space on that disk and run the same "
+                    "command again; the build continues from its last checkpoint",
+                ) from err
+            raise
+        (work / ".dti_fast.lock").unlink(missing_ok=True)  # the lock itself holds until this block ends
+        old = final.parent / f".{final.name}.replaced"
         if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)  # the previous model stays whole until the new one is in place
+        work.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
     keys = (
         "render_s",
         "vae_s",
@@ -117,8 +138,9 @@ def add_world_parser(sub) -> None:
         "UNet jointly from scratch (zero terminal SNR with the v target by default; --no-zero-snr: SD's "
         "schedule and the epsilon target), and the pixel scorer beside the VAE; seeded. The defaults are "
         "sized to 30 minutes on a 2-core CPU. --resume-from trains a further stage on a built model. Writes "
-        "a diffusers SD folder (default: the cache folder the suite uses). README: what the default recipe "
-        "reaches and the stages that made the shipped model.",
+        "a diffusers SD folder (default: the cache folder the suite uses), built beside it in .<name>.partial "
+        "and moved into place when complete; an unfinished build continues when the same command runs "
+        "again. README: what the default recipe reaches and the stages that made the shipped model.",
     )
     p.add_argument("--output", type=Path, help="model folder (default <cache>/world-base-v<version>)")
     p.add_argument("--seed", type=int, default=0)
@@ -178,7 +200,18 @@ def add_world_parser(sub) -> None:
         action="store_true",
         help="train the scorer after the base model instead of beside it in a second process (one core)",
     )
-    p.add_argument("--force", action="store_true", help="rebuild even if the output folder has a model")
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        help="minutes between checkpoints of the VAE and text encoder + UNet stages (default "
+        f"{d.checkpoint_minutes:g}; 0: every step). A build stopped by Ctrl-C, SIGTERM, kill -9 or a full "
+        "disk continues from its last checkpoint when the same command runs again",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild even if the output folder has a model; an unfinished build of it is discarded",
+    )
     p.set_defaults(func=_cmd_build_base)
 
     g = wsub.add_parser(

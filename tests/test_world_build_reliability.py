@@ -1,0 +1,180 @@
+"""``dti-fast world build-base`` loses nothing learned: kill -9, SIGTERM, a real full disk, a damaged checkpoint.
+
+Every case runs the real command in its own process on a tiny build (64 renders, a few steps) with a
+checkpoint after every step, and checks what a user sees and that the finished model's weights equal
+those of a build that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _shared import small_tmpfs
+from safetensors.torch import load_file
+
+TINY = [
+    "--images",
+    "64",
+    "--vae-steps",
+    "6",
+    "--steps",
+    "10",
+    "--batch",
+    "4",
+    "--scorer-steps",
+    "2",
+    "--unet-threads",
+    "1",
+    "--device",
+    "cpu",
+]
+
+
+def build_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dti_fast.cli", "world", "build-base", "--output", str(out), *TINY, *extra]
+
+
+def partial(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    start = time.monotonic()
+    while not path.is_file():
+        if proc.poll() is not None:
+            raise AssertionError(f"the build ended (exit {proc.returncode}) before {path} was written")
+        if time.monotonic() - start > timeout:
+            proc.kill()
+            raise AssertionError(f"no {path} within {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def weights(folder: Path) -> dict:
+    out = {}
+    for part in ("vae", "text_encoder", "unet", "world_scorer"):
+        for f in sorted((folder / part).glob("*.safetensors")):
+            out.update({f"{part}/{f.name}/{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and len(wa) > 100
+    different = [k for k in wa if not (wa[k].dtype == wb[k].dtype and bool((wa[k] == wb[k]).all()))]
+    assert not different, different[:5]
+
+
+def saved_step(checkpoint: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), "pt") as fh:
+        return json.loads(fh.metadata()["state"])["step"]
+
+
+def test_kill_9_in_each_stage_then_the_same_command_ends_with_the_uninterrupted_weights(tmp_path):
+    ref = tmp_path / "ref"
+    done = subprocess.run(build_cmd(ref), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    out = tmp_path / "model"
+    ck = partial(out) / "checkpoints"
+    for stage in ("vae", "unet"):  # SIGKILL: no handler, no finally block runs
+        proc = subprocess.Popen(build_cmd(out, "--checkpoint-minutes", "0"), stdout=subprocess.DEVNULL)
+        wait_for(ck / f"{stage}.safetensors", proc)
+        proc.kill()
+        proc.wait(timeout=60)
+        assert not out.exists()  # nothing half-built where the model goes
+    killed_at = saved_step(ck / "unet.safetensors")
+    assert 0 < killed_at < 10
+
+    done = subprocess.run(build_cmd(out, "--checkpoint-minutes", "0"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"continuing the unfinished build in {partial(out)}" in done.stdout
+    assert "vae: trained before" in done.stdout and "unet: resuming at step" in done.stdout
+    assert_same_weights(ref, out)
+    summary = json.loads((out / "world_build.json").read_text())
+    unet_resumed = [r["step"] for r in summary["resumed"] if r["stage"] == "unet"]
+    assert summary["steps_done"] == 10 and len(unet_resumed) == 1 and unet_resumed[0] >= killed_at
+    assert not partial(out).exists() and not (out / "checkpoints").exists() and not (out / ".dti_fast.lock").exists()
+
+
+def test_sigterm_keeps_the_build_and_a_changed_or_damaged_one_is_refused_until_force(tmp_path):
+    out = tmp_path / "model"
+    ck = partial(out) / "checkpoints"
+    proc = subprocess.Popen(
+        build_cmd(out, "--checkpoint-minutes", "0", "--steps", "400"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(ck / "unet.safetensors", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "run the same command again" in err and "Traceback" not in err
+    assert 0 < saved_step(ck / "unet.safetensors") < 400 and not out.exists()
+
+    # other settings: refused before any work, naming what changed and the fix
+    other = subprocess.run(build_cmd(out, "--steps", "400", "--lr", "1e-3"), capture_output=True, text=True)
+    assert other.returncode == 2 and "other settings" in other.stderr and "lr 0.002 -> 0.001" in other.stderr
+    assert "--force" in other.stderr and "Traceback" not in other.stderr
+    # the threads, device and checkpoint interval are not settings of what is learned
+    assert json.loads((ck / "build.json").read_text()).keys().isdisjoint({"threads", "unet_threads", "device"})
+
+    # a damaged checkpoint (cut short, as a failing disk would leave it): named, with the fix
+    data = (ck / "unet.safetensors").read_bytes()
+    (ck / "unet.safetensors").write_bytes(data[: len(data) // 2])
+    damaged = subprocess.run(build_cmd(out, "--steps", "400"), capture_output=True, text=True, timeout=600)
+    assert damaged.returncode == 2 and "unet.safetensors is damaged" in damaged.stderr, damaged.stderr[-2000:]
+    assert "--force" in damaged.stderr and "Traceback" not in damaged.stderr
+
+    forced = subprocess.run(build_cmd(out, "--force"), capture_output=True, text=True, timeout=600)
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert "continuing" not in forced.stdout and json.loads((out / "world_build.json").read_text())["resumed"] == []
+
+
+def test_a_real_full_disk_stops_the_build_with_the_fix_and_the_same_command_continues_it(tmp_path):
+    with small_tmpfs(tmp_path, "40m") as disk:
+        out = disk / "model"
+        full = subprocess.run(build_cmd(out, "--checkpoint-minutes", "0"), capture_output=True, text=True, timeout=600)
+        assert full.returncode == 2, (full.stdout[-1000:], full.stderr[-2000:])
+        assert "disk full" in full.stderr and "run the same command again" in full.stderr
+        assert "Traceback" not in full.stderr
+        ck = partial(out) / "checkpoints"
+        assert saved_step(ck / "vae.safetensors") == 6  # the finished VAE stage is kept
+        # free space (the same filesystem, made larger), then the same command
+        grown = subprocess.run(["mount", "-o", "remount,size=400m", str(disk)], capture_output=True, text=True)
+        assert grown.returncode == 0, grown.stderr
+        done = subprocess.run(build_cmd(out, "--checkpoint-minutes", "0"), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "vae: trained before" in done.stdout
+        assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file() and not partial(out).exists()
+
+
+def test_ctrl_c_to_the_whole_process_group_in_the_vae_stage_keeps_it_and_prints_no_traceback(tmp_path):
+    import os
+
+    out = tmp_path / "model"
+    ck = partial(out) / "checkpoints"
+    # as a terminal's Ctrl-C: SIGINT to the build and the scorer's process beside it, twice
+    proc = subprocess.Popen(
+        build_cmd(out, "--checkpoint-minutes", "0", "--vae-steps", "400"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    wait_for(ck / "vae.safetensors", proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "run the same command again" in err and "Traceback" not in err, err
+    assert 0 < saved_step(ck / "vae.safetensors") < 400
