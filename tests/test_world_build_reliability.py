@@ -178,3 +178,15 @@ def test_ctrl_c_to_the_whole_process_group_in_the_vae_stage_keeps_it_and_prints_
     assert proc.returncode == 130, err
     assert "run the same command again" in err and "Traceback" not in err, err
     assert 0 < saved_step(ck / "vae.safetensors") < 400
+
+
+def test_an_output_folder_holding_other_files_is_refused_before_any_work_and_left_alone(tmp_path):
+    out = tmp_path / "documents"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    done = subprocess.run(build_cmd(out, "--force"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "holds files but no model" in done.stderr and "Traceback" not in done.stderr
+    assert (out / "notes.txt").read_text() == "mine" and not partial(out).exists()
+    (tmp_path / "a-file").write_text("x")
+    done = subprocess.run(build_cmd(tmp_path / "a-file"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "is a file" in done.stderr and (tmp_path / "a-file").read_text() == "x"

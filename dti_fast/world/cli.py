@@ -34,6 +34,12 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
     if (final / "model_index.json").is_file() and not args.force:
         print(f"{final} exists; --force rebuilds it")
         return 0
+    if final.is_dir() and any(final.iterdir()) and not (final / "model_index.json").is_file():
+        raise ValueError(  # a finished build replaces a model folder, never other files
+            f"{final} holds files but no model (no model_index.json); give a new or empty folder as --output"
+        )
+    if final.exists() and not final.is_dir():
+        raise ValueError(f"{final} is a file; give a new or empty folder as --output")
     # The build happens in a folder beside the output, moved into place when it is complete; a build
     # that stopped keeps its checkpoints there, and the same command continues it.
     work = final.parent / f".{final.name}.partial"
