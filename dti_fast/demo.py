@@ -48,7 +48,11 @@ def run_demo(output: Path = Path("dti-demo-output"), steps: int = 400, seed: int
     results = {}
     for method in ("dti", "ti"):
         out = output / method
-        if out.exists():
+        if out.exists():  # an earlier demo's job (its lock file says so) or nothing: replaced
+            if not out.is_dir() or (any(out.iterdir()) and not (out / ".dti_fast.lock").is_file()):
+                raise ValueError(
+                    f"{out} holds files that no dti-fast job wrote; give the demo a new folder as --output"
+                )
             shutil.rmtree(out)
         cfg = TrainConfig(
             model=str(model),

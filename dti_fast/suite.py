@@ -580,6 +580,17 @@ class _Run:
 
         self.resolved = resolve_source(str(cfg.model), None, None)
         self.resolution = cfg.resolution or self._native_resolution()
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"{self.out} is a file; give the suite a new or empty folder as --output")
+        if (
+            self.out.is_dir()
+            and any(self.out.iterdir())
+            and not any((self.out / f).is_file() for f in (STATE_FILE, "suite_config.json"))
+        ):  # the suite replaces its own stages' folders (train/, images/, ...), never other files
+            raise ValueError(
+                f"{self.out} holds files but no {STATE_FILE} (not a suite's output); give the suite a new or "
+                "empty folder as --output"
+            )
         self.state = _State(self.out, cfg.force)
         self.ran: list[str] = []
         self.skipped: list[str] = []

@@ -150,6 +150,19 @@ def test_demo_runs_and_reports(tmp_path, capsys):
     assert set(results) == {"dti", "ti"}
     assert (tmp_path / "demo" / "dti" / "dog" / "samples.png").exists()
     assert (tmp_path / "demo" / "ti" / "backpack" / "learned_embeds.safetensors").exists()
+    run_demo(output=tmp_path / "demo", steps=1, progress=False)  # a rerun replaces its own earlier output
+    assert (tmp_path / "demo" / "dti" / "dog" / "samples.png").exists()
+
+
+def test_demo_refuses_an_output_whose_method_folder_holds_other_files_and_leaves_them(tmp_path):
+    from dti_fast.demo import run_demo
+
+    mine = tmp_path / "here" / "dti" / "notes.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("mine")
+    with pytest.raises(ValueError, match="holds files that no dti-fast job wrote"):
+        run_demo(output=tmp_path / "here", steps=1, progress=False)
+    assert mine.read_text() == "mine"
 
 
 def test_throughput_flags_reach_the_config(tmp_path):

@@ -230,6 +230,17 @@ def test_style_prompts_and_style_lists(tmp_path):
         style_prompts(bad)
 
 
+def test_an_output_folder_holding_other_files_is_refused_before_any_work_and_left_alone(
+    eval_sd_model, tiny_metrics, tmp_path
+):
+    mine = tmp_path / "mine" / "train" / "dti" / "notes.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("mine")
+    with pytest.raises(ValueError, match="not a suite's output"):
+        run_suite(_reduced(tmp_path / "mine", eval_sd_model, tiny_metrics, force=True))
+    assert mine.read_text() == "mine" and not (tmp_path / "mine" / "suite_config.json").exists()
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="give --model"):
         run_suite(SuiteConfig(output_dir=tmp_path, data_dir=demo_images_dir()))
