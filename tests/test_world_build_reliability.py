@@ -190,3 +190,33 @@ def test_an_output_folder_holding_other_files_is_refused_before_any_work_and_lef
     (tmp_path / "a-file").write_text("x")
     done = subprocess.run(build_cmd(tmp_path / "a-file"), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "is a file" in done.stderr and (tmp_path / "a-file").read_text() == "x"
+
+
+BAD_SETTINGS = [
+    (["--batch", "0"], "--batch must be at least 1 (got 0)"),
+    (["--steps", "-3"], "--steps must be at least 1 (got -3)"),
+    (["--images", "0"], "--images must be at least 1"),
+    (["--vae-steps", "0"], "--vae-steps must be at least 1"),
+    (["--timestep-shift", "0"], "--timestep-shift must be above 0"),
+    (["--ema", "1.5"], "--ema must be in [0, 1) (got 1.5)"),
+    (["--lr", "nan"], "--lr must be a number (got nan)"),
+    (["--lr", "0"], "--lr must be above 0"),
+    (["--checkpoint-minutes", "-1"], "--checkpoint-minutes must be at least 0"),
+    (["--minutes", "0"], "--minutes must be above 0"),
+    (["--unet-threads", "0"], "--unet-threads must be at least 1"),
+    (["--offset-noise", "0.3", "--pyramid", "0.8"], "give one of them"),
+    (["--resume-from", "/nonexistent"], "not a model that dti-fast world build-base wrote"),
+    (["--scorer-steps", "0"], "--scorer-steps must be at least 1"),
+]
+
+
+def test_every_bad_setting_is_refused_in_one_line_before_any_work(tmp_path, capsys):
+    from dti_fast.cli import main
+
+    for extra, message in BAD_SETTINGS:
+        out = tmp_path / "m"
+        code = main(["world", "build-base", "--output", str(out), *TINY, *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)
+        assert len(err.strip().splitlines()) == 1, err
+        assert not out.exists() and not partial(out).exists(), extra

@@ -72,6 +72,50 @@ class BuildConfig:
     # the same command runs again (:func:`build_world`).
     checkpoint_minutes: float = 2.0
 
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the flag, its value and what it must be, for the first bad setting."""
+
+        def bad(name: str, value, must: str) -> ValueError:
+            return ValueError(f"--{name.replace('_', '-')} must be {must} (got {value!r})")
+
+        def number(name: str, low: float, high: float | None = None, low_open=False, optional=False) -> None:
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, value, "a number")
+            if (value <= low if low_open else value < low) or (high is not None and value >= high):
+                if high is not None:
+                    must = f"in [{low:g}, {high:g})"
+                else:
+                    must = f"{'above' if low_open else 'at least'} {low:g}"
+                raise bad(name, value, must)
+
+        for name in ("images", "vae_batch", "steps", "batch"):
+            number(name, 1)
+        if not self.resume_from:
+            number("vae_steps", 1)
+        for name in ("threads", "unet_threads"):
+            number(name, 1, optional=True)
+        number("lr", 0, low_open=True)
+        number("empty_caption", 0, 1)
+        number("offset_noise", 0)
+        number("pyramid", 0)
+        number("ema", 0, 1)
+        number("timestep_shift", 0, low_open=True)
+        number("checkpoint_minutes", 0)
+        for name in ("minutes", "vae_minutes"):
+            number(name, 0, low_open=True, optional=True)
+        if self.offset_noise and self.pyramid:
+            raise ValueError("--offset-noise and --pyramid are two kinds of training noise: give one of them")
+        if self.resume_from:
+            src = Path(self.resume_from)
+            if not (src / "model_index.json").is_file() or not (src / "world_build.json").is_file():
+                raise ValueError(
+                    f"--resume-from {src}: not a model that dti-fast world build-base wrote (it needs "
+                    "model_index.json and world_build.json); give such a folder"
+                )
+
 
 # Settings that change how fast a build runs, not what it learns: a build may be resumed with
 # other values of these (the last bits of CPU sums can differ with the thread count).
@@ -435,6 +479,7 @@ def build_base(
     from diffusers import DDPMScheduler
 
     cfg = cfg or BuildConfig()
+    cfg.check()
     out = Path(out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -684,6 +729,7 @@ def build_world(
     from ..io import write_json
 
     cfg = cfg or BuildConfig()
+    cfg.check()
     out = Path(out)
     fingerprint = json.loads(
         json.dumps(build_fingerprint(cfg, scorer_steps=scorer_steps, scorer_minutes=scorer_minutes))

@@ -29,6 +29,11 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
     from .base import CHECKPOINTS, WORLD_VERSION, BuildInterrupted, build_world
 
     cfg = build_config(args)
+    cfg.check()  # every setting, before any work
+    if args.scorer_steps < 1:
+        raise ValueError(f"--scorer-steps must be at least 1 (got {args.scorer_steps})")
+    if args.scorer_minutes is not None and not args.scorer_minutes > 0:
+        raise ValueError(f"--scorer-minutes must be above 0 (got {args.scorer_minutes})")
     cfg.device = str(resolve_device(cfg.device))  # a device this machine lacks: one line, before any work
     final = Path(args.output) if args.output else cache_root() / f"world-base-v{WORLD_VERSION}"
     if (final / "model_index.json").is_file() and not args.force:
