@@ -220,3 +220,18 @@ def test_every_bad_setting_is_refused_in_one_line_before_any_work(tmp_path, caps
         assert code == 2 and message in err and "Traceback" not in err, (extra, err)
         assert len(err.strip().splitlines()) == 1, err
         assert not out.exists() and not partial(out).exists(), extra
+
+
+def test_world_gate_refuses_bad_settings_in_one_line_before_sampling(capsys):
+    from dti_fast.cli import main
+
+    for extra, message in [
+        (["--prompts", "0"], "--prompts must be at least 1 (got 0)"),
+        (["--inference-steps", "0"], "--inference-steps must be at least 1"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--guidance", "nan"], "--guidance must be a number, at least 0"),
+        (["--guidance", "-1"], "--guidance must be a number, at least 0"),
+    ]:
+        code = main(["world", "gate", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)

@@ -110,6 +110,13 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     from .base import world_model_path
     from .suite import GATE_SEED, base_model_gate
 
+    for flag, value in (("--prompts", args.prompts), ("--inference-steps", args.inference_steps)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1 (got {value})")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1 (got {args.threads})")
+    if not 0 <= args.guidance < float("inf"):
+        raise ValueError(f"--guidance must be a number, at least 0 (got {args.guidance})")
     model = Path(args.model) if args.model else world_model_path()
     if not (model / "world_scorer" / "scorer.safetensors").is_file():
         raise FileNotFoundError(
