@@ -235,3 +235,17 @@ def test_world_gate_refuses_bad_settings_in_one_line_before_sampling(capsys):
         code = main(["world", "gate", *extra])
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+
+
+def test_the_toy_suite_refuses_bad_settings_in_one_line_before_any_work(tmp_path, capsys):
+    from dti_fast.cli import main
+
+    for extra, message in [
+        (["--world-draws", "0"], "--world-draws must be an integer, at least 1 (got 0)"),
+        (["--slerp-steps", "1"], "--slerp-steps must be"),
+        (["--slerp-pair", "dog,dog"], "--slerp-pair dog,dog: give two different toy concepts"),
+    ]:
+        code = main(["suite", "--world", "toy", "--quick", "--output", str(tmp_path / "s"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not (tmp_path / "s").exists(), extra

@@ -49,6 +49,32 @@ class ToySuiteConfig:
     progress: bool = True
     threads: int | None = 1  # torch threads; on busy shared cores more threads cost up to 10x (measured)
 
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the flag and the fix for the first bad setting (before any work)."""
+        for flag, value, low in (
+            ("--steps", self.steps, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--world-draws", self.draws, 1),
+            ("--inference-steps", self.inference_steps, 1),
+            ("--slerp-steps", self.slerp_steps, 2),
+            ("gate_prompts", self.gate_prompts, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{flag} must be an integer, at least {low} (got {value!r})")
+        if not self.seeds:
+            raise ValueError("--seeds must name at least one seed")
+        if not (isinstance(self.guidance, (int, float)) and 0 <= self.guidance < float("inf")):
+            raise ValueError(f"--guidance must be a number, at least 0 (got {self.guidance!r})")
+        known = [c.name for c in C.ALL]
+        unknown = [c for c in self.concepts if c not in known]
+        if unknown:
+            raise ValueError(f"unknown toy concept(s) {', '.join(unknown)}; the toy world has {', '.join(known)}")
+        a, b = self.slerp_pair
+        if "dti" in self.methods and (a == b or a not in self.concepts or b not in self.concepts):
+            raise ValueError(
+                f"--slerp-pair {a},{b}: give two different toy concepts this run trains ({', '.join(self.concepts)})"
+            )
+
     @classmethod
     def quick_config(cls, output_dir: Path, model: str | None = None) -> ToySuiteConfig:
         return cls(
@@ -209,6 +235,7 @@ def run_toy_suite(cfg: ToySuiteConfig) -> dict:
     from ..train import TrainConfig, train
     from .base import world_model_path
 
+    cfg.check()
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
