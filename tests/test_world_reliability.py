@@ -1,8 +1,10 @@
-"""``dti-fast world build-base`` loses nothing learned: kill -9, SIGTERM, a real full disk, a damaged checkpoint.
+"""The toy world's commands lose nothing learned and refuse bad input before any work.
 
-Every case runs the real command in its own process on a tiny build (64 renders, a few steps) with a
-checkpoint after every step, and checks what a user sees and that the finished model's weights equal
-those of a build that was never interrupted.
+``dti-fast world build-base`` under kill -9, SIGTERM, Ctrl-C, a real full disk and a damaged
+checkpoint: each case runs the real command in its own process on a tiny build (64 renders, a few
+steps) with a checkpoint after every step, and checks what a user sees and that the finished
+model's weights equal those of a build that was never interrupted. Then bad settings of
+``build-base``, ``world gate`` and ``suite --world toy``: one line naming the flag, nothing written.
 """
 
 from __future__ import annotations
