@@ -374,3 +374,19 @@ def test_a_build_into_the_cache_says_the_suite_now_uses_it_and_how_to_go_back(tm
     shutil.rmtree(folder)  # as the message says: then the shipped model comes back
     assert world_model_path(cache_dir=tmp_path / "cache") == folder
     assert (folder / "shipped_copy.json").is_file()
+
+
+def test_min_snr_weights_keep_the_noisiest_step_at_full_weight_and_off_is_plain_mse():
+    from dti_fast.world.base import training_loss
+
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 4, 2, 2, generator=gen), torch.randn(3, 4, 2, 2, generator=gen)
+    per = (pred - target).pow(2).mean(dim=(1, 2, 3))
+    acp = torch.tensor([0.0, 0.5, 100 / 101])  # SNR 0 (zero terminal SNR), 1, 100
+    assert torch.equal(
+        training_loss(pred, target, acp, 0.0, "v_prediction"), torch.nn.functional.mse_loss(pred, target)
+    )
+    v = training_loss(pred, target, acp, 5.0, "v_prediction")
+    torch.testing.assert_close(v, (per * torch.tensor([1.0, 1.0, 6 / 101])).mean(), rtol=1e-5, atol=0)
+    eps = training_loss(pred[1:], target[1:], acp[1:], 5.0, "epsilon")
+    torch.testing.assert_close(eps, (per[1:] * torch.tensor([1.0, 0.05])).mean(), rtol=1e-5, atol=0)

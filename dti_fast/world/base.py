@@ -71,6 +71,10 @@ class BuildConfig:
     # step). A build stopped by a signal, a crash or kill -9 continues from its last one when
     # the same command runs again (:func:`build_world`).
     checkpoint_minutes: float = 2.0
+    # > 0: min-SNR-gamma loss weights (Hang et al. 2023) with this gamma, in the form that keeps the
+    # noisiest steps at full weight: v loss times (min(SNR, g) + 1) / (SNR + 1), epsilon loss times
+    # min(SNR, g) / SNR. Low-noise steps (fine detail) then weigh less. 0: plain MSE.
+    min_snr: float = 0.0
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the flag, its value and what it must be, for the first bad setting."""
@@ -104,6 +108,7 @@ class BuildConfig:
         number("ema", 0, 1)
         number("timestep_shift", 0, low_open=True)
         number("checkpoint_minutes", 0)
+        number("min_snr", 0)
         for name in ("minutes", "vae_minutes"):
             number(name, 0, low_open=True, optional=True)
         if self.offset_noise and self.pyramid:
@@ -269,6 +274,19 @@ def training_timesteps(n: int, gen: torch.Generator, shift: float, num_train: in
     u = torch.rand(n, generator=gen, dtype=torch.float64)
     u = shift * u / (1 + (shift - 1) * u)
     return (u * num_train).long().clamp_(0, num_train - 1)
+
+
+def training_loss(
+    pred: torch.Tensor, target: torch.Tensor, alphas_cumprod: torch.Tensor, min_snr: float, prediction: str
+) -> torch.Tensor:
+    """The batch's MSE; with ``min_snr`` > 0 each sample's weighted by min-SNR-gamma (``BuildConfig.min_snr``)."""
+    if not min_snr:
+        return torch.nn.functional.mse_loss(pred, target)
+    per_sample = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.dim())))
+    snr = alphas_cumprod / (1 - alphas_cumprod).clamp_min(1e-12)
+    capped = snr.clamp(max=min_snr)
+    weight = (capped + 1) / (snr + 1) if prediction == "v_prediction" else capped / snr.clamp_min(1e-12)
+    return (per_sample * weight).mean()
 
 
 def _templates():
@@ -634,7 +652,7 @@ def build_base(
         cond = te(ids)[0]
         pred = unet(xt, ts, cond).sample
         target = sched.get_velocity(x0, noise, ts) if sched.config.prediction_type == "v_prediction" else noise
-        loss = torch.nn.functional.mse_loss(pred, target)
+        loss = training_loss(pred, target, acp[ts], cfg.min_snr, sched.config.prediction_type)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -190,6 +190,12 @@ def add_world_parser(sub) -> None:
         help="draw training timesteps toward the noisy end: t/T = s*u/(1+(s-1)*u), u uniform "
         f"(default {d.timestep_shift:g}; 1: uniform)",
     )
+    p.add_argument(
+        "--min-snr",
+        type=float,
+        help="min-SNR-gamma loss weights with this gamma, the noisiest steps kept at full weight "
+        f"(default {d.min_snr:g}: off)",
+    )
     p.add_argument("--threads", type=int, help=f"torch threads of the VAE and scorer stages (default {d.threads})")
     p.add_argument(
         "--unet-threads",
