@@ -56,6 +56,38 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300.0) -> None
         time.sleep(0.02)
 
 
+def scorer_processes(pid: int) -> list[int]:
+    """The live scorer processes the build ``pid`` spawned (from /proc; zombies count as ended)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+            found.append(int(d.name))
+    return found
+
+
+def ended(pids: list[int], timeout: float = 10.0) -> bool:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        alive = []
+        for p in pids:
+            try:
+                if (Path("/proc") / str(p) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(p)
+            except OSError:
+                pass
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def weights(folder: Path) -> dict:
     out = {}
     for part in ("vae", "text_encoder", "unet", "world_scorer"):
@@ -103,6 +135,18 @@ def test_kill_9_in_each_stage_then_the_same_command_ends_with_the_uninterrupted_
     unet_resumed = [r["step"] for r in summary["resumed"] if r["stage"] == "unet"]
     assert summary["steps_done"] == 10 and len(unet_resumed) == 1 and unet_resumed[0] >= killed_at
     assert not partial(out).exists() and not (out / "checkpoints").exists() and not (out / ".dti_fast.lock").exists()
+
+
+def test_the_scorer_process_ends_with_a_killed_build_instead_of_writing_into_its_folder_later(tmp_path):
+    out = tmp_path / "model"
+    # a scorer that would train for minutes beside the VAE stage
+    proc = subprocess.Popen(build_cmd(out, "--checkpoint-minutes", "0", "--scorer-steps", "100000"))
+    wait_for(partial(out) / "checkpoints" / "vae.safetensors", proc)
+    scorers = scorer_processes(proc.pid)
+    assert scorers
+    proc.kill()
+    proc.wait(timeout=60)
+    assert ended(scorers, timeout=5.0), scorers
 
 
 def test_sigterm_keeps_the_build_and_a_changed_or_damaged_one_is_refused_until_force(tmp_path):

@@ -712,10 +712,25 @@ def _scorer_job(folder: str, steps: int, seed: int, minutes: float | None, n: in
 
 
 def _scorer_process(*args) -> None:
-    """:func:`_scorer_job` in the scorer's own process: Ctrl-C is the build's to handle (it ends this one)."""
+    """:func:`_scorer_job` in the scorer's own process.
+
+    Ctrl-C is the build's to handle (it ends this process). If the build dies without ending it
+    (kill -9), this process ends too, within half a second, rather than writing into the build's
+    folder later, when a rerun may have finished and moved it.
+    """
+    import os
     import signal
+    import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="world-scorer-watch", daemon=True).start()
     _scorer_job(*args)
 
 
