@@ -295,3 +295,20 @@ def test_the_toy_suite_refuses_bad_settings_in_one_line_before_any_work(tmp_path
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
         assert not (tmp_path / "s").exists(), extra
+
+
+def test_a_finished_build_killed_before_it_was_moved_into_place_is_moved_by_the_same_command(tmp_path):
+    import shutil
+
+    ref = tmp_path / "ref"
+    done = subprocess.run(build_cmd(ref), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "model"
+    shutil.copytree(ref, partial(out))  # as a kill between the last write and the rename leaves it
+    other = subprocess.run(build_cmd(out, "--lr", "1e-3"), capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and "a finished build made with other settings (lr)" in other.stderr
+    moved = subprocess.run(build_cmd(out), capture_output=True, text=True, timeout=120)
+    assert moved.returncode == 0, moved.stderr[-2000:]
+    assert "had finished; moving it into place" in moved.stdout and "unet step" not in moved.stdout
+    assert_same_weights(ref, out)
+    assert not partial(out).exists()

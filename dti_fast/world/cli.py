@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 
@@ -26,7 +26,7 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
 
     from ..models import cache_root, resolve_device
     from ..train.run import OutputLock, StopSignals
-    from .base import CHECKPOINTS, WORLD_VERSION, BuildInterrupted, build_world
+    from .base import CHECKPOINTS, RUN_ONLY, WORLD_VERSION, BuildInterrupted, build_world
 
     cfg = build_config(args)
     cfg.check()  # every setting, before any work
@@ -51,17 +51,32 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
     if args.force and work.exists():
         shutil.rmtree(work)
     with OutputLock(work), StopSignals() as stop:
-        if (work / CHECKPOINTS).is_dir():
+        finished = not (work / CHECKPOINTS).exists() and all(
+            (work / f).is_file() for f in ("model_index.json", "world_build.json", "world_scorer/scorer.json")
+        )
+        if finished:  # a build that ended just before it was moved into place
+            summary = json.loads((work / "world_build.json").read_text(encoding="utf-8"))
+            then = {k: v for k, v in (summary.get("config") or {}).items() if k not in RUN_ONLY}
+            now = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in RUN_ONLY}
+            if then != now:
+                changed = ", ".join(sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k)))
+                raise ValueError(
+                    f"{work} holds a finished build made with other settings ({changed}); run the command "
+                    "with its settings to move it into place, or add --force to discard it"
+                )
+            print(f"the build in {work} had finished; moving it into place")
+        elif (work / CHECKPOINTS).is_dir():
             print(f"continuing the unfinished build in {work}")
         try:
-            summary = build_world(
-                work,
-                cfg,
-                scorer_steps=args.scorer_steps,
-                scorer_minutes=args.scorer_minutes,
-                parallel=not args.serial_scorer,
-                stop=stop,
-            )
+            if not finished:
+                summary = build_world(
+                    work,
+                    cfg,
+                    scorer_steps=args.scorer_steps,
+                    scorer_minutes=args.scorer_minutes,
+                    parallel=not args.serial_scorer,
+                    stop=stop,
+                )
         except BuildInterrupted as err:
             print(f"dti-fast world build-base: {err}", file=sys.stderr)
             return 128 + err.signum
