@@ -174,12 +174,11 @@ class _Checkpoint:
         if not self.path.is_file():
             return None
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         try:
-            tensors = load_file(str(self.path))
-            with safe_open(str(self.path), "pt") as fh:
+            with safe_open(str(self.path), "pt") as fh:  # tensors and state in one read
                 state = json.loads(fh.metadata()["state"])
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
         except Exception as err:  # safetensors raises several types for a damaged file
             raise ValueError(
                 f"the build's checkpoint {self.path} is damaged ({type(err).__name__}: {err}); "
@@ -380,8 +379,9 @@ def train_vae(
     minutes: float | None = None,
     device: str = "cpu",
     ckpt: _Checkpoint | None = None,
-) -> tuple[float, int, float]:
-    """Train ``vae`` to reconstruct ``images``; returns the last loss, the steps run and the seconds.
+) -> tuple[float, int, float, int | None]:
+    """Train ``vae`` to reconstruct ``images``; returns the last loss, the steps run, the seconds and
+    the step it continued from (None: it started afresh).
 
     With ``ckpt`` it continues from that checkpoint (a finished stage is not run again) and writes
     one when due and at the end: same seeds, so a resumed stage ends with the same weights.
@@ -437,7 +437,7 @@ def train_vae(
     if ckpt is not None and (saved is None or saved[1]["step"] < total):
         save()  # the finished stage: a resumed build does not train it again
     vae.eval()
-    return loss_value, total, before + time.perf_counter() - t0
+    return loss_value, total, before + time.perf_counter() - t0, (saved[1]["step"] if saved is not None else None)
 
 
 @torch.no_grad()
@@ -555,11 +555,11 @@ def build_base(
         summary["vae_l1"], summary["vae_steps_done"], vae_train_s = None, 0, 0.0
     else:
         ck = _Checkpoint(ck_dir / "vae.safetensors", cfg.checkpoint_minutes, stop)
-        if ck.path.is_file():
-            resumed.append({"stage": "vae", "step": ck.load()[1]["step"]})
-        summary["vae_l1"], summary["vae_steps_done"], vae_train_s = train_vae(
+        summary["vae_l1"], summary["vae_steps_done"], vae_train_s, vae_from = train_vae(
             vae, images, cfg.vae_steps, cfg.vae_batch, cfg.seed + 1, log, cfg.vae_minutes, device, ck
         )
+        if vae_from is not None:
+            resumed.append({"stage": "vae", "step": vae_from})
     t_eval = time.perf_counter()
     with torch.no_grad():  # reconstruction error on renders the VAE never saw
         _, test = render_set(256 if cfg.images >= 2000 else 16, cfg.seed + 99, held=None)
