@@ -88,6 +88,14 @@ def ended(pids: list[int], timeout: float = 10.0) -> bool:
     return False
 
 
+def started(out: Path, stage: str, *extra: str, **popen) -> subprocess.Popen:
+    """The build of ``out`` (a checkpoint every step, ``extra`` flags) once ``stage`` wrote its first checkpoint."""
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    proc = subprocess.Popen(build_cmd(out, "--checkpoint-minutes", "0", *extra), **popen)
+    wait_for(partial(out) / "checkpoints" / f"{stage}.safetensors", proc)
+    return proc
+
+
 def weights(folder: Path) -> dict:
     out = {}
     for part in ("vae", "text_encoder", "unet", "world_scorer"):
@@ -118,8 +126,7 @@ def test_kill_9_in_each_stage_then_the_same_command_ends_with_the_uninterrupted_
     out = tmp_path / "model"
     ck = partial(out) / "checkpoints"
     for stage in ("vae", "unet"):  # SIGKILL: no handler, no finally block runs
-        proc = subprocess.Popen(build_cmd(out, "--checkpoint-minutes", "0"), stdout=subprocess.DEVNULL)
-        wait_for(ck / f"{stage}.safetensors", proc)
+        proc = started(out, stage)
         proc.kill()
         proc.wait(timeout=60)
         assert not out.exists()  # nothing half-built where the model goes
@@ -140,8 +147,7 @@ def test_kill_9_in_each_stage_then_the_same_command_ends_with_the_uninterrupted_
 def test_the_scorer_process_ends_with_a_killed_build_instead_of_writing_into_its_folder_later(tmp_path):
     out = tmp_path / "model"
     # a scorer that would train for minutes beside the VAE stage
-    proc = subprocess.Popen(build_cmd(out, "--checkpoint-minutes", "0", "--scorer-steps", "100000"))
-    wait_for(partial(out) / "checkpoints" / "vae.safetensors", proc)
+    proc = started(out, "vae", "--scorer-steps", "100000", stdout=None)
     scorers = scorer_processes(proc.pid)
     assert scorers
     proc.kill()
@@ -152,13 +158,7 @@ def test_the_scorer_process_ends_with_a_killed_build_instead_of_writing_into_its
 def test_sigterm_keeps_the_build_and_a_changed_or_damaged_one_is_refused_until_force(tmp_path):
     out = tmp_path / "model"
     ck = partial(out) / "checkpoints"
-    proc = subprocess.Popen(
-        build_cmd(out, "--checkpoint-minutes", "0", "--steps", "400"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for(ck / "unet.safetensors", proc)
+    proc = started(out, "unet", "--steps", "400", stderr=subprocess.PIPE, text=True)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -208,14 +208,7 @@ def test_ctrl_c_to_the_whole_process_group_in_the_vae_stage_keeps_it_and_prints_
     out = tmp_path / "model"
     ck = partial(out) / "checkpoints"
     # as a terminal's Ctrl-C: SIGINT to the build and the scorer's process beside it, twice
-    proc = subprocess.Popen(
-        build_cmd(out, "--checkpoint-minutes", "0", "--vae-steps", "400"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    wait_for(ck / "vae.safetensors", proc)
+    proc = started(out, "vae", "--vae-steps", "400", stderr=subprocess.PIPE, text=True, start_new_session=True)
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.05)
     if proc.poll() is None:
