@@ -179,6 +179,13 @@ def test_sigterm_keeps_the_build_and_a_changed_or_damaged_one_is_refused_until_f
     assert damaged.returncode == 2 and "unet.safetensors is damaged" in damaged.stderr, damaged.stderr[-2000:]
     assert "--force" in damaged.stderr and "Traceback" not in damaged.stderr
 
+    # damaged settings record (cut short): named as damaged, not as every setting changed
+    record = (ck / "build.json").read_bytes()
+    (ck / "build.json").write_bytes(record[: len(record) // 3])
+    unreadable = subprocess.run(build_cmd(out, "--steps", "400"), capture_output=True, text=True, timeout=600)
+    assert unreadable.returncode == 2 and "build.json" in unreadable.stderr and "damaged" in unreadable.stderr
+    assert "other settings" not in unreadable.stderr and "--force" in unreadable.stderr
+
     forced = subprocess.run(build_cmd(out, "--force"), capture_output=True, text=True, timeout=600)
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert "continuing" not in forced.stdout and json.loads((out / "world_build.json").read_text())["resumed"] == []

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..data import OBJECT_TEMPLATES, STYLE_TEMPLATES
+from ..io import write_json
 from . import render as R
 from .tokenizer import MAX_LENGTH, word_ids, write_tokenizer
 
@@ -693,7 +694,7 @@ def build_base(
     write_folder(out, vae, te, unet, tok, {"_dti_fast_world": WORLD_VERSION}, scheduler_config(cfg))
     for name in ("vocab.json", "merges.txt"):  # the BPE files themselves too (transformers 4.x's slow tokenizer)
         shutil.copyfile(tokdir / name, out / "tokenizer" / name)
-    (out / "world_build.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json(summary, out / "world_build.json")
     shutil.rmtree(tokdir, ignore_errors=True)
     log(f"wrote {out} in {summary['total_s']:.0f} s")
     return summary
@@ -759,8 +760,6 @@ def build_world(
     """
     import multiprocessing
 
-    from ..io import write_json
-
     cfg = cfg or BuildConfig()
     cfg.check()
     out = Path(out)
@@ -771,8 +770,13 @@ def build_world(
     if recorded.is_file():
         try:
             before = json.loads(recorded.read_text(encoding="utf-8"))
-        except ValueError:
-            before = {}
+        except (ValueError, UnicodeDecodeError):
+            before = None
+        if not isinstance(before, dict):
+            raise ValueError(
+                f"{recorded} (the settings of the unfinished build in {out}) is damaged, so it cannot be "
+                "continued; add --force to discard it and build afresh"
+            )
         changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
         if changed:
             diff = ", ".join(f"{k} {before.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
@@ -824,7 +828,7 @@ def build_world(
     summary["scorer_parallel"] = parallel
     summary["scorer_validation"] = rep
     summary["total_s"] = time.perf_counter() - t  # wall clock of the whole build, scorer included
-    (out / "world_build.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json(summary, out / "world_build.json")  # atomically: the model's record is never half written
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the model is written: nothing left to resume
     log(
         f"scorer: text fidelity of captions on fresh renders {rep['text_fidelity_on_renders']:.3f} "
@@ -852,7 +856,6 @@ def world_model_path(cache_dir=None) -> Path:
     A copy of an earlier shipped model (its ``shipped_copy.json`` names another) is replaced; a
     model that ``dti-fast world build-base`` wrote there (no such file) is the user's and is kept.
     """
-    from ..io import write_json
     from ..models import build_once
 
     def copy_shipped(folder: Path) -> None:
