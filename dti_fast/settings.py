@@ -25,6 +25,7 @@ from typing import Any
 __all__ = [
     "Kind",
     "INT",
+    "NONNEG_INT",
     "POSITIVE_INT",
     "NONNEG_FLOAT",
     "POSITIVE_FLOAT",
@@ -146,6 +147,7 @@ def _ints(value: Any, from_text: bool) -> list[int]:
 
 
 INT = _integer(None, "an integer")
+NONNEG_INT = _integer(0, "an integer >= 0")
 POSITIVE_INT = _integer(1, "a positive integer")
 FLOAT = _number(lambda v: True, "a finite number")
 NONNEG_FLOAT = _number(lambda v: v >= 0, "a finite number >= 0")

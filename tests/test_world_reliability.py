@@ -10,6 +10,7 @@ model's weights equal those of a build that was never interrupted. Then bad sett
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -238,62 +239,87 @@ def test_an_output_folder_holding_other_files_is_refused_before_any_work_and_lef
     assert done.returncode == 2 and "is a file" in done.stderr and (tmp_path / "a-file").read_text() == "x"
 
 
-BAD_SETTINGS = [
-    (["--batch", "0"], "--batch must be at least 1 (got 0)"),
-    (["--steps", "-3"], "--steps must be at least 1 (got -3)"),
-    (["--images", "0"], "--images must be at least 1"),
-    (["--vae-steps", "0"], "--vae-steps must be at least 1"),
-    (["--timestep-shift", "0"], "--timestep-shift must be above 0"),
-    (["--ema", "1.5"], "--ema must be in [0, 1) (got 1.5)"),
-    (["--lr", "nan"], "--lr must be a number (got nan)"),
-    (["--lr", "0"], "--lr must be above 0"),
-    (["--checkpoint-minutes", "-1"], "--checkpoint-minutes must be at least 0"),
-    (["--minutes", "0"], "--minutes must be above 0"),
-    (["--unet-threads", "0"], "--unet-threads must be at least 1"),
+BAD_FLAGS = [  # refused as they are parsed (argparse: usage and one error line, exit 2), like train's flags
+    (["--batch", "0"], "argument --batch: expected a positive integer; must be a positive integer, got 0"),
+    (["--steps", "-3"], "argument --steps: expected a positive integer"),
+    (["--images", "0"], "argument --images: expected a positive integer"),
+    (["--vae-steps", "0"], "argument --vae-steps: expected a positive integer"),
+    (["--seed", "-1"], "argument --seed: expected an integer >= 0"),
+    (["--timestep-shift", "0"], "argument --timestep-shift: expected positive and finite"),
+    (["--ema", "1.5"], "argument --ema: expected a number in [0, 1); must be a number in [0, 1), got 1.5"),
+    (["--lr", "nan"], "argument --lr: expected positive and finite; must be positive and finite, got nan"),
+    (["--lr", "0"], "argument --lr: expected positive and finite"),
+    (["--checkpoint-minutes", "-1"], "argument --checkpoint-minutes: expected a finite number >= 0"),
+    (["--minutes", "0"], "argument --minutes: expected positive and finite"),
+    (["--unet-threads", "0"], "argument --unet-threads: expected a positive integer"),
+    (["--scorer-steps", "0"], "argument --scorer-steps: expected a positive integer"),
+]
+BAD_TOGETHER = [  # each flag is valid alone: refused in one line before any work
     (["--offset-noise", "0.3", "--pyramid", "0.8"], "give one of them"),
     (["--resume-from", "/nonexistent"], "not a model that dti-fast world build-base wrote"),
-    (["--scorer-steps", "0"], "--scorer-steps must be at least 1"),
 ]
 
 
-def test_every_bad_setting_is_refused_in_one_line_before_any_work(tmp_path, capsys):
+def refused(argv: list[str], capsys) -> tuple[int, str]:
+    """Exit status and stderr of ``dti-fast argv``, whether argparse or the command refused it."""
     from dti_fast.cli import main
 
-    for extra, message in BAD_SETTINGS:
+    try:
+        code = main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    return code, capsys.readouterr().err
+
+
+def test_every_bad_setting_is_refused_naming_the_flag_before_any_work(tmp_path, capsys):
+    for extra, message in BAD_FLAGS + BAD_TOGETHER:
         out = tmp_path / "m"
-        code = main(["world", "build-base", "--output", str(out), *TINY, *extra])
-        err = capsys.readouterr().err
+        code, err = refused(["world", "build-base", "--output", str(out), *TINY, *extra], capsys)
         assert code == 2 and message in err and "Traceback" not in err, (extra, err)
-        assert len(err.strip().splitlines()) == 1, err
+        if (extra, message) in BAD_TOGETHER:
+            assert len(err.strip().splitlines()) == 1, err
         assert not out.exists() and not partial(out).exists(), extra
 
 
-def test_world_gate_refuses_bad_settings_in_one_line_before_sampling(capsys):
-    from dti_fast.cli import main
+def test_a_build_config_from_python_is_checked_naming_the_setting():
+    import pytest
 
-    for extra, message in [
-        (["--prompts", "0"], "--prompts must be at least 1 (got 0)"),
-        (["--inference-steps", "0"], "--inference-steps must be at least 1"),
-        (["--threads", "0"], "--threads must be at least 1"),
-        (["--guidance", "nan"], "--guidance must be a number, at least 0"),
-        (["--guidance", "-1"], "--guidance must be a number, at least 0"),
+    from dti_fast.world.base import BuildConfig
+
+    for bad, message in [
+        (dict(ema=1.5), "ema must be a number in [0, 1), got 1.5"),
+        (dict(steps=0), "steps must be a positive integer, got 0"),
+        (dict(lr=float("inf")), "lr must be positive and finite, got inf"),
+        (dict(threads=0), "threads must be a positive integer, got 0"),
+        (dict(offset_noise=0.3, pyramid=0.8), "give one of them"),
+        (dict(zero_snr="yes"), "zero_snr must be true or false"),
     ]:
-        code = main(["world", "gate", *extra])
-        err = capsys.readouterr().err
-        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            BuildConfig(**bad).check()
+    BuildConfig(lr=1, threads=None).check()  # an int learning rate is a number; no thread count: torch's
 
 
-def test_the_toy_suite_refuses_bad_settings_in_one_line_before_any_work(tmp_path, capsys):
-    from dti_fast.cli import main
-
+def test_world_gate_refuses_bad_settings_naming_the_flag_before_sampling(capsys):
     for extra, message in [
-        (["--world-draws", "0"], "--world-draws must be an integer, at least 1 (got 0)"),
+        (["--prompts", "0"], "argument --prompts: expected a positive integer"),
+        (["--inference-steps", "0"], "argument --inference-steps: expected a positive integer"),
+        (["--threads", "0"], "argument --threads: expected a positive integer"),
+        (["--guidance", "nan"], "argument --guidance: expected a finite number >= 0"),
+        (["--guidance", "-1"], "argument --guidance: expected a finite number >= 0"),
+        (["--prompt-seed", "-2"], "argument --prompt-seed: expected an integer >= 0"),
+    ]:
+        code, err = refused(["world", "gate", *extra], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)
+
+
+def test_the_toy_suite_refuses_bad_settings_naming_the_flag_before_any_work(tmp_path, capsys):
+    for extra, message in [
+        (["--world-draws", "0"], "argument --world-draws: expected a positive integer"),
         (["--slerp-steps", "1"], "--slerp-steps must be"),
         (["--slerp-pair", "dog,dog"], "--slerp-pair dog,dog: give two different toy concepts"),
     ]:
-        code = main(["suite", "--world", "toy", "--quick", "--output", str(tmp_path / "s"), *extra])
-        err = capsys.readouterr().err
-        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        code, err = refused(["suite", "--world", "toy", "--quick", "--output", str(tmp_path / "s"), *extra], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)
         assert not (tmp_path / "s").exists(), extra
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import settings as S
 from ..data import OBJECT_TEMPLATES, STYLE_TEMPLATES
 from ..io import write_json
 from . import render as R
@@ -35,83 +36,95 @@ SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "world_base"
 @dataclass
 class BuildConfig:
     """A base-model build. The defaults are the from-scratch recipe sized to 30 minutes on a 2-core
-    CPU (README: what it reaches); the shipped model was made in stages (README: the commands)."""
+    CPU (README: what it reaches); the shipped model was made in stages (README: the commands).
 
-    seed: int = 0
-    images: int = 12000
-    vae_steps: int = 1900
-    vae_batch: int = 12
-    steps: int = 4200
-    batch: int = 48
-    lr: float = 2e-3
-    empty_caption: float = 0.1
-    threads: int | None = 1  # one torch thread: on busy shared cores more threads cost up to 10x (measured)
-    resume_from: str | None = None  # continue a built model: its VAE is kept, text encoder + UNet train on
-    minutes: float | None = None  # wall budget of the UNet stage: the step count shrinks to fit (logged)
-    vae_minutes: float | None = None  # the same for the VAE stage
-    # README: what each of these measured.
-    offset_noise: float = 0.0  # std of a per-sample, per-channel constant added to the training noise (0 = off)
-    pyramid: float = 0.0  # instead: multi-resolution training noise, weight ratio per coarser octave (0 = off)
-    ema: float = 0.999  # decay of a weight average saved instead of the raw weights (0 = off; e.g. 0.999)
+    Each setting is declared once (:func:`dti_fast.settings.setting`): its ``world build-base``
+    flag, help and check derive from it. README: what the recipe alternatives measured.
+    """
+
+    seed: int = S.setting(0, kind=S.NONNEG_INT, help="seed of the renders, weights and every random draw")
+    images: int = S.setting(12000, kind=S.POSITIVE_INT, help="renders in the training set")
+    vae_steps: int = S.setting(1900, kind=S.POSITIVE_INT, help="VAE steps")
+    vae_batch: int = S.setting(12, kind=S.POSITIVE_INT, help="VAE batch")
+    steps: int = S.setting(4200, kind=S.POSITIVE_INT, help="text encoder + UNet steps")
+    batch: int = S.setting(48, kind=S.POSITIVE_INT, help="text encoder + UNet batch")
+    lr: float = S.setting(2e-3, kind=S.POSITIVE_FLOAT, help="text encoder + UNet peak learning rate")
+    empty_caption: float = S.setting(
+        0.1, kind=S.UNIT_INTERVAL, help="fraction of empty captions (what classifier-free guidance needs)"
+    )
+    # One torch thread: on busy shared cores more threads cost up to 10x (measured).
+    threads: int | None = S.setting(1, kind=S.optional(S.POSITIVE_INT), help="torch threads of the VAE and scorer")
+    resume_from: str | None = S.setting(
+        None,
+        kind=S.optional(S.TEXT),
+        help="continue this built model: keep its VAE, train its text encoder + UNet --steps more "
+        "(a further stage; the shipped model was made in seven)",
+    )
+    minutes: float | None = S.setting(
+        None, kind=S.optional(S.POSITIVE_FLOAT), help="wall budget of the UNet stage: fewer steps if needed (logged)"
+    )
+    vae_minutes: float | None = S.setting(None, kind=S.optional(S.POSITIVE_FLOAT), help="wall budget of the VAE stage")
+    offset_noise: float = S.setting(
+        0.0,
+        kind=S.NONNEG_FLOAT,
+        help="std of a per-image, per-channel constant added to the training noise, e.g. 0.3 (0: white)",
+    )
+    pyramid: float = S.setting(
+        0.0,
+        kind=S.NONNEG_FLOAT,
+        help="instead of offset noise: noise at every coarser octave, this weight ratio per octave (0: off)",
+    )
+    ema: float = S.setting(
+        0.999, kind=S.UNIT_INTERVAL, help="save a weight average with this decay (0: the raw weights)"
+    )
     # Zero terminal SNR (betas rescaled so t = 999 is pure noise) with v-prediction, sampled on
     # trailing timesteps: nothing of the image survives at the start, so the layout has to come
     # from the caption (README: what it measured). Saved in the folder's scheduler config.
-    zero_snr: bool = True
-    # > 1 draws training timesteps toward the noisy end, where the layout is decided:
-    # t / T = s * u / (1 + (s - 1) * u) with u uniform (SD3's shift; 1 = uniform).
-    timestep_shift: float = 3.0
-    # Torch threads of the text encoder + UNet stage. It runs alone (build_world joins the
-    # scorer's process first), so it may use both cores of a 2-core machine: 1.55x one thread's
-    # steps per second there when the machine is quiet (on busy shared cores use 1); None: ``threads``.
-    unet_threads: int | None = 2
-    # Where the VAE, text encoder and UNet train ("auto": the GPU if there is one; "cpu", "cuda:1").
+    zero_snr: bool = S.setting(
+        True,
+        kind=S.BOOL,
+        action="optional_bool",
+        default_text="default on",
+        help="zero terminal SNR with v-prediction (trailing sampling steps), saved in the scheduler config; "
+        "--no-zero-snr: SD's schedule and the epsilon target",
+    )
+    # > 1 draws training timesteps toward the noisy end, where the layout is decided (SD3's shift).
+    timestep_shift: float = S.setting(
+        3.0,
+        kind=S.POSITIVE_FLOAT,
+        help="draw training timesteps toward the noisy end: t/T = s*u/(1+(s-1)*u), u uniform (1: uniform)",
+    )
+    # The text encoder + UNet stage runs alone (build_world joins the scorer's process first), so
+    # it may use both cores of a 2-core machine: 1.55x one thread's steps per second there when
+    # the machine is quiet (on busy shared cores use 1).
+    unet_threads: int | None = S.setting(
+        2,
+        kind=S.optional(S.POSITIVE_INT),
+        help="torch threads of the text encoder + UNet stage, which runs alone",
+    )
     # Every random draw is made on the CPU with the seeded generators, so a device changes only
     # the arithmetic.
-    device: str = "auto"
-    # Minutes between checkpoints of the VAE and text encoder + UNet stages (0: after every
-    # step). A build stopped by a signal, a crash or kill -9 continues from its last one when
-    # the same command runs again (:func:`build_world`).
-    checkpoint_minutes: float = 2.0
-    # > 0: min-SNR-gamma loss weights (Hang et al. 2023) with this gamma, in the form that keeps the
-    # noisiest steps at full weight: v loss times (min(SNR, g) + 1) / (SNR + 1), epsilon loss times
-    # min(SNR, g) / SNR. Low-noise steps (fine detail) then weigh less. 0: plain MSE.
-    min_snr: float = 0.0
+    device: str = S.setting(
+        "auto", kind=S.TEXT, help="where the VAE, text encoder and UNet train: auto, cpu, cuda, cuda:N"
+    )
+    checkpoint_minutes: float = S.setting(
+        2.0,
+        kind=S.NONNEG_FLOAT,
+        help="minutes between checkpoints of the VAE and text encoder + UNet stages (0: every step). A build "
+        "stopped by Ctrl-C, SIGTERM, kill -9 or a full disk continues from its last checkpoint when the "
+        "same command runs again",
+    )
+    # Min-SNR-gamma (Hang et al. 2023) in the form that keeps the noisiest steps at full weight:
+    # v loss times (min(SNR, g) + 1) / (SNR + 1), epsilon loss times min(SNR, g) / SNR.
+    min_snr: float = S.setting(
+        0.0,
+        kind=S.NONNEG_FLOAT,
+        help="min-SNR-gamma loss weights with this gamma, the noisiest steps kept at full weight (0: off)",
+    )
 
     def check(self) -> None:
-        """Raise ``ValueError`` naming the flag, its value and what it must be, for the first bad setting."""
-
-        def bad(name: str, value, must: str) -> ValueError:
-            return ValueError(f"--{name.replace('_', '-')} must be {must} (got {value!r})")
-
-        def number(name: str, low: float, high: float | None = None, low_open=False, optional=False) -> None:
-            value = getattr(self, name)
-            if value is None and optional:
-                return
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise bad(name, value, "a number")
-            if (value <= low if low_open else value < low) or (high is not None and value >= high):
-                if high is not None:
-                    must = f"in [{low:g}, {high:g})"
-                else:
-                    must = f"{'above' if low_open else 'at least'} {low:g}"
-                raise bad(name, value, must)
-
-        for name in ("images", "vae_batch", "steps", "batch"):
-            number(name, 1)
-        if not self.resume_from:
-            number("vae_steps", 1)
-        for name in ("threads", "unet_threads"):
-            number(name, 1, optional=True)
-        number("lr", 0, low_open=True)
-        number("empty_caption", 0, 1)
-        number("offset_noise", 0)
-        number("pyramid", 0)
-        number("ema", 0, 1)
-        number("timestep_shift", 0, low_open=True)
-        number("checkpoint_minutes", 0)
-        number("min_snr", 0)
-        for name in ("minutes", "vae_minutes"):
-            number(name, 0, low_open=True, optional=True)
+        """Raise ``ValueError`` naming the setting, its value and what it must be, for the first bad one."""
+        S.check_fields(self)
         if self.offset_noise and self.pyramid:
             raise ValueError("--offset-noise and --pyramid are two kinds of training noise: give one of them")
         if self.resume_from:

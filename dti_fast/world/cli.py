@@ -5,19 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
+
+from .. import settings as S
 
 
 def build_config(args: argparse.Namespace):
     """The :class:`BuildConfig` of parsed ``world build-base`` flags: its defaults, then every field given."""
     from .base import BuildConfig
 
-    cfg = BuildConfig()
-    for f in fields(BuildConfig):  # every BuildConfig field that has a flag and was given
-        if getattr(args, f.name, None) is not None:
-            setattr(cfg, f.name, getattr(args, f.name))
-    return cfg
+    return BuildConfig(**S.flag_values(args, BuildConfig))
 
 
 def _cmd_build_base(args: argparse.Namespace) -> int:
@@ -29,11 +27,7 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
     from .base import CHECKPOINTS, RUN_ONLY, WORLD_VERSION, BuildInterrupted, build_world
 
     cfg = build_config(args)
-    cfg.check()  # every setting, before any work
-    if args.scorer_steps < 1:
-        raise ValueError(f"--scorer-steps must be at least 1 (got {args.scorer_steps})")
-    if args.scorer_minutes is not None and not args.scorer_minutes > 0:
-        raise ValueError(f"--scorer-minutes must be above 0 (got {args.scorer_minutes})")
+    cfg.check()  # the settings together (the flags were checked one by one as they were parsed)
     cfg.device = str(resolve_device(cfg.device))  # a device this machine lacks: one line, before any work
     final = Path(args.output) if args.output else cache_root() / f"world-base-v{WORLD_VERSION}"
     if (final / "model_index.json").is_file() and not args.force:
@@ -125,13 +119,6 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     from .base import world_model_path
     from .suite import GATE_SEED, base_model_gate
 
-    for flag, value in (("--prompts", args.prompts), ("--inference-steps", args.inference_steps)):
-        if value < 1:
-            raise ValueError(f"{flag} must be at least 1 (got {value})")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be at least 1 (got {args.threads})")
-    if not 0 <= args.guidance < float("inf"):
-        raise ValueError(f"--guidance must be a number, at least 0 (got {args.guidance})")
     model = Path(args.model) if args.model else world_model_path()
     if not (model / "world_scorer" / "scorer.safetensors").is_file():
         raise FileNotFoundError(
@@ -176,75 +163,18 @@ def add_world_parser(sub) -> None:
         "again. README: what the default recipe reaches and the stages that made the shipped model.",
     )
     p.add_argument("--output", type=Path, help="model folder (default <cache>/world-base-v<version>)")
-    p.add_argument("--seed", type=int, default=0)
-    d = BuildConfig()
-    p.add_argument("--images", type=int, help=f"renders in the training set (default {d.images})")
-    p.add_argument("--vae-steps", type=int, help=f"VAE steps (default {d.vae_steps})")
-    p.add_argument("--steps", type=int, help=f"text encoder + UNet steps (default {d.steps})")
-    p.add_argument("--batch", type=int, help=f"text encoder + UNet batch (default {d.batch})")
+    S.add_arguments(p, BuildConfig)
     p.add_argument(
-        "--offset-noise",
-        type=float,
-        help="std of a per-image, per-channel constant added to the training noise, e.g. 0.3 (default 0: white)",
+        "--scorer-steps",
+        type=S.argparse_type(S.POSITIVE_INT),
+        default=2000,
+        help="scorer CNN steps (default 2000)",
     )
-    p.add_argument(
-        "--pyramid",
-        type=float,
-        help="instead of offset noise: noise at every coarser octave, this weight ratio per octave (default off)",
-    )
-    p.add_argument(
-        "--zero-snr",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="zero terminal SNR with v-prediction (trailing sampling steps), saved in the scheduler config "
-        f"(default {'on' if d.zero_snr else 'off'}); --no-zero-snr: SD's schedule and the epsilon target",
-    )
-    p.add_argument(
-        "--timestep-shift",
-        type=float,
-        help="draw training timesteps toward the noisy end: t/T = s*u/(1+(s-1)*u), u uniform "
-        f"(default {d.timestep_shift:g}; 1: uniform)",
-    )
-    p.add_argument(
-        "--min-snr",
-        type=float,
-        help="min-SNR-gamma loss weights with this gamma, the noisiest steps kept at full weight "
-        f"(default {d.min_snr:g}: off)",
-    )
-    p.add_argument("--threads", type=int, help=f"torch threads of the VAE and scorer stages (default {d.threads})")
-    p.add_argument(
-        "--unet-threads",
-        type=int,
-        help="torch threads of the text encoder + UNet stage, which runs alone (default "
-        f"{d.unet_threads or 'as --threads'})",
-    )
-    p.add_argument(
-        "--device", help=f"where the VAE, text encoder and UNet train: auto, cpu, cuda, cuda:N (default {d.device})"
-    )
-    p.add_argument(
-        "--ema", type=float, help=f"save a weight average with this decay (default {d.ema:g}; 0: the raw weights)"
-    )
-    p.add_argument("--minutes", type=float, help="wall budget of the UNet stage: fewer steps if needed (logged)")
-    p.add_argument("--vae-minutes", type=float, help="wall budget of the VAE stage")
-    p.add_argument("--lr", type=float, help=f"text encoder + UNet peak learning rate (default {d.lr:g})")
-    p.add_argument(
-        "--resume-from",
-        help="continue this built model: keep its VAE, train its text encoder + UNet "
-        "--steps more (a further stage; the shipped model was made in seven)",
-    )
-    p.add_argument("--scorer-steps", type=int, default=2000, help="scorer CNN steps (default 2000)")
-    p.add_argument("--scorer-minutes", type=float, help="wall budget of the scorer stage")
+    p.add_argument("--scorer-minutes", type=S.argparse_type(S.POSITIVE_FLOAT), help="wall budget of the scorer stage")
     p.add_argument(
         "--serial-scorer",
         action="store_true",
         help="train the scorer after the base model instead of beside it in a second process (one core)",
-    )
-    p.add_argument(
-        "--checkpoint-minutes",
-        type=float,
-        help="minutes between checkpoints of the VAE and text encoder + UNet stages (default "
-        f"{d.checkpoint_minutes:g}; 0: every step). A build stopped by Ctrl-C, SIGTERM, kill -9 or a full "
-        "disk continues from its last checkpoint when the same command runs again",
     )
     p.add_argument(
         "--force",
@@ -261,11 +191,12 @@ def add_world_parser(sub) -> None:
         "and its attributes as JSON. The suite runs the same gate (its default draw, 96 prompts).",
     )
     g.add_argument("--model", help="a world base model folder (default: the shipped one, from the cache)")
-    g.add_argument("--prompts", type=int, default=96, help="held-out captions (default 96)")
-    g.add_argument("--prompt-seed", type=int, help="seed of the caption draw (default: the suite's)")
-    g.add_argument("--inference-steps", type=int, default=20, help="DDIM steps (default 20)")
-    g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance (default 4)")
-    g.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    count, seed, scale = (S.argparse_type(k) for k in (S.POSITIVE_INT, S.NONNEG_INT, S.NONNEG_FLOAT))
+    g.add_argument("--prompts", type=count, default=96, help="held-out captions (default 96)")
+    g.add_argument("--prompt-seed", type=seed, help="seed of the caption draw (default: the suite's)")
+    g.add_argument("--inference-steps", type=count, default=20, help="DDIM steps (default 20)")
+    g.add_argument("--guidance", type=scale, default=4.0, help="classifier-free guidance (default 4)")
+    g.add_argument("--threads", type=count, default=1, help="torch threads (default 1)")
     g.add_argument("--output", type=Path, help="write gate.png (the images) into this folder")
     g.set_defaults(func=_cmd_gate)
 
@@ -278,7 +209,11 @@ def add_toy_suite_flags(p) -> None:
         help="run the suite in the procedural toy world (no pretrained "
         "weights: the shipped world base model, pixel scorers); --quick then is its smoke test",
     )
-    p.add_argument("--world-draws", type=int, help="toy world: prompts per complexity level and concept (default 2)")
+    p.add_argument(
+        "--world-draws",
+        type=S.argparse_type(S.POSITIVE_INT),
+        help="toy world: prompts per complexity level and concept (default 2)",
+    )
 
 
 def run_toy_suite(args: argparse.Namespace) -> int:
