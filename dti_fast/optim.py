@@ -605,45 +605,18 @@ def _spherical_sgd(
     else:
         for device, group_steps in step_groups.items():
             torch._foreach_add_(group_steps, [_one(device, cache)] * len(group_steps))
+    math_args = dict(
+        lr=lr, kappa=kappa, beta=beta, eps=eps, normalize=normalize, grad_scale=grad_scale, found_inf=found_inf
+    )
     if fused:
         from dti_fast.kernels.spherical_sgd import LaunchCache, fused_spherical_sgd
 
         launch_cache = cache.get("launch")
         if launch_cache is None:
             launch_cache = cache["launch"] = LaunchCache()
-        fused_spherical_sgd(
-            params,
-            grads,
-            row_states,
-            steps,
-            priors,
-            lr=lr,
-            kappa=kappa,
-            beta=beta,
-            eps=eps,
-            normalize=normalize,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            cache=launch_cache,
-            device_memo=memo,
-        )
+        fused_spherical_sgd(params, grads, row_states, steps, priors, **math_args, cache=launch_cache, device_memo=memo)
     else:
-        _vectorized_spherical_sgd(
-            params,
-            grads,
-            row_states,
-            steps,
-            priors,
-            lr=lr,
-            kappa=kappa,
-            beta=beta,
-            eps=eps,
-            normalize=normalize,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            cache=cache,
-            memo=memo,
-        )
+        _vectorized_spherical_sgd(params, grads, row_states, steps, priors, **math_args, cache=cache, memo=memo)
     if found_inf is not None:
         # A skipped step does not count (as torch's fused optimizers do). GradScaler's
         # found_inf is a sum over devices (can be 2 or more): a skip undoes exactly one step.
