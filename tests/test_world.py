@@ -390,3 +390,33 @@ def test_min_snr_weights_keep_the_noisiest_step_at_full_weight_and_off_is_plain_
     torch.testing.assert_close(v, (per * torch.tensor([1.0, 1.0, 6 / 101])).mean(), rtol=1e-5, atol=0)
     eps = training_loss(pred[1:], target[1:], acp[1:], 5.0, "epsilon")
     torch.testing.assert_close(eps, (per[1:] * torch.tensor([1.0, 0.05])).mean(), rtol=1e-5, atol=0)
+
+
+def test_epsilon_steps_train_on_sds_schedule_first_then_zero_snr_and_v(tmp_path, monkeypatch):
+    from dti_fast.world import base as B
+
+    # a --minutes budget that shortens the stage shortens the epsilon steps in proportion
+    cfg = B.BuildConfig(steps=4200, epsilon_steps=2800)
+    assert B.epsilon_steps(cfg, 4200) == 2800 and B.epsilon_steps(cfg, 2100) == 1400
+    assert B.epsilon_steps(B.BuildConfig(), 4200) == 0
+    for bad in (dict(steps=5, epsilon_steps=5), dict(epsilon_steps=1, zero_snr=False)):
+        with pytest.raises(ValueError, match="--epsilon-steps"):
+            B.BuildConfig(**bad).check()
+
+    seen = []
+    real = B.training_loss
+
+    def spy(pred, target, acp_ts, min_snr, prediction):
+        seen.append((prediction, float(acp_ts.min())))
+        return real(pred, target, acp_ts, min_snr, prediction)
+
+    monkeypatch.setattr(B, "training_loss", spy)
+    lines = []
+    cfg = B.BuildConfig(images=64, vae_steps=2, steps=4, batch=4, epsilon_steps=2, device="cpu", unet_threads=1)
+    B.build_base(tmp_path / "m", cfg, log=lines.append)
+    # SD's schedule keeps some signal at every step (alpha-bar > 0); zero terminal SNR may reach 0
+    assert [p for p, _ in seen] == ["epsilon", "epsilon", "v_prediction", "v_prediction"]
+    assert all(a > 0 for p, a in seen if p == "epsilon")
+    assert any("step 2: the epsilon steps are done" in line for line in lines)
+    sched = json.loads((tmp_path / "m" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction" and sched["rescale_betas_zero_snr"]

@@ -88,6 +88,16 @@ class BuildConfig:
         help="zero terminal SNR with v-prediction (trailing sampling steps), saved in the scheduler config; "
         "--no-zero-snr: SD's schedule and the epsilon target",
     )
+    # Steps on SD's schedule first: some of the image survives the noisiest step there, so the
+    # model can take where an object sits from its noisy input and learn what it looks like, which
+    # zero terminal SNR, where the caption alone must place it, teaches slowly (README: measured).
+    epsilon_steps: int = S.setting(
+        0,
+        kind=S.NONNEG_INT,
+        help="train the first N text encoder + UNet steps on SD's schedule with the epsilon target and "
+        "uniform timesteps (the objects' shapes come faster there), the rest with zero terminal SNR and v "
+        "(0: zero terminal SNR throughout)",
+    )
     # > 1 draws training timesteps toward the noisy end, where the layout is decided (SD3's shift).
     timestep_shift: float = S.setting(
         3.0,
@@ -125,6 +135,11 @@ class BuildConfig:
     def check(self) -> None:
         """Raise ``ValueError`` naming the setting, its value and what it must be, for the first bad one."""
         S.check_fields(self)
+        if self.epsilon_steps and not (self.zero_snr and self.epsilon_steps < self.steps):
+            raise ValueError(
+                f"--epsilon-steps {self.epsilon_steps}: the epsilon steps come before zero terminal SNR steps, "
+                f"so they need --zero-snr and fewer than --steps ({self.steps})"
+            )
         if self.offset_noise and self.pyramid:
             raise ValueError("--offset-noise and --pyramid are two kinds of training noise: give one of them")
         if self.resume_from:
@@ -273,6 +288,12 @@ def pyramid_noise(shape, gen: torch.Generator, discount: float) -> torch.Tensor:
         )
         size //= 2
     return n / n.std(dim=(1, 2, 3), keepdim=True)
+
+
+def epsilon_steps(cfg: BuildConfig, total: int) -> int:
+    """How many of a UNet stage of ``total`` steps train on SD's schedule (``cfg.epsilon_steps``):
+    a ``--minutes`` budget that shortens the stage shortens them in proportion."""
+    return cfg.epsilon_steps * total // cfg.steps
 
 
 def training_timesteps(n: int, gen: torch.Generator, shift: float, num_train: int) -> torch.Tensor:
@@ -598,7 +619,14 @@ def build_base(
     rng = np.random.default_rng(cfg.seed + 2 + (100 if cfg.resume_from else 0))
     gen = torch.Generator().manual_seed(cfg.seed + 3 + (100 if cfg.resume_from else 0))
     sched = DDPMScheduler(**scheduler_config(cfg))
-    acp = sched.alphas_cumprod.to(device)
+    # (scheduler, its alphas_cumprod, timestep shift) of the late steps and of the epsilon steps
+    late = (sched, sched.alphas_cumprod.to(device), cfg.timestep_shift)
+    early = late
+    if cfg.epsilon_steps:
+        from ..models import SD_SCHEDULER_CONFIG
+
+        sd = DDPMScheduler(**SD_SCHEDULER_CONFIG)
+        early = (sd, sd.alphas_cumprod.to(device), 1.0)
     params = list(te.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     warm = 100
@@ -660,13 +688,17 @@ def build_base(
         ids = ids.to(device)
         x0 = latents[idx.to(device)]
         noise = training_noise(x0.shape, gen, cfg).to(device)
-        ts = training_timesteps(cfg.batch, gen, cfg.timestep_shift, sched.config.num_train_timesteps).to(device)
+        s_sched, acp, shift = early if step < epsilon_steps(cfg, total) else late
+        if cfg.epsilon_steps and step == epsilon_steps(cfg, total):
+            log(f"unet: step {step}: the epsilon steps are done; zero terminal SNR and the v target from here")
+        ts = training_timesteps(cfg.batch, gen, shift, s_sched.config.num_train_timesteps).to(device)
         a = acp[ts].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         cond = te(ids)[0]
         pred = unet(xt, ts, cond).sample
-        target = sched.get_velocity(x0, noise, ts) if sched.config.prediction_type == "v_prediction" else noise
-        loss = training_loss(pred, target, acp[ts], cfg.min_snr, sched.config.prediction_type)
+        prediction = s_sched.config.prediction_type
+        target = s_sched.get_velocity(x0, noise, ts) if prediction == "v_prediction" else noise
+        loss = training_loss(pred, target, acp[ts], cfg.min_snr, prediction)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
