@@ -399,6 +399,11 @@ def test_epsilon_steps_train_on_sds_schedule_first_then_zero_snr_and_v(tmp_path,
     cfg = B.BuildConfig(steps=4200, epsilon_steps=2800)
     assert B.epsilon_steps(cfg, 4200) == 2800 and B.epsilon_steps(cfg, 2100) == 1400
     assert B.epsilon_steps(B.BuildConfig(), 4200) == 0
+    # the weight average starts afresh where the objective changes (not averaged across it)
+    assert B.average_weight(0, 2800, 0.999) == B.average_weight(2800, 2800, 0.999) == pytest.approx(0.9)
+    assert B.average_weight(2799, 2800, 0.999) == pytest.approx(1 - 2800 / 2809)
+    assert B.average_weight(9990, 10000, 0.999) == pytest.approx(0.001)  # the decay itself, once warm
+    assert B.average_weight(2801, 2800, 0.999) == pytest.approx(1 - 2 / 11)
     for bad in (dict(steps=5, epsilon_steps=5), dict(epsilon_steps=1, zero_snr=False)):
         with pytest.raises(ValueError, match="--epsilon-steps"):
             B.BuildConfig(**bad).check()

@@ -296,6 +296,14 @@ def epsilon_steps(cfg: BuildConfig, total: int) -> int:
     return cfg.epsilon_steps * total // cfg.steps
 
 
+def average_weight(step: int, switch: int, ema: float) -> float:
+    """How far the weight average moves toward the weights after ``step``: a warm-started decay,
+    so the first steps are not averaged with the random init, restarted at ``switch`` (the end of
+    the epsilon steps), so the zero-SNR weights are not averaged with those of another objective."""
+    k = step - switch if step >= switch else step
+    return 1.0 - min(ema, (1 + k) / (10 + k))
+
+
 def training_timesteps(n: int, gen: torch.Generator, shift: float, num_train: int) -> torch.Tensor:
     """``n`` training timesteps: uniform, or with ``shift`` > 1 drawn toward the noisy end.
 
@@ -688,8 +696,9 @@ def build_base(
         ids = ids.to(device)
         x0 = latents[idx.to(device)]
         noise = training_noise(x0.shape, gen, cfg).to(device)
-        s_sched, acp, shift = early if step < epsilon_steps(cfg, total) else late
-        if cfg.epsilon_steps and step == epsilon_steps(cfg, total):
+        switch = epsilon_steps(cfg, total) if cfg.epsilon_steps else total
+        s_sched, acp, shift = early if step < switch else late
+        if step == switch and step < total:
             log(f"unet: step {step}: the epsilon steps are done; zero terminal SNR and the v target from here")
         ts = training_timesteps(cfg.batch, gen, shift, s_sched.config.num_train_timesteps).to(device)
         a = acp[ts].view(-1, 1, 1, 1)
@@ -703,9 +712,9 @@ def build_base(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if avg is not None:  # warm-started decay, so early steps are not averaged with the random init
+        if avg is not None:
             with torch.no_grad():
-                torch._foreach_lerp_(avg, params, 1.0 - min(cfg.ema, (1 + step) / (10 + step)))
+                torch._foreach_lerp_(avg, params, average_weight(step, switch, cfg.ema))
         value = loss.item()
         loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
         if step % 100 == 0 or step == total - 1:
