@@ -392,21 +392,22 @@ def test_min_snr_weights_keep_the_noisiest_step_at_full_weight_and_off_is_plain_
     torch.testing.assert_close(eps, (per[1:] * torch.tensor([1.0, 0.05])).mean(), rtol=1e-5, atol=0)
 
 
-def test_epsilon_steps_train_on_sds_schedule_first_then_zero_snr_and_v(tmp_path, monkeypatch):
+def test_the_epsilon_fraction_trains_on_sds_schedule_first_then_zero_snr_and_v(tmp_path, monkeypatch):
     from dti_fast.world import base as B
 
     # a --minutes budget that shortens the stage shortens the epsilon steps in proportion
-    cfg = B.BuildConfig(steps=4200, epsilon_steps=2800)
+    cfg = B.BuildConfig(steps=4200, epsilon_fraction=2 / 3)
     assert B.epsilon_steps(cfg, 4200) == 2800 and B.epsilon_steps(cfg, 2100) == 1400
-    assert B.epsilon_steps(B.BuildConfig(), 4200) == 0
+    assert B.epsilon_steps(B.BuildConfig(epsilon_fraction=0.0), 4200) == 0
+    with pytest.raises(ValueError, match="--epsilon-fraction 0.5: .* need --zero-snr"):
+        B.BuildConfig(epsilon_fraction=0.5, zero_snr=False).check()
+    with pytest.raises(ValueError, match=r"epsilon_fraction must be a number in \[0, 1\), got 1.0"):
+        B.BuildConfig(epsilon_fraction=1.0).check()
     # the weight average starts afresh where the objective changes (not averaged across it)
     assert B.average_weight(0, 2800, 0.999) == B.average_weight(2800, 2800, 0.999) == pytest.approx(0.9)
     assert B.average_weight(2799, 2800, 0.999) == pytest.approx(1 - 2800 / 2809)
     assert B.average_weight(9990, 10000, 0.999) == pytest.approx(0.001)  # the decay itself, once warm
     assert B.average_weight(2801, 2800, 0.999) == pytest.approx(1 - 2 / 11)
-    for bad in (dict(steps=5, epsilon_steps=5), dict(epsilon_steps=1, zero_snr=False)):
-        with pytest.raises(ValueError, match="--epsilon-steps"):
-            B.BuildConfig(**bad).check()
 
     seen = []
     real = B.training_loss
@@ -417,7 +418,7 @@ def test_epsilon_steps_train_on_sds_schedule_first_then_zero_snr_and_v(tmp_path,
 
     monkeypatch.setattr(B, "training_loss", spy)
     lines = []
-    cfg = B.BuildConfig(images=64, vae_steps=2, steps=4, batch=4, epsilon_steps=2, device="cpu", unet_threads=1)
+    cfg = B.BuildConfig(images=64, vae_steps=2, steps=4, batch=4, epsilon_fraction=0.5, device="cpu", unet_threads=1)
     B.build_base(tmp_path / "m", cfg, log=lines.append)
     # SD's schedule keeps some signal at every step (alpha-bar > 0); zero terminal SNR may reach 0
     assert [p for p, _ in seen] == ["epsilon", "epsilon", "v_prediction", "v_prediction"]

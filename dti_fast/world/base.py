@@ -91,12 +91,12 @@ class BuildConfig:
     # Steps on SD's schedule first: some of the image survives the noisiest step there, so the
     # model can take where an object sits from its noisy input and learn what it looks like, which
     # zero terminal SNR, where the caption alone must place it, teaches slowly (README: measured).
-    epsilon_steps: int = S.setting(
-        0,
-        kind=S.NONNEG_INT,
-        help="train the first N text encoder + UNet steps on SD's schedule with the epsilon target and "
-        "uniform timesteps (the objects' shapes come faster there), the rest with zero terminal SNR and v "
-        "(0: zero terminal SNR throughout)",
+    epsilon_fraction: float = S.setting(
+        0.0,
+        kind=S.UNIT_INTERVAL,
+        help="train this fraction of the text encoder + UNet steps first on SD's schedule with the epsilon "
+        "target and uniform timesteps (the objects' shapes come faster there), the rest with zero terminal "
+        "SNR and v; e.g. 0.667 (0: zero terminal SNR throughout)",
     )
     # > 1 draws training timesteps toward the noisy end, where the layout is decided (SD3's shift).
     timestep_shift: float = S.setting(
@@ -135,10 +135,10 @@ class BuildConfig:
     def check(self) -> None:
         """Raise ``ValueError`` naming the setting, its value and what it must be, for the first bad one."""
         S.check_fields(self)
-        if self.epsilon_steps and not (self.zero_snr and self.epsilon_steps < self.steps):
+        if self.epsilon_fraction and not self.zero_snr:
             raise ValueError(
-                f"--epsilon-steps {self.epsilon_steps}: the epsilon steps come before zero terminal SNR steps, "
-                f"so they need --zero-snr and fewer than --steps ({self.steps})"
+                f"--epsilon-fraction {self.epsilon_fraction:g}: the epsilon steps come before zero terminal SNR "
+                "steps, so they need --zero-snr (or give --epsilon-fraction 0)"
             )
         if self.offset_noise and self.pyramid:
             raise ValueError("--offset-noise and --pyramid are two kinds of training noise: give one of them")
@@ -291,9 +291,9 @@ def pyramid_noise(shape, gen: torch.Generator, discount: float) -> torch.Tensor:
 
 
 def epsilon_steps(cfg: BuildConfig, total: int) -> int:
-    """How many of a UNet stage of ``total`` steps train on SD's schedule (``cfg.epsilon_steps``):
-    a ``--minutes`` budget that shortens the stage shortens them in proportion."""
-    return cfg.epsilon_steps * total // cfg.steps
+    """How many of a UNet stage of ``total`` steps train first on SD's schedule (``cfg.epsilon_fraction``
+    of them, so a ``--minutes`` budget that shortens the stage shortens them in proportion)."""
+    return round(cfg.epsilon_fraction * total)
 
 
 def average_weight(step: int, switch: int, ema: float) -> float:
@@ -630,7 +630,7 @@ def build_base(
     # (scheduler, its alphas_cumprod, timestep shift) of the late steps and of the epsilon steps
     late = (sched, sched.alphas_cumprod.to(device), cfg.timestep_shift)
     early = late
-    if cfg.epsilon_steps:
+    if cfg.epsilon_fraction:
         from ..models import SD_SCHEDULER_CONFIG
 
         sd = DDPMScheduler(**SD_SCHEDULER_CONFIG)
@@ -696,7 +696,7 @@ def build_base(
         ids = ids.to(device)
         x0 = latents[idx.to(device)]
         noise = training_noise(x0.shape, gen, cfg).to(device)
-        switch = epsilon_steps(cfg, total) if cfg.epsilon_steps else total
+        switch = epsilon_steps(cfg, total) if cfg.epsilon_fraction else total
         s_sched, acp, shift = early if step < switch else late
         if step == switch and step < total:
             log(f"unet: step {step}: the epsilon steps are done; zero terminal SNR and the v target from here")
