@@ -399,8 +399,8 @@ def test_the_epsilon_fraction_trains_on_sds_schedule_first_then_zero_snr_and_v(t
     cfg = B.BuildConfig(steps=4200, epsilon_fraction=2 / 3)
     assert B.epsilon_steps(cfg, 4200) == 2800 and B.epsilon_steps(cfg, 2100) == 1400
     assert B.epsilon_steps(B.BuildConfig(epsilon_fraction=0.0), 4200) == 0
-    with pytest.raises(ValueError, match="--epsilon-fraction 0.5: .* need --zero-snr"):
-        B.BuildConfig(epsilon_fraction=0.5, zero_snr=False).check()
+    assert B.epsilon_steps(B.BuildConfig(epsilon_fraction=0.5, zero_snr=False), 4200) == 0  # all SD's already
+    assert B.epsilon_steps(B.BuildConfig(epsilon_fraction=0.9), 2) == 1  # the last step always on zero SNR
     with pytest.raises(ValueError, match=r"epsilon_fraction must be a number in \[0, 1\), got 1.0"):
         B.BuildConfig(epsilon_fraction=1.0).check()
     # the weight average starts afresh where the objective changes (not averaged across it)

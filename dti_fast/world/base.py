@@ -96,7 +96,8 @@ class BuildConfig:
         kind=S.UNIT_INTERVAL,
         help="train this fraction of the text encoder + UNet steps first on SD's schedule with the epsilon "
         "target and uniform timesteps (the objects' shapes come faster there), the rest with zero terminal "
-        "SNR and v; e.g. 0.667 (0: zero terminal SNR throughout)",
+        "SNR and v; e.g. 0.667 (0: zero terminal SNR throughout; with --no-zero-snr every step is on SD's "
+        "schedule anyway)",
     )
     # > 1 draws training timesteps toward the noisy end, where the layout is decided (SD3's shift).
     timestep_shift: float = S.setting(
@@ -135,11 +136,6 @@ class BuildConfig:
     def check(self) -> None:
         """Raise ``ValueError`` naming the setting, its value and what it must be, for the first bad one."""
         S.check_fields(self)
-        if self.epsilon_fraction and not self.zero_snr:
-            raise ValueError(
-                f"--epsilon-fraction {self.epsilon_fraction:g}: the epsilon steps come before zero terminal SNR "
-                "steps, so they need --zero-snr (or give --epsilon-fraction 0)"
-            )
         if self.offset_noise and self.pyramid:
             raise ValueError("--offset-noise and --pyramid are two kinds of training noise: give one of them")
         if self.resume_from:
@@ -292,8 +288,10 @@ def pyramid_noise(shape, gen: torch.Generator, discount: float) -> torch.Tensor:
 
 def epsilon_steps(cfg: BuildConfig, total: int) -> int:
     """How many of a UNet stage of ``total`` steps train first on SD's schedule (``cfg.epsilon_fraction``
-    of them, so a ``--minutes`` budget that shortens the stage shortens them in proportion)."""
-    return round(cfg.epsilon_fraction * total)
+    of them, so a ``--minutes`` budget that shortens the stage shortens them in proportion; none
+    without ``cfg.zero_snr``, whose every step is on SD's schedule)."""
+    # at least the last step on zero SNR: the model is saved with that schedule and target
+    return min(round(cfg.epsilon_fraction * total), total - 1) if cfg.zero_snr else 0
 
 
 def average_weight(step: int, switch: int, ema: float) -> float:
@@ -630,7 +628,7 @@ def build_base(
     # (scheduler, its alphas_cumprod, timestep shift) of the late steps and of the epsilon steps
     late = (sched, sched.alphas_cumprod.to(device), cfg.timestep_shift)
     early = late
-    if cfg.epsilon_fraction:
+    if epsilon_steps(cfg, cfg.steps):
         from ..models import SD_SCHEDULER_CONFIG
 
         sd = DDPMScheduler(**SD_SCHEDULER_CONFIG)
@@ -696,7 +694,7 @@ def build_base(
         ids = ids.to(device)
         x0 = latents[idx.to(device)]
         noise = training_noise(x0.shape, gen, cfg).to(device)
-        switch = epsilon_steps(cfg, total) if cfg.epsilon_fraction else total
+        switch = epsilon_steps(cfg, total) or total
         s_sched, acp, shift = early if step < switch else late
         if step == switch and step < total:
             log(f"unet: step {step}: the epsilon steps are done; zero terminal SNR and the v target from here")
