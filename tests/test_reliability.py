@@ -531,25 +531,3 @@ def test_running_out_of_memory_names_the_fix_and_saves_progress(tiny_sd, tmp_pat
     assert "out of memory on cpu" in last and "--batch-size" in last and "--resume" in last
     assert "Traceback" not in done.stderr
     assert list((tmp_path / "out" / "big" / "checkpoints").glob("step-*.safetensors"))
-
-
-def test_after_a_signal_has_stopped_a_command_a_further_ctrl_c_is_ignored_until_it_exits():
-    """Between the one-line message and the exit, a second Ctrl-C (a real SIGINT to this process)
-    must not raise where nothing catches it; without a signal the previous handlers come back."""
-    from dti_fast.train.run import StopSignals
-
-    before, before_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    try:
-        with StopSignals() as stop:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-        assert stop.signum == signal.SIGINT
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        os.kill(os.getpid(), signal.SIGINT)  # would raise KeyboardInterrupt with the previous handler
-        time.sleep(0.05)
-    finally:
-        signal.signal(signal.SIGINT, before)
-        signal.signal(signal.SIGTERM, before_term)
-    with StopSignals():
-        pass
-    assert signal.getsignal(signal.SIGINT) is before  # nothing received: handed back as it was

@@ -97,11 +97,8 @@ class StopSignals:
         self.signum = signum
 
     def release(self) -> None:
-        # After a signal the command is on its way out: a further Ctrl-C then is ignored rather than
-        # raised where nothing catches it (between the one-line message and the exit it turned
-        # the orderly exit status 130 into death by SIGINT).
         for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_IGN if self.signum is not None else handler)
+            signal.signal(sig, handler)
         self._previous = {}
 
     def __enter__(self) -> StopSignals:
