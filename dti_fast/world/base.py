@@ -235,6 +235,11 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
+def changed_settings(before: dict, now: dict) -> list[str]:
+    """The keys whose values differ between two recorded sets of settings (either side may lack one)."""
+    return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+
+
 def build_fingerprint(cfg: BuildConfig, **extra) -> dict:
     """What a build learns from: its settings but the :data:`RUN_ONLY` ones, plus ``extra`` (the scorer's)."""
     return {**{k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}, **extra}
@@ -829,7 +834,7 @@ def build_world(
                 f"{recorded} (the settings of the unfinished build in {out}) is damaged, so it cannot be "
                 "continued; add --force to discard it and build afresh"
             )
-        changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
+        changed = changed_settings(before, fingerprint)
         if changed:
             diff = ", ".join(f"{k} {before.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
             raise ValueError(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 from .. import settings as S
@@ -24,7 +23,15 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
 
     from ..models import cache_root, resolve_device
     from ..train.run import OutputLock, StopSignals
-    from .base import CHECKPOINTS, RUN_ONLY, WORLD_VERSION, BuildInterrupted, build_world
+    from .base import (
+        CHECKPOINTS,
+        RUN_ONLY,
+        WORLD_VERSION,
+        BuildInterrupted,
+        build_fingerprint,
+        build_world,
+        changed_settings,
+    )
 
     cfg = build_config(args)
     cfg.check()  # the settings together (the flags were checked one by one as they were parsed)
@@ -51,9 +58,8 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
         if finished:  # a build that ended just before it was moved into place
             summary = json.loads((work / "world_build.json").read_text(encoding="utf-8"))
             then = {k: v for k, v in (summary.get("config") or {}).items() if k not in RUN_ONLY}
-            now = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in RUN_ONLY}
-            if then != now:
-                changed = ", ".join(sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k)))
+            changed = ", ".join(changed_settings(then, json.loads(json.dumps(build_fingerprint(cfg)))))
+            if changed:
                 raise ValueError(
                     f"{work} holds a finished build made with other settings ({changed}); run the command "
                     "with its settings to move it into place, or add --force to discard it"
