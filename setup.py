@@ -53,7 +53,7 @@ setup(
         "tracking": ["accelerate>=0.30", "tensorboard>=2.10"],
         "xformers": ["xformers"],
     },
-    entry_points={"console_scripts": ["dti-fast = dti_fast.cli:main"]},
+    entry_points={"console_scripts": ["dti-fast = dti_fast.cli:entry"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

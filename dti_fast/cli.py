@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -513,6 +514,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dti-fast {args.command}: {err}", file=sys.stderr)
         return 128 + err.signum
     except KeyboardInterrupt:
+        from .train.run import StopSignals
+
+        if StopSignals.process_exits_on_stop:  # on the way out: a further Ctrl-C must not cut the message
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
         hint = ""
         if args.command == "train":
             hint = (
@@ -543,5 +549,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``dti-fast`` console script (and ``python -m dti_fast.cli``): :func:`main`, then exit.
+
+    This process ends when the command returns, so a signal that stopped the
+    command makes the rest of its way out ignore further signals
+    (:attr:`StopSignals.process_exits_on_stop`); :func:`main` called from
+    Python leaves the caller's handlers as they were.
+    """
+    from .train.run import StopSignals
+
+    StopSignals.process_exits_on_stop = True
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

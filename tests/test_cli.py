@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -257,3 +258,53 @@ def test_a_device_this_machine_lacks_is_one_line_before_anything_loads(tmp_path,
     )
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err
+
+
+_SECOND_CTRL_C = r"""
+import os, signal, sys, time
+from dti_fast.train.run import StopSignals
+StopSignals.process_exits_on_stop = {exits}
+with StopSignals() as stop:
+    os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: the command stops and writes its checkpoint
+    while stop.signum is None:
+        time.sleep(0.01)
+print("stopped by SIGINT", flush=True)  # signals released; the process is on its way out
+os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, before the exit
+time.sleep(0.2)
+sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("exits", [True, False])
+def test_a_second_ctrl_c_after_the_stop_message_cannot_change_the_exit_status(exits):
+    """In the dti-fast process a stopped command's release ignores further signals (exit 130, not killed by
+    SIGINT); in-process callers get the default handler back, so there the same second SIGINT kills."""
+    run = subprocess.run([sys.executable, "-c", _SECOND_CTRL_C.format(exits=exits)], capture_output=True, text=True)
+    assert "stopped by SIGINT" in run.stdout
+    assert run.returncode == (130 if exits else -signal.SIGINT), run.stderr
+
+
+def test_release_without_a_stop_gives_the_handlers_back_even_in_the_dti_fast_process(monkeypatch):
+    from dti_fast.train.run import StopSignals
+
+    monkeypatch.setattr(StopSignals, "process_exits_on_stop", True)
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals():
+        assert signal.getsignal(signal.SIGINT) is not before
+    assert signal.getsignal(signal.SIGINT) is before  # a job that ended normally: exports answer Ctrl-C
+
+
+def test_the_console_script_and_python_m_go_through_entry():
+    """Both ways of starting the CLI mark the process as exiting with the command (see StopSignals)."""
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("dti-fast") == "dti_fast.cli:entry"
+    probe = (
+        "import runpy, sys; sys.argv = ['dti-fast', '--help']\n"
+        "from dti_fast.train.run import StopSignals\n"
+        "try:\n    runpy.run_module('dti_fast.cli', run_name='__main__')\n"
+        "except SystemExit:\n    print(StopSignals.process_exits_on_stop)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert run.stdout.strip().endswith("True")

@@ -84,7 +84,16 @@ class StopSignals:
     A second signal does not wait for the step: it raises KeyboardInterrupt at
     once. :meth:`release` hands the signals back (after the final checkpoint,
     exports and sample grids answer Ctrl-C directly).
+
+    In the ``dti-fast`` process itself (:attr:`process_exits_on_stop`, set by
+    the console script) a command that a signal stopped is on its way out: its
+    release ignores further signals instead, so a second Ctrl-C between the
+    one-line message and the exit cannot end the process by signal instead of
+    with its exit status (130/143). In-process callers (a notebook, a test)
+    get their handlers back in every case.
     """
+
+    process_exits_on_stop: bool = False
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -97,8 +106,9 @@ class StopSignals:
         self.signum = signum
 
     def release(self) -> None:
+        exiting = self.signum is not None and StopSignals.process_exits_on_stop
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if exiting else handler)
         self._previous = {}
 
     def __enter__(self) -> StopSignals:
