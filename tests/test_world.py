@@ -426,3 +426,17 @@ def test_the_epsilon_fraction_trains_on_sds_schedule_first_then_zero_snr_and_v(t
     assert any("step 2: the epsilon steps are done" in line for line in lines)
     sched = json.loads((tmp_path / "m" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "v_prediction" and sched["rescale_betas_zero_snr"]
+
+
+def test_a_setting_an_older_version_did_not_record_counts_as_its_default():
+    """A build left unfinished before an upgrade that added a setting continues after it, unless the new
+    setting is given another value; settings that either side lacks otherwise count as changed."""
+    from dti_fast.world.base import BuildConfig, build_fingerprint, changed_settings
+
+    now = json.loads(json.dumps(build_fingerprint(BuildConfig())))
+    older = {k: v for k, v in now.items() if k != "epsilon_fraction"}
+    assert changed_settings(older, now) == []
+    assert changed_settings(older, dict(now, epsilon_fraction=0.5)) == ["epsilon_fraction"]
+    assert changed_settings(dict(now, lr=1e-3), now) == ["lr"]
+    assert changed_settings(now, dict(now, scorer_steps=100)) == ["scorer_steps"]  # not a BuildConfig setting
+    assert changed_settings({**now, "retired": 1}, now) == ["retired"]

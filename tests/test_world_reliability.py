@@ -173,6 +173,12 @@ def test_sigterm_keeps_the_build_and_a_changed_or_damaged_one_is_refused_until_f
     # the threads, device and checkpoint interval are not settings of what is learned
     assert json.loads((ck / "build.json").read_text()).keys().isdisjoint({"threads", "unet_threads", "device"})
 
+    # a record from a version before --epsilon-fraction: the missing setting counts as its default, so the
+    # command gets past the settings check to the checkpoints
+    record = json.loads((ck / "build.json").read_text())
+    assert record.pop("epsilon_fraction") == 0
+    (ck / "build.json").write_text(json.dumps(record))
+
     # a damaged checkpoint (cut short, as a failing disk would leave it): named, with the fix
     data = (ck / "unet.safetensors").read_bytes()
     (ck / "unet.safetensors").write_bytes(data[: len(data) // 2])

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -236,8 +236,19 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
 
 
 def changed_settings(before: dict, now: dict) -> list[str]:
-    """The keys whose values differ between two recorded sets of settings (either side may lack one)."""
-    return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    """The keys whose values differ between two recorded sets of settings (either side may lack one).
+
+    A :class:`BuildConfig` setting that ``before`` lacks was recorded by a version without it, whose
+    builds behaved as the setting's default does: it counts as that default, so a build left
+    unfinished before an upgrade continues after it.
+    """
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(BuildConfig) if f.default is not MISSING}))
+    missing = object()
+
+    def then(key: str):
+        return before[key] if key in before else defaults.get(key, missing)
+
+    return sorted(k for k in set(before) | set(now) if then(k) != now.get(k, missing))
 
 
 def build_fingerprint(cfg: BuildConfig, **extra) -> dict:
@@ -836,7 +847,9 @@ def build_world(
             )
         changed = changed_settings(before, fingerprint)
         if changed:
-            diff = ", ".join(f"{k} {before.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
+            diff = ", ".join(
+                f"{k} {repr(before[k]) if k in before else '(not recorded)'} -> {fingerprint.get(k)!r}" for k in changed
+            )
             raise ValueError(
                 f"{out} holds an unfinished build made with other settings ({diff}); run it again with its "
                 "settings to continue it, or add --force to discard it"
