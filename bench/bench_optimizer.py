@@ -27,7 +27,7 @@ Paths (the ``path`` parameter):
 Beyond pytest-benchmark's per-case timings:
 
 - :func:`interleaved_ratios` (``test_interleaved_vectorized_vs_lean_loop``,
-  or ``python bench/bench_optimizer.py --interleaved``): vectorized path, lean
+  or ``python bench/bench_optimizer.py``): vectorized path, lean
   loop and reference loop timed in the same run, round by round in turn,
   medians, at 1 and 2 threads; the device is named in the output.
 - ``test_launch_sweep`` (CUDA only): every candidate launch configuration of
