@@ -474,13 +474,24 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for name in ("diffusers", "transformers", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Not imported yet (the usual case: the CLI imports them only for a command that needs them): the
+    # libraries read these as they configure their loggers, so a command that fails on bad input does
+    # not first wait ~2 s for diffusers' imports. A value the user set is kept.
+    if "diffusers" not in sys.modules:
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    if "transformers" not in sys.modules:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars
     try:
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
+        if "diffusers" in sys.modules:
+            import diffusers.utils.logging as dlog
 
-        dlog.set_verbosity_error()
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
+            dlog.set_verbosity_error()
+        if "transformers" in sys.modules:
+            import transformers.utils.logging as tlog
+
+            tlog.set_verbosity_error()
+            tlog.disable_progress_bar()
     except ImportError:
         pass
 

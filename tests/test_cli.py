@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -308,3 +309,31 @@ def test_the_console_script_and_python_m_go_through_entry():
     )
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert run.stdout.strip().endswith("True")
+
+
+def test_bad_input_fails_before_the_model_libraries_load_and_a_run_prints_no_library_chatter(tmp_path):
+    """The CLI's quieting of diffusers/transformers (log level, weight-loading bars) does not import them:
+    a command refused on bad input ends before diffusers loads; a real run's output has no library chatter."""
+    probe = (
+        "import sys; from dti_fast.cli import main\n"
+        f"rc = main(['train', '--model', {str(tmp_path / 'm')!r}, '--output', {str(tmp_path / 'o')!r}, "
+        f"'--concept', 'dog:{tmp_path / 'nowhere'}:dog'])\n"
+        "print(rc, 'diffusers' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY")}
+    bad = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert bad.stdout.split() == ["2", "False"], bad.stderr
+    assert "nowhere" in bad.stderr
+
+    model = tmp_path / "tiny"
+    assert main(["make-tiny-model", str(model), "--family", "sd"]) == 0
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "dti_fast.cli", *train_args(model, tmp_path / "out", 1)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    for chatter in ("Loading", "it/s]", "%|", "WARNING", "FutureWarning"):
+        assert chatter not in run.stderr + run.stdout, chatter
