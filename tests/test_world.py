@@ -433,7 +433,7 @@ def test_a_setting_an_older_version_did_not_record_counts_as_its_default():
     setting is given another value; settings that either side lacks otherwise count as changed."""
     from dti_fast.world.base import BuildConfig, build_fingerprint, changed_settings
 
-    now = json.loads(json.dumps(build_fingerprint(BuildConfig())))
+    now = build_fingerprint(BuildConfig())
     older = {k: v for k, v in now.items() if k != "epsilon_fraction"}
     assert changed_settings(older, now) == []
     assert changed_settings(older, dict(now, epsilon_fraction=0.5)) == ["epsilon_fraction"]

@@ -252,8 +252,9 @@ def changed_settings(before: dict, now: dict) -> list[str]:
 
 
 def build_fingerprint(cfg: BuildConfig, **extra) -> dict:
-    """What a build learns from: its settings but the :data:`RUN_ONLY` ones, plus ``extra`` (the scorer's)."""
-    return {**{k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}, **extra}
+    """What a build learns from: its settings but the :data:`RUN_ONLY` ones, plus ``extra`` (the scorer's),
+    in the JSON form ``build.json`` records (tuples as lists), so it compares equal to a recorded one."""
+    return json.loads(json.dumps({**{k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}, **extra}))
 
 
 def scheduler_config(cfg: BuildConfig) -> dict:
@@ -831,9 +832,7 @@ def build_world(
     cfg = cfg or BuildConfig()
     cfg.check()
     out = Path(out)
-    fingerprint = json.loads(
-        json.dumps(build_fingerprint(cfg, scorer_steps=scorer_steps, scorer_minutes=scorer_minutes))
-    )
+    fingerprint = build_fingerprint(cfg, scorer_steps=scorer_steps, scorer_minutes=scorer_minutes)
     recorded = out / CHECKPOINTS / "build.json"
     if recorded.is_file():
         try:

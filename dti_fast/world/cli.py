@@ -58,7 +58,7 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
         if finished:  # a build that ended just before it was moved into place
             summary = json.loads((work / "world_build.json").read_text(encoding="utf-8"))
             then = {k: v for k, v in (summary.get("config") or {}).items() if k not in RUN_ONLY}
-            changed = ", ".join(changed_settings(then, json.loads(json.dumps(build_fingerprint(cfg)))))
+            changed = ", ".join(changed_settings(then, build_fingerprint(cfg)))
             if changed:
                 raise ValueError(
                     f"{work} holds a finished build made with other settings ({changed}); run the command "
