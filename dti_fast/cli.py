@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -527,9 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         from .train.run import StopSignals
 
-        if StopSignals.process_exits_on_stop:  # on the way out: a further Ctrl-C must not cut the message
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_IGN)
+        StopSignals.ignore_on_the_way_out()  # a further Ctrl-C must not cut the message
         hint = ""
         if args.command == "train":
             hint = (

@@ -105,10 +105,18 @@ class StopSignals:
             raise KeyboardInterrupt
         self.signum = signum
 
+    @staticmethod
+    def ignore_on_the_way_out() -> None:
+        """In the dti-fast process (:attr:`process_exits_on_stop`): ignore SIGINT/SIGTERM from here to the exit."""
+        if StopSignals.process_exits_on_stop:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+
     def release(self) -> None:
-        exiting = self.signum is not None and StopSignals.process_exits_on_stop
         for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_IGN if exiting else handler)
+            signal.signal(sig, handler)
+        if self._previous and self.signum is not None:
+            self.ignore_on_the_way_out()
         self._previous = {}
 
     def __enter__(self) -> StopSignals:
