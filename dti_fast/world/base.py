@@ -235,6 +235,11 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
+def _json_form(settings: dict) -> dict:
+    """``settings`` as ``build.json`` records them (tuples as lists), to compare with a recorded set."""
+    return json.loads(json.dumps(settings))
+
+
 def changed_settings(before: dict, now: dict) -> list[str]:
     """The keys whose values differ between two recorded sets of settings (either side may lack one).
 
@@ -242,7 +247,7 @@ def changed_settings(before: dict, now: dict) -> list[str]:
     builds behaved as the setting's default does: it counts as that default, so a build left
     unfinished before an upgrade continues after it.
     """
-    defaults = json.loads(json.dumps({f.name: f.default for f in fields(BuildConfig) if f.default is not MISSING}))
+    defaults = _json_form({f.name: f.default for f in fields(BuildConfig) if f.default is not MISSING})
     missing = object()
 
     def then(key: str):
@@ -254,7 +259,7 @@ def changed_settings(before: dict, now: dict) -> list[str]:
 def build_fingerprint(cfg: BuildConfig, **extra) -> dict:
     """What a build learns from: its settings but the :data:`RUN_ONLY` ones, plus ``extra`` (the scorer's),
     in the JSON form ``build.json`` records (tuples as lists), so it compares equal to a recorded one."""
-    return json.loads(json.dumps({**{k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}, **extra}))
+    return _json_form({**{k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}, **extra})
 
 
 def scheduler_config(cfg: BuildConfig) -> dict:
