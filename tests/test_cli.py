@@ -311,6 +311,50 @@ def test_the_console_script_and_python_m_go_through_entry():
     assert run.stdout.strip().endswith("True")
 
 
+_EXIT_PROBE = """
+import atexit, sys, threading, time
+{setup}
+class Teardown:  # its __del__ runs only in the interpreter's teardown, which the CLI skips
+    def __del__(self, write=__import__("os").write):
+        write(1, b"teardown ran\\n")
+keep = Teardown()
+atexit.register(lambda: print("exit handler ran"))
+print("buffered before the command")  # a pipe: block-buffered, so only a flush delivers it
+sys.argv = ["dti-fast", *{argv!r}]
+from dti_fast.cli import entry
+entry()
+"""
+
+
+@pytest.mark.parametrize(
+    ("setup", "teardown"),
+    [
+        ("", False),
+        ("sys.setprofile(lambda *a: None)", True),  # a profiler (python -m cProfile) writes its results at exit
+        # a thread that lives until the main thread has ended: the usual exit joins it
+        ("threading.Thread(target=lambda: (threading.main_thread().join(), print('thread done'))).start()", True),
+    ],
+    ids=["plain", "profiler", "running-thread"],
+)
+def test_the_console_script_exits_without_the_interpreter_teardown_but_keeps_what_an_exit_does(
+    tmp_path, setup, teardown
+):
+    """``entry()`` runs the exit handlers, flushes stdout/stderr and keeps the exit status, then skips the
+    interpreter's teardown (1.2-2 s after diffusers loaded), except with a profiler/tracer or a live thread."""
+    for argv, status, says in [
+        (["optim-demo"], 0, "unit sphere"),
+        (["train", "--model", str(tmp_path / "m"), "--output", str(tmp_path / "o"),
+          "--concept", f"dog:{tmp_path / 'nowhere'}:dog"], 2, "nowhere"),
+    ]:  # fmt: skip
+        probe = _EXIT_PROBE.format(setup=setup, argv=argv)
+        run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        assert run.returncode == status, run.stderr
+        assert says in run.stdout + run.stderr
+        assert "buffered before the command" in run.stdout and "exit handler ran" in run.stdout
+        assert ("teardown ran" in run.stdout) is teardown, run.stdout
+        assert ("thread done" in run.stdout) is ("Thread" in setup)
+
+
 def test_bad_input_fails_before_the_model_libraries_load_and_a_run_prints_no_library_chatter(tmp_path):
     """The CLI's quieting of diffusers/transformers (log level, weight-loading bars) does not import them:
     a command refused on bad input ends before diffusers loads; a real run's output has no library chatter."""
