@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -520,8 +520,12 @@ def load_model_parts(
     variant: str | None = None,
     revision: str | None = None,
     cache_dir: str | None = None,
+    tokenizers: Sequence[Any] | None = None,
 ) -> ModelParts:
     """Load the frozen parts of an SD 1.x/2.x, SDXL, SANA or Wan 2.1 model from a local folder or a hub id.
+
+    ``tokenizers``: this model's tokenizers, already loaded (:attr:`ModelPreview.tokenizers` of
+    :func:`preview_model`, in :class:`ModelParts` order); used instead of loading them again.
 
     SANA and Wan: see :func:`_load_flow_parts`. SD/SDXL:
 
@@ -537,8 +541,14 @@ def load_model_parts(
     that is neither cached nor reachable (offline: within about 2 s).
     """
     r = resolve_source(os.fspath(model), revision, cache_dir)  # validates before the heavy imports
+    if tokenizers is not None and len(tokenizers) != (2 if r.family == "sdxl" else 1):
+        raise ValueError(
+            f"model '{r.shown}' ({r.family}) has {2 if r.family == 'sdxl' else 1} tokenizer(s), not {len(tokenizers)}"
+        )
     if r.family in FLOW_FAMILIES:
-        return _load_flow_parts(r, dtype=dtype, device=device, vae_dtype=vae_dtype, variant=variant)
+        return _load_flow_parts(
+            r, dtype=dtype, device=device, vae_dtype=vae_dtype, variant=variant, tokenizers=tokenizers
+        )
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -554,12 +564,13 @@ def load_model_parts(
 
     _check_parts_fit(src, r, hub)
     try:
-        tokenizers = [CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **hub)]
+        subs = ("tokenizer", "tokenizer_2") if r.family == "sdxl" else ("tokenizer",)
+        if tokenizers is None:
+            tokenizers = [CLIPTokenizer.from_pretrained(src, subfolder=sub, **hub) for sub in subs]
         text_encoders: list[torch.nn.Module] = [
             CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **tdtype, **weights)
         ]
         if r.family == "sdxl":
-            tokenizers.append(CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2", **hub))
             text_encoders.append(
                 CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", **tdtype, **weights)
             )
@@ -584,7 +595,7 @@ def load_model_parts(
         extras["tiny"] = index["_dti_fast_tiny"]
     return ModelParts(
         family=r.family,
-        tokenizers=tokenizers,
+        tokenizers=list(tokenizers),
         text_encoders=text_encoders,  # type: ignore[arg-type]
         unet=unet,
         vae=vae,
@@ -666,6 +677,7 @@ def _load_flow_parts(
     device: str | torch.device,
     vae_dtype: torch.dtype | None,
     variant: str | None,
+    tokenizers: Sequence[Any] | None = None,
 ) -> ModelParts:
     """SANA (Gemma-2, DC-AE, SanaTransformer2DModel) or Wan 2.1 (UMT5, AutoencoderKLWan, WanTransformer3DModel).
 
@@ -693,7 +705,7 @@ def _load_flow_parts(
         from transformers import UMT5EncoderModel as TextModel
     if vae_dtype is None:
         vae_dtype = torch.float32 if r.family == "wan" else dtype
-    tokenizer = _flow_tokenizer(r, hub)
+    tokenizer = tokenizers[0] if tokenizers is not None else _flow_tokenizer(r, hub)
     try:
         text_encoder = TextModel.from_pretrained(src, subfolder="text_encoder", **tdtype, **weights)
         denoiser = Denoiser.from_pretrained(src, subfolder="transformer", torch_dtype=dtype, **weights)

@@ -226,6 +226,51 @@ def test_bad_input_refused_before_training(tiny_sd, tmp_path, mutate, match, mon
     assert not calls
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_a_job_loads_each_tokenizer_once_and_trains_with_the_tokenizers_preflight_checked(
+    tiny_sd, tiny_sdxl, tmp_path, monkeypatch, family
+):
+    """train(): preflight loads the tokenizers to check the job before any weights; the job reuses them (one
+    load each, about 0.15 s apiece for CLIP's BPE tables on a 2-core CPU) and they end holding the placeholders."""
+    from transformers import CLIPTokenizer
+
+    from dti_fast.train import TrainingJob
+
+    loaded, jobs = [], []
+    real_load = CLIPTokenizer.from_pretrained.__func__
+
+    def counting_load(cls, *args, **kwargs):
+        loaded.append(kwargs.get("subfolder"))
+        return real_load(cls, *args, **kwargs)
+
+    real_init = TrainingJob.__init__
+
+    def keep(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        jobs.append(self)
+
+    monkeypatch.setattr(CLIPTokenizer, "from_pretrained", classmethod(counting_load))
+    monkeypatch.setattr(TrainingJob, "__init__", keep)
+    model = tiny_sd if family == "sd" else tiny_sdxl
+    result = train(_config(model, tmp_path / "out", steps=1))
+    assert loaded == (["tokenizer"] if family == "sd" else ["tokenizer", "tokenizer_2"])
+    (job,) = jobs
+    assert len(job.parts.tokenizers) == len(loaded)
+    for tok in job.parts.tokenizers:
+        assert {"<dog>", "<backpack>", "<backpack>_1"} <= set(tok.get_vocab())
+    assert set(result.vectors) == {"dog", "backpack"}
+
+
+def test_a_job_built_without_preflight_still_checks_its_tokens(tiny_sd, tmp_path):
+    from dti_fast.data import load_concept_images
+    from dti_fast.train import TrainingJob
+
+    cfg = _config(tiny_sd, tmp_path / "out", names=("dog",))
+    cfg.concepts[0].placeholder = "dog"
+    with pytest.raises(ValueError, match="already in the tokenizer's vocabulary"):
+        TrainingJob(cfg, [load_concept_images(c, cfg.resolution) for c in cfg.concepts])
+
+
 def test_image_folder_errors(tmp_path):
     from dti_fast.data import load_concept_images
 

@@ -102,14 +102,16 @@ def check_resolution(cfg: TrainConfig, family: str, vae) -> int:
     return factor
 
 
-def preflight(cfg: TrainConfig) -> None:
+def preflight(cfg: TrainConfig) -> models.ModelPreview:
     """:func:`check_job_tokens` and :func:`check_resolution` with the model's tokenizers and configs alone,
-    before images or weights load."""
+    before weights load; returns the preview they were checked on (its tokenizers left unchanged), which
+    :class:`TrainingJob` takes so as not to load and check them again."""
     from types import SimpleNamespace
 
     preview = models.preview_model(cfg.model)
     check_job_tokens(cfg, preview.family, preview.tokenizers)
     check_resolution(cfg, preview.family, SimpleNamespace(config=SimpleNamespace(**preview.vae_config)))
+    return preview
 
 
 class TrainingJob:
@@ -127,7 +129,10 @@ class TrainingJob:
         images: list[ConceptImages],
         ctx: DistContext | None = None,
         checkpoint_dir: Path | None = None,
+        preview: models.ModelPreview | None = None,
     ) -> None:
+        """``preview``: what :func:`preflight` returned for this config or one holding more concepts of the
+        same model; its tokenizers, checked there, are used instead of loading and checking them again."""
         ctx = ctx or DistContext()
 
         self.cfg = cfg
@@ -140,10 +145,16 @@ class TrainingJob:
         self.weight_dtype = resolve_dtype(cfg.precision, self.device)
         if cfg.attention == "xformers" and self.device.type != "cuda":
             raise ValueError(f"--attention xformers needs a CUDA device, not {self.device}; use --attention sdpa")
-        self.parts = models.load_model_parts(cfg.model, dtype=self.weight_dtype, device=str(self.device))
+        self.parts = models.load_model_parts(
+            cfg.model,
+            dtype=self.weight_dtype,
+            device=str(self.device),
+            tokenizers=preview.tokenizers if preview is not None else None,
+        )
         self.family = family_of(self.parts.family)
         self.sdxl = self.parts.family == "sdxl"
-        check_job_tokens(cfg, self.parts.family, self.parts.tokenizers)
+        if preview is None:
+            check_job_tokens(cfg, self.parts.family, self.parts.tokenizers)
         self._install_tokens()
         self._build_optimizer()
         self.vae_factor = check_resolution(cfg, self.parts.family, self.parts.vae)

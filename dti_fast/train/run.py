@@ -27,6 +27,7 @@ from ..distributed import DistContext, failure_report, shard_concepts
 from ..distributed import setup as setup_distributed
 from ..export import export_concepts, validation_grids
 from ..memory import peak_bytes, reset_peak
+from ..models import ModelPreview
 from .batching import pick_concepts, plan_batch
 from .checkpoint import finished_concepts, restore_checkpoint, save_checkpoint
 from .config import TrainConfig, validate_config
@@ -184,14 +185,14 @@ def train(cfg: TrainConfig) -> TrainResult:
             file=sys.stderr,
         )
     images = [load_concept_images(c, cfg.resolution) for c in mine]
-    preflight(cfg)  # placeholders, initializers and resolution against the tokenizers and configs: before weights
+    preview = preflight(cfg)  # placeholders, initializers, resolution against the tokenizers and configs: no weights
     sub_cfg = replace(cfg, concepts=mine, progress=cfg.progress and ctx.is_main)
     lock = OutputLock(Path(cfg.output_dir)) if ctx.is_main else contextlib.nullcontext()
     with _agreed(lock, ctx), StopSignals() as stop, _numerics(cfg):
         names = [c.name for c in mine]
         ctx.write_status(Path(cfg.output_dir), "running", names)
         try:
-            result = _run(sub_cfg, images, stop, ctx, checkpoint_dir) if mine else _empty_result(cfg)
+            result = _run(sub_cfg, images, stop, ctx, checkpoint_dir, preview) if mine else _empty_result(cfg)
         except TrainingInterrupted as err:
             ctx.write_status(Path(cfg.output_dir), f"interrupted by {signal.Signals(err.signum).name}", names)
             if ctx.enabled and ctx.is_main:
@@ -325,10 +326,15 @@ def _empty_result(cfg: TrainConfig) -> TrainResult:
 
 
 def _run(
-    cfg: TrainConfig, images: list[ConceptImages], stop: StopSignals, ctx: DistContext, checkpoint_dir: Path
+    cfg: TrainConfig,
+    images: list[ConceptImages],
+    stop: StopSignals,
+    ctx: DistContext,
+    checkpoint_dir: Path,
+    preview: ModelPreview,
 ) -> TrainResult:
     """The loop: steps until every concept is done or a signal arrives, checkpoints, then the exports."""
-    job = TrainingJob(cfg, images, ctx, checkpoint_dir)
+    job = TrainingJob(cfg, images, ctx, checkpoint_dir, preview)
     if cfg.resume:
         restore_checkpoint(job)
     if cfg.max_batch == "auto":
