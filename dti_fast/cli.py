@@ -581,7 +581,8 @@ def exit_without_teardown(code: int) -> NoReturn:
     command, whose files are closed and fsynced: so the exit handlers run
     (``atexit``: logging's flush, ``weakref.finalize`` cleanups such as
     temporary folders, multiprocessing's children), stdout and stderr are
-    flushed, and the process ends with ``os._exit``. The usual exit is kept
+    flushed (Python's buffers and the C library's), and the process ends
+    with ``os._exit``. The usual exit is kept
     where the teardown may matter: a thread other than daemons still running
     (the usual exit joins it), or a profiler or tracer attached
     (``python -m cProfile``, ``trace``, coverage write their results at exit).
@@ -598,6 +599,12 @@ def exit_without_teardown(code: int) -> NoReturn:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe (dti-fast ... | head) or a closed stream: nothing to flush to
             pass
+    try:  # what C code printed (extension modules' printf): the C library flushes it only in a normal exit
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):  # no C library to open by that name (Windows)
+        pass
     os._exit(code)
 
 

@@ -320,6 +320,7 @@ class Teardown:  # its __del__ runs only in the interpreter's teardown, which th
 keep = Teardown()
 atexit.register(lambda: print("exit handler ran"))
 print("buffered before the command")  # a pipe: block-buffered, so only a flush delivers it
+import ctypes; ctypes.CDLL(None).printf(b"printed by C code\\n")  # the C library's own buffer, likewise
 sys.argv = ["dti-fast", *{argv!r}]
 from dti_fast.cli import entry
 entry()
@@ -347,10 +348,12 @@ def test_the_console_script_exits_without_the_interpreter_teardown_but_keeps_wha
           "--concept", f"dog:{tmp_path / 'nowhere'}:dog"], 2, "nowhere"),
     ]:  # fmt: skip
         probe = _EXIT_PROBE.format(setup=setup, argv=argv)
-        run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as in a plain shell
+        run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
         assert run.returncode == status, run.stderr
         assert says in run.stdout + run.stderr
         assert "buffered before the command" in run.stdout and "exit handler ran" in run.stdout
+        assert "printed by C code" in run.stdout
         assert ("teardown ran" in run.stdout) is teardown, run.stdout
         assert ("thread done" in run.stdout) is ("Thread" in setup)
 
