@@ -492,6 +492,11 @@ def _refused_pickle(err: BaseException) -> BaseException | None:
     return None
 
 
+def _tokenizer_folders(family: str) -> tuple[str, ...]:
+    """The subfolders of a model's tokenizers, in :class:`ModelParts` order (SANA/Wan: their one tokenizer)."""
+    return ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",)
+
+
 def _check_parts_fit(src: str, r: ResolvedModel, hub: dict[str, Any]) -> None:
     """Refuse, from the configs alone, a folder whose text encoders and UNet come from different models."""
     from diffusers import UNet2DConditionModel
@@ -541,9 +546,10 @@ def load_model_parts(
     that is neither cached nor reachable (offline: within about 2 s).
     """
     r = resolve_source(os.fspath(model), revision, cache_dir)  # validates before the heavy imports
-    if tokenizers is not None and len(tokenizers) != (2 if r.family == "sdxl" else 1):
+    if tokenizers is not None and len(tokenizers) != len(_tokenizer_folders(r.family)):
         raise ValueError(
-            f"model '{r.shown}' ({r.family}) has {2 if r.family == 'sdxl' else 1} tokenizer(s), not {len(tokenizers)}"
+            f"model '{r.shown}' ({r.family}) has {len(_tokenizer_folders(r.family))} tokenizer(s), "
+            f"not {len(tokenizers)}"
         )
     if r.family in FLOW_FAMILIES:
         return _load_flow_parts(
@@ -564,9 +570,10 @@ def load_model_parts(
 
     _check_parts_fit(src, r, hub)
     try:
-        subs = ("tokenizer", "tokenizer_2") if r.family == "sdxl" else ("tokenizer",)
         if tokenizers is None:
-            tokenizers = [CLIPTokenizer.from_pretrained(src, subfolder=sub, **hub) for sub in subs]
+            tokenizers = [
+                CLIPTokenizer.from_pretrained(src, subfolder=sub, **hub) for sub in _tokenizer_folders(r.family)
+            ]
         text_encoders: list[torch.nn.Module] = [
             CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **tdtype, **weights)
         ]
@@ -645,10 +652,8 @@ def preview_model(model: str | os.PathLike, revision: str | None = None, cache_d
         return ModelPreview(r.family, [_flow_tokenizer(r, hub)], vae_config)
     from transformers import CLIPTokenizer
 
-    subs = ("tokenizer", "tokenizer_2") if r.family == "sdxl" else ("tokenizer",)
-    return ModelPreview(
-        r.family, [CLIPTokenizer.from_pretrained(r.source, subfolder=sub, **hub) for sub in subs], vae_config
-    )
+    tokenizers = [CLIPTokenizer.from_pretrained(r.source, subfolder=sub, **hub) for sub in _tokenizer_folders(r.family)]
+    return ModelPreview(r.family, tokenizers, vae_config)
 
 
 def _flow_width_check(r: ResolvedModel, src: str, hub: dict[str, Any]) -> None:

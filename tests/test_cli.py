@@ -312,7 +312,7 @@ def test_the_console_script_and_python_m_go_through_entry():
 
 
 _EXIT_PROBE = """
-import atexit, sys, threading, time
+import atexit, sys, threading
 {setup}
 class Teardown:  # its __del__ runs only in the interpreter's teardown, which the CLI skips
     def __del__(self, write=__import__("os").write):
