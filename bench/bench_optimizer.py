@@ -53,7 +53,7 @@ import pytest
 import torch
 from _machine import cpu_model
 
-from dti_fast import SphericalSGD, spherical_sgd_step_reference, triton_available
+from dti_fast import SphericalSGD, pack_params_, spherical_sgd_step_reference, triton_available
 
 LR = 0.01
 KAPPA = 1e-4  # the paper's default, with a prior
@@ -392,6 +392,9 @@ def interleaved_ratios(
                 case = Case(concepts, vectors, dim, "separate")
                 vec_params, _ = _make_problem(case)
                 opt = SphericalSGD(vec_params, lr=LR, kappa=0.0, beta=0.0, eps=EPS, fused=False)
+                packed_params, _ = _make_problem(case)
+                pack_params_(packed_params)  # the same params, moved back to back into one tensor
+                opt_packed = SphericalSGD(packed_params, lr=LR, kappa=0.0, beta=0.0, eps=EPS, fused=False)
                 lean_params, _ = _make_problem(case)
                 plain_params, _ = _make_problem(case)
                 ref_params, _ = _make_problem(case)
@@ -406,6 +409,7 @@ def interleaved_ratios(
 
                 fns = {
                     "vectorized": opt.step,
+                    "vectorized_packed": opt_packed.step,
                     "lean_loop": lambda: lean_loop(lean_params),
                     "reference_loop": reference_loop,
                     "plain_batched": lambda: plain_batched(plain_params),
@@ -429,6 +433,7 @@ def interleaved_ratios(
                         "median_ms": {k: v * 1e3 for k, v in med.items()},
                         "vectorized_vs_lean_loop": med["lean_loop"] / med["vectorized"],
                         "vectorized_vs_reference_loop": med["reference_loop"] / med["vectorized"],
+                        "vectorized_packed_vs_lean_loop": med["lean_loop"] / med["vectorized_packed"],
                         "plain_batched_vs_lean_loop": med["lean_loop"] / med["plain_batched"],
                     }
                 )
@@ -445,14 +450,15 @@ def format_interleaved(result: dict) -> str:
         "load average (1, 5, 15 min): start {}, end {}".format(
             *(" ".join(f"{x:.2f}" for x in result["load_average"][k]) for k in ("start", "end"))
         ),
-        f"{'case':<16}{'threads':>8}{'vect ms':>10}{'lean ms':>10}{'ref ms':>10}{'plain ms':>10}"
-        f"{'vect/lean':>11}{'vect/ref':>10}{'plain/lean':>12}",
+        f"{'case':<16}{'threads':>8}{'vect ms':>10}{'packed ms':>10}{'lean ms':>10}{'ref ms':>10}{'plain ms':>10}"
+        f"{'vect/lean':>11}{'packed/lean':>12}{'vect/ref':>10}{'plain/lean':>12}",
     ]
     for r in result["results"]:
         m = r["median_ms"]
         lines.append(
-            f"{r['case']:<16}{str(r['threads']):>8}{m['vectorized']:>10.2f}{m['lean_loop']:>10.2f}"
-            f"{m['reference_loop']:>10.2f}{m['plain_batched']:>10.2f}{r['vectorized_vs_lean_loop']:>10.2f}x"
+            f"{r['case']:<16}{str(r['threads']):>8}{m['vectorized']:>10.2f}{m['vectorized_packed']:>10.2f}"
+            f"{m['lean_loop']:>10.2f}{m['reference_loop']:>10.2f}{m['plain_batched']:>10.2f}"
+            f"{r['vectorized_vs_lean_loop']:>10.2f}x{r['vectorized_packed_vs_lean_loop']:>11.2f}x"
             f"{r['vectorized_vs_reference_loop']:>9.2f}x{r['plain_batched_vs_lean_loop']:>11.2f}x"
         )
     return "\n".join(lines)

@@ -5,7 +5,7 @@ are importable without diffusers. :func:`load_concepts` and :func:`read_concept`
 (:mod:`dti_fast.concept_files`) are imported on first use.
 """
 
-from .optim import SphericalSGD, spherical_sgd, triton_available
+from .optim import SphericalSGD, pack_params_, spherical_sgd, triton_available
 from .sphere import (
     norm_scale,
     project_tangent,
@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SphericalSGD",
     "spherical_sgd",
+    "pack_params_",
     "triton_available",
     "norm_scale",
     "project_tangent",

@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
     # fused=True test fail with "needs CUDA params".
     os.environ["TRITON_INTERPRET"] = "1"
 
-from dti_fast import SphericalSGD, project_to_sphere, spherical_sgd_step_reference  # noqa: E402
+from dti_fast import SphericalSGD, pack_params_, project_to_sphere, spherical_sgd_step_reference  # noqa: E402
 from dti_fast.optim import triton_available  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -145,16 +145,20 @@ def run_optimizer(
     eps: float = 1e-8,
     normalize: bool = True,
     active: Sequence[Sequence[bool]] | None = None,
+    pack: bool = False,
 ) -> tuple[list[torch.nn.Parameter], SphericalSGD]:
     """All params of ``problem`` in ONE param group of a SphericalSGD, stepped per ``problem``.
 
-    ``dtype`` may be one dtype or one per param (mixed-dtype groups).
+    ``dtype`` may be one dtype or one per param (mixed-dtype groups). ``pack``
+    moves the params back to back into one tensor first (``pack_params_``; one dtype).
     """
     n = len(problem["inits"])
     dtypes = [dtype] * n if isinstance(dtype, torch.dtype) else list(dtype)
     # clone(): x.to() returns x itself when nothing changes, and the optimizer
     # writes its params in place; the problem must stay reusable.
     params = [torch.nn.Parameter(x.to(device=device, dtype=d).clone()) for x, d in zip(problem["inits"], dtypes)]
+    if pack:
+        pack_params_(params)
     group = {"params": params}
     if problem["priors"] is not None:
         group["prior"] = [mu.to(device) for mu in problem["priors"]]

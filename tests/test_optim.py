@@ -15,7 +15,14 @@ import math
 import pytest
 import torch
 
-from dti_fast import SphericalSGD, project_to_sphere, project_to_sphere_, spherical_sgd, spherical_sgd_step_reference
+from dti_fast import (
+    SphericalSGD,
+    pack_params_,
+    project_to_sphere,
+    project_to_sphere_,
+    spherical_sgd,
+    spherical_sgd_step_reference,
+)
 from dti_fast import optim as optim_mod
 from dti_fast.optim import _check_fused_possible, resolve_fused
 
@@ -1013,3 +1020,153 @@ def test_vectorized_step_leaves_normal_tensors_and_counts_versions(helpers):
         st["prior"].copy_(st["prior"])
     (params[0].sum() * 2).backward()  # autograd still works on the stepped params
     assert params[0].grad is not None
+
+
+# -- params packed back to back (pack_params_) ------------------------------------------------
+
+
+def _params_of(problem, device, dtype=torch.float32):
+    return [torch.nn.Parameter(x.to(device=device, dtype=dtype).clone()) for x in problem["inits"]]
+
+
+def test_pack_params_keeps_each_param_and_lays_them_back_to_back(helpers, device):
+    gen = torch.Generator().manual_seed(60)
+    shapes = [(2, 64), (64,), (3, 1, 64), (1, 64)]
+    params = [torch.nn.Parameter(helpers.unit_rows(s, gen).to(device)) for s in shapes]
+    params[3].requires_grad_(False)
+    params[1].grad = torch.randn(64, generator=gen).to(device)
+    grad = params[1].grad
+    values = [p.detach().clone() for p in params]
+    ids = [id(p) for p in params]
+    flat = pack_params_(params)
+    assert flat.shape == (sum(v.numel() for v in values),) and flat.dtype == torch.float32
+    offset = 0
+    for p, v, i, shape in zip(params, values, ids, shapes):
+        assert id(p) == i and isinstance(p, torch.nn.Parameter) and p.shape == shape and p.is_contiguous()
+        assert torch.equal(p.detach(), v)
+        assert p.data_ptr() == flat.data_ptr() + offset * flat.element_size()
+        offset += p.numel()
+    assert [p.requires_grad for p in params] == [True, True, True, False]
+    assert params[1].grad is grad  # grads are left as they are
+    flat.zero_()  # one storage: writing the buffer writes the params
+    assert all(p.abs().sum() == 0 for p in params)
+
+
+def test_pack_params_refuses_what_cannot_share_one_tensor(helpers):
+    gen = torch.Generator().manual_seed(61)
+    a = torch.nn.Parameter(helpers.unit_rows((2, 64), gen))
+    with pytest.raises(ValueError, match="param 1 is torch.bfloat16 .*pack the params of each device and dtype"):
+        pack_params_([a, torch.nn.Parameter(helpers.unit_rows((2, 64), gen).bfloat16())])
+    with pytest.raises(ValueError, match="param 1 is not a leaf"):
+        pack_params_([a, a * 2])
+    with pytest.raises(ValueError, match="param 1 is given twice"):
+        pack_params_([a, a])
+    with pytest.raises(ValueError, match="no params"):
+        pack_params_([])
+    with pytest.raises(TypeError, match="item 0 is a list"):
+        pack_params_([[a]])
+    before = a.data_ptr()
+    with pytest.raises(ValueError):
+        pack_params_([a, a])
+    assert a.data_ptr() == before  # refused before anything moved
+
+
+PACKED_SHAPES = {
+    "4x64": [(4, 64)] * 6,
+    "mixed": [(1, 64), (3, 64), (64,), (2, 2, 64), (1, 64)],
+    "two-dims": [(2, 64), (3, 64), (1, 77), (2, 77)],
+    "interleaved": [(2, 64), (1, 77), (3, 64), (2, 77)],  # no bucket's params are adjacent
+}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("hyper", list(HYPERS.values()), ids=list(HYPERS))
+@pytest.mark.parametrize("shapes", list(PACKED_SHAPES.values()), ids=list(PACKED_SHAPES))
+@pytest.mark.parametrize("run_elements", [600, 1 << 18], ids=["many-runs", "one-run"])
+def test_packed_params_step_exactly_as_separate_ones(helpers, device, monkeypatch, shapes, hyper, dtype, run_elements):
+    # Packed params are read and written in place (no concatenation in, no foreach copy
+    # out); the rows, s and step counts must be bit for bit those of separate params,
+    # which the reference tests above pin down. Runs of 600 elements cut the group so
+    # that several packed runs (and lone params) share the bucket's buffers. In
+    # "interleaved" a bucket's params (one per vector size) are not adjacent in the
+    # buffer: they take the concatenation path.
+    monkeypatch.setattr(optim_mod, "_cpu_run_elements", lambda: run_elements)
+    beta, kappa, normalize = hyper
+    problem = helpers.make_problem(shapes, 6, seed=62, with_prior=kappa > 0)
+    kw = dict(dtype=dtype, device=device, lr=LR, kappa=kappa, beta=beta, normalize=normalize, fused=False)
+    separate, opt_s = helpers.run_optimizer(problem, **kw)
+    packed, opt_p = helpers.run_optimizer(problem, pack=True, **kw)
+    assert packed[1].data_ptr() == packed[0].data_ptr() + packed[0].numel() * packed[0].element_size()
+    for a, b in zip(separate, packed):
+        assert torch.equal(a, b)
+        assert torch.equal(opt_s.state[a]["s"], opt_p.state[b]["s"])
+        assert torch.equal(opt_s.state[a]["step"], opt_p.state[b]["step"])
+    if device == "cpu":
+        spans = [v[2] for k, v in opt_p._cache.items() if k[0] == "packed"]
+        assert any(span is not None for span in spans) == (shapes != PACKED_SHAPES["interleaved"])
+
+
+def test_packed_params_with_grad_scaler_skip_and_missing_grads(helpers, device):
+    # A skipped step (found_inf) leaves packed rows as they were; a param without a grad
+    # splits the packed run in two (the rest stay packed) and keeps its rows.
+    problem = helpers.make_problem([(2, 64)] * 5, 3, seed=63)
+    params = _params_of(problem, device)
+    pack_params_(params)
+    opt = SphericalSGD(params, lr=LR, beta=0.9, fused=False)
+    for p, g in zip(params, problem["grads"][0]):
+        p.grad = g.to(device)
+    opt.grad_scale = torch.ones((), device=device)
+    opt.found_inf = torch.ones((), device=device)
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    opt.found_inf = torch.zeros((), device=device)
+    params[2].grad = None
+    opt.step()
+    assert torch.equal(params[2], before[2])
+    for i in (0, 1, 3, 4):
+        g = problem["grads"][0][i].to(device)
+        ref, _ = spherical_sgd_step_reference(before[i], g, torch.zeros(2, device=device), 1, lr=LR, beta=0.9)
+        torch.testing.assert_close(params[i].detach(), ref, atol=FP32_ATOL, rtol=0)
+
+
+def test_packed_params_whose_storage_is_replaced_are_written_where_they_are_now(helpers, device):
+    # After a step has cached the packed layout, a param given new storage (``.data =``,
+    # as module.to() does) must be written in its new storage, and the old buffer (still
+    # alive here) must not be written through a stale alias.
+    problem = helpers.make_problem([(2, 64)] * 4, 2, seed=64)
+    params = _params_of(problem, device)
+    flat = pack_params_(params)
+    opt = SphericalSGD(params, lr=LR, fused=False)
+    for p, g in zip(params, problem["grads"][0]):
+        p.grad = g.to(device)
+    opt.step()
+    params[1].data = params[1].detach().clone()  # leaves the packed buffer
+    old = flat.clone()
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, problem["grads"][1]):
+        p.grad = g.to(device)
+    opt.step()
+    assert torch.equal(flat[128:256], old[128:256])  # its old place in the buffer is untouched
+    for p, b, g in zip(params, before, problem["grads"][1]):
+        ref, _ = spherical_sgd_step_reference(b, g.to(device), torch.zeros(2, device=device), 2, lr=LR)
+        torch.testing.assert_close(p.detach(), ref, atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["separate", "packed"])
+def test_a_step_on_a_param_saved_for_backward_fails_that_backward(helpers, device, fused, pack):
+    # Every path counts its writes in the params' version counters (the packed path and
+    # the kernel write through aliases and raw pointers), so autograd refuses a backward
+    # through a graph that saved a param the optimizer has since changed, as it does for
+    # torch's own optimizers.
+    problem = helpers.make_problem([(2, 64)] * 3, 1, seed=65)
+    params = _params_of(problem, device)
+    if pack:
+        pack_params_(params)
+    opt = SphericalSGD(params, lr=LR, fused=fused)
+    loss = sum((p * p).sum() for p in params)  # saves every param
+    for p, g in zip(params, problem["grads"][0]):
+        p.grad = g.to(device)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
