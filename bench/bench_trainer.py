@@ -28,9 +28,19 @@ Runs (the last part of a test id), in this order within a case:
 - ``dti-1``: the same concept, steps and batch with ``dti_fast.train.train``
   and all levers.
 - ``dti-32``: a 32-concept job (the four shipped subjects under 32 names).
+- ``recipe`` (the SDXL cases): concepts per hour with the paper's recipe
+  (400 steps of batch 4 at 768 px; the tiny case at 64 px), all levers, a
+  16-concept job (4 on the CPU) of a few steps extrapolated to 400 (see
+  :func:`run_recipe`).
+- ``resume`` (the SD cases): a job stopped halfway and resumed against one
+  run straight through, with and without ``deterministic``: the largest
+  difference of the learned vectors.
 - ``max-concurrent`` (``sdxl-1024`` only): the most SDXL concepts (one image
   each) whose training step fits at once, as found by the trainer's
   ``max_batch="auto"`` with gradient checkpointing.
+
+``DTI_BENCH_RUNS`` (run names, space-separated) runs only those runs;
+``bench/gpu_check.sh`` runs ``recipe`` and ``resume`` in its own opt-in stage.
 
 Every figure is measured in this process and recorded with the device's name;
 ``bench/conftest.py`` turns them into ratios and checks them against the goals
@@ -83,12 +93,40 @@ class Case:
     job_steps: int  # steps per concept of the 32-concept job
     mfu_batch: int
     max_concurrent: bool = False
+    # The paper's recipe run (``recipe``): this many concepts at recipe_resolution, the paper's batch, all
+    # levers, recipe_steps steps measured (the figure extrapolates to PAPER_STEPS); 0 concepts: no run.
+    recipe_concepts: int = 0
+    recipe_steps: int = 0
+    recipe_resolution: int = 0
+    # The resume run (``resume``): resume_steps steps straight and stopped halfway then resumed, with and
+    # without --deterministic; 0: no run.
+    resume_steps: int = 0
 
+
+#: The paper's recipe for the concepts-per-hour figure: 400 steps of batch 4 at 768 px (SDXL).
+PAPER_STEPS, PAPER_BATCH, PAPER_RESOLUTION = 400, 4, 768
 
 CASES = [
-    Case("tiny-sd-64", "sd", True, 64, one_steps=50, batch=4, job_concepts=32, job_steps=10, mfu_batch=16),
-    Case("tiny-sdxl-64", "sdxl", True, 64, one_steps=50, batch=4, job_concepts=32, job_steps=10, mfu_batch=16),
-    Case("sd15-512", "sd", False, 512, one_steps=30, batch=4, job_concepts=32, job_steps=8, mfu_batch=16),
+    Case(
+        "tiny-sd-64", "sd", True, 64, one_steps=50, batch=4, job_concepts=32, job_steps=10, mfu_batch=16, resume_steps=4
+    ),
+    Case(
+        "tiny-sdxl-64",
+        "sdxl",
+        True,
+        64,
+        one_steps=50,
+        batch=4,
+        job_concepts=32,
+        job_steps=10,
+        mfu_batch=16,
+        recipe_concepts=4,
+        recipe_steps=3,
+        recipe_resolution=64,
+    ),
+    Case(
+        "sd15-512", "sd", False, 512, one_steps=30, batch=4, job_concepts=32, job_steps=8, mfu_batch=16, resume_steps=6
+    ),
     Case(
         "sdxl-1024",
         "sdxl",
@@ -100,9 +138,22 @@ CASES = [
         job_steps=3,
         mfu_batch=8,
         max_concurrent=True,
+        recipe_concepts=16,
+        recipe_steps=6,
+        recipe_resolution=PAPER_RESOLUTION,
     ),
 ]
-RUNS = ("mfu", "baseline", "dti-1", "dti-32", "max-concurrent")
+RUNS = ("mfu", "baseline", "dti-1", "dti-32", "recipe", "resume", "max-concurrent")
+#: The runs of a plain bench run; DTI_BENCH_RUNS (names, space-separated) picks others.
+DEFAULT_RUNS = RUNS
+
+
+def _wanted_runs() -> tuple[str, ...]:
+    names = os.environ.get("DTI_BENCH_RUNS", "").split()
+    unknown = sorted(set(names) - set(RUNS))
+    if unknown:
+        raise pytest.UsageError(f"DTI_BENCH_RUNS names unknown runs {unknown}; runs: {' '.join(RUNS)}")
+    return tuple(names) or DEFAULT_RUNS
 
 
 def levers(memory: bool = False) -> dict:
@@ -123,9 +174,14 @@ def device_name() -> str:
 
 def _params():
     out = []
+    wanted = _wanted_runs()
     for case in CASES:
         for run in RUNS:
+            if run not in wanted:
+                continue
             if run == "max-concurrent" and not case.max_concurrent:
+                continue
+            if (run == "recipe" and not case.recipe_concepts) or (run == "resume" and not case.resume_steps):
                 continue
             marks = []
             if not case.tiny and not CUDA:
@@ -423,6 +479,7 @@ def run_dti(
     batch: int,
     max_batch,
     memory: bool = False,
+    resolution: int | None = None,
 ) -> dict:
     from dti_fast.train import TrainConfig, train
 
@@ -434,7 +491,7 @@ def run_dti(
         steps=steps,
         batch_size=batch,
         max_batch=max_batch,
-        resolution=case.resolution,
+        resolution=resolution or case.resolution,
         progress=False,
         checkpoint_every=10**9,
         **lv,
@@ -462,6 +519,94 @@ def run_dti(
         "gradient_checkpointing": lv["gradient_checkpointing"],
         "levers": lv,
     }
+
+
+def run_recipe(case: Case, model: Path, inputs: _Inputs, out: Path) -> dict:
+    """Concepts per hour with the paper's recipe (PAPER_STEPS steps of batch PAPER_BATCH), all levers.
+
+    A job of ``case.recipe_concepts`` concepts trains ``case.recipe_steps`` steps (the trainer fills the
+    device: ``max_batch="auto"``); the loop's seconds per concept-step, first steps included, extrapolate
+    to PAPER_STEPS steps per concept, and the job's setup (model load, latent and text caches, planning,
+    export) is counted once: concepts * 3600 / (setup + PAPER_STEPS * concepts * seconds per concept-step).
+    """
+    images = inputs.images(case.recipe_resolution)
+    concepts = job_concepts(images, case.recipe_concepts, prefix="r")
+    r = run_dti(
+        case,
+        model,
+        concepts,
+        out,
+        steps=case.recipe_steps,
+        batch=PAPER_BATCH,
+        max_batch="auto",
+        resolution=case.recipe_resolution,
+    )
+    n = len(concepts)
+    per_concept_step = r["seconds"] / (n * case.recipe_steps)
+    loop = PAPER_STEPS * n * per_concept_step
+    r.update(
+        recipe={"steps": PAPER_STEPS, "batch": PAPER_BATCH, "resolution": case.recipe_resolution},
+        measured_steps=case.recipe_steps,
+        seconds_per_concept_step=per_concept_step,
+        recipe_job_seconds=r["setup_seconds"] + loop,
+        recipe_concepts_per_hour=n * 3600 / (r["setup_seconds"] + loop),
+        recipe_concepts_per_hour_loop_only=n * 3600 / loop,
+        extrapolated=f"{case.recipe_steps} steps measured, {PAPER_STEPS} extrapolated from their seconds "
+        "per concept-step; the job's setup counted once",
+    )
+    return r
+
+
+def run_resume(case: Case, model: Path, inputs: _Inputs, out: Path) -> dict:
+    """How far a stopped and resumed job ends from an uninterrupted one, with and without --deterministic.
+
+    One concept, ``case.resume_steps`` steps of batch ``case.batch``, all levers: straight through, and
+    stopped after half the steps (a checkpoint) then resumed to the end. On the CPU both differences are
+    0 (bit-identical); on CUDA, SDPA's backward and ``index_add`` may differ from run to run unless
+    ``deterministic`` is set. The largest absolute difference of the learned vectors is reported.
+    """
+    from dti_fast.train import TrainConfig, train
+
+    n = case.resume_steps
+    half = n // 2
+    concepts = job_concepts(inputs.images(case.resolution), 1, prefix="z")
+
+    def job(folder: Path, steps: int, resume: bool, deterministic: bool):
+        cfg = TrainConfig(
+            model=str(model),
+            output_dir=folder,
+            concepts=concepts,
+            steps=steps,
+            batch_size=case.batch,
+            resolution=case.resolution,
+            progress=False,
+            checkpoint_every=half,
+            resume=resume,
+            deterministic=deterministic,
+            **levers(),
+        )
+        return train(cfg)
+
+    def largest_difference(a, b) -> float:
+        return max(float((x - y).abs().max()) for name in a.vectors for x, y in zip(a.vectors[name], b.vectors[name]))
+
+    figures: dict = {"steps": n, "stopped_at": half, "batch": case.batch, "concepts": 1}
+    straight = {}
+    for deterministic in (False, True):
+        tag = "deterministic" if deterministic else "default"
+        t0 = time.perf_counter()
+        straight[tag] = job(out / f"straight-{tag}", n, False, deterministic)
+        figures[f"{tag}_straight_seconds"] = time.perf_counter() - t0
+        job(out / f"stopped-{tag}", half, False, deterministic)
+        resumed = job(out / f"stopped-{tag}", n, True, deterministic)
+        figures[f"resume_max_abs_diff_{tag}"] = largest_difference(straight[tag], resumed)
+        figures[f"{tag}_loop_seconds"] = straight[tag].seconds
+    figures["max_abs_diff_default_vs_deterministic"] = largest_difference(
+        straight["default"], straight["deterministic"]
+    )
+    figures["vector_norm"] = max(float(v.norm(dim=-1).max()) for vs in straight["default"].vectors.values() for v in vs)
+    shutil.rmtree(out, ignore_errors=True)
+    return figures
 
 
 def run_max_concurrent(case: Case, model: Path, inputs: _Inputs, out: Path) -> dict:
@@ -510,6 +655,10 @@ def test_trainer(benchmark, bench_results, inputs, tmp_path, case: Case, run: st
                 batch=case.batch,
                 max_batch="auto",
             )
+        if run == "recipe":
+            return run_recipe(case, model, inputs, tmp_path / "out")
+        if run == "resume":
+            return run_resume(case, model, inputs, tmp_path / "out")
         return run_max_concurrent(case, model, inputs, tmp_path / "out")
 
     figures = benchmark.pedantic(call, rounds=1, iterations=1, warmup_rounds=0)

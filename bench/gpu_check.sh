@@ -19,6 +19,12 @@
 #                    random weights at real sizes) -> OUTDIR/bench_trainer.json
 #                    (pytest-benchmark) and OUTDIR/trainer_ratios.json (written
 #                    after every run, so a timeout keeps what was measured)
+#   recipe           opt-in (runs only when DTI_CHECK_STAGES names it; its own
+#                    call): bench/bench_trainer.py's recipe and resume runs ->
+#                    OUTDIR/recipe_ratios.json: SDXL concepts per hour with the
+#                    paper's recipe (a 16-concept job of 6 steps at 768 px,
+#                    extrapolated to 400 steps) and the resume difference of SD
+#                    1.5 at 512 px with and without --deterministic
 #   summary          bench/gpu_summary.py -> OUTDIR/summary.json: every goal, the
 #                    measured figure, pass/fail, the device ("measured": false for
 #                    a goal no stage measured)
@@ -249,8 +255,18 @@ stage_bench_optimizer() {
 
 stage_bench_trainer() {
   env -u TRITON_INTERPRET DTI_BENCH_OUT="$OUTDIR/trainer_ratios.json" \
+    DTI_BENCH_RUNS="mfu baseline dti-1 dti-32 max-concurrent" \
     "$PY" -m pytest bench/bench_trainer.py --benchmark-only -p no:cacheprovider \
     --benchmark-json="$OUTDIR/bench_trainer.json" --benchmark-columns=min,rounds
+}
+
+stage_recipe() {
+  # cuBLAS reads its workspace setting once per process: set before any CUDA work, so that the
+  # deterministic runs are deterministic (harmless for the others).
+  env -u TRITON_INTERPRET DTI_BENCH_OUT="$OUTDIR/recipe_ratios.json" DTI_BENCH_RUNS="recipe resume" \
+    CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}" \
+    "$PY" -m pytest bench/bench_trainer.py --benchmark-only -p no:cacheprovider \
+    --benchmark-json="$OUTDIR/bench_recipe.json" --benchmark-columns=min,rounds
 }
 
 stage_summary() {
@@ -268,6 +284,7 @@ add_stage env 60
 add_stage tests 150
 add_stage bench_optimizer 150
 add_stage bench_trainer 240
+add_stage recipe 300 optional
 add_stage world 420 optional
 add_stage summary 30
 

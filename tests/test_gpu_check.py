@@ -117,3 +117,31 @@ def test_the_world_stage_builds_gates_and_reports_on_a_cpu_machine(tmp_path):
         g for g in json.loads((out / "summary.json").read_text())["goals"] if g["source"] == "world_ratios.json"
     )
     assert entry["measured"] and entry["value"] == goal["value"] and entry["applies"] is False
+
+
+@pytest.mark.slow
+def test_the_recipe_stage_measures_the_recipe_and_the_resume_difference_on_a_cpu_machine(tmp_path):
+    """The opt-in recipe stage on this CPU (the tiny SD and SDXL cases): both goals reach the summary."""
+    done = _check(tmp_path, DTI_CHECK_STAGES="recipe summary")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    out = tmp_path / "out"
+    ratios = json.loads((out / "recipe_ratios.json").read_text())
+    cases = {c["case"]: c for c in ratios["cases"]}
+    assert set(cases) == {"tiny-sd-64", "tiny-sdxl-64"}
+    assert set(cases["tiny-sd-64"]["runs"]) == {"resume"} and set(cases["tiny-sdxl-64"]["runs"]) == {"recipe"}
+    resume = cases["tiny-sd-64"]["runs"]["resume"]
+    # Seeded CPU runs repeat exactly: stopped and resumed equals straight through, with and without
+    # --deterministic. The two modes differ by rounding only (--deterministic takes SDPA's math
+    # backend: the same products summed in another order; observed 4e-9).
+    assert resume["resume_max_abs_diff_default"] == 0.0 and resume["resume_max_abs_diff_deterministic"] == 0.0
+    assert resume["max_abs_diff_default_vs_deterministic"] < 1e-6 and resume["vector_norm"] > 0
+    recipe = cases["tiny-sdxl-64"]["runs"]["recipe"]
+    assert recipe["concepts"] == 4 and recipe["measured_steps"] == 3 and recipe["batch"] == 4
+    expected = 4 * 3600 / (recipe["setup_seconds"] + 400 * recipe["seconds"] / 3)
+    assert recipe["recipe_concepts_per_hour"] == pytest.approx(expected, rel=2e-3)  # the JSON keeps 4 digits
+    summary = {g["metric"]: g for g in json.loads((out / "summary.json").read_text())["goals"]}
+    entry = summary["recipe_concepts_per_hour"]
+    assert entry["measured"] and entry["applies"] is False and entry["extrapolated"] is True
+    assert entry["value"] == pytest.approx(recipe["recipe_concepts_per_hour"])
+    entry = summary["resume_max_abs_diff_deterministic"]
+    assert entry["measured"] and entry["met"] is True and entry["without_deterministic"] == 0.0
