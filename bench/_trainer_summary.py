@@ -38,7 +38,7 @@ AT_MOST = {"resume_max_abs_diff_deterministic"}
 BASELINE = (
     "bench/_baseline.py: an in-process stand-in for the procedure of diffusers' "
     "examples/textual_inversion/textual_inversion.py (textual_inversion_sdxl.py for SDXL), not the script itself; "
-    "against the real script run as a subprocess: bench/compare_diffusers.py"
+    "against the real script run as a subprocess: bench/compare_diffusers.py (on a GPU, gpu_check.sh's peer stage)"
 )
 BASELINE_DIFFERENCES = [
     "runs inside the bench's process: no interpreter start, no import of the script's modules (accelerate, "

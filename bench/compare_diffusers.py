@@ -4,6 +4,8 @@ A user comparing trainers runs both command lines on the same model and photos;
 this does that, interleaved, and reports medians::
 
     python bench/compare_diffusers.py --diffusers-checkout PATH [--rounds 3] [--job-rounds 1] [--out FILE.json]
+        [--model DIR|sd15] [--resolution PX] [--batch N] [--precision fp32|bf16] [--steps N] [--threads N]
+        [--job-concepts N] [--job-script-runs K]
 
 ``PATH`` is a diffusers checkout (or any folder holding
 ``examples/textual_inversion/textual_inversion.py``); ``DTI_DIFFUSERS_CHECKOUT``
@@ -16,14 +18,19 @@ Both sides, every run a fresh process (imports, model load and start-up
 included, as a user sees them):
 
 - the same model: the tiny random-weight SD model (``dti-fast
-  make-tiny-model --family sd``; ``--model`` takes another folder), 64 px,
-  batch 1, 100 steps, seed 0, fp32, ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` =
+  make-tiny-model --family sd``; ``--model`` takes another folder, or
+  ``sd15``: SD 1.5's architecture with random weights), 64 px
+  (``--resolution``), batch 1 (``--batch``), 100 steps (``--steps``), seed 0,
+  fp32 (``--precision bf16``: the script's ``--mixed_precision bf16``,
+  dti-fast's ``--precision bf16``), ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` =
   ``--threads`` (default 1: the machine's other processes stall a second
-  thread);
+  thread); on a machine with CUDA both sides train there;
 - one concept: the five ``dog`` photos shipped in ``dti_fast/assets``,
-  initializer ``dog``; eight concepts: the four shipped subjects twice
-  (``<c0>`` ... ``<c7>``), single-token initializers, as eight sequential
-  script runs and one dti-fast job;
+  initializer ``dog``; the job: ``--job-concepts`` (default 8) concepts
+  cycling through the four shipped subjects (``<c0>`` ...), single-token
+  initializers, as that many sequential script runs (``--job-script-runs``
+  runs only the first few and counts the rest at their mean wall clock) and
+  one dti-fast job;
 - the script with its defaults otherwise (AdamW over the full embedding
   table, lr 1e-4, constant schedule, DataLoader without workers, no
   checkpoint before step 500); dti-fast with its defaults (DTI).
@@ -37,12 +44,11 @@ What is measured:
   loop is timed from the first step's line to the last one's, so both sides'
   first (warm-up) step and everything before and after the loop are outside;
 - wall clock per run (process start to exit);
-- concepts per hour: 8 * 3600 / (the dti-fast job's wall clock) against
-  8 * 3600 / (the sum of the eight script runs' wall clocks).
+- concepts per hour: N * 3600 / (the dti-fast job's wall clock) against
+  N * 3600 / (the sum of the N script runs' wall clocks).
 
 Rounds alternate which side runs first; the figures are medians over rounds
-(the eight-concept comparison is one round unless ``--job-rounds`` says
-more). The load average is recorded with every run.
+(the job comparison is one round unless ``--job-rounds`` says more). The load average is recorded with every run.
 """
 
 from __future__ import annotations
@@ -166,6 +172,8 @@ class Setup:
     steps: int
     resolution: int
     threads: int
+    batch: int = 1
+    precision: str = "fp32"  # "fp32", or "bf16": the script's --mixed_precision bf16, dti-fast's --precision bf16
 
     def env(self) -> dict:
         env = dict(os.environ)
@@ -199,7 +207,9 @@ class Setup:
             "--resolution",
             str(self.resolution),
             "--train_batch_size",
-            "1",
+            str(self.batch),
+            "--mixed_precision",
+            "bf16" if self.precision == "bf16" else "no",
             "--max_train_steps",
             str(self.steps),
             "--seed",
@@ -220,7 +230,9 @@ class Setup:
             "--steps",
             str(self.steps),
             "--batch-size",
-            "1",
+            str(self.batch),
+            "--precision",
+            self.precision,
             "--resolution",
             str(self.resolution),
             "--seed",
@@ -231,19 +243,43 @@ class Setup:
         return run_stamped("dti-fast", argv, self.env(), self.work, _DTI_STEP, self.work / f"dti-{tag}.log")
 
 
-def eight_concepts() -> list[tuple[str, str, str]]:
-    return [(f"c{i}", *SUBJECTS[i % len(SUBJECTS)]) for i in range(8)]
+def job_concepts(n: int = 8) -> list[tuple[str, str, str]]:
+    """``n`` concepts ``c0``... cycling through the shipped subjects."""
+    return [(f"c{i}", *SUBJECTS[i % len(SUBJECTS)]) for i in range(n)]
 
 
 def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def compare(setup: Setup, rounds: int, job_rounds: int, progress=print) -> dict:
-    """Interleaved rounds of both sides; returns the JSON-able result."""
+def compare(
+    setup: Setup,
+    rounds: int,
+    job_rounds: int,
+    progress=print,
+    *,
+    job_size: int = 8,
+    job_script_runs: int | None = None,
+    on_update=None,
+) -> dict:
+    """Interleaved rounds of both sides; returns the JSON-able result.
+
+    The job: ``job_size`` concepts as one dti-fast job against that many sequential script runs;
+    ``job_script_runs`` (fewer than ``job_size``) runs only that many of them (the first ones) and
+    counts the rest at their mean wall clock (the same procedure on other photos; stated in the
+    result). ``on_update`` receives the result so far after every run (a JSON file rewritten
+    then keeps what was measured if the comparison is stopped).
+    """
     one: dict[str, list[RunResult]] = {"script": [], "dti-fast": []}
     job_script: list[list[RunResult]] = []
     job_dti: list[RunResult] = []
+    concepts = job_concepts(job_size)
+    measured = min(job_script_runs or job_size, job_size)
+
+    def update() -> None:
+        if on_update is not None:
+            on_update(summarize(setup, one, job_script, job_dti, rounds, job_rounds, job_size))
+
     subject, init = ONE_CONCEPT
     for r in range(rounds):
         order = ("script", "dti-fast") if r % 2 == 0 else ("dti-fast", "script")
@@ -254,21 +290,26 @@ def compare(setup: Setup, rounds: int, job_rounds: int, progress=print) -> dict:
                 res = setup.dti_run(f"one-{r}", [("dog", subject, init)])
             one[side].append(res)
             progress(f"  one concept, round {r + 1}/{rounds}, {side}: {_describe(res)}")
+            update()
     for r in range(job_rounds):
         order = ("script", "dti-fast") if r % 2 == 0 else ("dti-fast", "script")
         for side in order:
             if side == "script":
                 runs = []
-                for name, subj, ini in eight_concepts():
+                for name, subj, ini in concepts[:measured]:
                     runs.append(setup.script_run(f"job-{r}-{name}", subj, ini, f"<{name}>"))
                 job_script.append(runs)
                 wall = sum(x.wall_seconds for x in runs)
-                progress(f"  8 concepts, round {r + 1}/{job_rounds}, script: 8 sequential runs, {wall:.1f} s wall")
+                progress(
+                    f"  {job_size} concepts, round {r + 1}/{job_rounds}, script: {measured} sequential runs, "
+                    f"{wall:.1f} s wall"
+                )
             else:
-                res = setup.dti_run(f"job-{r}", [(n, s, i) for n, s, i in eight_concepts()])
+                res = setup.dti_run(f"job-{r}", concepts)
                 job_dti.append(res)
-                progress(f"  8 concepts, round {r + 1}/{job_rounds}, dti-fast: one job, {_describe(res)}")
-    return summarize(setup, one, job_script, job_dti, rounds, job_rounds)
+                progress(f"  {job_size} concepts, round {r + 1}/{job_rounds}, dti-fast: one job, {_describe(res)}")
+            update()
+    return summarize(setup, one, job_script, job_dti, rounds, job_rounds, job_size)
 
 
 def _describe(res: RunResult) -> str:
@@ -279,7 +320,9 @@ def _describe(res: RunResult) -> str:
     return f"{res.wall_seconds:.2f} s wall, {rate} (load {load})"
 
 
-def summarize(setup: Setup, one: dict, job_script: list, job_dti: list, rounds: int, job_rounds: int) -> dict:
+def summarize(
+    setup: Setup, one: dict, job_script: list, job_dti: list, rounds: int, job_rounds: int, job_size: int = 8
+) -> dict:
     def loop_rate(res: RunResult, per_unit: float = 1.0) -> float | None:
         loop = res.loop()
         return loop[0] * per_unit / loop[1] if loop and loop[1] > 0 else None
@@ -292,7 +335,7 @@ def summarize(setup: Setup, one: dict, job_script: list, job_dti: list, rounds: 
     d_wall = _median([x.wall_seconds for x in one["dti-fast"]])
     out: dict = {
         "what": "dti-fast CLI vs diffusers' examples/textual_inversion/textual_inversion.py run as a script",
-        "device": _cpu_name(),
+        "device": _device_name(),
         "python": platform.python_version(),
         "packages": _versions(),
         "script": script_revision(setup.script),
@@ -300,7 +343,8 @@ def summarize(setup: Setup, one: dict, job_script: list, job_dti: list, rounds: 
         "(PIL flip on torch.rand(1) < p), supplied by bench/_run_example.py; the script file is unchanged",
         "model": str(setup.model),
         "resolution": setup.resolution,
-        "batch_size": 1,
+        "batch_size": setup.batch,
+        "precision": setup.precision,
         "steps": setup.steps,
         "threads": setup.threads,
         "rounds": rounds,
@@ -320,15 +364,25 @@ def summarize(setup: Setup, one: dict, job_script: list, job_dti: list, rounds: 
         },
     }
     if job_script and job_dti:
-        s_job_wall = _median([sum(x.wall_seconds for x in runs) for runs in job_script])
+        measured = len(job_script[0])
+
+        def per_job(values: list[float]) -> float:
+            # The sequential runs of one job; with fewer measured, the rest at the measured mean.
+            return sum(values) * job_size / len(values)
+
+        s_job_wall = _median([per_job([x.wall_seconds for x in runs]) for runs in job_script])
         d_job_wall = _median([x.wall_seconds for x in job_dti])
-        s_job_loop = _median([sum(x.loop()[1] for x in runs if x.loop()) for runs in job_script])
+        s_loops = [[x.loop()[1] for x in runs if x.loop()] for runs in job_script]
+        s_job_loop = _median([per_job(v) for v in s_loops if v])
         d_job_loop = _median([x.loop()[1] for x in job_dti if x.loop()])
-        out["eight_concepts"] = {
+        out["job"] = {
+            "concepts": job_size,
+            "script_runs_measured": measured,
+            "script_runs_counted_at_the_measured_mean": job_size - measured,
             "script_wall_seconds": s_job_wall,
             "dti_wall_seconds": d_job_wall,
-            "script_concepts_per_hour": 8 * 3600 / s_job_wall,
-            "dti_concepts_per_hour": 8 * 3600 / d_job_wall,
+            "script_concepts_per_hour": job_size * 3600 / s_job_wall,
+            "dti_concepts_per_hour": job_size * 3600 / d_job_wall,
             "speedup_concepts_per_hour": s_job_wall / d_job_wall,
             "script_loop_seconds": s_job_loop,
             "dti_loop_seconds": d_job_loop,
@@ -338,28 +392,34 @@ def summarize(setup: Setup, one: dict, job_script: list, job_dti: list, rounds: 
                 "dti-fast": [x.to_json() for x in job_dti],
             },
         }
-    out["goals"] = _goals(out)
+    out["goals"] = _goals(out, job_size)
     return out
 
 
-def _goals(out: dict) -> list[dict]:
+def _goals(out: dict, job_size: int = 8) -> list[dict]:
+    """The goals with the figures; each names its metric, device and case (as the GPU check's summary reads them)."""
     goals = []
     one = out["one_concept"]
+    case = f"sd-{out['resolution']}px-batch{out['batch_size']}-{out['precision']}"
+    common = {"device": out["device"], "case": case, "applies": True}
     for name, key, target in (
         ("one concept, training-loop steps/s >= 1.5x the script's", "speedup_loop", GOALS["one_concept_loop"]),
         ("one concept, wall clock per concept >= 1.5x the script's", "speedup_wall", GOALS["one_concept_loop"]),
     ):
         value = one.get(key)
         met = None if value is None else value >= target
-        goals.append({"goal": name, "value": value, "target": target, "met": met})
-    job = out.get("eight_concepts")
+        goals.append({"goal": name, "metric": f"script_{key}", "value": value, "target": target, "met": met, **common})
+    job = out.get("job")
     value = job["speedup_concepts_per_hour"] if job else None
     goals.append(
         {
-            "goal": "8 concepts per hour (wall clock) >= 4x the script's (one 8-concept job vs 8 sequential runs)",
+            "goal": f"{job_size} concepts per hour (wall clock) >= 4x the script's (one {job_size}-concept job vs "
+            f"{job_size} sequential runs)",
+            "metric": "script_speedup_concepts_per_hour",
             "value": value,
             "target": GOALS["concepts_per_hour"],
             "met": None if value is None else value >= GOALS["concepts_per_hour"],
+            **common,
         }
     )
     return goals
@@ -374,8 +434,9 @@ def format_result(out: dict) -> str:
     lines = [
         f"dti-fast vs diffusers textual_inversion.py (script sha256 {out['script']['sha256'][:12]}"
         f"{', commit ' + out['script']['git_commit'][:12] if 'git_commit' in out['script'] else ''})",
-        f"device: {out['device']}, {out['threads']} thread(s), {out['resolution']} px, batch 1, {out['steps']} steps, "
-        f"{out['rounds']} round(s) one concept, {out['job_rounds']} round(s) 8 concepts, medians",
+        f"device: {out['device']}, {out['threads']} thread(s), {out['resolution']} px, batch {out['batch_size']}, "
+        f"{out['precision']}, {out['steps']} steps, {out['rounds']} round(s) one concept, {out['job_rounds']} "
+        "round(s) of the job, medians",
         f"torchvision: {out['torchvision']}",
         f"{'':<34}{'script':>12}{'dti-fast':>12}{'ratio':>9}",
         f"{'one concept: loop steps/s':<34}{_f(one['script_loop_steps_per_second'], '.1f', 12)}"
@@ -383,16 +444,21 @@ def format_result(out: dict) -> str:
         f"{'one concept: wall s':<34}{_f(one['script_wall_seconds'], '.2f', 12)}"
         f"{_f(one['dti_wall_seconds'], '.2f', 12)}{_f(one['speedup_wall'], '.2f', 9, 'x')}",
     ]
-    job = out.get("eight_concepts")
+    job = out.get("job")
     if job:
+        n = job["concepts"]
         lines += [
-            f"{'8 concepts: wall s':<34}{job['script_wall_seconds']:>12.2f}{job['dti_wall_seconds']:>12.2f}"
+            f"{f'{n} concepts: wall s':<34}{job['script_wall_seconds']:>12.2f}{job['dti_wall_seconds']:>12.2f}"
             f"{job['speedup_concepts_per_hour']:>8.2f}x",
-            f"{'8 concepts: concepts/hour':<34}{job['script_concepts_per_hour']:>12.0f}"
+            f"{f'{n} concepts: concepts/hour':<34}{job['script_concepts_per_hour']:>12.0f}"
             f"{job['dti_concepts_per_hour']:>12.0f}{job['speedup_concepts_per_hour']:>8.2f}x",
-            f"{'8 concepts: loop s (sum of runs)':<34}{_f(job['script_loop_seconds'], '.2f', 12)}"
+            f"{f'{n} concepts: loop s (sum of runs)':<34}{_f(job['script_loop_seconds'], '.2f', 12)}"
             f"{_f(job['dti_loop_seconds'], '.2f', 12)}{_f(job['speedup_concepts_per_hour_loop_only'], '.2f', 9, 'x')}",
         ]
+        if job["script_runs_counted_at_the_measured_mean"]:
+            lines.append(
+                f"  (script: {job['script_runs_measured']} of the {n} runs measured, the others counted at their mean)"
+            )
     loads = [r["load_before"] for runs in one["runs"].values() for r in runs]
     lines.append("load average (1 min) before each run: " + ", ".join(f"{x[0]:.2f}" for x in loads))
     for g in out["goals"]:
@@ -402,7 +468,15 @@ def format_result(out: dict) -> str:
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
+def _device_name() -> str:
+    """The GPU both sides train on (both use CUDA when it is there), else the CPU model."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:  # pragma: no cover
+        pass
     sys.path.insert(0, str(HERE))
     from _machine import cpu_model
 
@@ -429,15 +503,45 @@ def tiny_model(folder: Path) -> Path:
     return folder
 
 
+def sd15_model(folder: Path) -> Path:
+    """SD 1.5's architecture at full size with random weights (bf16, 2.1 GB; built on the GPU when there is one)."""
+    import torch
+
+    from dti_fast.testing.archs import make_full_size_model
+
+    if not (folder / "model_index.json").is_file():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        make_full_size_model(folder, "sd", dtype=torch.bfloat16, device=device)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--diffusers-checkout", help="root of a diffusers checkout (or $DTI_DIFFUSERS_CHECKOUT)")
-    parser.add_argument("--model", help="diffusers SD folder (default: the tiny model, built in the work folder)")
+    parser.add_argument(
+        "--model",
+        help="diffusers SD folder, or 'sd15': SD 1.5's architecture with random weights, built in the work folder "
+        "(default: the tiny model, built there)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="one-concept rounds (default 3)")
     parser.add_argument("--job-rounds", type=int, default=1, help="8-concept rounds (default 1)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="OMP/MKL threads of both sides (default 1)")
+    parser.add_argument("--batch", type=int, default=1, help="images per step, both sides (default 1)")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="fp32, or bf16: the script's --mixed_precision bf16 against dti-fast's --precision bf16 (default fp32)",
+    )
+    parser.add_argument("--job-concepts", type=int, default=8, help="concepts of the job comparison (default 8)")
+    parser.add_argument(
+        "--job-script-runs",
+        type=int,
+        help="run only this many of the job's sequential script runs; the others count at their mean wall clock "
+        "(default: all)",
+    )
     parser.add_argument("--work", help="folder for models, outputs and logs (default: a temporary one)")
     parser.add_argument("--out", help="write the result as JSON here")
     parser.add_argument("--note", help="free text stored in the JSON (e.g. the diffusers commit of an archive)")
@@ -448,13 +552,41 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dti-cmp-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        model = Path(args.model) if args.model else tiny_model(work / "tiny-sd")
-        setup = Setup(script, model, sys.executable, work, args.steps, args.resolution, args.threads)
-        out = compare(setup, args.rounds, args.job_rounds, progress=lambda s: print(s, flush=True))
+        if args.model == "sd15":
+            model = sd15_model(work / "sd15")
+        else:
+            model = Path(args.model) if args.model else tiny_model(work / "tiny-sd")
+        setup = Setup(
+            script,
+            model,
+            sys.executable,
+            work,
+            args.steps,
+            args.resolution,
+            args.threads,
+            batch=args.batch,
+            precision=args.precision,
+        )
+
+        def write(result: dict) -> None:
+            if args.out:
+                result["note"] = args.note
+                tmp_out = Path(str(args.out) + ".partial")
+                tmp_out.write_text(json.dumps(result, indent=1))
+                os.replace(tmp_out, args.out)
+
+        out = compare(
+            setup,
+            args.rounds,
+            args.job_rounds,
+            progress=lambda s: print(s, flush=True),
+            job_size=args.job_concepts,
+            job_script_runs=args.job_script_runs,
+            on_update=write,
+        )
     out["note"] = args.note
     print(format_result(out))
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
+    write(out)
     return 0
 
 

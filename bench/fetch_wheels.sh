@@ -10,7 +10,7 @@
 #   bash bench/gpu_check.sh OUTDIR        # its setup stage installs what is missing from wheels/
 #
 # Environment: WHEEL_PYTHON (default 3.12, the GPU image's python), DIFFUSERS_VERSION (0.42.1),
-# BITSANDBYTES_VERSION (0.50.2).
+# BITSANDBYTES_VERSION (0.50.2), ACCELERATE_VERSION (1.15.0), PSUTIL_VERSION (7.1.3), PYYAML_VERSION (6.0.3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir="${1:-wheels}"
@@ -24,6 +24,11 @@ fetch() {
 }
 fetch "diffusers==${DIFFUSERS_VERSION:-0.42.1}"
 fetch "bitsandbytes==${BITSANDBYTES_VERSION:-0.50.2}"
+# For the opt-in peer stage (diffusers' own textual_inversion.py needs accelerate; accelerate needs psutil
+# and PyYAML, which the image may lack: the setup stage installs only what is missing).
+fetch "accelerate==${ACCELERATE_VERSION:-1.15.0}"
+fetch "psutil==${PSUTIL_VERSION:-7.1.3}"
+fetch "pyyaml==${PYYAML_VERSION:-6.0.3}"
 echo "wheels in $dir:"
 ls -l "$dir"/*.whl
 du -sh "$dir"

@@ -25,6 +25,12 @@
 #                    paper's recipe (a 16-concept job of 6 steps at 768 px,
 #                    extrapolated to 400 steps) and the resume difference of SD
 #                    1.5 at 512 px with and without --deterministic
+#   peer             opt-in (its own call): diffusers' textual_inversion.py run as
+#                    is against dti-fast train, SD 1.5's architecture at 512 px,
+#                    bf16, batch 4 (bench/compare_diffusers.py) ->
+#                    OUTDIR/peer_ratios.json; needs the script under
+#                    $DTI_DIFFUSERS_CHECKOUT (default peer/diffusers) and
+#                    accelerate; DTI_PEER_ARGS: its flags
 #   summary          bench/gpu_summary.py -> OUTDIR/summary.json: every goal, the
 #                    measured figure, pass/fail, the device ("measured": false for
 #                    a goal no stage measured)
@@ -273,6 +279,26 @@ stage_summary() {
   "$PY" bench/gpu_summary.py "$OUTDIR"
 }
 
+stage_peer() {
+  # diffusers' own examples/textual_inversion/textual_inversion.py, unchanged, against dti-fast's CLI on
+  # the same model and photos (bench/compare_diffusers.py): the trainer goals against the peer itself.
+  local checkout="${DTI_DIFFUSERS_CHECKOUT:-$REPO/peer/diffusers}"
+  if [ ! -f "$checkout/examples/textual_inversion/textual_inversion.py" ]; then
+    echo "no examples/textual_inversion/textual_inversion.py under $checkout: copy diffusers' script there"
+    echo "(bench/README.md, 'the peer stage') and carry peer/, or set DTI_DIFFUSERS_CHECKOUT"
+    return 1
+  fi
+  if ! "$PY" -c "import accelerate" >/dev/null 2>&1; then
+    echo "accelerate does not import here and the script needs it: bash bench/fetch_wheels.sh puts its wheel"
+    echo "(and psutil's and PyYAML's) in wheels/, which the setup stage installs"
+    return 1
+  fi
+  # shellcheck disable=SC2086  # DTI_PEER_ARGS is a list of flags
+  env -u TRITON_INTERPRET "$PY" bench/compare_diffusers.py --diffusers-checkout "$checkout" \
+    --out "$OUTDIR/peer_ratios.json" --work "$WORK/peer" \
+    ${DTI_PEER_ARGS:---model sd15 --resolution 512 --batch 4 --precision bf16 --steps 50 --threads 8 --rounds 2 --job-concepts 32 --job-script-runs 2}
+}
+
 stage_world() {
   # Sized for an H100/H200 (issue 16 asks 3 minutes there); the CPU default build is 4200 steps.
   # shellcheck disable=SC2086  # DTI_WORLD_ARGS is a list of flags
@@ -285,6 +311,7 @@ add_stage tests 150
 add_stage bench_optimizer 150
 add_stage bench_trainer 240
 add_stage recipe 300 optional
+add_stage peer 420 optional
 add_stage world 420 optional
 add_stage summary 30
 

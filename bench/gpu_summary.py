@@ -3,8 +3,9 @@
     python bench/gpu_summary.py OUTDIR
 
 Reads the ratio files the check's stages wrote (``optimizer_ratios.json``, ``trainer_ratios.json``, each
-rewritten after every case, so a stage cut short still counts what it measured; ``recipe_ratios.json`` and
-``world_ratios.json`` of the opt-in ``recipe`` and ``world`` stages) and writes
+rewritten after every case, so a stage cut short still counts what it measured; ``recipe_ratios.json``,
+``peer_ratios.json`` and ``world_ratios.json`` of the opt-in ``recipe``, ``peer`` and ``world`` stages) and
+writes
 ``OUTDIR/summary.json``. A goal no file measured is listed as ``"measured": false`` with what measures
 it, so a summary never hides a figure it lacks.
 """
@@ -37,6 +38,21 @@ GOALS = [
         "goal": "32-concept job >= 4x the baseline's concepts/hour",
         "metric": "speedup_job_concepts_per_hour",
         "source": "trainer_ratios.json",
+    },
+    {
+        "goal": "one concept, wall clock per concept >= 1.5x diffusers' textual_inversion.py run as a script",
+        "metric": "script_speedup_wall",
+        "source": "peer_ratios.json",
+    },
+    {
+        "goal": "one concept, training-loop steps/s >= 1.5x diffusers' textual_inversion.py run as a script",
+        "metric": "script_speedup_loop",
+        "source": "peer_ratios.json",
+    },
+    {
+        "goal": "a 32-concept job >= 4x the concepts per hour of 32 sequential runs of diffusers' script",
+        "metric": "script_speedup_concepts_per_hour",
+        "source": "peer_ratios.json",
     },
     {
         "goal": "SDXL concepts at 1024 px in one step per 80 GB >= 64",
@@ -77,7 +93,7 @@ def _read(path: Path) -> dict:
 
 def summarize(outdir: Path) -> dict:
     """The summary of the ratio files in ``outdir`` (see the module docstring)."""
-    names = ("optimizer_ratios.json", "trainer_ratios.json", "recipe_ratios.json", "world_ratios.json")
+    names = sorted({goal["source"] for goal in GOALS})
     files = {name: _read(outdir / name) for name in names}
     devices = sorted({str(d.get("device") or d.get("devices") or "") for d in files.values() if d} - {""})
     entries = []

@@ -4,6 +4,7 @@ torchvision stand-in, the launcher. The comparison itself needs the script (benc
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import textwrap
@@ -119,3 +120,56 @@ def test_launcher_runs_a_script_unchanged_with_the_stand_in(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "args ['--a', '1'] RandomHorizontalFlip __main__" in out.stdout
+
+
+_FAKE_EXAMPLE = """
+import argparse, json, os, sys, time
+p = argparse.ArgumentParser()
+for name in ("pretrained_model_name_or_path", "train_data_dir", "learnable_property", "placeholder_token",
+             "initializer_token", "resolution", "train_batch_size", "mixed_precision", "max_train_steps",
+             "seed", "output_dir"):
+    p.add_argument("--" + name)
+a = p.parse_args()
+os.makedirs(a.output_dir, exist_ok=True)
+with open(os.path.join(a.output_dir, "args.json"), "w") as f:
+    json.dump(vars(a), f)
+n = int(a.max_train_steps)
+for i in range(n + 1):
+    sys.stderr.write(f"\\rSteps: {100 * i // n}%|#| {i}/{n} [00:00<00:00, 9.9it/s]")
+    sys.stderr.flush()
+    time.sleep(0.01)
+sys.stderr.write("\\n")
+"""
+
+
+@pytest.mark.slow
+def test_compare_runs_both_sides_as_asked_and_extrapolates_the_unmeasured_job_runs(tmp_path):
+    # A stand-in for the example script (its argument names; tqdm-like progress) against the real
+    # dti-fast CLI on the tiny model: batch and precision reach both command lines, the JSON is
+    # rewritten after every run, and a job of 3 concepts with 1 script run measured counts the
+    # other 2 at that run's wall clock.
+    from dti_fast.testing import tiny_model_path
+
+    script = tmp_path / "checkout" / cmp.SCRIPT_REL
+    script.parent.mkdir(parents=True)
+    script.write_text(_FAKE_EXAMPLE)
+    work = tmp_path / "work"
+    work.mkdir()
+    setup = cmp.Setup(script, tiny_model_path("sd"), sys.executable, work, 4, 64, 1, batch=2, precision="fp32")
+    updates = []
+    out = cmp.compare(setup, 1, 1, progress=lambda s: None, job_size=3, job_script_runs=1, on_update=updates.append)
+    assert len(updates) == 4  # after each of the two one-concept runs and each side of the job
+    assert "job" not in updates[2] and "job" in updates[3]
+    args = json.loads((work / "script-one-0" / "args.json").read_text())
+    assert args["train_batch_size"] == "2" and args["mixed_precision"] == "no" and args["max_train_steps"] == "4"
+    assert out["one_concept"]["runs"]["dti-fast"][0]["wall_seconds"] > 0
+    job = out["job"]
+    (script_runs,) = job["runs"]["script"]
+    assert job["concepts"] == 3 and job["script_runs_measured"] == 1 and len(script_runs) == 1
+    assert job["script_wall_seconds"] == pytest.approx(3 * script_runs[0]["wall_seconds"])
+    assert job["dti_concepts_per_hour"] == pytest.approx(3 * 3600 / job["dti_wall_seconds"])
+    by_metric = {g["metric"]: g for g in out["goals"]}
+    assert set(by_metric) == {"script_speedup_loop", "script_speedup_wall", "script_speedup_concepts_per_hour"}
+    assert by_metric["script_speedup_concepts_per_hour"]["value"] == job["speedup_concepts_per_hour"]
+    assert by_metric["script_speedup_wall"]["case"] == "sd-64px-batch2-fp32"
+    assert "3 concepts: wall s" in cmp.format_result(out)

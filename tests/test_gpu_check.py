@@ -145,3 +145,33 @@ def test_the_recipe_stage_measures_the_recipe_and_the_resume_difference_on_a_cpu
     assert entry["value"] == pytest.approx(recipe["recipe_concepts_per_hour"])
     entry = summary["resume_max_abs_diff_deterministic"]
     assert entry["measured"] and entry["met"] is True and entry["without_deterministic"] == 0.0
+
+
+@pytest.mark.slow
+def test_the_peer_stage_compares_against_the_script_it_is_given(tmp_path):
+    """The opt-in peer stage on this CPU, with a stand-in for diffusers' script (the real one is not in
+    this repository): the comparison runs, its goals reach the summary; without a script it says where
+    to put one."""
+    from test_compare_diffusers import _FAKE_EXAMPLE
+
+    missing = _check(tmp_path / "none", DTI_CHECK_STAGES="peer", DTI_DIFFUSERS_CHECKOUT=str(tmp_path / "nowhere"))
+    assert missing.returncode != 0
+    assert (
+        "no examples/textual_inversion/textual_inversion.py under"
+        in (tmp_path / "none" / "out" / "gpu_check.log").read_text()
+    )
+    script = tmp_path / "checkout" / "examples" / "textual_inversion" / "textual_inversion.py"
+    script.parent.mkdir(parents=True)
+    script.write_text(_FAKE_EXAMPLE)
+    small = "--steps 3 --rounds 1 --job-rounds 1 --job-concepts 2 --job-script-runs 1 --threads 1"
+    done = _check(
+        tmp_path, DTI_CHECK_STAGES="peer summary", DTI_DIFFUSERS_CHECKOUT=str(script.parents[2]), DTI_PEER_ARGS=small
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    out = tmp_path / "out"
+    peer = json.loads((out / "peer_ratios.json").read_text())
+    assert peer["job"]["concepts"] == 2 and peer["job"]["script_runs_measured"] == 1 and peer["steps"] == 3
+    summary = {g["metric"]: g for g in json.loads((out / "summary.json").read_text())["goals"]}
+    for metric in ("script_speedup_wall", "script_speedup_loop", "script_speedup_concepts_per_hour"):
+        assert summary[metric]["measured"] and summary[metric]["source"] == "peer_ratios.json"
+    assert summary["script_speedup_concepts_per_hour"]["value"] == peer["job"]["speedup_concepts_per_hour"]
