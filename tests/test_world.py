@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -181,6 +182,8 @@ def test_build_base_tiny(tmp_path):
         "--no-zero-snr",
         "--device",
         "cpu",
+        "--vae-object-weight",
+        "2",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -191,6 +194,8 @@ def test_build_base_tiny(tmp_path):
     summary = json.loads((out / "world_build.json").read_text())
     assert summary["steps_done"] == 2 and summary["zero_rows"] > 0
     assert summary["scorer_parallel"] and summary["config"]["offset_noise"] == 0.3 and summary["config"]["ema"] == 0.999
+    # the VAE's L1 weighted toward the objects' pixels
+    assert summary["config"]["vae_object_weight"] == 2 and 0.0 < summary["object_fraction"] < 0.6
     # --no-zero-snr: SD's schedule and the epsilon target; the defaults' shift and UNet-stage threads
     assert not summary["config"]["zero_snr"] and summary["config"]["timestep_shift"] == 3.0
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
@@ -198,6 +203,11 @@ def test_build_base_tiny(tmp_path):
     # the scorer's process is done before the UNet stage, which then has the cores it asked for
     assert "scorer finished" in res.stdout and summary["unet_threads"] == 2 and summary["device"] == "cpu"
     assert res.stdout.index("scorer finished") < res.stdout.index("unet step 0/")
+    # the gate's ceiling this VAE sets, logged before the UNet stage and recorded
+    ceiling = summary["vae_gate_ceiling"]
+    assert 0.0 <= ceiling["text_fidelity"] <= 1.0 and ceiling["scenes"] == 96
+    assert "main_shape" in ceiling["per_attribute"]
+    assert res.stdout.index("the gate's ceiling") < res.stdout.index("unet step 0/")
     # the scorer trained beside the base model in its own process equals one trained here, serially
     from safetensors.torch import load_file
 
@@ -268,6 +278,7 @@ def test_gate_command_prints_the_gate_and_refuses_a_folder_without_scorer(tmp_pa
     out = json.loads(capsys.readouterr().out)
     assert out["prompts"] == 3 and 0.0 <= out["text_fidelity"] <= 1.0 and out["pass"] == (out["text_fidelity"] >= 0.8)
     assert {"bg", "main_shape"} <= set(out["per_attribute"])
+    assert 0.0 <= out["vae_ceiling"] <= 1.0 and set(out["vae_ceiling_per_attribute"]) == set(out["per_attribute"])
     assert (tmp_path / "g" / "gate.png").is_file()
     (tmp_path / "empty").mkdir()
     assert main(["world", "gate", "--model", str(tmp_path / "empty")]) == 2
@@ -440,3 +451,47 @@ def test_a_setting_an_older_version_did_not_record_counts_as_its_default():
     assert changed_settings(dict(now, lr=1e-3), now) == ["lr"]
     assert changed_settings(now, dict(now, scorer_steps=100)) == ["scorer_steps"]  # not a BuildConfig setting
     assert changed_settings({**now, "retired": 1}, now) == ["retired"]
+
+
+class _PassThroughVAE(torch.nn.Module):
+    """encode/decode as an AutoencoderKL has them: the image itself, or (``blank``) a grey image."""
+
+    def __init__(self, blank: bool = False) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+        self.blank = blank
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+    def decode(self, z):
+        return SimpleNamespace(sample=torch.zeros_like(z) if self.blank else z)
+
+
+def test_vae_ceiling_reads_what_the_round_trip_leaves_of_the_gate_scenes():
+    # A VAE that returns the render reads as the renders do (the scorer on full captions: 0.99);
+    # one that loses the image reads near nothing: the ceiling measures the round trip.
+    from dti_fast.world.base import SHIPPED
+    from dti_fast.world.scoring import load_scorer
+    from dti_fast.world.suite import GATE_SEED, vae_ceiling
+
+    scorer = load_scorer(SHIPPED / "world_scorer")
+    exact = vae_ceiling(_PassThroughVAE(), scorer, 24, GATE_SEED)
+    assert exact["text_fidelity"] >= 0.95 and exact["reconstruction_mae_0_255"] == 0.0 and exact["scenes"] == 24
+    lost = vae_ceiling(_PassThroughVAE(blank=True), scorer, 24, GATE_SEED)
+    assert lost["text_fidelity"] < 0.35 and lost["reconstruction_mae_0_255"] > 20
+
+
+def test_object_masks_cover_the_objects_and_nothing_of_the_background():
+    import dataclasses
+
+    from dti_fast.world.base import object_masks, render_set
+
+    specs, images = render_set(12, 3, held=False)
+    masks = object_masks(specs)
+    assert masks.shape == (12, R.SIZE, R.SIZE) and masks.dtype == bool
+    for spec, image, mask in zip(specs, images, masks):
+        bare = np.asarray(R.render(dataclasses.replace(spec, main=[], second=None)))
+        differs = np.abs(image.astype(int) - bare.astype(int)).sum(-1) > 0
+        assert differs.any() and mask[differs].all()  # every pixel an object changed is in the mask
+        assert not differs[~mask].any() and 0.0 < mask.mean() < 0.6  # the rest is background, as rendered

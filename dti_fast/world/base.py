@@ -46,6 +46,14 @@ class BuildConfig:
     images: int = S.setting(12000, kind=S.POSITIVE_INT, help="renders in the training set")
     vae_steps: int = S.setting(1900, kind=S.POSITIVE_INT, help="VAE steps")
     vae_batch: int = S.setting(12, kind=S.POSITIVE_INT, help="VAE batch")
+    # The objects are a small part of each image, so a plain L1 is mostly about the background;
+    # what the gate reads (shapes, colours, counts) is in the objects (README: the VAE's ceiling).
+    vae_object_weight: float = S.setting(
+        0.0,
+        kind=S.NONNEG_FLOAT,
+        help="extra weight of object pixels in the VAE's L1 loss (3: an object pixel counts 4x a background "
+        "one; 0: plain L1)",
+    )
     steps: int = S.setting(4200, kind=S.POSITIVE_INT, help="text encoder + UNet steps")
     batch: int = S.setting(48, kind=S.POSITIVE_INT, help="text encoder + UNet batch")
     lr: float = S.setting(2e-3, kind=S.POSITIVE_FLOAT, help="text encoder + UNet peak learning rate")
@@ -426,6 +434,28 @@ def _to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def object_masks(specs: list[R.Spec]) -> np.ndarray:
+    """Per scene, the pixels its objects cover, grown by one pixel: bool (N, H, W).
+
+    Each scene is rendered again without its objects (the background draws the same random
+    numbers first, so it comes out identical) and compared with the full render.
+    """
+    import dataclasses
+
+    out = np.zeros((len(specs), R.SIZE, R.SIZE), dtype=bool)
+    for i, spec in enumerate(specs):
+        full = np.asarray(R.render(spec), dtype=np.int16)
+        bare = np.asarray(R.render(dataclasses.replace(spec, main=[], second=None)), dtype=np.int16)
+        m = np.abs(full - bare).sum(-1) > 0
+        grown = m.copy()
+        grown[1:] |= m[:-1]
+        grown[:-1] |= m[1:]
+        grown[:, 1:] |= m[:, :-1]
+        grown[:, :-1] |= m[:, 1:]
+        out[i] = grown
+    return out
+
+
 def render_set(n: int, seed: int, **kw) -> tuple[list[R.Spec], np.ndarray]:
     rng = np.random.default_rng(seed)
     specs = [R.sample_spec(rng, **kw) for _ in range(n)]
@@ -442,9 +472,15 @@ def train_vae(
     minutes: float | None = None,
     device: str = "cpu",
     ckpt: _Checkpoint | None = None,
+    masks: np.ndarray | None = None,
+    object_weight: float = 0.0,
 ) -> tuple[float, int, float, int | None]:
     """Train ``vae`` to reconstruct ``images``; returns the last loss, the steps run, the seconds and
     the step it continued from (None: it started afresh).
+
+    With ``masks`` (bool (N, H, W), :func:`object_masks`) and ``object_weight`` > 0 an object pixel's
+    L1 error weighs ``1 + object_weight``, a background pixel's 1 (a weighted mean, so the loss keeps
+    plain L1's scale); without them the loss is plain L1.
 
     With ``ckpt`` it continues from that checkpoint (a finished stage is not run again) and writes
     one when due and at the end: same seeds, so a resumed stage ends with the same weights.
@@ -487,7 +523,12 @@ def train_vae(
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)
         rec = vae.decode(z).sample
-        loss = (rec - x).abs().mean() + 1e-6 * post.kl().mean()
+        if masks is None or not object_weight:
+            l1 = (rec - x).abs().mean()
+        else:
+            w = 1.0 + object_weight * torch.from_numpy(masks[idx.numpy()]).to(device, torch.float32).unsqueeze(1)
+            l1 = ((rec - x).abs() * w).mean() / w.mean()
+        loss = l1 + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -546,6 +587,7 @@ def build_base(
     fp16: bool = True,
     before_unet: Callable[[], None] | None = None,
     stop=None,
+    check_vae: Callable | None = None,
 ) -> dict:
     """Train the base model into folder ``out``; returns a summary (losses, wall times).
 
@@ -618,8 +660,24 @@ def build_base(
         summary["vae_l1"], summary["vae_steps_done"], vae_train_s = None, 0, 0.0
     else:
         ck = _Checkpoint(ck_dir / "vae.safetensors", cfg.checkpoint_minutes, stop)
+        masks = None
+        if cfg.vae_object_weight:
+            t_mask = time.perf_counter()
+            masks = object_masks(specs)
+            summary["object_fraction"] = float(masks.mean())
+            log(f"object masks: {summary['object_fraction']:.1%} of pixels ({time.perf_counter() - t_mask:.1f} s)")
         summary["vae_l1"], summary["vae_steps_done"], vae_train_s, vae_from = train_vae(
-            vae, images, cfg.vae_steps, cfg.vae_batch, cfg.seed + 1, log, cfg.vae_minutes, device, ck
+            vae,
+            images,
+            cfg.vae_steps,
+            cfg.vae_batch,
+            cfg.seed + 1,
+            log,
+            cfg.vae_minutes,
+            device,
+            ck,
+            masks,
+            cfg.vae_object_weight,
         )
         if vae_from is not None:
             resumed.append({"stage": "vae", "step": vae_from})
@@ -641,6 +699,10 @@ def build_base(
 
     if before_unet is not None:
         before_unet()
+    if check_vae is not None:  # (build_world: the gate's ceiling this VAE sets, once the scorer is there)
+        ceiling = check_vae(vae)
+        if ceiling is not None:
+            summary["vae_gate_ceiling"] = ceiling
     if cfg.unet_threads:
         torch.set_num_threads(cfg.unet_threads)
     # Captions: drawn per step from each spec with the seeded stream, tokenized on the fly.
@@ -888,10 +950,31 @@ def build_world(
             )
         log(f"scorer finished (waited {time.perf_counter() - waited:.0f} s for it)")
 
+    def vae_check(vae) -> dict | None:
+        """The gate's ceiling set by ``vae`` (suite.vae_ceiling), logged; None before the scorer exists."""
+        if not (scorer_dir / "scorer.json").is_file():
+            return None
+        from .scoring import load_scorer
+        from .suite import GATE_PROMPTS, GATE_SEED, vae_ceiling
+
+        c = vae_ceiling(vae, load_scorer(scorer_dir), GATE_PROMPTS, GATE_SEED)
+        low = c["text_fidelity"] < 0.8
+        log(
+            f"vae: the gate's ceiling (its {c['scenes']} scenes through this VAE, read by the scorer) "
+            f"{c['text_fidelity']:.3f}"
+            + (": below the gate's 0.8, which a UNet drawing its training latents would then miss too" if low else "")
+        )
+        return c
+
     try:
-        summary = build_base(out, cfg, log=log, before_unet=join_scorer, stop=stop)
+        summary = build_base(out, cfg, log=log, before_unet=join_scorer, stop=stop, check_vae=vae_check)
         if proc is None and not scorer_done:
             _scorer_job(*args)
+        if "vae_gate_ceiling" not in summary:  # the scorer was trained after the base model
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(str(out), subfolder="vae", torch_dtype=torch.float32)
+            summary["vae_gate_ceiling"] = vae_check(vae)
     finally:
         if proc is not None and proc.is_alive():
             proc.terminate()

@@ -144,6 +144,9 @@ def _cmd_gate(args: argparse.Namespace) -> int:
                 "text_fidelity": round(g["text_fidelity"], 4),
                 "pass": g["pass"],
                 "per_attribute": {k: round(v, 3) for k, v in g["per_attribute"].items()},
+                # The same scenes rendered and passed through the model's VAE: the most the gate can read.
+                "vae_ceiling": round(g["vae_ceiling"]["text_fidelity"], 4),
+                "vae_ceiling_per_attribute": {k: round(v, 3) for k, v in g["vae_ceiling"]["per_attribute"].items()},
             },
             indent=1,
         )
