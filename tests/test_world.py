@@ -268,7 +268,8 @@ def test_quick_toy_suite_end_to_end(tmp_path):
     for name in ("text_by_level", "norms_encoder1", "tradeoff", "slerp_curve"):
         assert (tmp_path / "s" / "plots" / f"{name}.png").is_file()
     md = (tmp_path / "s" / "report.md").read_text()
-    assert "Smoke test" in md and "sanity gate" in md
+    assert "Smoke test" in md and "sanity gate" in md and "VAE's ceiling" in md
+    assert 0.0 <= report["gate"]["vae_ceiling"]["text_fidelity"] <= 1.0
 
 
 def test_gate_command_prints_the_gate_and_refuses_a_folder_without_scorer(tmp_path, capsys):

@@ -590,6 +590,7 @@ def run_toy_suite(cfg: ToySuiteConfig) -> dict:
             "prompts": g["rows"],
             "prompt_seed": g["seed"],
             "grid": "gate/gate.png",
+            "vae_ceiling": g["vae_ceiling"],
         },
         "table": {m: {k: v for k, v in t.items()} for m, t in table.items()},
         "paired_vs_ti": paired,
@@ -673,6 +674,13 @@ def _markdown(r: dict) -> str:
         + ", ".join(f"{k} {_f(x, 2)}" for k, x in g["per_attribute"].items())
         + f". Images: [{g['grid']}]({g['grid']}).\n"
     )
+    ceiling = g.get("vae_ceiling")
+    if ceiling:
+        L.append(
+            f"Its VAE's ceiling on the same scenes (each rendered, encoded, decoded and read by the scorer: what a "
+            f"UNet that drew its training latents exactly would reach): **{_f(ceiling['text_fidelity'])}**; per "
+            "attribute: " + ", ".join(f"{k} {_f(x, 2)}" for k, x in ceiling["per_attribute"].items()) + ".\n"
+        )
     L.append("## Results\n")
     L.append(
         "Subject = the scorer's probability that the concept is in the image (max over slots; styles: P(style)); "
