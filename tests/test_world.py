@@ -442,7 +442,8 @@ def test_the_epsilon_fraction_trains_on_sds_schedule_first_then_zero_snr_and_v(t
 
 def test_a_setting_an_older_version_did_not_record_counts_as_its_default():
     """A build left unfinished before an upgrade that added a setting continues after it, unless the new
-    setting is given another value; settings that either side lacks otherwise count as changed."""
+    setting is given another value (or its default is not what builds did before it existed: then that
+    value counts); settings that either side lacks otherwise count as changed."""
     from dti_fast.world.base import BuildConfig, build_fingerprint, changed_settings
 
     now = build_fingerprint(BuildConfig())
@@ -452,6 +453,14 @@ def test_a_setting_an_older_version_did_not_record_counts_as_its_default():
     assert changed_settings(dict(now, lr=1e-3), now) == ["lr"]
     assert changed_settings(now, dict(now, scorer_steps=100)) == ["scorer_steps"]  # not a BuildConfig setting
     assert changed_settings({**now, "retired": 1}, now) == ["retired"]
+    # settings whose default differs from what builds did before they existed count as that value
+    from dti_fast.world.base import LEGACY_VALUES
+
+    for key, value in LEGACY_VALUES.items():
+        without = {k: v for k, v in now.items() if k != key}
+        assert changed_settings(without, dict(now, **{key: value})) == [], key
+        if getattr(BuildConfig(), key) != value:
+            assert changed_settings(without, now) == [key], key
 
 
 class _PassThroughVAE(torch.nn.Module):

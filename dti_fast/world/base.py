@@ -248,14 +248,22 @@ def _json_form(settings: dict) -> dict:
     return json.loads(json.dumps(settings))
 
 
+#: Settings whose default is not what builds did before the setting existed: a record without one
+#: (an unfinished build of an older version) was built with this value (the README's ``$THEN`` and
+#: stage commands spell the same values out).
+LEGACY_VALUES = {"zero_snr": False, "timestep_shift": 1.0, "ema": 0.0, "vae_object_weight": 0.0}
+
+
 def changed_settings(before: dict, now: dict) -> list[str]:
     """The keys whose values differ between two recorded sets of settings (either side may lack one).
 
-    A :class:`BuildConfig` setting that ``before`` lacks was recorded by a version without it, whose
-    builds behaved as the setting's default does: it counts as that default, so a build left
-    unfinished before an upgrade continues after it.
+    A :class:`BuildConfig` setting that ``before`` lacks was recorded by a version without it: it
+    counts as what builds did then, its :data:`LEGACY_VALUES` entry or else its default (a setting
+    added without changing what builds do), so a build left unfinished before an upgrade continues
+    after it, and one that the upgrade would build differently is refused.
     """
     defaults = _json_form({f.name: f.default for f in fields(BuildConfig) if f.default is not MISSING})
+    defaults.update(_json_form(LEGACY_VALUES))
     missing = object()
 
     def then(key: str):
