@@ -369,6 +369,7 @@ def test_readme_stage_commands_give_the_configs_the_shipped_build_recorded():
         assert cfg.steps == steps_done and cfg.resume_from  # the count the stage ran; a further stage
         # options added since: their values then (uniform timesteps, one thread, the CPU)
         assert cfg.timestep_shift == 1.0 and cfg.unet_threads == 1 and cfg.device == "cpu"
+        assert cfg.vae_object_weight == 0.0  # plain L1 (the VAE itself was trained in stage 1)
 
 
 def test_a_build_into_the_cache_says_the_suite_now_uses_it_and_how_to_go_back(tmp_path):

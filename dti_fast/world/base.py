@@ -36,7 +36,8 @@ SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "world_base"
 @dataclass
 class BuildConfig:
     """A base-model build. The defaults are the from-scratch recipe sized to 30 minutes on a 2-core
-    CPU (README: what it reaches); the shipped model was made in stages (README: the commands).
+    AMD EPYC, 53 on a 2-core Intel Xeon (README: what it reaches); the shipped model was made in
+    stages (README: the commands).
 
     Each setting is declared once (:func:`dti_fast.settings.setting`): its ``world build-base``
     flag, help and check derive from it. README: what the recipe alternatives measured.
@@ -49,10 +50,10 @@ class BuildConfig:
     # The objects are a small part of each image, so a plain L1 is mostly about the background;
     # what the gate reads (shapes, colours, counts) is in the objects (README: the VAE's ceiling).
     vae_object_weight: float = S.setting(
-        0.0,
+        3.0,
         kind=S.NONNEG_FLOAT,
         help="extra weight of object pixels in the VAE's L1 loss (3: an object pixel counts 4x a background "
-        "one; 0: plain L1)",
+        "one; 0: plain L1, as builds before 2026-12-02 and the shipped model's)",
     )
     steps: int = S.setting(4200, kind=S.POSITIVE_INT, help="text encoder + UNet steps")
     batch: int = S.setting(48, kind=S.POSITIVE_INT, help="text encoder + UNet batch")

@@ -166,7 +166,8 @@ def add_world_parser(sub) -> None:
         description="Render the world, train a small AutoencoderKL, then a CLIP text encoder and a "
         "UNet jointly from scratch (zero terminal SNR with the v target by default; --no-zero-snr: SD's "
         "schedule and the epsilon target), and the pixel scorer beside the VAE; seeded. The defaults are "
-        "sized to 30 minutes on a 2-core CPU. --resume-from trains a further stage on a built model. Writes "
+        "sized to 30 minutes on a 2-core AMD EPYC (53 on a 2-core Intel Xeon). --resume-from trains a "
+        "further stage on a built model. Writes "
         "a diffusers SD folder (default: the cache folder the suite uses), built beside it in .<name>.partial "
         "and moved into place when complete; an unfinished build continues when the same command runs "
         "again. README: what the default recipe reaches and the stages that made the shipped model.",
