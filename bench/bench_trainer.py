@@ -143,9 +143,8 @@ CASES = [
         recipe_resolution=PAPER_RESOLUTION,
     ),
 ]
+#: The runs, each where its case has it; DTI_BENCH_RUNS (names, space-separated) picks some.
 RUNS = ("mfu", "baseline", "dti-1", "dti-32", "recipe", "resume", "max-concurrent")
-#: The runs of a plain bench run; DTI_BENCH_RUNS (names, space-separated) picks others.
-DEFAULT_RUNS = RUNS
 
 
 def _wanted_runs() -> tuple[str, ...]:
@@ -153,7 +152,7 @@ def _wanted_runs() -> tuple[str, ...]:
     unknown = sorted(set(names) - set(RUNS))
     if unknown:
         raise pytest.UsageError(f"DTI_BENCH_RUNS names unknown runs {unknown}; runs: {' '.join(RUNS)}")
-    return tuple(names) or DEFAULT_RUNS
+    return tuple(names) or RUNS
 
 
 def levers(memory: bool = False) -> dict:

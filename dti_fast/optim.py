@@ -910,14 +910,15 @@ def _vectorized_spherical_sgd(
                     # Params lying back to back in one storage (pack_params_) are read and
                     # written there: no concatenation in, no foreach copy out.
                     packed = _packed_rows(targets, dim, cache)
+                    if packed is not None:
+                        v = packed
+                    elif run.flat:
+                        v = torch.cat(targets, out=bucket.v_in[:n])
+                    else:
+                        v = torch.cat([t.reshape(-1, dim) for t in targets], out=bucket.v_in[:n])
                     if run.flat:
-                        v = packed if packed is not None else torch.cat(targets, out=bucket.v_in[:n])
                         g = torch.cat(run_grads, out=bucket.g_in[:n])
                     else:
-                        if packed is not None:
-                            v = packed
-                        else:
-                            v = torch.cat([t.reshape(-1, dim) for t in targets], out=bucket.v_in[:n])
                         g = torch.cat([t.reshape(-1, dim) for t in run_grads], out=bucket.g_in[:n])
                     s_old = None
                     if need_old_s:

@@ -138,6 +138,7 @@ def test_kill_9_in_each_stage_then_the_same_command_ends_with_the_uninterrupted_
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"continuing the unfinished build in {partial(out)}" in done.stdout
     assert "vae: trained before" in done.stdout and "unet: resuming at step" in done.stdout
+    assert "object masks" not in done.stdout  # the finished VAE stage needs no masks: none are made
     assert_same_weights(ref, out)
     summary = json.loads((out / "world_build.json").read_text())
     unet_resumed = [r["step"] for r in summary["resumed"] if r["stage"] == "unet"]
@@ -258,6 +259,7 @@ BAD_FLAGS = [  # refused as they are parsed (argparse: usage and one error line,
     (["--checkpoint-minutes", "-1"], "argument --checkpoint-minutes: expected a finite number >= 0"),
     (["--minutes", "0"], "argument --minutes: expected positive and finite"),
     (["--unet-threads", "0"], "argument --unet-threads: expected a positive integer"),
+    (["--vae-object-weight", "-1"], "argument --vae-object-weight: expected a finite number >= 0"),
     (["--scorer-steps", "0"], "argument --scorer-steps: expected a positive integer"),
 ]
 BAD_TOGETHER = [  # each flag is valid alone: refused in one line before any work

@@ -481,15 +481,15 @@ def train_vae(
     minutes: float | None = None,
     device: str = "cpu",
     ckpt: _Checkpoint | None = None,
-    masks: np.ndarray | None = None,
+    masks: Callable[[], np.ndarray] | None = None,
     object_weight: float = 0.0,
 ) -> tuple[float, int, float, int | None]:
     """Train ``vae`` to reconstruct ``images``; returns the last loss, the steps run, the seconds and
     the step it continued from (None: it started afresh).
 
-    With ``masks`` (bool (N, H, W), :func:`object_masks`) and ``object_weight`` > 0 an object pixel's
-    L1 error weighs ``1 + object_weight``, a background pixel's 1 (a weighted mean, so the loss keeps
-    plain L1's scale); without them the loss is plain L1.
+    With ``masks`` (called, only when steps remain to train, for bool (N, H, W): :func:`object_masks`)
+    and ``object_weight`` > 0 an object pixel's L1 error weighs ``1 + object_weight``, a background
+    pixel's 1 (a weighted mean, so the loss keeps plain L1's scale); without them the loss is plain L1.
 
     With ``ckpt`` it continues from that checkpoint (a finished stage is not run again) and writes
     one when due and at the end: same seeds, so a resumed stage ends with the same weights.
@@ -517,6 +517,7 @@ def train_vae(
         state = {"step": step, "total": total, "seconds": before + time.perf_counter() - t0, "loss": loss_value}
         ckpt.save(tensors, state)
 
+    object_pixels = masks() if masks is not None and object_weight and step < total else None
     vae.train()
     t0 = time.perf_counter()
     while step < total:
@@ -532,10 +533,11 @@ def train_vae(
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)
         rec = vae.decode(z).sample
-        if masks is None or not object_weight:
+        if object_pixels is None:
             l1 = (rec - x).abs().mean()
         else:
-            w = 1.0 + object_weight * torch.from_numpy(masks[idx.numpy()]).to(device, torch.float32).unsqueeze(1)
+            on_object = torch.from_numpy(object_pixels[idx.numpy()]).to(device, torch.float32).unsqueeze(1)
+            w = 1.0 + object_weight * on_object
             l1 = ((rec - x).abs() * w).mean() / w.mean()
         loss = l1 + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -669,12 +671,14 @@ def build_base(
         summary["vae_l1"], summary["vae_steps_done"], vae_train_s = None, 0, 0.0
     else:
         ck = _Checkpoint(ck_dir / "vae.safetensors", cfg.checkpoint_minutes, stop)
-        masks = None
-        if cfg.vae_object_weight:
+
+        def masks() -> np.ndarray:  # made only when the VAE stage has steps left (not on a finished one)
             t_mask = time.perf_counter()
-            masks = object_masks(specs)
-            summary["object_fraction"] = float(masks.mean())
+            m = object_masks(specs)
+            summary["object_fraction"] = float(m.mean())
             log(f"object masks: {summary['object_fraction']:.1%} of pixels ({time.perf_counter() - t_mask:.1f} s)")
+            return m
+
         summary["vae_l1"], summary["vae_steps_done"], vae_train_s, vae_from = train_vae(
             vae,
             images,

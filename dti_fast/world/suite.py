@@ -156,20 +156,30 @@ def vae_ceiling(vae, scorer, n: int, seed: int) -> dict:
             err += float((rec - x).abs().sum())
             recs.append((rec.permute(0, 2, 3, 1).cpu().numpy() + 1.0) * 127.5)
     pixels = np.concatenate(recs).round().clip(0, 255).astype(np.uint8)
-    pred = S.predict(scorer, pixels)
-    per_attr: dict[str, list] = {}
-    fids = []
-    for i, spec in enumerate(specs):
-        ok = S.attribute_checks(S._row(pred, i), R.stated_attributes(spec))
-        fids.append(float(np.mean(list(ok.values()))))
-        for a, v in ok.items():
-            per_attr.setdefault(a, []).append(v)
+    checks = _attribute_checks(scorer, pixels, [R.stated_attributes(spec) for spec in specs])
+    fid, per_attr = _fidelity(checks)
     return {
-        "text_fidelity": _mean(fids),
-        "per_attribute": {a: _mean(v) for a, v in per_attr.items()},
+        "text_fidelity": fid,
+        "per_attribute": per_attr,
         "reconstruction_mae_0_255": err / images.size * 127.5,
         "scenes": len(specs),
     }
+
+
+def _attribute_checks(scorer, images, attrs: list[dict]) -> list[dict[str, bool]]:
+    """Per image, which of its stated attributes ``scorer`` reads in it."""
+    pred = S.predict(scorer, images)
+    return [S.attribute_checks(S._row(pred, i), a) for i, a in enumerate(attrs)]
+
+
+def _fidelity(checks: list[dict[str, bool]]) -> tuple[float | None, dict[str, float | None]]:
+    """The mean per-image text fidelity of ``checks`` and the fraction met per attribute."""
+    per_attr: dict[str, list] = {}
+    for ok in checks:
+        for a, v in ok.items():
+            per_attr.setdefault(a, []).append(v)
+    fid = _mean([float(np.mean(list(ok.values()))) for ok in checks])
+    return fid, {a: _mean(v) for a, v in per_attr.items()}
 
 
 def base_model_gate(
@@ -196,16 +206,11 @@ def base_model_gate(
                 num_inference_steps=inference_steps,
                 guidance_scale=guidance,
             ).images
-    pred = S.predict(scorer, images)
-    rows = []
-    for i, (p, attrs) in enumerate(gate):
-        ok = S.attribute_checks(S._row(pred, i), attrs)
-        rows.append({"prompt": p, "checks": ok, "fidelity": float(np.mean(list(ok.values())))})
-    per_attr: dict[str, list] = {}
-    for r in rows:
-        for a, v in r["checks"].items():
-            per_attr.setdefault(a, []).append(v)
-    fid = _mean([r["fidelity"] for r in rows])
+    checks = _attribute_checks(scorer, images, [attrs for _, attrs in gate])
+    rows = [
+        {"prompt": p, "checks": ok, "fidelity": float(np.mean(list(ok.values())))} for (p, _), ok in zip(gate, checks)
+    ]
+    fid, per_attr = _fidelity(checks)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         labels = [str(i) for i in range(len(images))]
@@ -213,7 +218,7 @@ def base_model_gate(
     return {
         "text_fidelity": fid,
         "pass": fid is not None and fid >= 0.8,
-        "per_attribute": {a: _mean(v) for a, v in per_attr.items()},
+        "per_attribute": per_attr,
         "vae_ceiling": vae_ceiling(pipe.vae, scorer, n, seed),
         "rows": rows,
         "seed": seed,
