@@ -405,6 +405,68 @@ def test_min_snr_weights_keep_the_noisiest_step_at_full_weight_and_off_is_plain_
     torch.testing.assert_close(eps, (per[1:] * torch.tensor([1.0, 0.05])).mean(), rtol=1e-5, atol=0)
 
 
+def test_cell_weights_weigh_each_latent_cell_and_keep_the_mse_scale():
+    from dti_fast.world.base import training_loss
+
+    gen = torch.Generator().manual_seed(1)
+    pred, target = torch.randn(2, 4, 3, 3, generator=gen), torch.randn(2, 4, 3, 3, generator=gen)
+    acp = torch.tensor([0.3, 0.7])
+    err = (pred - target).pow(2)
+    # all cells alike: the plain MSE (with and without min-SNR)
+    torch.testing.assert_close(
+        training_loss(pred, target, acp, 0.0, "v_prediction", torch.full((2, 1, 3, 3), 5.0)),
+        torch.nn.functional.mse_loss(pred, target),
+    )
+    torch.testing.assert_close(
+        training_loss(pred, target, acp, 5.0, "v_prediction", torch.ones(2, 1, 3, 3)),
+        training_loss(pred, target, acp, 5.0, "v_prediction"),
+    )
+    # one cell weighted 4x in the first sample: its error counts 4x there, in every channel
+    w = torch.ones(2, 1, 3, 3)
+    w[0, 0, 1, 2] = 4.0
+    first = (err[0] * w[0]).sum() / (4 * w[0].sum())
+    expected = (first + err[1].mean()) / 2
+    torch.testing.assert_close(training_loss(pred, target, acp, 0.0, "epsilon", w), expected)
+
+
+def test_the_unets_object_weight_uses_the_object_masks_made_once(tmp_path, monkeypatch):
+    from dti_fast.world import base as B
+
+    weights, made = [], []
+    real_loss, real_masks = B.training_loss, B.object_masks
+
+    def spy(pred, target, acp_ts, min_snr, prediction, cell_weight=None):
+        weights.append(cell_weight)
+        return real_loss(pred, target, acp_ts, min_snr, prediction, cell_weight)
+
+    def masks(specs, images=None):
+        made.append(len(specs))
+        return real_masks(specs, images)
+
+    monkeypatch.setattr(B, "training_loss", spy)
+    monkeypatch.setattr(B, "object_masks", masks)
+    cfg = B.BuildConfig(images=64, vae_steps=2, steps=3, batch=4, unet_object_weight=3.0, device="cpu", unet_threads=1)
+    summary = B.build_base(tmp_path / "m", cfg, log=lambda m: None)
+    assert made == [64]  # one set of masks for the VAE stage and the UNet stage
+    assert len(weights) == 3 and all(w.shape == (4, 1, 16, 16) for w in weights)
+    # a cell counts 1 + 3 x the fraction of its 4x4 pixels under an object
+    assert all(float(w.min()) >= 1.0 and float(w.max()) <= 4.0 for w in weights)
+    assert any(float(w.max()) > 1.0 for w in weights) and summary["config"]["unet_object_weight"] == 3.0
+    # off (the default): the plain MSE, and a further stage on a built model makes no masks
+    weights.clear()
+    made.clear()
+    cfg = B.BuildConfig(images=64, vae_steps=2, steps=2, batch=4, vae_object_weight=0.0, device="cpu", unet_threads=1)
+    B.build_base(tmp_path / "plain", cfg, log=lambda m: None)
+    assert weights == [None, None] and made == []
+    # a further stage that weighs objects makes them although it trains no VAE
+    weights.clear()
+    cfg = B.BuildConfig(
+        images=64, steps=2, batch=4, resume_from=str(tmp_path / "m"), unet_object_weight=1.0, device="cpu"
+    )
+    B.build_base(tmp_path / "m2", cfg, log=lambda m: None)
+    assert made == [64] and len(weights) == 2 and all(w is not None for w in weights)
+
+
 def test_the_epsilon_fraction_trains_on_sds_schedule_first_then_zero_snr_and_v(tmp_path, monkeypatch):
     from dti_fast.world import base as B
 
@@ -425,9 +487,9 @@ def test_the_epsilon_fraction_trains_on_sds_schedule_first_then_zero_snr_and_v(t
     seen = []
     real = B.training_loss
 
-    def spy(pred, target, acp_ts, min_snr, prediction):
+    def spy(pred, target, acp_ts, min_snr, prediction, cell_weight=None):
         seen.append((prediction, float(acp_ts.min())))
-        return real(pred, target, acp_ts, min_snr, prediction)
+        return real(pred, target, acp_ts, min_snr, prediction, cell_weight)
 
     monkeypatch.setattr(B, "training_loss", spy)
     lines = []
@@ -500,6 +562,7 @@ def test_object_masks_cover_the_objects_and_nothing_of_the_background():
 
     specs, images = render_set(12, 3, held=False)
     masks = object_masks(specs)
+    assert np.array_equal(object_masks(specs, images), masks)  # the renders given instead of made again
     assert masks.shape == (12, R.SIZE, R.SIZE) and masks.dtype == bool
     for spec, image, mask in zip(specs, images, masks):
         bare = np.asarray(R.render(dataclasses.replace(spec, main=[], second=None)))

@@ -260,6 +260,7 @@ BAD_FLAGS = [  # refused as they are parsed (argparse: usage and one error line,
     (["--minutes", "0"], "argument --minutes: expected positive and finite"),
     (["--unet-threads", "0"], "argument --unet-threads: expected a positive integer"),
     (["--vae-object-weight", "-1"], "argument --vae-object-weight: expected a finite number >= 0"),
+    (["--unet-object-weight", "nan"], "argument --unet-object-weight: expected a finite number >= 0"),
     (["--scorer-steps", "0"], "argument --scorer-steps: expected a positive integer"),
 ]
 BAD_TOGETHER = [  # each flag is valid alone: refused in one line before any work

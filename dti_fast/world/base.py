@@ -55,6 +55,13 @@ class BuildConfig:
         help="extra weight of object pixels in the VAE's L1 loss (3: an object pixel counts 4x a background "
         "one; 0: plain L1, as builds before 2026-12-02 and the shipped model's)",
     )
+    # The same for the UNet's loss: an object covers a few latent cells, the background the rest.
+    unet_object_weight: float = S.setting(
+        0.0,
+        kind=S.NONNEG_FLOAT,
+        help="extra weight of the latent cells under objects in the UNet's loss (a cell counts 1 + this "
+        "times the fraction of its pixels an object covers; 0: plain MSE)",
+    )
     steps: int = S.setting(4200, kind=S.POSITIVE_INT, help="text encoder + UNet steps")
     batch: int = S.setting(48, kind=S.POSITIVE_INT, help="text encoder + UNet batch")
     lr: float = S.setting(2e-3, kind=S.POSITIVE_FLOAT, help="text encoder + UNet peak learning rate")
@@ -356,12 +363,29 @@ def training_timesteps(n: int, gen: torch.Generator, shift: float, num_train: in
 
 
 def training_loss(
-    pred: torch.Tensor, target: torch.Tensor, alphas_cumprod: torch.Tensor, min_snr: float, prediction: str
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    min_snr: float,
+    prediction: str,
+    cell_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The batch's MSE; with ``min_snr`` > 0 each sample's weighted by min-SNR-gamma (``BuildConfig.min_snr``)."""
-    if not min_snr:
+    """The batch's MSE; with ``min_snr`` > 0 each sample's weighted by min-SNR-gamma (``BuildConfig.min_snr``).
+
+    ``cell_weight`` (broadcastable to ``pred``, e.g. (B, 1, h, w)) weighs each latent cell's squared
+    error; each sample's error is then the weighted mean, so the loss keeps the plain MSE's scale.
+    """
+    if not min_snr and cell_weight is None:
         return torch.nn.functional.mse_loss(pred, target)
-    per_sample = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.dim())))
+    err = (pred.float() - target.float()).pow(2)
+    dims = tuple(range(1, pred.dim()))
+    if cell_weight is None:
+        per_sample = err.mean(dim=dims)
+    else:
+        w = cell_weight.float().expand_as(err)
+        per_sample = (err * w).mean(dim=dims) / w.mean(dim=dims)
+    if not min_snr:
+        return per_sample.mean()
     snr = alphas_cumprod / (1 - alphas_cumprod).clamp_min(1e-12)
     capped = snr.clamp(max=min_snr)
     weight = (capped + 1) / (snr + 1) if prediction == "v_prediction" else capped / snr.clamp_min(1e-12)
@@ -443,17 +467,18 @@ def _to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def object_masks(specs: list[R.Spec]) -> np.ndarray:
+def object_masks(specs: list[R.Spec], images: np.ndarray | None = None) -> np.ndarray:
     """Per scene, the pixels its objects cover, grown by one pixel: bool (N, H, W).
 
     Each scene is rendered again without its objects (the background draws the same random
-    numbers first, so it comes out identical) and compared with the full render.
+    numbers first, so it comes out identical) and compared with the full render: ``images``
+    (uint8 (N, H, W, 3), the renders of ``specs``) when given, else rendered again.
     """
     import dataclasses
 
     out = np.zeros((len(specs), R.SIZE, R.SIZE), dtype=bool)
     for i, spec in enumerate(specs):
-        full = np.asarray(R.render(spec), dtype=np.int16)
+        full = np.asarray(R.render(spec) if images is None else images[i], dtype=np.int16)
         bare = np.asarray(R.render(dataclasses.replace(spec, main=[], second=None)), dtype=np.int16)
         m = np.abs(full - bare).sum(-1) > 0
         grown = m.copy()
@@ -666,19 +691,22 @@ def build_base(
     summary["render_s"] = time.perf_counter() - t
     log(f"rendered {len(images)} scenes in {summary['render_s']:.1f} s")
 
+    made: list[np.ndarray] = []
+
+    def masks() -> np.ndarray:  # made once, only when a stage that weighs objects has steps left
+        if not made:
+            t_mask = time.perf_counter()
+            made.append(object_masks(specs, images))
+            summary["object_fraction"] = float(made[0].mean())
+            summary["mask_s"] = time.perf_counter() - t_mask
+            log(f"object masks: {summary['object_fraction']:.1%} of pixels ({summary['mask_s']:.1f} s)")
+        return made[0]
+
     t = time.perf_counter()
     if cfg.resume_from:
         summary["vae_l1"], summary["vae_steps_done"], vae_train_s = None, 0, 0.0
     else:
         ck = _Checkpoint(ck_dir / "vae.safetensors", cfg.checkpoint_minutes, stop)
-
-        def masks() -> np.ndarray:  # made only when the VAE stage has steps left (not on a finished one)
-            t_mask = time.perf_counter()
-            m = object_masks(specs)
-            summary["object_fraction"] = float(m.mean())
-            log(f"object masks: {summary['object_fraction']:.1%} of pixels ({time.perf_counter() - t_mask:.1f} s)")
-            return m
-
         summary["vae_l1"], summary["vae_steps_done"], vae_train_s, vae_from = train_vae(
             vae,
             images,
@@ -775,6 +803,11 @@ def build_base(
         }
         ck.save(tensors, state)
 
+    cells = None  # per training latent, the fraction of each cell's pixels under an object: (N, 1, h, w)
+    if cfg.unet_object_weight and step < total:
+        factor = images.shape[1] // latents.shape[-1]
+        on_object = torch.from_numpy(masks()).unsqueeze(1).float()
+        cells = torch.nn.functional.avg_pool2d(on_object, factor).to(device)
     t = time.perf_counter()
     while step < total:
         if cfg.minutes and step == 20:
@@ -802,7 +835,8 @@ def build_base(
         pred = unet(xt, ts, cond).sample
         prediction = s_sched.config.prediction_type
         target = s_sched.get_velocity(x0, noise, ts) if prediction == "v_prediction" else noise
-        loss = training_loss(pred, target, acp[ts], cfg.min_snr, prediction)
+        weight = None if cells is None else 1.0 + cfg.unet_object_weight * cells[idx.to(device)]
+        loss = training_loss(pred, target, acp[ts], cfg.min_snr, prediction, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
