@@ -11,6 +11,7 @@ empty captions for classifier-free guidance. The folder loads with
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -691,16 +692,14 @@ def build_base(
     summary["render_s"] = time.perf_counter() - t
     log(f"rendered {len(images)} scenes in {summary['render_s']:.1f} s")
 
-    made: list[np.ndarray] = []
-
+    @functools.cache
     def masks() -> np.ndarray:  # made once, only when a stage that weighs objects has steps left
-        if not made:
-            t_mask = time.perf_counter()
-            made.append(object_masks(specs, images))
-            summary["object_fraction"] = float(made[0].mean())
-            summary["mask_s"] = time.perf_counter() - t_mask
-            log(f"object masks: {summary['object_fraction']:.1%} of pixels ({summary['mask_s']:.1f} s)")
-        return made[0]
+        t_mask = time.perf_counter()
+        m = object_masks(specs, images)
+        summary["object_fraction"] = float(m.mean())
+        summary["mask_s"] = time.perf_counter() - t_mask
+        log(f"object masks: {summary['object_fraction']:.1%} of pixels ({summary['mask_s']:.1f} s)")
+        return m
 
     t = time.perf_counter()
     if cfg.resume_from:
@@ -821,8 +820,8 @@ def build_base(
         idx = torch.randint(0, len(latents), (cfg.batch,), generator=gen)
         caps = ["" if rng.random() < cfg.empty_caption else training_caption(specs[i], rng) for i in idx.tolist()]
         ids = tok(caps, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
-        ids = ids.to(device)
-        x0 = latents[idx.to(device)]
+        ids, idx = ids.to(device), idx.to(device)
+        x0 = latents[idx]
         noise = training_noise(x0.shape, gen, cfg).to(device)
         switch = epsilon_steps(cfg, total) or total
         s_sched, acp, shift = early if step < switch else late
@@ -835,7 +834,7 @@ def build_base(
         pred = unet(xt, ts, cond).sample
         prediction = s_sched.config.prediction_type
         target = s_sched.get_velocity(x0, noise, ts) if prediction == "v_prediction" else noise
-        weight = None if cells is None else 1.0 + cfg.unet_object_weight * cells[idx.to(device)]
+        weight = None if cells is None else 1.0 + cfg.unet_object_weight * cells[idx]
         loss = training_loss(pred, target, acp[ts], cfg.min_snr, prediction, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
