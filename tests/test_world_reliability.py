@@ -234,6 +234,61 @@ def test_ctrl_c_to_the_whole_process_group_in_the_vae_stage_keeps_it_and_prints_
     assert 0 < saved_step(ck / "vae.safetensors") < 400
 
 
+def _interrupt_after(out: Path, line: str, *extra: str) -> tuple[int, str, str]:
+    """Run the build of ``out``; at the first stdout line starting with ``line``, Ctrl-C its process
+    group (as a terminal does); its exit status, stdout and stderr."""
+    import os
+
+    proc = subprocess.Popen(
+        build_cmd(out, "--checkpoint-minutes", "0", *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    seen = []
+    for got in proc.stdout:
+        seen.append(got)
+        if got.startswith(line):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    else:
+        proc.wait(timeout=60)
+        raise AssertionError(f"the build ended (exit {proc.returncode}) before logging {line!r}: {seen[-5:]}")
+    rest, err = proc.communicate(timeout=300)
+    return proc.returncode, "".join(seen) + rest, err
+
+
+def test_ctrl_c_while_the_object_masks_are_made_stops_there_and_the_same_command_builds_it(tmp_path):
+    # 3000 scenes: rendering them, and making their object masks, each take seconds; before the
+    # signal was checked there, the build went on through the masks to its first VAE checkpoint
+    out = tmp_path / "model"
+    code, log, err = _interrupt_after(out, "rendered ", "--images", "3000", "--vae-object-weight", "3")
+    assert code == 130, err[-2000:]
+    assert "run the same command again" in err and "Traceback" not in err, err[-2000:]
+    assert "object masks:" not in log and "vae step" not in log, log[-2000:]
+    assert not (partial(out) / "checkpoints" / "vae.safetensors").exists()
+    done = subprocess.run(
+        build_cmd(out, "--checkpoint-minutes", "0", "--images", "3000"), capture_output=True, text=True
+    )
+    assert done.returncode == 0 and (out / "model_index.json").is_file(), done.stderr[-2000:]
+
+
+def test_ctrl_c_while_a_serial_scorer_trains_stops_the_build_and_the_same_command_finishes_it(tmp_path):
+    # --serial-scorer trains the scorer in the build's own process, after the base model: a Ctrl-C
+    # there used to wait for the whole scorer and then end the build as if none had come
+    out = tmp_path / "model"
+    extra = ("--serial-scorer", "--scorer-steps", "3000")
+    code, log, err = _interrupt_after(out, "scorer step 0/", *extra)
+    assert code == 130, err[-2000:]
+    assert "run the same command again" in err and "Traceback" not in err, err[-2000:]
+    assert "scorer step 2800/" not in log and not (partial(out) / "world_scorer" / "scorer.json").exists()
+    done = subprocess.run(build_cmd(out, "--checkpoint-minutes", "0", *extra), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "vae: trained before" in done.stdout and "unet: trained before" in done.stdout
+    assert (out / "world_scorer" / "scorer.json").is_file()
+
+
 def test_an_output_folder_holding_other_files_is_refused_before_any_work_and_left_alone(tmp_path):
     out = tmp_path / "documents"
     out.mkdir()

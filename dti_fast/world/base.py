@@ -468,17 +468,22 @@ def _to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def object_masks(specs: list[R.Spec], images: np.ndarray | None = None) -> np.ndarray:
+def object_masks(
+    specs: list[R.Spec], images: np.ndarray | None = None, check: Callable[[], None] | None = None
+) -> np.ndarray:
     """Per scene, the pixels its objects cover, grown by one pixel: bool (N, H, W).
 
     Each scene is rendered again without its objects (the background draws the same random
     numbers first, so it comes out identical) and compared with the full render: ``images``
-    (uint8 (N, H, W, 3), the renders of ``specs``) when given, else rendered again.
+    (uint8 (N, H, W, 3), the renders of ``specs``) when given, else rendered again. ``check``
+    is called every :data:`_CHECK_EVERY` scenes (a build's stop check: it may raise).
     """
     import dataclasses
 
     out = np.zeros((len(specs), R.SIZE, R.SIZE), dtype=bool)
     for i, spec in enumerate(specs):
+        if check is not None and i % _CHECK_EVERY == 0:
+            check()
         full = np.asarray(R.render(spec) if images is None else images[i], dtype=np.int16)
         bare = np.asarray(R.render(dataclasses.replace(spec, main=[], second=None)), dtype=np.int16)
         m = np.abs(full - bare).sum(-1) > 0
@@ -491,10 +496,21 @@ def object_masks(specs: list[R.Spec], images: np.ndarray | None = None) -> np.nd
     return out
 
 
-def render_set(n: int, seed: int, **kw) -> tuple[list[R.Spec], np.ndarray]:
+# Scenes (or latent batches of 256) between two stop checks of a build: well under a second.
+_CHECK_EVERY = 256
+
+
+def render_set(n: int, seed: int, check: Callable[[], None] | None = None, **kw) -> tuple[list[R.Spec], np.ndarray]:
+    """``n`` scenes drawn with ``seed`` (``kw``: :func:`render.sample_spec`'s) and their renders, uint8
+    (N, H, W, 3); ``check`` is called every :data:`_CHECK_EVERY` scenes (a build's stop check)."""
     rng = np.random.default_rng(seed)
     specs = [R.sample_spec(rng, **kw) for _ in range(n)]
-    return specs, np.stack([np.asarray(R.render(s)) for s in specs])
+    images = []
+    for i, spec in enumerate(specs):
+        if check is not None and i % _CHECK_EVERY == 0:
+            check()
+        images.append(np.asarray(R.render(spec)))
+    return specs, np.stack(images)
 
 
 def train_vae(
@@ -582,11 +598,13 @@ def train_vae(
 
 
 @torch.no_grad()
-def encode_all(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
-    """The latent means of ``images``, on the VAE's device."""
+def encode_all(vae, images: np.ndarray, batch: int = 256, check: Callable[[], None] | None = None) -> torch.Tensor:
+    """The latent means of ``images``, on the VAE's device (``check`` called before each batch)."""
     device = next(vae.parameters()).device
     out = []
     for i in range(0, len(images), batch):
+        if check is not None:
+            check()
         out.append(vae.encode(_to_tensor(images[i : i + batch]).to(device)).latent_dist.mean)
     return torch.cat(out)
 
@@ -687,15 +705,21 @@ def build_base(
         f"vocab {len(vocab)} ({len(used)} word rows)"
     )
 
+    def halt() -> None:
+        # A signal during the renders, the object masks or the latent cache (a minute or more at
+        # the default size) stops the build here: what the stages learned is in their checkpoints.
+        if stop is not None and stop.signum is not None:
+            raise BuildInterrupted(stop.signum, out)
+
     t = time.perf_counter()
-    specs, images = render_set(cfg.images, cfg.seed, held=False)
+    specs, images = render_set(cfg.images, cfg.seed, check=halt, held=False)
     summary["render_s"] = time.perf_counter() - t
     log(f"rendered {len(images)} scenes in {summary['render_s']:.1f} s")
 
     @functools.cache
     def masks() -> np.ndarray:  # made once, only when a stage that weighs objects has steps left
         t_mask = time.perf_counter()
-        m = object_masks(specs, images)
+        m = object_masks(specs, images, check=halt)
         summary["object_fraction"] = float(m.mean())
         summary["mask_s"] = time.perf_counter() - t_mask
         log(f"object masks: {summary['object_fraction']:.1%} of pixels ({summary['mask_s']:.1f} s)")
@@ -730,7 +754,7 @@ def build_base(
     log(f"vae held-out mean abs error {summary['vae_heldout_mae_0_255']:.2f} / 255")
     summary["vae_s"] = vae_train_s + time.perf_counter() - t_eval  # training (every run of it) + the check
     t = time.perf_counter()
-    latents = encode_all(vae, images)
+    latents = encode_all(vae, images, check=halt)
     scale = float(vae.config.scaling_factor) if cfg.resume_from else float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
@@ -787,7 +811,7 @@ def build_base(
         rng.bit_generator.state = state["rng"]
         step, total, before, loss_avg = state["step"], state["total"], state["seconds"], state["loss_avg"]
         resumed.append({"stage": "unet", "step": step})
-        log(f"unet: resuming at step {step}/{total} from {ck.path}")
+        log(f"unet: resuming at step {step}/{total} from {ck.path}" if step < total else "unet: trained before")
 
     def save() -> None:
         tensors = {**_module_tensors("te", te), **_module_tensors("unet", unet), **_optimizer_tensors(opt)}
@@ -854,6 +878,8 @@ def build_base(
         step += 1
         if step < total and ck.due():
             save()
+    if saved is None or saved[1]["step"] < total:
+        save()  # the finished stage: a build stopped after it (its serial scorer, the write) does not train it again
     summary["steps_done"] = total
     summary["unet_s"] = before + time.perf_counter() - t
     summary["resumed"] = resumed
@@ -882,14 +908,19 @@ def build_base(
     return summary
 
 
-def _scorer_job(folder: str, steps: int, seed: int, minutes: float | None, n: int, n_val: int, threads) -> None:
-    """Train, validate and save the world's scorer into ``folder`` (run in its own process)."""
+def _scorer_job(
+    folder: str, steps: int, seed: int, minutes: float | None, n: int, n_val: int, threads, check=None
+) -> None:
+    """Train, validate and save the world's scorer into ``folder`` (in its own process, or in the build's
+    with ``check``, its stop check)."""
     from .scoring import save_scorer, train_scorer, validate
 
     if threads:
         torch.set_num_threads(threads)
     t = time.perf_counter()
-    model, meta = train_scorer(steps=steps, seed=seed, log=lambda m: print(m, flush=True), minutes=minutes, n=n)
+    model, meta = train_scorer(
+        steps=steps, seed=seed, log=lambda m: print(m, flush=True), minutes=minutes, n=n, check=check
+    )
     rep = validate(model, n=n_val)
     save_scorer(model, Path(folder), {**meta, "validation": rep, "wall_s": time.perf_counter() - t})
 
@@ -982,14 +1013,17 @@ def build_world(
         proc = ctx.Process(target=_scorer_process, args=args, name="world-scorer")
         proc.start()
 
+    def halt() -> None:  # the build's stop check (the VAE and UNet stages check at their checkpoints)
+        if stop is not None and stop.signum is not None:
+            raise BuildInterrupted(stop.signum, out)
+
     def join_scorer() -> None:
         if proc is None:
             return
         waited = time.perf_counter()
         while proc.is_alive():
             proc.join(0.5)
-            if stop is not None and stop.signum is not None:
-                raise BuildInterrupted(stop.signum, out)
+            halt()
         if proc.exitcode != 0:
             raise RuntimeError(
                 f"the scorer's training process failed (exit code {proc.exitcode}); see its output above"
@@ -1015,7 +1049,7 @@ def build_world(
     try:
         summary = build_base(out, cfg, log=log, before_unet=join_scorer, stop=stop, check_vae=vae_check)
         if proc is None and not scorer_done:
-            _scorer_job(*args)
+            _scorer_job(*args, check=halt)
         if "vae_gate_ceiling" not in summary:  # the scorer was trained after the base model
             from diffusers import AutoencoderKL
 

@@ -125,10 +125,20 @@ def train_scorer(
     seed: int = 0,
     log: Callable = print,
     minutes: float | None = None,
+    check: Callable[[], None] | None = None,
 ) -> tuple[Scorer, dict]:
+    """The scorer trained on ``n`` fresh renders, and what its training did (steps, images, seconds).
+
+    ``check`` (a build's stop check, which may raise) is called every 256 renders and every 20 steps.
+    """
     t0 = time.perf_counter()
     specs = scorer_specs(n, seed)
-    images = np.stack([np.asarray(R.render(s)) for s in specs])
+    images = []
+    for i, spec in enumerate(specs):
+        if check is not None and i % 256 == 0:
+            check()
+        images.append(np.asarray(R.render(spec)))
+    images = np.stack(images)
     y = {k: torch.tensor([labels(s)[k] for s in specs]) for k in HEADS}
     x_all = to_input(images)
     with torch.random.fork_rng(devices=[]):
@@ -145,6 +155,8 @@ def train_scorer(
             total = min(total, max(100, fit))
         if step >= total:
             break
+        if check is not None and step % 20 == 0:
+            check()
         for g in opt.param_groups:
             g["lr"] = 2e-3 * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * step / total)))
         idx = torch.randint(0, n, (batch,), generator=gen)
