@@ -439,9 +439,9 @@ def test_the_unets_object_weight_uses_the_object_masks_made_once(tmp_path, monke
         weights.append(cell_weight)
         return real_loss(pred, target, acp_ts, min_snr, prediction, cell_weight)
 
-    def masks(specs, images=None):
+    def masks(specs, images=None, check=None):
         made.append(len(specs))
-        return real_masks(specs, images)
+        return real_masks(specs, images, check)
 
     monkeypatch.setattr(B, "training_loss", spy)
     monkeypatch.setattr(B, "object_masks", masks)
