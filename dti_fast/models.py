@@ -45,6 +45,10 @@ __all__ = [
     "FLOW_FAMILIES",
     "SD_SCHEDULER_CONFIG",
     "build_once",
+    "check_model_files",
+    "explain_load_error",
+    "model_load_errors",
+    "probe_tokenizer",
     "prefix_text_encoder_keys",
     "ModelParts",
     "ResolvedModel",
@@ -165,8 +169,22 @@ _UNSUPPORTED_HINT = (
 _FLOW_CLASSES = {"SanaPipeline": "sana", "WanPipeline": "wan"}
 
 
-def _family_from_index(index: dict[str, Any], where: str) -> str | None:
-    """Family from a parsed model_index.json, or None if it does not say."""
+def _family_from_index(index: Any, where: str) -> str | None:
+    """Family from a parsed model_index.json, or None if it does not say.
+
+    A model_index.json that is not a JSON object, or whose ``_class_name`` is not a string,
+    is refused (ValueError naming the model and the fix).
+    """
+    if not isinstance(index, dict):
+        raise ValueError(
+            f"model {where}: model_index.json holds a {_json_kind(index)}, not the JSON object diffusers writes; "
+            "the folder is damaged: re-save the model (DiffusionPipeline.save_pretrained) or restore the file"
+        )
+    if not isinstance(index.get("_class_name", ""), str):
+        raise ValueError(
+            f'model {where}: model_index.json: "_class_name" must be a string (the pipeline class), got '
+            f"{index['_class_name']!r}; re-save the model or restore the file"
+        )
     cls = str(index.get("_class_name", ""))
 
     def present(key: str) -> bool:
@@ -243,7 +261,11 @@ def _missing_parts(folder: Path, family: str, index: dict[str, Any] | None = Non
         sub = folder / part
         if not sub.is_dir():
             entry = f"{part}/"
-            if index is not None and part in index and not (isinstance(index[part], list) and index[part][0]):
+            if (
+                index is not None
+                and part in index
+                and not (isinstance(index[part], list) and index[part][:1] not in ([], [None]))
+            ):
                 entry += " (null in model_index.json)"
             missing.append(entry)
             continue
@@ -263,13 +285,17 @@ _PIPELINE_CLASS = {
 
 def _read_index(folder: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return index if isinstance(index, dict) else None
 
 
 def _check_local_folder(folder: Path, shown: str) -> str:
-    """Family of a local folder after checking it has every part; raises naming what is missing."""
+    """Family of a local folder after checking it has every part and that its files are intact.
+
+    Raises naming what is missing, or (:func:`check_model_files`) the damaged file and the fix.
+    """
     family = detect_family(folder)
     missing = _missing_parts(folder, family, _read_index(folder))
     if missing:
@@ -278,7 +304,241 @@ def _check_local_folder(folder: Path, shown: str) -> str:
             f"folder (as written by {_PIPELINE_CLASS[family]}.save_pretrained) with "
             + ", ".join(p + "/" for p in required_parts(family))
         )
+    check_model_files(folder, family, shown)
     return family
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged files: checked before loading, and what loading raises turned into one line
+# --------------------------------------------------------------------------------------------
+
+_INT = "an integer"
+_INTS = "an integer or a list of integers"
+_STR = "a string"
+_BOOL = "true or false"
+
+#: Keys whose type dti_fast, diffusers or transformers rely on, per JSON file of a model folder:
+#: ``{file: {key: kind}}``; a key that is absent is fine (the library's default applies).
+_MODEL_JSON_KEYS: dict[str, dict[str, str]] = {
+    "model_index.json": {"_class_name": _STR, "_dti_fast_resolution": _INT},
+    "unet/config.json": {"cross_attention_dim": _INTS, "sample_size": _INTS, "in_channels": _INT},
+    "transformer/config.json": {"caption_channels": _INT, "text_dim": _INT, "sample_size": _INTS},
+    "vae/config.json": {"force_upcast": _BOOL, "latent_channels": _INT, "block_out_channels": _INTS},
+    "text_encoder/config.json": {"hidden_size": _INT, "d_model": _INT, "vocab_size": _INT},
+    "text_encoder_2/config.json": {"hidden_size": _INT, "vocab_size": _INT, "projection_dim": _INT},
+    "scheduler/scheduler_config.json": {"_class_name": _STR, "num_train_timesteps": _INT},
+    "tokenizer/tokenizer_config.json": {"model_max_length": _INT},
+    "tokenizer_2/tokenizer_config.json": {"model_max_length": _INT},
+}
+#: JSON files of a tokenizer folder (vocab.json only matters without a tokenizer.json: the fast file wins).
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+_CHECKED_FILES: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) of files found intact
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "JSON object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if kind == _INT:
+        return integer(value)
+    if kind == _INTS:
+        return integer(value) or (isinstance(value, list) and all(integer(v) for v in value))
+    if kind == _STR:
+        return isinstance(value, str)
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    return True
+
+
+def _damaged(shown: str, rel: str, what: str) -> ValueError:
+    return ValueError(
+        f"model '{shown}': {rel} {what}; the model folder is damaged: re-save the model (save_pretrained) "
+        "or restore the file from the model's source"
+    )
+
+
+def _unchanged(file: Path) -> bool:
+    try:
+        st = file.stat()
+    except OSError:
+        return False
+    return _CHECKED_FILES.get(str(file)) == (st.st_size, st.st_mtime_ns)
+
+
+def _mark_checked(file: Path) -> None:
+    try:
+        st = file.stat()
+    except OSError:
+        return
+    _CHECKED_FILES[str(file)] = (st.st_size, st.st_mtime_ns)
+
+
+def check_model_files(folder: str | os.PathLike, family: str, shown: str | None = None) -> None:
+    """Refuse a local model folder whose JSON or safetensors files are damaged, reading no weights.
+
+    Every JSON file dti_fast, diffusers or transformers read from the parts (``model_index.json``,
+    each part's ``config.json``/``scheduler_config.json``, the tokenizers' ``tokenizer.json``,
+    ``tokenizer_config.json``, ``special_tokens_map.json``, ``added_tokens.json``, and
+    ``vocab.json`` where there is no ``tokenizer.json``) must parse as a JSON object, and the keys
+    of :data:`_MODEL_JSON_KEYS` must have their type (``"model_max_length": "abc"`` would only
+    fail at the first tokenization, deep in transformers). Each ``.safetensors`` file's header must
+    be readable and match the file's size (a truncated download). Raises ValueError naming the
+    model, the file and the key, and saying to re-save the model. Files found intact are
+    remembered (by size and mtime), so a second call costs a few ``stat`` calls.
+    """
+    folder = Path(folder)
+    shown = shown if shown is not None else str(folder)
+    files: list[Path] = [folder / "model_index.json"]
+    for part in required_parts(family):
+        sub = folder / part
+        if part.startswith("tokenizer"):
+            files += [sub / name for name in _TOKENIZER_JSON]
+            if not (sub / "tokenizer.json").is_file():
+                files.append(sub / "vocab.json")
+        else:
+            files.append(sub / ("scheduler_config.json" if part == "scheduler" else "config.json"))
+    for file in files:
+        if not file.is_file() or _unchanged(file):
+            continue
+        rel = file.relative_to(folder).as_posix()
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise _damaged(shown, rel, f"is not valid JSON ({first_line_of(err)[:120]})") from None
+        if not isinstance(data, dict):
+            raise _damaged(shown, rel, f"holds a {_json_kind(data)}, not a JSON object")
+        for key, kind in _MODEL_JSON_KEYS.get(rel, {}).items():
+            if key in data and data[key] is not None and not _is_kind(data[key], kind):
+                raise _damaged(shown, rel, f'has "{key}": {json.dumps(data[key])[:60]}, which must be {kind}')
+        if rel.endswith("tokenizer_config.json") and isinstance(data.get("model_max_length"), int):
+            if data["model_max_length"] <= 0:
+                raise _damaged(shown, rel, f'has "model_max_length": {data["model_max_length"]}, not a positive number')
+        _mark_checked(file)
+    from safetensors import safe_open
+
+    for part in required_parts(family):
+        for file in sorted((folder / part).glob("*.safetensors")):
+            if _unchanged(file):
+                continue
+            try:
+                with safe_open(str(file), "pt") as handle:
+                    handle.keys()
+            except Exception as err:  # safetensors raises its own error types for damaged files
+                why = f"is not a readable safetensors file ({first_line_of(err)[:120]})"
+                raise _damaged(shown, file.relative_to(folder).as_posix(), why) from None
+            _mark_checked(file)
+
+
+def first_line_of(err: BaseException) -> str:
+    """The first line of ``err``'s message, or its type when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def probe_tokenizer(tokenizer: Any, shown: str, part: str = "tokenizer") -> None:
+    """Tokenize one short prompt as training and generation do (padded to the window, truncated).
+
+    A tokenizer whose files load but do not work (a ``model_max_length`` that is no number, a broken
+    vocabulary) would otherwise fail at the first prompt, after the expensive loading, deep in
+    transformers. Raises ValueError naming the model folder, the tokenizer's part and the fix.
+    """
+    length = getattr(tokenizer, "model_max_length", None)
+    try:
+        if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
+            raise TypeError(f"model_max_length is {length!r}, not a positive integer")
+        ids = tokenizer("a photo of a dog", padding="max_length", max_length=min(length, 512), truncation=True)
+        if not ids["input_ids"]:
+            raise ValueError("it gives no token ids")
+    except Exception as err:
+        raise ValueError(
+            f"model '{shown}': its {part}/ does not tokenize a prompt ({type(err).__name__}: "
+            f"{first_line_of(err)[:120]}); the folder is damaged: re-save the model or restore {part}/ from its source"
+        ) from None
+
+
+_SHAPE = r"(?:torch\.Size\()?(\[[^\]]*\])"
+_MISMATCH = re.compile(r"(\S+) expected shape " + _SHAPE + r"\)?, but got " + _SHAPE)
+
+
+def _part_holding(folder: Path, key: str, parts: Sequence[str]) -> str | None:
+    """The part (subfolder) whose safetensors files hold the tensor ``key``, reading headers only."""
+    from safetensors import safe_open
+
+    for part in parts:
+        for file in sorted((folder / part).glob("*.safetensors")):
+            try:
+                with safe_open(str(file), "pt") as handle:
+                    if key in handle.keys():
+                        return part
+            except Exception:
+                continue
+    return None
+
+
+def explain_load_error(err: BaseException, r: ResolvedModel, part: str | None = None) -> ValueError | None:
+    """One line for an error diffusers/transformers raised while loading ``r`` (or its ``part``), or None.
+
+    Recognised: a config that does not match its weights (diffusers' advice about
+    ``low_cpu_mem_usage=False and ignore_mismatched_sizes=True`` cannot be followed from the command
+    line), a damaged JSON file (``Expecting value: line 1 column 1``, no file named), a damaged
+    safetensors file. The message names the model folder and the part and says it is damaged or
+    mismatched. Refused pickles and missing files are left to the caller (None).
+    """
+    text = str(err)
+    parts = [part] if part else list(required_parts(r.family))
+    m = _MISMATCH.search(text)
+    if m or "ignore_mismatched_sizes" in text or "size mismatch" in text:
+        where = part
+        if where is None and m and r.local:
+            where = _part_holding(Path(r.source), m.group(1), parts)
+        detail = f"{m.group(1)} is {m.group(3)} in the weights, {m.group(2)} by the config" if m else first_line_of(err)
+        folder = f"{where}/" if where else "one of its parts"
+        return ValueError(
+            f"model '{r.shown}': the config of {folder} does not match its weights ({detail[:160]}); the folder is "
+            f"damaged or mixes parts of different models: restore {folder} from the model's source (config and "
+            "weights of one model)"
+        )
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, (json.JSONDecodeError, UnicodeDecodeError)):
+            return ValueError(
+                f"model '{r.shown}': a JSON file of {f'{part}/' if part else 'the folder'} is damaged "
+                f"({first_line_of(seen)[:120]}); re-save the model or restore {f'{part}/' if part else 'the folder'} "
+                "from its source"
+            )
+        if type(seen).__name__ == "SafetensorError" or "deserializing header" in str(seen):
+            return ValueError(
+                f"model '{r.shown}': a weights file of {f'{part}/' if part else 'the folder'} is damaged "
+                f"({first_line_of(seen)[:120]}); re-download or restore it from the model's source"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class model_load_errors:  # noqa: N801 (used as a context manager, like contextlib's)
+    """``with model_load_errors(r, part):`` around ``from_pretrained``: what :func:`explain_load_error`
+    recognises is raised as its one-line ValueError instead (other errors pass through)."""
+
+    def __init__(self, r: ResolvedModel, part: str | None = None) -> None:
+        self.r, self.part = r, part
+
+    def __enter__(self) -> model_load_errors:
+        return self
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if err is None or not isinstance(err, Exception):
+            return False
+        better = explain_load_error(err, self.r, self.part)
+        if better is None:
+            return False
+        raise better from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,7 +713,11 @@ def resolve_source(model: str, revision: str | None, cache_dir: str | None) -> R
         ) from None
     index = json.loads(Path(index_file).read_text(encoding="utf-8"))
     family = _family_from_index(index, f"'{model}'") or "sd"
-    missing = [f"{p}/" for p in required_parts(family) if not (isinstance(index.get(p), list) and index[p][0])]
+    missing = [
+        f"{p}/"
+        for p in required_parts(family)
+        if not (isinstance(index.get(p), list) and index[p][:1] not in ([], [None]))
+    ]
     if missing:
         raise FileNotFoundError(
             f"model '{model}' ({family}) has no {', '.join(missing)} in its model_index.json (an SDXL refiner, for "
@@ -571,19 +835,22 @@ def load_model_parts(
     _check_parts_fit(src, r, hub)
     try:
         if tokenizers is None:
-            tokenizers = [
-                CLIPTokenizer.from_pretrained(src, subfolder=sub, **hub) for sub in _tokenizer_folders(r.family)
+            tokenizers = [_load_tokenizer(CLIPTokenizer, r, sub, hub) for sub in _tokenizer_folders(r.family)]
+        with model_load_errors(r, "text_encoder"):
+            text_encoders: list[torch.nn.Module] = [
+                CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **tdtype, **weights)
             ]
-        text_encoders: list[torch.nn.Module] = [
-            CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **tdtype, **weights)
-        ]
         if r.family == "sdxl":
-            text_encoders.append(
-                CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", **tdtype, **weights)
-            )
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype, **weights)
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=vae_dtype, **weights)
-        noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **hub)
+            with model_load_errors(r, "text_encoder_2"):
+                text_encoders.append(
+                    CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", **tdtype, **weights)
+                )
+        with model_load_errors(r, "unet"):
+            unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype, **weights)
+        with model_load_errors(r, "vae"):
+            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=vae_dtype, **weights)
+        with model_load_errors(r, "scheduler"):
+            noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **hub)
     except (pickle.UnpicklingError, OSError) as err:
         refused = _refused_pickle(err)
         if refused is None:
@@ -612,18 +879,28 @@ def load_model_parts(
     )
 
 
+def _load_tokenizer(cls: Any, r: ResolvedModel, sub: str, hub: dict[str, Any]):
+    """``cls.from_pretrained`` of the tokenizer in ``sub``, probed (:func:`probe_tokenizer`); a tokenizer that
+    does not load or does not work is a ValueError naming the model folder, the part and the fix."""
+    try:
+        tokenizer = cls.from_pretrained(r.source, subfolder=sub, **hub)
+    except OSError:
+        raise  # a missing file or the hub: its own message names it
+    except Exception as err:
+        raise ValueError(
+            f"model '{r.shown}': its {sub}/ folder does not load ({type(err).__name__}: "
+            f"{first_line_of(err)[:160]}); the folder is damaged: restore {sub}/ from the model's "
+            "repository (tokenizer.json and tokenizer_config.json) or re-save the model"
+        ) from None
+    probe_tokenizer(tokenizer, r.shown, sub)
+    return tokenizer
+
+
 def _flow_tokenizer(r: ResolvedModel, hub: dict[str, Any]):
     """The tokenizer of a SANA/Wan folder (``AutoTokenizer``), or a ValueError naming the folder and the fix."""
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(r.source, subfolder="tokenizer", **hub)
-    except Exception as err:
-        raise ValueError(
-            f"model '{r.shown}': its tokenizer/ folder does not load ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:160] if str(err) else 'no message'}); restore tokenizer/ from the model's "
-            "repository (tokenizer.json and tokenizer_config.json)"
-        ) from None
+    return _load_tokenizer(AutoTokenizer, r, "tokenizer", hub)
 
 
 @dataclass
@@ -652,7 +929,7 @@ def preview_model(model: str | os.PathLike, revision: str | None = None, cache_d
         return ModelPreview(r.family, [_flow_tokenizer(r, hub)], vae_config)
     from transformers import CLIPTokenizer
 
-    tokenizers = [CLIPTokenizer.from_pretrained(r.source, subfolder=sub, **hub) for sub in _tokenizer_folders(r.family)]
+    tokenizers = [_load_tokenizer(CLIPTokenizer, r, sub, hub) for sub in _tokenizer_folders(r.family)]
     return ModelPreview(r.family, tokenizers, vae_config)
 
 
@@ -712,9 +989,12 @@ def _load_flow_parts(
         vae_dtype = torch.float32 if r.family == "wan" else dtype
     tokenizer = tokenizers[0] if tokenizers is not None else _flow_tokenizer(r, hub)
     try:
-        text_encoder = TextModel.from_pretrained(src, subfolder="text_encoder", **tdtype, **weights)
-        denoiser = Denoiser.from_pretrained(src, subfolder="transformer", torch_dtype=dtype, **weights)
-        vae = VAE.from_pretrained(src, subfolder="vae", torch_dtype=vae_dtype, **weights)
+        with model_load_errors(r, "text_encoder"):
+            text_encoder = TextModel.from_pretrained(src, subfolder="text_encoder", **tdtype, **weights)
+        with model_load_errors(r, "transformer"):
+            denoiser = Denoiser.from_pretrained(src, subfolder="transformer", torch_dtype=dtype, **weights)
+        with model_load_errors(r, "vae"):
+            vae = VAE.from_pretrained(src, subfolder="vae", torch_dtype=vae_dtype, **weights)
     except (pickle.UnpicklingError, OSError) as err:
         refused = _refused_pickle(err)
         if refused is None:
