@@ -370,6 +370,12 @@ class ConceptEmbeddings:
 def _as_rows(t: torch.Tensor, where: str) -> torch.Tensor:
     if not torch.is_tensor(t):
         raise ValueError(f"{where}: expected a tensor of learned vectors, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(
+            f"{where}: the learned vectors are {str(t.dtype).replace('torch.', '')} values, not floating point "
+            "(a textual-inversion embedding is float32/float16/bfloat16); this is not a trained embedding: "
+            "re-export the concept"
+        )
     t = t.detach().float().cpu()
     if t.dim() == 1:
         t = t.unsqueeze(0)
@@ -394,7 +400,51 @@ def _read_diffusers_file(path: Path) -> tuple[str, torch.Tensor]:
     return key, _as_rows(value, str(path))
 
 
+_TEXT = "a string"
+#: concept.json's keys that dti_fast reads, and what each must be (an absent key or null is fine).
+_INFO_KEYS: dict[str, str] = {
+    "name": _TEXT,
+    "placeholder": _TEXT,
+    "trigger": _TEXT,
+    "rescaled_trigger": _TEXT,
+    "model": _TEXT,
+    "family": "one of sd, sdxl, sana, wan",
+    "method": _TEXT,
+    "init": _TEXT,
+    "class_noun": _TEXT,
+    "kind": _TEXT,
+    "status": _TEXT,
+    "fingerprint": _TEXT,
+    "prompt_string": _TEXT,
+    "steps": "an integer",
+    "tokens": "a list of strings",
+    "encoders": "a list of JSON objects",
+    "clients": 'a JSON object of {client: {"how": ...}}',
+}
+
+
+def _info_value_ok(key: str, value: Any) -> bool:
+    kind = _INFO_KEYS[key]
+    if kind == _TEXT:
+        return isinstance(value, str) and (bool(value.strip()) or key not in ("name", "placeholder", "model"))
+    if kind.startswith("one of"):
+        return value in ("sd", "sdxl", "sana", "wan")
+    if kind == "an integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "a list of strings":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "a list of JSON objects":
+        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+    return isinstance(value, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("how", ""), str) for v in value.values()
+    )
+
+
 def _read_info(path: Path) -> dict:
+    """A concept.json as a dict whose keys dti_fast reads have their types (ValueError naming the file and key).
+
+    A relative ``"model"`` is resolved by :func:`resolve_recorded_model` against the concept folder.
+    """
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as err:
@@ -404,7 +454,63 @@ def _read_info(path: Path) -> dict:
             f"{path} holds a {type(info).__name__}, not the JSON object dti-fast writes; re-export the "
             "concept or delete the file"
         )
+    for key in _INFO_KEYS:
+        value = info.get(key)
+        if value is not None and not _info_value_ok(key, value):
+            raise ValueError(
+                f'{path}: "{key}" must be {_INFO_KEYS[key]}, got {_short(json.dumps(value), 60)}; re-export the '
+                "concept (or fix that value in the file)"
+            )
+    if info.get("model"):
+        info["model"] = resolve_recorded_model(info["model"], path.parent)
     return info
+
+
+def recorded_model(model: str) -> str:
+    """What concept.json records for the ``--model`` a concept was trained on.
+
+    A model given as a path that exists is recorded as its absolute path (``os.path.abspath``
+    after ``~`` expansion: symlinks are kept as the user named them), so ``generate`` finds it
+    from any folder; anything else (a hub id such as ``org/name``) is recorded as given.
+    """
+    import os
+
+    model = str(model)
+    path = Path(model).expanduser()
+    return os.path.abspath(path) if path.exists() else model
+
+
+def resolve_recorded_model(model: str, concept_folder: Path) -> str:
+    """The model a concept.json's ``"model"`` names, for a concept in ``concept_folder``.
+
+    Absolute paths are kept. concept.json files written before :func:`recorded_model` existed
+    hold the ``--model`` as typed, relative to the folder training ran in, which the file does not
+    say. Such a relative value is looked up in the concept folder and in each folder above it,
+    closest first; the first where it names a diffusers model folder (one with
+    ``model_index.json``) wins and is returned as an absolute path (an output folder made under the
+    training's folder finds its model, whatever the current folder; a different model of the same
+    name in the current folder is not picked up instead). Found nowhere, the value is returned as
+    written: a hub id, or a path that :func:`dti_fast.models.resolve_source` then resolves from the
+    current folder (and names when it does not exist).
+    """
+    import os
+
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.is_absolute() or not text.strip():
+        return text if not path.is_absolute() else str(path)
+    try:
+        start = Path(os.path.abspath(concept_folder))
+    except (OSError, ValueError):
+        return text
+    for folder in (start, *start.parents):
+        candidate = folder / path
+        try:
+            if (candidate / "model_index.json").is_file():
+                return os.path.abspath(candidate)
+        except OSError:
+            continue
+    return text
 
 
 def _concept_json(folder: Path) -> tuple[dict, str | None]:
@@ -443,6 +549,28 @@ def _sibling_info(path: Path, vectors: list[torch.Tensor]) -> dict:
     if info.get("trigger") != path.stem or info.get("family", "sd") != ("sdxl" if len(vectors) == 2 else "sd"):
         return {}
     return _with_override(info, override, vectors)
+
+
+def _diffusers_sibling_info(path: Path, key: str, vectors: list[torch.Tensor]) -> dict:
+    """concept.json of the export a diffusers ``{placeholder: rows}`` file belongs to, else {}.
+
+    It belongs to the concept.json in its folder (a ``rescaled/`` folder: the parent's) whose
+    placeholder is the file's key. The info keeps its ``family``, so an SDXL concept's
+    ``learned_embeds.safetensors`` (one encoder's half, as wide as an SD 1.x row) is refused by
+    :func:`check_concept_fits` in an SD model. A damaged concept.json beside the export's own file
+    names (``learned_embeds*.safetensors``) is an error; beside any other file it is ignored.
+    """
+    try:
+        info, override = _concept_json(path.parent)
+    except (OSError, ValueError):
+        if path.name in DIFFUSERS_FILES:
+            raise
+        return {}
+    if info.get("placeholder") != key:
+        return {}
+    info = _with_override(info, override, vectors)
+    info["encoder_file"] = DIFFUSERS_FILES.index(path.name) + 1 if path.name in DIFFUSERS_FILES else None
+    return info
 
 
 def read_concept(path: str | Path, token: str | None = None) -> ConceptEmbeddings:
@@ -505,7 +633,7 @@ def read_concept(path: str | Path, token: str | None = None) -> ConceptEmbedding
             vectors = [_as_rows(data["emb_params"], f"{path} emb_params")]
             return ConceptEmbeddings(stem, token or stem, vectors, [None], _sibling_info(path, vectors), path)
         key, v = _read_diffusers_file(path)
-        return ConceptEmbeddings(stem, token or key, [v], [path], {}, path)
+        return ConceptEmbeddings(stem, token or key, [v], [path], _diffusers_sibling_info(path, key, [v]), path)
     if suffix in (".pt", ".bin"):
         data = load_torch(path)
         if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict) and data["string_to_param"]:
@@ -553,10 +681,14 @@ def check_concept_fits(pipe, concept: ConceptEmbeddings) -> None:
     pairs = _encoders(pipe)
     fam = pipeline_family(pipe)
     trained_family = concept.info.get("family")
-    if (fam in DIFFUSERS_ONLY_FAMILIES or trained_family in DIFFUSERS_ONLY_FAMILIES) and trained_family not in (
-        None,
-        fam,
-    ):
+    if trained_family == "sdxl" and len(concept.vectors) == 1 and fam != "sdxl":
+        which = "second" if concept.info.get("encoder_file") == 2 else "first"
+        raise ValueError(
+            f"{concept.source} is the {which} text encoder's half of an SDXL concept (the concept.json beside it says "
+            f"family sdxl) but model {model} is {fam}; load the concept folder {concept.source.parent} into an SDXL "
+            "model, or train the concept on this one"
+        )
+    if trained_family not in (None, fam):
         raise ValueError(
             f"concept {concept.source} was trained on a {trained_family} model ({concept.info.get('model')}) but "
             f"model {model} is {fam}; use the model family the concept was trained on or train it on this one"
@@ -578,6 +710,67 @@ def check_concept_fits(pipe, concept: ConceptEmbeddings) -> None:
                 f"{model} takes {dim}: the concept was trained for another model"
                 f"{f' ({trained})' if trained else ''} (e.g. an SD 1.5 embedding cannot go into SDXL or SD 2.x); "
                 "use that model or train the concept on this one"
+            )
+    _check_window(pipe, concept, pairs, fam)
+    _check_magnitude(pipe, concept, pairs, model)
+
+
+def _check_window(pipe, concept: ConceptEmbeddings, pairs: list[tuple[Any, Any]], fam: str) -> None:
+    """Refuse a concept with more vectors than fit in the text encoder's window (the prompt would be cut)."""
+    from .families import family_of
+
+    tok = pairs[0][0]
+    try:
+        window = int(family_of(fam).text_length(tok))
+    except (TypeError, ValueError):
+        return
+    need = concept.n_vectors + 2  # the vectors between the start and end tokens
+    if window > 0 and need > window:
+        raise ValueError(
+            f"concept {concept.source} holds {concept.n_vectors} vectors, so a prompt with it takes at least {need} "
+            f"tokens, more than the text encoder's window of {window}: the vectors past the window would be cut off "
+            "without a word; use an embedding with fewer vectors (train it with a shorter initializer)"
+        )
+
+
+#: A learned vector may be at most this many times as long as the longest row of the model's vocabulary.
+MAX_NORM_RATIO = 100.0
+
+
+def _largest_row_norm(weight: torch.Tensor) -> float:
+    """The largest row norm of an embedding table, in fp32, a block of rows at a time (no fp32 copy of it all)."""
+    best = 0.0
+    with torch.no_grad():
+        for start in range(0, weight.shape[0], 8192):
+            block = weight[start : start + 8192].float()
+            best = max(best, float(torch.linalg.vector_norm(block, dim=-1).max()))
+    return best
+
+
+def _check_magnitude(pipe, concept: ConceptEmbeddings, pairs: list[tuple[Any, Any]], model: str) -> None:
+    """Refuse finite vectors far longer than any vocabulary row, or too large for the encoder's dtype.
+
+    NaN/inf are refused when the file is read (:func:`read_concept`); a finite vector of norm
+    1e30 passes that, and the text encoder then overflows to NaN and every image comes out black.
+    """
+    for e, ((_, enc), v, f) in enumerate(zip(pairs, concept.vectors, concept.files)):
+        where = f or concept.source
+        weight = enc.get_input_embeddings().weight
+        norms = torch.linalg.vector_norm(v.double(), dim=-1)  # fp64: a 1e30 vector has a finite norm
+        largest = float(norms.max())
+        if weight.is_floating_point() and float(v.abs().max()) > torch.finfo(weight.dtype).max:
+            raise ValueError(
+                f"{where}: its vectors hold values up to {float(v.abs().max()):.3g}, beyond what text encoder {e + 1} "
+                f"of model {model} can hold in {str(weight.dtype).replace('torch.', '')}: they would overflow and the "
+                "images come out black; this embedding is damaged: retrain or re-export it"
+            )
+        vocab = _largest_row_norm(weight.detach())
+        if vocab > 0 and largest > MAX_NORM_RATIO * vocab:
+            raise ValueError(
+                f"{where}: a vector has norm {largest:.3g}, {largest / vocab:.3g} times the longest word vector of "
+                f"text encoder {e + 1} of model {model} ({vocab:.3g}; at most {MAX_NORM_RATIO:g} times is accepted): "
+                "it would overflow and the images come out black; this embedding is damaged or for another model: "
+                "retrain or re-export it"
             )
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .concept_files import client_info, concept_trigger, rescaled_trigger, write_concept_files
+from .concept_files import client_info, concept_trigger, recorded_model, rescaled_trigger, write_concept_files
 from .data import Concept
 from .io import atomic_write, write_json
 
@@ -80,7 +80,7 @@ class ConceptRecord:
             "steps": self.steps,
             "status": f"stopped: {self.stopped}" if self.stopped else "complete",
             "fingerprint": self.fingerprint,
-            "model": self.model,
+            "model": recorded_model(self.model),  # an existing path made absolute: generate finds it from anywhere
             "family": self.family,
             "encoders": [
                 {
