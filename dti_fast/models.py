@@ -491,6 +491,8 @@ def explain_load_error(err: BaseException, r: ResolvedModel, part: str | None = 
     safetensors file. The message names the model folder and the part and says it is damaged or
     mismatched. Refused pickles and missing files are left to the caller (None).
     """
+    if _refused_pickle(err) is not None:
+        return None  # the caller's message: no code from it ran
     text = str(err)
     parts = [part] if part else list(required_parts(r.family))
     m = _MISMATCH.search(text)
