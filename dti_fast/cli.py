@@ -10,9 +10,12 @@ holding the traceback (``--debug`` prints it instead).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -27,6 +30,39 @@ __all__ = ["build_parser", "load_job_file", "main", "parse_concept_flag"]
 
 
 _positive_int = S.argparse_type(S.POSITIVE_INT)
+_seed = S.argparse_type(S.SEED)
+_seeds = S.argparse_type(S.SEEDS)
+_guidance = S.argparse_type(S.NONNEG_FLOAT)
+
+#: The largest image side generate and interpolate take (SANA 4K's 4096 px); a larger one would
+#: fill the memory before the first image.
+MAX_SIDE = 4096
+
+
+def _image_side(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"{value} px is above the largest side dti-fast samples, {MAX_SIDE} px")
+    return value
+
+
+#: The most t values an interpolation takes (a strip of more images is not a strip).
+MAX_INTERPOLATION_STEPS = 1001
+
+
+def _interpolation_steps(text: str) -> int:
+    value = _positive_int(text)
+    if not 2 <= value <= MAX_INTERPOLATION_STEPS:
+        raise argparse.ArgumentTypeError(
+            f"expected 2 to {MAX_INTERPOLATION_STEPS} t values (t = 0 and t = 1 included), got {value}"
+        )
+    return value
+
+
+def _output_path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path; must be a non-empty path, got ''")
+    return Path(text).expanduser()
 
 
 def parse_concept_flag(text: str) -> Concept:
@@ -116,10 +152,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_PIPELINE_FAMILY = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "SanaPipeline": "sana",
+    "WanPipeline": "wan",
+}
+
+
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    import json
+
+    from .io import check_output_folder, umask_modes
     from .testing import make_tiny_model
 
-    path = make_tiny_model(args.dir, family=args.family, seed=args.seed)
+    out = check_output_folder(args.dir, owner="dti-fast make-tiny-model", flag="DIR", marks=("model_index.json",))
+    index_file = out / "model_index.json"
+    if index_file.is_file():  # a model already there: replaced only by a tiny model of the same family
+        try:
+            index = json.loads(index_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            index = None
+        tiny = isinstance(index, dict) and "_dti_fast_tiny" in index
+        family = _PIPELINE_FAMILY.get(str(index.get("_class_name"))) if isinstance(index, dict) else None
+        if not tiny or family != args.family:
+            what = f"a tiny {family} model" if tiny else "a model that make-tiny-model did not write"
+            raise ValueError(
+                f"DIR {out} holds {what}; concepts trained on it would stop fitting: give another folder "
+                "(or delete it first)"
+            )
+    path = make_tiny_model(out, family=args.family, seed=args.seed)
+    umask_modes(path)  # readable by others as any file the user makes (safetensors writes 0600)
     print(f"tiny {args.family} model written to {path}")
     return 0
 
@@ -157,30 +220,28 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     S.add_arguments(p, TrainConfig)
 
 
-def _int_list(text: str) -> list[int]:
-    """``0,1,2`` or ``0-3`` (inclusive) -> a list of ints."""
-    from .suite import INT_LIST
-
-    try:
-        return INT_LIST(text, from_text=True)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def _read_prompt_file(path: Path) -> list[str]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    return [
-        line.strip()
-        for line in Path(path).read_text(encoding="utf-8").splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--prompt-file {path} is a folder; give a text file with one prompt per line")
+    if not path.is_file():
+        raise ValueError(f"--prompt-file {path} does not exist; check the path")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompt-file {path} is not UTF-8 text; save it as UTF-8, one prompt per line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompt-file {path} holds no prompts (only blank lines or # comments); add one per line")
+    return prompts
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generate import generate
 
     prompts = list(args.prompt)
+    if any(not p.strip() for p in prompts):
+        raise ValueError("--prompt is empty; give the text to draw ({} stands for the concept)")
     if args.prompt_file:
         prompts += _read_prompt_file(args.prompt_file)
     if not prompts:
@@ -244,18 +305,29 @@ def _add_generate_parser(sub) -> None:
         "as written (it may name placeholders); repeatable (default: 'a photo of {}')",
     )
     p.add_argument("--prompt-file", type=Path, help="text file with one prompt per line (# starts a comment)")
-    p.add_argument("--output", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--output",
+        type=_output_path,
+        required=True,
+        help="output folder (new, empty, or one dti-fast generate wrote: images already there are kept when "
+        "they come from the same model, concepts and settings)",
+    )
     p.add_argument(
         "--seeds",
-        type=_int_list,
+        type=_seeds,
         default=[0],
-        help="seeds, e.g. 0,1,2,3 or 0-3 (default 0); one image per prompt and seed, reproducible whatever the batch",
+        help=f"seeds, e.g. 0,1,2,3 or 0-3 (default 0; distinct, 0 to 2**63 - 1, at most {S.MAX_SEEDS}); one image "
+        "per prompt and seed, reproducible whatever the batch",
     )
     p.add_argument("--steps", type=_positive_int, default=30, help="denoising steps (default 30)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--guidance", type=_guidance, default=7.5, help="classifier-free guidance scale, >= 0 (default 7.5)")
     p.add_argument("--negative-prompt", help="negative prompt for every image")
-    p.add_argument("--height", type=_positive_int, help="image height in pixels (default: the model's)")
-    p.add_argument("--width", type=_positive_int, help="image width in pixels (default: the model's)")
+    p.add_argument(
+        "--height", type=_image_side, help=f"image height in pixels, at most {MAX_SIDE} (default: the model's)"
+    )
+    p.add_argument(
+        "--width", type=_image_side, help=f"image width in pixels, at most {MAX_SIDE} (default: the model's)"
+    )
     p.add_argument("--batch-size", type=_positive_int, default=4, help="images per pipeline call (default 4)")
     p.add_argument(
         "--scheduler",
@@ -319,24 +391,37 @@ def _add_interpolate_parser(sub) -> None:
     )
     p.add_argument("a", type=Path, help="first concept (folder written by dti-fast train, or an embedding file)")
     p.add_argument("b", type=Path, help="second concept (same model and the same number of vectors as A)")
-    p.add_argument("--steps", type=int, default=5, help="number of t values in [0, 1], ends included (default 5)")
+    p.add_argument(
+        "--steps",
+        type=_interpolation_steps,
+        default=5,
+        help=f"number of t values in [0, 1], ends included: 2 to {MAX_INTERPOLATION_STEPS} (default 5)",
+    )
     p.add_argument(
         "--mode",
         choices=["auto", "slerp", "lerp", "both"],
         default="auto",
         help="auto (default): slerp for two DTI concepts, both lerp and slerp otherwise",
     )
-    p.add_argument("--output", type=Path, help="output folder (default ./interp-A-B)")
+    p.add_argument(
+        "--output",
+        type=_output_path,
+        help="output folder (default ./interp-A-B; an earlier interpolation there is replaced)",
+    )
     p.add_argument("--model", help="model for the strip (default: the model in A's concept.json)")
     p.add_argument(
         "--prompt",
         default="a photo of {}",
         help="strip prompt, {} = the interpolated concept (default 'a photo of {}')",
     )
-    p.add_argument("--seed", type=int, default=0, help="the strip's seed, the same at every t (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="the strip's seed, the same at every t (default 0)")
     p.add_argument("--inference-steps", type=_positive_int, default=30, help="denoising steps (default 30)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--resolution", type=_positive_int, help="strip image size in pixels (default: the model's)")
+    p.add_argument("--guidance", type=_guidance, default=7.5, help="classifier-free guidance scale, >= 0 (default 7.5)")
+    p.add_argument(
+        "--resolution",
+        type=_image_side,
+        help=f"strip image size in pixels, a multiple of 8, at most {MAX_SIDE} (default: the model's)",
+    )
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     p.add_argument(
         "--dtype",
@@ -435,11 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
         "tokenizer for sd/sdxl, Gemma-2 / T5 kind tokenizers built by dti_fast for sana/wan) "
         "that diffusers' from_pretrained loads: for tests and demos.",
     )
-    tiny.add_argument("dir", type=Path, help="folder to write")
+    tiny.add_argument(
+        "dir", type=_output_path, help="folder to write (new, empty, or a tiny model of the same family to replace)"
+    )
     tiny.add_argument(
         "--family", choices=["sd", "sdxl", "sana", "wan"], default="sd", help="architecture family (default sd)"
     )
-    tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    tiny.add_argument("--seed", type=_seed, default=0, help="weight seed (default 0)")
     tiny.set_defaults(func=_cmd_make_tiny_model)
 
     toy = sub.add_parser(
@@ -452,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--vectors", type=_positive_int, default=4, help="vectors per concept (default 4)")
     toy.add_argument("--dim", type=_positive_int, default=768, help="vector size (default 768, CLIP-L)")
     toy.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default 200)")
-    toy.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    toy.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     toy.set_defaults(func=_cmd_optim_demo)
 
     _add_generate_parser(sub)
@@ -509,6 +596,48 @@ def _log_crash(command: str) -> Path | None:
     return None
 
 
+# What a command that stopped part way keeps, and how to go on (after a signal or a full disk).
+_AGAIN = {
+    "generate": "; the images made so far are kept: the same command makes the rest",
+    "suite": "; finished stages are kept: the same command continues",
+    "interpolate": "; the same command starts the interpolation afresh",
+}
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, as Ctrl-C is (commands without their own handler)."""
+
+    signum = signal.SIGTERM
+
+
+def _command_signals_and_warnings(command: str):
+    """SIGTERM stops the command with its one-line message (not silently), and warnings print as one
+    line (``dti-fast generate: warning: ...``, not Python's file/line/source form); returns the undo."""
+    import warnings
+
+    def terminated(signum, frame) -> None:
+        raise _Terminated
+
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        try:
+            print(f"dti-fast {command}: warning: {message}", file=file or sys.stderr)
+        except (OSError, ValueError):
+            pass
+
+    previous_show = warnings.showwarning
+    warnings.showwarning = one_line
+    previous_term = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        previous_term = signal.signal(signal.SIGTERM, terminated)
+
+    def restore() -> None:
+        warnings.showwarning = previous_show
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+
+    return restore
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("DTI_FAST_DEBUG"))
@@ -518,16 +647,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_libraries()
     from .train import JobError, TrainingInterrupted
 
+    restore = _command_signals_and_warnings(args.command)
     try:
         return args.func(args)
     except TrainingInterrupted as err:
         print(f"dti-fast {args.command}: {err}", file=sys.stderr)
         return 128 + err.signum
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         from .train.run import StopSignals
 
         StopSignals.ignore_on_the_way_out()  # a further Ctrl-C must not cut the message
-        hint = ""
+        hint = _AGAIN.get(args.command, "")
         if args.command == "train":
             hint = (
                 "; rerun the same command with --resume to continue from the last checkpoint "
@@ -535,14 +665,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         elif getattr(args, "world_command", None) == "build-base":
             hint = "; run the same command again to continue from the last checkpoint of the build"
-        print(f"dti-fast {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        signum = getattr(err, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"dti-fast {args.command}: {what}{hint}", file=sys.stderr)
+        return 128 + signum
     except (ValueError, OSError, JobError) as err:
         if debug:
             raise
         # OSError(errno, message) of our own (no file name) reads better without its "[Errno N]".
         own = isinstance(err, OSError) and err.errno and err.strerror and err.filename is None
-        print(f"dti-fast {args.command}: error: {err.strerror if own else err}", file=sys.stderr)
+        text = err.strerror if own else str(err)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC and args.command != "train":
+            text = text.replace(" and rerun with --resume", " and run the same command again") + _AGAIN.get(
+                args.command, ""
+            )
+        print(f"dti-fast {args.command}: error: {text}", file=sys.stderr)
         return 2
     except Exception as err:  # a bug, or a failure nobody foresaw: one line and the traceback in a file
         if debug:
@@ -555,6 +692,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        restore()
 
 
 def entry() -> None:

@@ -43,6 +43,8 @@ __all__ = [
 
 SCHEDULERS = ("auto", "model", "ddim", "euler", "dpm", "pndm")
 MANIFEST = "images.json"
+#: The most images one call makes (concepts x prompts x seeds): more is a typo, or days of sampling.
+MAX_IMAGES = 100_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,6 +286,30 @@ def expand_prompts(
 # --------------------------------------------------------------------------------------------
 
 
+def concept_digest(concept: ConceptEmbeddings) -> str:
+    """A SHA-256 of a concept's placeholder and vectors: the same learned concept wherever its files lie."""
+    import hashlib
+
+    h = hashlib.sha256(concept.placeholder.encode("utf-8"))
+    for v in concept.vectors:
+        h.update(str(tuple(v.shape)).encode("ascii"))
+        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _run_differences(before: dict, now: dict) -> list[str]:
+    """What differs between two runs' settings (``images.json``'s ``run``), one phrase each."""
+    out = []
+    for key in sorted(set(before) | set(now)):
+        if key == "concepts":
+            a, b = before.get(key) or {}, now.get(key) or {}
+            changed = sorted(n for n in set(a) & set(b) if a[n] != b[n])
+            out += [f"concept {n!r} has other vectors" for n in changed]
+        elif before.get(key) != now.get(key):
+            out.append(f"{key} {before.get(key)!r} -> {now.get(key)!r}")
+    return out
+
+
 @dataclass
 class GenerateResult:
     output_dir: Path
@@ -326,6 +352,7 @@ def generate(
     """
     from PIL import Image
 
+    from .io import check_output_folder
     from .plots import image_grid
 
     if not prompts:
@@ -337,7 +364,9 @@ def generate(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     for name, value in (("height", height), ("width", width)):
         if value is not None and (value <= 0 or value % 8):
-            raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+            raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
+    if not (isinstance(guidance, (int, float)) and guidance >= 0 and guidance < float("inf")):
+        raise ValueError(f"--guidance must be a finite number >= 0, got {guidance!r}")
     loaded = [c if isinstance(c, ConceptEmbeddings) else read_concept(c) for c in concepts]
     names = [c.name for c in loaded]
     if len(set(names)) != len(names):
@@ -345,17 +374,59 @@ def generate(
             f"two concepts share the name {sorted(n for n in names if names.count(n) > 1)[0]!r} "
             "(their output folders would clash); rename one concept folder"
         )
-    out = Path(output_dir)
     records = expand_prompts(prompts, loaded, seeds)
+    if len(records) > MAX_IMAGES:
+        raise ValueError(
+            f"this run would make {len(records)} images (concepts x prompts x seeds), more than {MAX_IMAGES}; "
+            "split it into several runs"
+        )
+    if loaded and not isinstance(prompts, Mapping):
+        for prompt in dict.fromkeys(prompts):
+            if "{}" not in prompt and not any(c.placeholder in prompt for c in loaded):
+                warnings.warn(
+                    f"prompt {prompt!r} has no {{}} and names no loaded concept: it is drawn without any "
+                    "(write {} where the concept goes)",
+                    stacklevel=2,
+                )
+    out = check_output_folder(output_dir, owner="dti-fast generate", marks=(MANIFEST,))
+    if model is None and pipe is None:
+        model = next((c.info.get("model") for c in loaded if c.info.get("model")), None)
+    shown_model = str(model) if model is not None else getattr(pipe, "_dti_fast_model", None)
+    if shown_model is not None and Path(shown_model).expanduser().exists():
+        shown_model = str(Path(shown_model).expanduser().resolve())  # a folder, however it was typed
+    run = {
+        "model": shown_model,
+        "steps": steps,
+        "guidance": float(guidance),
+        "negative_prompt": negative_prompt,
+        "height": height,
+        "width": width,
+        "scheduler": scheduler if pipe is None else type(pipe.scheduler).__name__,
+        "concepts": {c.name: concept_digest(c) for c in loaded},
+    }
     pending = [r for r in records if not (skip_existing and (out / r.file).is_file())]
+    if skip_existing and len(pending) < len(records):
+        _check_kept_images(out, run)
+    # Written before the first image: a run stopped part way (Ctrl-C, a crash) is continued by the
+    # same call, which keeps the images made so far because this records what made them.
+    manifest = write_json(
+        {
+            "records": [r.to_json() for r in records],
+            "steps": steps,
+            "guidance": guidance,
+            "seeds": [int(s) for s in seeds],
+            "prompts": {k: list(v) for k, v in prompts.items()} if isinstance(prompts, Mapping) else list(prompts),
+            "concepts": {c.name: str(c.source) for c in loaded},
+            "run": run,
+        },
+        out / MANIFEST,
+    )
     own_pipe = pipe is None
     made = 0
     if pending:
         if own_pipe:
             if model is None:
-                model = next((c.info.get("model") for c in loaded if c.info.get("model")), None)
-                if model is None:
-                    raise ValueError("no model given and the concepts' concept.json names none; pass --model")
+                raise ValueError("no model given and the concepts' concept.json names none; pass --model")
             pipe = load_pipeline(model, device=device, dtype=dtype, scheduler=scheduler, progress=progress)
         load_concepts(pipe, *loaded)
         try:
@@ -379,17 +450,6 @@ def generate(
                     made += 1
         finally:
             unload_concepts(pipe, loaded)
-    manifest = write_json(
-        {
-            "records": [r.to_json() for r in records],
-            "steps": steps,
-            "guidance": guidance,
-            "seeds": [int(s) for s in seeds],
-            "prompts": {k: list(v) for k, v in prompts.items()} if isinstance(prompts, Mapping) else list(prompts),
-            "concepts": {c.name: str(c.source) for c in loaded},
-        },
-        out / MANIFEST,
-    )
     grids: dict[str, Path] = {}
     if grid:
         by_folder: dict[str, list[ImageRecord]] = {}
@@ -407,6 +467,35 @@ def generate(
             atomic_write(path, lambda tmp, sheet=sheet: sheet.save(tmp, format="PNG"))
             grids[folder] = path
     return GenerateResult(out, records, grids, manifest, made)
+
+
+def _check_kept_images(out: Path, run: dict) -> None:
+    """Refuse to keep images on disk that another run made (other model, concepts or settings)."""
+    path = out / MANIFEST
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        before = None
+    if not isinstance(before, dict):
+        raise ValueError(
+            f"{out} holds images but its {MANIFEST} is missing or damaged, so what made them is unknown; "
+            "add --overwrite to make them again, or give a new --output"
+        )
+    if not isinstance(before.get("run"), dict):
+        return  # written before runs were recorded (dti-fast <= 2026-12-01): kept as before
+    before_run = before["run"]
+    same_pipe = before_run.get("model") == run["model"] or None in (before_run.get("model"), run["model"])
+    diff = _run_differences(
+        {k: v for k, v in before_run.items() if k not in ("model", "concepts")},
+        {k: v for k, v in run.items() if k not in ("model", "concepts")},
+    )
+    diff += [] if same_pipe else [f"model {before_run.get('model')!r} -> {run['model']!r}"]
+    diff += _run_differences({"concepts": before_run.get("concepts")}, {"concepts": run["concepts"]})
+    if diff:
+        raise ValueError(
+            f"{out} holds images of another run ({'; '.join(diff)}); add --overwrite to make them again, or "
+            "give a new --output"
+        )
 
 
 def read_manifest(output_dir: str | Path) -> list[ImageRecord]:

@@ -163,6 +163,24 @@ def _t_label(t: float) -> str:
     return f"{round(t, 4):g}"
 
 
+#: The most t values whose folder names (t rounded to 4 decimals) stay distinct at even spacing.
+MAX_STEPS = 1001
+
+
+def _check_strip_model(model: str | None, concept: ConceptEmbeddings) -> None:
+    """Refuse, before anything is written, a strip model of another family than ``concept``'s."""
+    if model is None:
+        raise ValueError("no model to draw the strip with: pass --model (concept.json names none)")
+    from .models import resolve_source
+
+    family = resolve_source(str(model), None, None).family
+    if family != concept.family:
+        raise ValueError(
+            f"--model {model} is a {family} model but {concept.source} was trained on a {concept.family} model; "
+            f"give a {concept.family} model (or --no-images)"
+        )
+
+
 @dataclass
 class InterpolationResult:
     output_dir: Path
@@ -198,13 +216,30 @@ def interpolate_concepts(
     strip ``<output>/strip_<mode>.png`` shows ``prompt`` (``{}`` = the interpolated concept)
     at every t with one seed; ``model`` defaults to the model in ``a``'s concept.json.
     """
+    import shutil
+
     from .concept_files import write_concept_files
+    from .io import check_output_folder
 
     ca = a if isinstance(a, ConceptEmbeddings) else read_concept(a)
     cb = b if isinstance(b, ConceptEmbeddings) else read_concept(b)
+    if ca.source.resolve() == cb.source.resolve() or (
+        len(ca.vectors) == len(cb.vectors) and all(torch.equal(x, y) for x, y in zip(ca.vectors, cb.vectors))
+    ):
+        raise ValueError(f"A and B are the same concept ({ca.source}); give two different concepts")
     ts = [float(t) for t in times] if times is not None else interpolation_times(steps)
     if not ts or any(not 0.0 <= t <= 1.0 for t in ts):
         raise ValueError(f"interpolation times must lie in [0, 1], got {ts}")
+    if len({_t_label(t) for t in ts}) < len(ts):
+        raise ValueError(
+            "two interpolation times are closer than 1e-4 (their folders would share a name); "
+            f"give fewer steps (at most {MAX_STEPS})"
+        )
+    if images:
+        if resolution is not None and (resolution <= 0 or resolution % 8):
+            raise ValueError(f"--resolution must be a positive multiple of 8, got {resolution}")
+        if pipe is None:
+            _check_strip_model(model or ca.info.get("model"), ca)
     if mode == "auto":
         both_dti = ca.method == "dti" and cb.method == "dti"
         modes = ["slerp"] if both_dti else ["lerp", "slerp"]
@@ -217,7 +252,12 @@ def interpolate_concepts(
     _check_pair(ca, cb)
     if "slerp" in modes:
         _check_antipodal(ca, cb)
-    out = Path(output_dir)
+    out = check_output_folder(output_dir, owner="dti-fast interpolate", marks=("interpolation.json",))
+    if (out / "interpolation.json").is_file():  # an earlier interpolation: its folders go, none stays stale
+        for name in ("slerp", "lerp", "images"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for strip in out.glob("strip*.png"):
+            strip.unlink()
     family = ca.family
     methods = {ca.method, cb.method}
     method = ca.method if len(methods) == 1 else "mixed"

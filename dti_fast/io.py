@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     "atomic_write",
+    "check_output_folder",
+    "umask_modes",
     "first_line",
     "save_safetensors",
     "load_safetensors",
@@ -131,3 +133,51 @@ def write_json(obj: Any, path: Path) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def check_output_folder(
+    path: str | Path, *, owner: str, flag: str = "--output", marks: tuple[str, ...] = (), may_hold_others: bool = False
+) -> Path:
+    """Check, before any expensive work, that ``path`` can be a command's output folder; returns it.
+
+    Raises ``ValueError`` in one line naming ``flag`` and the fix when the path is empty, is a
+    file or lies under one, cannot be created or written (a read-only disk, permissions, an
+    immutable folder: probed by creating the folder and a file in it, since ``os.access``
+    says yes to root), or holds files but none of ``marks`` (the files ``owner`` writes
+    there: what it would write over is someone else's, unless ``may_hold_others``). A folder
+    that did not exist is made (and stays, empty).
+    """
+    text = str(path)
+    if not text.strip():
+        raise ValueError(f"{flag} is empty; give the folder {owner} should write into")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out} is a file; give a new or empty folder")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{flag} {out} lies under {parent}, which is a file; give another folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".dti-fast-probe.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(
+            f"{flag} {out} is not writable ({err.strerror or first_line(err)}); choose another {flag}"
+        ) from None
+    if not may_hold_others and marks and not any((out / m).exists() for m in marks):
+        held = sorted(p.name for p in out.iterdir())
+        if held:
+            shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            raise ValueError(
+                f"{flag} {out} holds files that {owner} did not write ({shown}); give a new or empty folder"
+            )
+    return out
+
+
+def umask_modes(folder: str | Path) -> None:
+    """Give every file under ``folder`` the mode the umask gives (safetensors writes its files 0600)."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)

@@ -159,6 +159,47 @@ PATH = Kind("a path", _path)
 TEXTS = Kind("a list of strings", _texts)
 INTS = Kind("a list of integers", _ints)
 
+#: The most seeds one list may hold: a longer range is a typo (and hours of sampling).
+MAX_SEEDS = 10_000
+
+
+def _seeds(value: Any, from_text: bool) -> list[int]:
+    """``0,1,2`` or ``0-3`` (inclusive), or a list of integers: distinct seeds in [0, 2**63), at most
+    :data:`MAX_SEEDS` (a range is measured before it is expanded)."""
+    if isinstance(value, str):
+        out: list[int] = []
+        for part in (x.strip() for x in value.split(",")):
+            if not part:
+                continue
+            try:
+                lo, _, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
+                lo_i, hi_i = int(lo), int(hi) if hi else int(lo)
+            except ValueError:
+                raise ValueError(f"must be seeds like 0,1,2 or 0-3, got {value!r}") from None
+            if hi_i < lo_i:
+                raise ValueError(f"the range {part} runs backwards; write it low-high, e.g. {hi_i}-{lo_i}")
+            if hi_i - lo_i + 1 + len(out) > MAX_SEEDS:
+                raise ValueError(f"{value!r} gives more than {MAX_SEEDS} seeds; split the run or give fewer")
+            out.extend(range(lo_i, hi_i + 1))
+        value = out
+    elif isinstance(value, (list, tuple)) and len(value) > MAX_SEEDS:
+        raise ValueError(f"{len(value)} seeds, more than {MAX_SEEDS}; split the run or give fewer")
+    seeds = _ints(value, from_text)
+    if not seeds:
+        raise ValueError(f"must hold at least one seed, got {value!r}")
+    for seed in seeds:
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed {seed} is outside 0 to 2**63 - 1 (what torch's generators take)")
+    if len(set(seeds)) < len(seeds):
+        seen: set[int] = set()
+        twice = next(x for x in seeds if x in seen or seen.add(x))
+        raise ValueError(f"seed {twice} is given more than once (its image would count twice); give it once")
+    return seeds
+
+
+SEEDS = Kind("seeds like 0,1,2 or 0-3", _seeds)
+SEED = _integer(0, "an integer >= 0 (a seed)")
+
 
 def choice(*options: str) -> Kind:
     """One of the given strings."""

@@ -632,6 +632,9 @@ def write_folder(out: Path, vae, te, unet, tok, extra: dict, scheduler: dict | N
     index = json.loads(index_file.read_text(encoding="utf-8"))
     index.update(extra)
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    from ..io import umask_modes
+
+    umask_modes(out)  # safetensors writes its files 0600
     return out
 
 

@@ -130,8 +130,18 @@ def _cmd_gate(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"{model} has no world_scorer/scorer.safetensors: give a folder made by dti-fast world build-base"
         )
+    from ..io import check_output_folder, first_line
+
+    if args.output is not None:
+        check_output_folder(args.output, owner="dti-fast world gate", may_hold_others=True)
     torch.set_num_threads(args.threads)
-    scorer = S.load_scorer(model / "world_scorer")
+    try:
+        scorer = S.load_scorer(model / "world_scorer")
+    except Exception as err:  # safetensors and torch raise several types for a damaged file
+        raise ValueError(
+            f"{model / 'world_scorer'} is damaged ({type(err).__name__}: {first_line(err)}); "
+            "build the model again (dti-fast world build-base --force with its settings)"
+        ) from err
     pipe = load_pipeline(str(model), device="cpu", dtype="fp32")
     seed = GATE_SEED if args.prompt_seed is None else args.prompt_seed
     g = base_model_gate(pipe, scorer, args.prompts, seed, args.inference_steps, args.guidance, args.output)
@@ -152,6 +162,23 @@ def _cmd_gate(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+#: The most captions one gate samples (an image each, about 0.1 s on a CPU core).
+MAX_GATE_PROMPTS = 10_000
+
+
+def _nonempty_path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path; must be a non-empty path, got ''")
+    return Path(text).expanduser()
+
+
+def _gate_count(text: str) -> int:
+    value = S.argparse_type(S.POSITIVE_INT)(text)
+    if value > MAX_GATE_PROMPTS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_GATE_PROMPTS} captions, got {value}")
+    return value
 
 
 def add_world_parser(sub) -> None:
@@ -202,12 +229,14 @@ def add_world_parser(sub) -> None:
     )
     g.add_argument("--model", help="a world base model folder (default: the shipped one, from the cache)")
     count, seed, scale = (S.argparse_type(k) for k in (S.POSITIVE_INT, S.NONNEG_INT, S.NONNEG_FLOAT))
-    g.add_argument("--prompts", type=count, default=96, help="held-out captions (default 96)")
+    g.add_argument(
+        "--prompts", type=_gate_count, default=96, help=f"held-out captions, at most {MAX_GATE_PROMPTS} (default 96)"
+    )
     g.add_argument("--prompt-seed", type=seed, help="seed of the caption draw (default: the suite's)")
     g.add_argument("--inference-steps", type=count, default=20, help="DDIM steps (default 20)")
     g.add_argument("--guidance", type=scale, default=4.0, help="classifier-free guidance (default 4)")
     g.add_argument("--threads", type=count, default=1, help="torch threads (default 1)")
-    g.add_argument("--output", type=Path, help="write gate.png (the images) into this folder")
+    g.add_argument("--output", type=_nonempty_path, help="write gate.png (the images) into this folder")
     g.set_defaults(func=_cmd_gate)
 
 
