@@ -688,7 +688,10 @@ def check_concept_fits(pipe, concept: ConceptEmbeddings) -> None:
             f"family sdxl) but model {model} is {fam}; load the concept folder {concept.source.parent} into an SDXL "
             "model, or train the concept on this one"
         )
-    if trained_family not in (None, fam):
+    if (fam in DIFFUSERS_ONLY_FAMILIES or trained_family in DIFFUSERS_ONLY_FAMILIES) and trained_family not in (
+        None,
+        fam,
+    ):  # SD vs SDXL: the encoder count check below says more
         raise ValueError(
             f"concept {concept.source} was trained on a {trained_family} model ({concept.info.get('model')}) but "
             f"model {model} is {fam}; use the model family the concept was trained on or train it on this one"
