@@ -270,6 +270,26 @@ def _int_list(value: Any, from_text: bool) -> list[int]:
     return out
 
 
+def _names(value: Any, from_text: bool) -> list[str]:
+    """Subject or style names: ``dog`` or ``dog,cat2`` (a flag's text, or a string), a list of names, or the
+    lists a repeated flag collects (``--subject dog --subject cat2,clock``), flattened in order."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"must be names like dog or dog,cat2 (a list of strings), got {value!r}")
+    out: list[str] = []
+    for item in items:
+        parts = item.split(",") if isinstance(item, str) else item
+        if not isinstance(parts, (list, tuple)) or not all(isinstance(x, str) for x in parts):
+            raise ValueError(f"must be names like dog or dog,cat2 (a list of strings), got {value!r}")
+        for x in parts:
+            if not x.strip():
+                raise ValueError(f"must be names like dog or dog,cat2 with no empty name, got {value!r}")
+            out.append(x.strip())
+    if not out:
+        raise ValueError(f"must name at least one, got {value!r}")
+    return out
+
+
 def _pair(value: Any, from_text: bool) -> tuple[str, str]:
     parts = [x.strip() for x in value.split(",")] if isinstance(value, str) else list(value)
     if len(parts) != 2 or not all(isinstance(x, str) and x for x in parts):
@@ -279,6 +299,7 @@ def _pair(value: Any, from_text: bool) -> tuple[str, str]:
 
 INT_LIST = S.Kind("integers like 0,1,2 or 0-3", _int_list)
 PAIR = S.Kind("two subject names A,B", _pair)
+NAMES = S.Kind("names like dog or dog,cat2", _names)
 _SCHEDULERS = S.choice("auto", "model", "ddim", "euler", "dpm", "pndm")
 
 
@@ -308,10 +329,10 @@ class SuiteConfig:
     )
     subjects: list[str] | None = S.setting(
         None,
-        kind=S.optional(S.TEXTS),
+        kind=S.optional(NAMES),
         flag="--subject",
         action="append",
-        help="run only this subject; repeatable",
+        help="run only this subject (or these: a,b); repeatable",
         default_text="default: every subject of the list with a folder in --data",
     )
     methods: list[str] = S.setting(
@@ -395,10 +416,10 @@ class SuiteConfig:
     )
     styles: list[str] | None = S.setting(
         None,
-        kind=S.optional(S.TEXTS),
+        kind=S.optional(NAMES),
         flag="--style",
         action="append",
-        help="run only this style; repeatable",
+        help="run only this style (or these: a,b); repeatable",
         default_text="default: every style of the styles file",
     )
     style_prompts_file: Path | None = S.setting(

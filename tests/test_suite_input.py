@@ -1,0 +1,94 @@
+"""`dti-fast suite` on bad input: every flag and JSON field is checked before the first stage.
+
+Each refusal goes through the real command (``dti_fast.cli.main``): exit status 2, one line that
+names the flag or the file and key, and nothing trained (no ``train/`` folder, no state file).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dti_fast.demo import demo_images_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _suite(capsys, out: Path, *args: str) -> tuple[int, str]:
+    from dti_fast.cli import main
+
+    rc = main(["suite", "--output", str(out), "--no-progress", *args])
+    return rc, capsys.readouterr().err
+
+
+def _base(model, tiny_metrics, **metric_models) -> list[str]:
+    """A small run on the tiny SD model and the shipped photos, with the tiny metric models unless replaced."""
+    metric = {k: str(v) for k, v in tiny_metrics.items()} | {k: str(v) for k, v in metric_models.items()}
+    return [
+        "--model",
+        str(model),
+        "--data",
+        str(demo_images_dir()),
+        "--methods",
+        "dti",
+        "--steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--resolution",
+        "64",
+        "--max-prompts",
+        "1",
+        "--seeds",
+        "0",
+        "--inference-steps",
+        "2",
+        "--dino-model",
+        metric["dino"],
+        "--siglip-model",
+        metric["siglip"],
+        "--clip-model",
+        metric["clip"],
+    ]
+
+
+def _refused(rc: int, err: str, out: Path, *words: str) -> None:
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    for w in words:
+        assert w in err, (w, err)
+    assert not (out / "train").exists() and not (out / "suite_state.json").exists(), sorted(out.rglob("*"))
+
+
+# -- F1: --subject / --style ---------------------------------------------------------------------
+
+
+def test_subject_and_style_flags_are_repeatable_and_take_comma_lists(tmp_path):
+    import dti_fast.settings as S
+    from dti_fast.cli import build_parser
+    from dti_fast.suite import SuiteConfig
+
+    args = build_parser().parse_args(
+        ["suite", "--subject", "dog", "--subject", "cat2, clock", "--style", "pointillism", "--style", "a,b"]
+    )
+    cfg = SuiteConfig(**S.flag_values(args, SuiteConfig))
+    cfg.model, cfg.data_dir, cfg.style_data = "m", tmp_path, tmp_path
+    cfg.validate()
+    assert cfg.subjects == ["dog", "cat2", "clock"] and cfg.styles == ["pointillism", "a", "b"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["suite", "--subject", "dog,,cat2"])
+
+
+def test_one_subject_and_one_style_chosen_on_the_command_line_run_alone(eval_sd_model, tiny_metrics, tmp_path, capsys):
+    out = tmp_path / "one"
+    args = _base(eval_sd_model, tiny_metrics) + ["--quick", "--subject", "dog", "--style", "pointillism"]
+    rc, err = _suite(capsys, out, *args, "--metrics", "image")
+    assert rc == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert [s["name"] for s in report["subjects"]] == ["dog"]
+    assert [s["name"] for s in report["styles"]] == ["pointillism"]
+    assert report["images"] == {"dti": 1}
+    trained = sorted(p.name for p in (out / "train" / "dti").iterdir() if (p / "concept.json").is_file())
+    assert trained == ["dog", "pointillism"]
