@@ -600,6 +600,10 @@ class _Run:
         from .models import resolve_source
 
         self.resolved = resolve_source(str(cfg.model), None, None)
+        # Everything that would otherwise be refused only after hours of training and sampling.
+        self._check_slerp_pair()
+        check_metric_models(cfg.dino_model, cfg.siglip_model, cfg.clip_model, cfg.metrics)
+        self._check_masks()
         self.resolution = cfg.resolution or self._native_resolution()
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"{self.out} is a file; give the suite a new or empty folder as --output")
@@ -618,6 +622,40 @@ class _Run:
         self._pipe = None
         self._evaluator = None
         self.log = print if cfg.progress else (lambda *a, **k: None)
+
+    # -- checks before any stage -----------------------------------------------------------
+
+    def _check_slerp_pair(self) -> None:
+        """An explicit --slerp-pair: two different subjects of this run whose initializers give the same
+        number of vectors (slerp pairs them one to one)."""
+        if not self.cfg.slerp_pair:
+            return
+        a, b = self.cfg.slerp_pair
+        by_name = {s.name: s for s in self.subjects}
+        if a == b or a not in by_name or b not in by_name:
+            raise ValueError(
+                f"--slerp-pair {a},{b}: give two different subjects this run trains ({', '.join(by_name)})"
+            )
+        from .embedding import initializer_ids
+        from .models import preview_model
+
+        tok = preview_model(self.cfg.model).tokenizers[0]  # the tokenizers only, no weights
+        counts = {n: len(initializer_ids(tok, by_name[n].init, n)) for n in (a, b)}
+        if counts[a] != counts[b]:
+            raise ValueError(
+                f"--slerp-pair {a},{b}: {a}'s initializer {by_name[a].init!r} gives {counts[a]} vector(s) and "
+                f"{b}'s {by_name[b].init!r} gives {counts[b]}; slerp pairs vectors one to one, so choose two "
+                "subjects with the same count (or leave --slerp-pair out: the first such pair is taken)"
+            )
+
+    def _check_masks(self) -> None:
+        """--masks: every reference photo of every subject has its mask (read as the scoring will)."""
+        if self.cfg.masks_dir is None:
+            return
+        from .evaluate import load_references
+
+        for s in self.subjects:
+            load_references(s.images, Path(self.cfg.masks_dir) / s.name)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -956,6 +994,76 @@ class _Run:
         norms = [[float(v) for v in n] for n in _read_vocab_norms(self.resolved)]
         write_json({"fingerprint": fp, "norms": norms}, cache)
         return norms
+
+
+#: Files a metric model folder needs beside config.json: (what, any of these names).
+_METRIC_FILES = {
+    "weights": (
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    ),
+    "preprocessor_config.json": ("preprocessor_config.json",),
+    "tokenizer": ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model"),
+}
+
+
+def check_metric_models(
+    dino: str | Path | None, siglip: str | Path | None, clip: str | Path | None, metrics: Sequence[str]
+) -> None:
+    """Check, loading no weights, that each metric model the chosen ``metrics`` use resolves as
+    :mod:`dti_fast.evaluate` will load it: a folder with a config.json of the right kind of model, its
+    weights and preprocessor (and tokenizer for SigLIP/CLIP), or a hub id (in the Hugging Face cache when
+    the hub cannot be reached). Raises naming the flag (``--dino-model``, ...) and the fix."""
+    from .evaluate import Evaluator
+
+    used = Evaluator(dino=dino, siglip=siglip, clip=clip, metrics=list(metrics)).model_names()
+    for what, model in used.items():
+        try:
+            _check_metric_model(what, model)
+        except (OSError, ValueError) as err:
+            msg = err.strerror if isinstance(err, OSError) and err.strerror and err.filename is None else str(err)
+            raise type(err)(f"--{what}-model: {msg}") from None
+
+
+def _check_metric_model(what: str, model: str) -> None:
+    import transformers
+
+    from .evaluate import ClipScorer, DinoScorer, SiglipScorer, _load_error, _source
+    from .models import _cached_snapshot, offline_by_env
+
+    src, kw = _source(model, what)  # a file, a missing folder, a folder without config.json: refused here
+    folder = Path(src) if Path(src).is_dir() else None
+    if folder is None and kw.get("local_files_only"):  # a hub id and no hub: it must be in the cache
+        folder = _cached_snapshot(src, None, None)
+        if folder is None:
+            why = "HF_HUB_OFFLINE=1 is set" if offline_by_env() else "this machine cannot reach the hub"
+            raise _load_error(what, model, FileNotFoundError(f"not in the Hugging Face cache, and {why}"))
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder) if folder else src, **kw)
+    except (OSError, ValueError, KeyError) as err:
+        raise _load_error(what, model, err) from None
+    try:
+        with torch.device("meta"):  # the model's class, built without memory or weights
+            net = transformers.AutoModel.from_config(config)
+    except (ValueError, KeyError, TypeError) as err:
+        raise _load_error(what, model, err) from None
+    scorer = {"dino": DinoScorer, "siglip": SiglipScorer, "clip": ClipScorer}[what]
+    probe = scorer.__new__(scorer)  # the scorer's own check of the model's kind, without loading it
+    probe.name, probe.model = model, net
+    probe._check()
+    if folder is not None:
+        needed = dict(_METRIC_FILES)
+        if what == "dino":
+            del needed["tokenizer"]
+        lacking = [k for k, names in needed.items() if not any((folder / n).is_file() for n in names)]
+        if lacking:
+            shown = model if Path(model).expanduser() == folder else f"{model} ({folder})"
+            raise FileNotFoundError(
+                f"{what} model {shown} has no {' and no '.join(lacking)}; pass a complete folder written by "
+                "save_pretrained (the model and its processor), or download the model again"
+            )
 
 
 def _local_index(resolved) -> dict:

@@ -7,6 +7,7 @@ names the flag or the file and key, and nothing trained (no ``train/`` folder, n
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,77 @@ def test_one_subject_and_one_style_chosen_on_the_command_line_run_alone(eval_sd_
     assert report["images"] == {"dti": 1}
     trained = sorted(p.name for p in (out / "train" / "dti").iterdir() if (p / "concept.json").is_file())
     assert trained == ["dog", "pointillism"]
+
+
+# -- F2: metric models, --slerp-pair, --masks: refused before the first stage --------------------
+
+
+def test_a_metric_model_folder_of_another_kind_is_refused_before_training(
+    eval_sd_model, tiny_metrics, tmp_path, capsys
+):
+    out = tmp_path / "o"
+    rc, err = _suite(capsys, out, *_base(eval_sd_model, tiny_metrics, dino=tiny_metrics["clip"]))
+    _refused(rc, err, out, "--dino-model", "CLIPModel", "pass a DINOv2 model")
+    rc, err = _suite(capsys, out, *_base(eval_sd_model, tiny_metrics, clip=tiny_metrics["dino"]))
+    _refused(rc, err, out, "--clip-model", "not a CLIP model", "pass e.g. openai/clip-vit-base-patch32")
+    rc, err = _suite(capsys, out, *_base(eval_sd_model, tiny_metrics, siglip=tiny_metrics["clip"]))
+    _refused(rc, err, out, "--siglip-model", "not a SigLIP model")
+
+
+def test_a_metric_model_that_is_a_file_or_an_incomplete_folder_is_refused_before_training(
+    eval_sd_model, tiny_metrics, tmp_path, capsys
+):
+    out = tmp_path / "o"
+    afile = tmp_path / "clip.txt"
+    afile.write_text("not a model")
+    rc, err = _suite(capsys, out, *_base(eval_sd_model, tiny_metrics, clip=afile))
+    _refused(rc, err, out, "--clip-model", "is a file", "pass a model folder or a hub id")
+    half = tmp_path / "half-dino"
+    shutil.copytree(tiny_metrics["dino"], half)
+    (half / "model.safetensors").unlink()
+    rc, err = _suite(capsys, out, *_base(eval_sd_model, tiny_metrics, dino=half))
+    _refused(rc, err, out, "--dino-model", "no weights", "save_pretrained")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    rc, err = _suite(capsys, out, *_base(eval_sd_model, tiny_metrics, siglip=bare))
+    _refused(rc, err, out, "--siglip-model", "has no config.json")
+
+
+def test_an_uncached_hub_id_offline_is_refused_before_training(
+    eval_sd_model, tiny_metrics, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "o"
+    rc, err = _suite(capsys, out, *_base(eval_sd_model, tiny_metrics, dino="dti-fast-tests/no-such-dino"))
+    _refused(
+        rc, err, out, "--dino-model", "dti-fast-tests/no-such-dino", "not in the Hugging Face cache", "hf download"
+    )
+
+
+def test_a_metric_model_of_an_unused_metric_is_not_checked(eval_sd_model, tiny_metrics, tmp_path):
+    from dti_fast.suite import check_metric_models
+
+    check_metric_models(tiny_metrics["dino"], None, tmp_path / "nothing-here", ["image"])
+    with pytest.raises(FileNotFoundError, match="--clip-model"):
+        check_metric_models(tiny_metrics["dino"], None, tmp_path / "nothing-here", ["image", "clip_i"])
+
+
+def test_a_bad_slerp_pair_is_refused_before_training(eval_sd_model, tiny_metrics, tmp_path, capsys):
+    out = tmp_path / "o"
+    base = _base(eval_sd_model, tiny_metrics)
+    for pair in ("dog,zebra", "dog,dog"):
+        rc, err = _suite(capsys, out, *base, "--slerp-pair", pair)
+        _refused(rc, err, out, f"--slerp-pair {pair}", "give two different subjects this run trains")
+    rc, err = _suite(capsys, out, *base, "--subject", "dog", "--subject", "cat2", "--slerp-pair", "dog,clock")
+    _refused(rc, err, out, "--slerp-pair dog,clock", "(dog, cat2)")
+    # 'red backpack' gives 2 vectors, 'dog' 1: slerp cannot pair them.
+    rc, err = _suite(capsys, out, *base, "--slerp-pair", "dog,backpack")
+    _refused(rc, err, out, "--slerp-pair dog,backpack", "gives 2", "same count")
+
+
+def test_masks_missing_for_a_reference_photo_are_refused_before_training(eval_sd_model, tiny_metrics, tmp_path, capsys):
+    masks = tmp_path / "masks"
+    (masks / "dog").mkdir(parents=True)
+    out = tmp_path / "o"
+    rc, err = _suite(capsys, out, *_base(eval_sd_model, tiny_metrics), "--subject", "dog", "--masks", str(masks))
+    _refused(rc, err, out, "no mask for reference", "run without masks")
