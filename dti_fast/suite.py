@@ -154,12 +154,57 @@ def load_subjects(
             )
     out = []
     for n in chosen:
-        entry = table[n]
-        if not isinstance(entry, dict) or not entry.get("class") or not entry.get("initialization"):
-            raise ValueError(f'subject {n!r} in {subjects_file} needs "class" and "initialization"')
-        live = entry.get("kind", "live" if entry["class"] in LIVE_CLASSES else "object") == "live"
-        out.append(Subject(n, entry["class"], entry["initialization"], data_dir / n, live))
+        entry = _concept_entry(table[n], n, f"subject {n!r} in {subjects_file}")
+        kind = entry.get("kind", "live" if entry["class"] in LIVE_CLASSES else "object")
+        if kind not in ("live", "object"):
+            raise ValueError(
+                f'subject {n!r} in {subjects_file}: "kind" must be "live" or "object", got {kind!r}; fix the file'
+            )
+        out.append(Subject(n, entry["class"], entry["initialization"], data_dir / n, kind == "live"))
     return out
+
+
+def _concept_entry(entry: Any, name: str, where: str) -> dict:
+    """A subjects/styles file entry, checked: an object whose "class" and "initialization" are non-empty strings."""
+    from .data import _NAME_RE
+
+    if not _NAME_RE.match(name):
+        raise ValueError(
+            f"{where}: the name must start with a letter or digit and hold only letters, digits, '_', '-' or '.' "
+            "(it names the output folders); rename it in the file"
+        )
+    if not isinstance(entry, dict):
+        raise ValueError(
+            f'{where} must be an object {{"class": ..., "initialization": ...}}, got {_json_type(entry)}; fix the file'
+        )
+    for key in ("class", "initialization"):
+        value = entry.get(key)
+        if value is None or value == "":
+            raise ValueError(f'{where} needs "class" and "initialization"')
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f'{where}: "{key}" must be a non-empty string (words), got {value!r}; fix the file')
+    return entry
+
+
+def _json_type(value: Any) -> str:
+    """How a JSON value reads in a message: "a list", "a string ('abc')", "the number 5"."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"a string ({value[:40]!r})"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _prompt_list(value: Any, where: str) -> list[str]:
+    """A prompts file's list of prompts, checked: a list of non-empty strings."""
+    if not isinstance(value, list):
+        raise ValueError(f"{where} must be a list of prompts (strings), got {_json_type(value)}; fix the file")
+    for i, p in enumerate(value):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"{where}[{i}] must be a prompt (a non-empty string), got {_json_type(p)}; fix the file")
+    return list(value)
 
 
 def prompt_sets(prompts_file: Path | None = None, prompt_set: str = "simple") -> dict[str, list[str]]:
@@ -167,12 +212,27 @@ def prompt_sets(prompts_file: Path | None = None, prompt_set: str = "simple") ->
     prompts_file = Path(prompts_file) if prompts_file else default_prompts_file()
     data = _read_json(prompts_file, "prompts file")
     sets = data.get("prompt_sets", {}) if isinstance(data, dict) else {}
+    if not isinstance(sets, dict):
+        raise ValueError(
+            f'prompts file {prompts_file}: "prompt_sets" must be an object {{name: {{"object_prompts": [...], '
+            f'"live_prompts": [...]}}}}, got {_json_type(sets)}; fix the file'
+        )
     if prompt_set not in sets:
         raise ValueError(
             f"prompt set {prompt_set!r} is not in {prompts_file} (has: {', '.join(sorted(sets)) or 'none'})"
         )
     entry = sets[prompt_set]
-    out = {"object": list(entry.get("object_prompts", [])), "live": list(entry.get("live_prompts", []))}
+    if not isinstance(entry, dict):
+        raise ValueError(
+            f'prompts file {prompts_file}: prompt set {prompt_set!r} must be an object {{"object_prompts": [...], '
+            f'"live_prompts": [...]}}, got {_json_type(entry)}; fix the file'
+        )
+    out = {
+        kind: _prompt_list(
+            entry.get(f"{kind}_prompts", []), f"prompts file {prompts_file}: {prompt_set}.{kind}_prompts"
+        )
+        for kind in ("object", "live")
+    }
     for kind, plist in out.items():
         if not plist:
             raise ValueError(f"prompt set {prompt_set!r} of {prompts_file} has no {kind}_prompts")
@@ -216,9 +276,7 @@ def load_styles(style_dir: Path, styles_file: Path | None = None, names: Sequenc
         )
     out = []
     for n in chosen:
-        entry = table[n]
-        if not isinstance(entry, dict) or not entry.get("class") or not entry.get("initialization"):
-            raise ValueError(f'style {n!r} in {styles_file} needs "class" and "initialization"')
+        entry = _concept_entry(table[n], n, f"style {n!r} in {styles_file}")
         out.append(Subject(n, entry["class"], entry["initialization"], style_dir / n, live=False, style=True))
     return out
 
@@ -540,10 +598,15 @@ class _State:
         if self.path.is_file() and not force:
             try:
                 loaded = json.loads(self.path.read_text(encoding="utf-8"))
-                if loaded.get("version") == STATE_VERSION:
-                    self.data = loaded
             except ValueError:
-                pass  # a damaged state file: everything reruns
+                loaded = None  # a damaged state file: everything reruns
+            if (
+                isinstance(loaded, dict)
+                and loaded.get("version") == STATE_VERSION
+                and isinstance(loaded.get("stages"), dict)
+                and all(isinstance(v, dict) for v in loaded["stages"].values())
+            ):
+                self.data = loaded
 
     def done(self, stage: str, fingerprint: str) -> bool:
         entry = self.data["stages"].get(stage)
@@ -988,8 +1051,11 @@ class _Run:
         cache = self.out / "vocab_norms.json"
         fp = _hash({"model": self.cfg.model})
         if cache.is_file():
-            data = json.loads(cache.read_text(encoding="utf-8"))
-            if data.get("fingerprint") == fp:
+            try:
+                data = json.loads(cache.read_text(encoding="utf-8"))
+            except ValueError:
+                data = None  # damaged: read the norms again
+            if isinstance(data, dict) and data.get("fingerprint") == fp and _norm_lists(data.get("norms")):
                 return data["norms"]
         norms = [[float(v) for v in n] for n in _read_vocab_norms(self.resolved)]
         write_json({"fingerprint": fp, "norms": norms}, cache)
@@ -1066,13 +1132,24 @@ def _check_metric_model(what: str, model: str) -> None:
             )
 
 
+def _norm_lists(value: Any) -> bool:
+    """Whether a cached vocab_norms.json value is what :meth:`_Run.vocab_norms` writes: lists of numbers."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v) for v in value)
+    )
+
+
 def _local_index(resolved) -> dict:
+    """A local model's model_index.json ({} for a hub id, or a file that is not a JSON object)."""
     if not resolved.local:
         return {}
     try:
-        return json.loads((Path(resolved.source) / "model_index.json").read_text(encoding="utf-8"))
+        index = json.loads((Path(resolved.source) / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return index if isinstance(index, dict) else {}
 
 
 #: Weight names of the input-embedding table, per text-encoder kind (CLIP, Gemma-2, UMT5).
@@ -1141,12 +1218,7 @@ def _write_report(run: _Run, strips: dict[str, dict[str, str]], seconds: float) 
         for k, v in (("dino", cfg.dino_model), ("siglip", cfg.siglip_model), ("clip", cfg.clip_model))
         if v
     }
-    tiny_model = bool(
-        run.resolved.local
-        and json.loads((Path(run.resolved.source) / "model_index.json").read_text(encoding="utf-8")).get(
-            "_dti_fast_tiny"
-        )
-    )
+    tiny_model = bool(_local_index(run.resolved).get("_dti_fast_tiny"))
 
     # Learned norms per method and subject (per encoder), and the vocabulary's.
     norms: dict[str, dict[str, list[list[float]]]] = {}

@@ -167,3 +167,97 @@ def test_masks_missing_for_a_reference_photo_are_refused_before_training(eval_sd
     out = tmp_path / "o"
     rc, err = _suite(capsys, out, *_base(eval_sd_model, tiny_metrics), "--subject", "dog", "--masks", str(masks))
     _refused(rc, err, out, "no mask for reference", "run without masks")
+
+
+# -- F8: the JSON inputs, field by field ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (
+            {"prompt_sets": {"simple": {"object_prompts": [1, 2], "live_prompts": ["a {}"]}}},
+            ["object_prompts[0]", "the number 1"],
+        ),
+        (
+            {"prompt_sets": {"simple": {"object_prompts": "a {} here", "live_prompts": ["a {}"]}}},
+            ["object_prompts must be a list", "a string"],
+        ),
+        (
+            {"prompt_sets": {"simple": {"object_prompts": ["a {}"], "live_prompts": ["a {}", None]}}},
+            ["live_prompts[1]", "null"],
+        ),
+        (
+            {"prompt_sets": {"simple": {"object_prompts": ["a {}"], "live_prompts": [""]}}},
+            ["live_prompts[0]", "non-empty"],
+        ),
+        ({"prompt_sets": ["simple"]}, ['"prompt_sets" must be an object', "a list"]),
+        ({"prompt_sets": {"simple": "a {}"}}, ["prompt set 'simple' must be an object", "a string"]),
+    ],
+)
+def test_prompts_file_fields_are_type_checked(eval_sd_model, tiny_metrics, tmp_path, capsys, content, words):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(content))
+    out = tmp_path / "o"
+    rc, err = _suite(capsys, out, *_base(eval_sd_model, tiny_metrics), "--prompts-file", str(prompts))
+    _refused(rc, err, out, str(prompts), "fix the file", *words)
+
+
+@pytest.mark.parametrize(
+    ("entry", "words"),
+    [
+        ({"class": 5, "initialization": "dog"}, ['"class" must be a non-empty string', "5"]),
+        ({"class": "dog", "initialization": ["dog"]}, ['"initialization" must be a non-empty string']),
+        ({"class": "dog", "initialization": "dog", "kind": "alien"}, ['"kind" must be "live" or "object"']),
+        ("dog", ["must be an object", "a string"]),
+    ],
+)
+def test_subjects_file_fields_are_type_checked(eval_sd_model, tiny_metrics, tmp_path, capsys, entry, words):
+    subjects = tmp_path / "s.json"
+    subjects.write_text(json.dumps({"subjects": {"dog": entry}}))
+    out = tmp_path / "o"
+    rc, err = _suite(capsys, out, *_base(eval_sd_model, tiny_metrics), "--subjects-file", str(subjects))
+    _refused(rc, err, out, "subject 'dog'", str(subjects), "fix the file", *words)
+
+
+def test_a_subject_name_that_is_no_folder_name_is_refused(tmp_path):
+    from dti_fast.suite import load_subjects
+
+    data = tmp_path / "data"
+    (data / "dog").mkdir(parents=True)
+    subjects = tmp_path / "s.json"
+    subjects.write_text(json.dumps({"subjects": {"../data/dog": {"class": "dog", "initialization": "dog"}}}))
+    with pytest.raises(ValueError, match="the name must start with a letter or digit.*rename it in the file"):
+        load_subjects(data, subjects, names=["../data/dog"])
+
+
+def test_styles_file_fields_are_type_checked(tmp_path):
+    from dti_fast.suite import load_styles
+
+    (tmp_path / "ink").mkdir()
+    (tmp_path / "styles.json").write_text(json.dumps({"styles": {"ink": {"class": ["ink"], "initialization": "ink"}}}))
+    with pytest.raises(ValueError, match=r"style 'ink' in .*styles.json: \"class\" must be a non-empty string"):
+        load_styles(tmp_path)
+
+
+def test_a_model_index_that_is_a_json_list_is_refused_before_any_stage(eval_sd_model, tiny_metrics, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(eval_sd_model, model)
+    (model / "model_index.json").write_text("[]")
+    out = tmp_path / "o"
+    rc, err = _suite(capsys, out, *_base(model, tiny_metrics))
+    _refused(rc, err, out, "model_index.json")
+
+
+def test_damaged_state_and_cache_files_of_the_suite_are_read_as_absent(tmp_path):
+    from types import SimpleNamespace
+
+    from dti_fast.suite import STATE_FILE, _local_index, _norm_lists, _State
+
+    for text in ("[]", '{"version": 1, "stages": []}', '{"version": 1, "stages": {"train:dti": 5}}', "{"):
+        (tmp_path / STATE_FILE).write_text(text)
+        state = _State(tmp_path, force=False)
+        assert not state.done("train:dti", "x") and state.previous("train:dti") is None
+    (tmp_path / "model_index.json").write_text("[1]")
+    assert _local_index(SimpleNamespace(local=True, source=str(tmp_path))) == {}
+    assert _norm_lists([[1.0, 2.0]]) and not _norm_lists([]) and not _norm_lists({"a": 1}) and not _norm_lists([["x"]])
