@@ -310,21 +310,48 @@ def _comma_list(*choices: str) -> S.Kind:
     return S.Kind(describe, convert)
 
 
+#: The most seeds one list may hold (a range is measured before it is expanded): more is a typo.
+MAX_SEEDS = 10_000
+#: The most images one suite run may generate (concepts x prompts x seeds x methods, plus the strips):
+#: the paper's protocol is 30 subjects x 41 prompts x 4 seeds x 3 methods = 14,760.
+MAX_IMAGES = 100_000
+#: The most t values of a slerp strip (one image each, side by side in one PNG).
+MAX_SLERP_STEPS = 100
+#: The most denoising steps: the schedulers' training timesteps (DDIM refuses more).
+MAX_INFERENCE_STEPS = 1000
+
+
 def _int_list(value: Any, from_text: bool) -> list[int]:
-    """``0,1,2`` or ``0-3`` (inclusive), or a list of integers."""
+    """``0,1,2`` or ``0-3`` (inclusive), or a list of integers: at most :data:`MAX_SEEDS`, each once, each
+    below 2**63 in size (what torch's generators take)."""
     if not isinstance(value, str):
-        return S.INTS(value)
-    out: list[int] = []
-    for part in (x.strip() for x in value.split(",")):
-        if not part:
-            continue
-        span = re.fullmatch(r"(-?\d+)-(-?\d+)", part)
-        try:
-            out.extend(range(int(span.group(1)), int(span.group(2)) + 1) if span else [int(part)])
-        except ValueError:
-            raise ValueError(f"must be integers like 0,1,2 or 0-3, got {value!r}") from None
+        if isinstance(value, (list, tuple)) and len(value) > MAX_SEEDS:
+            raise ValueError(f"holds {len(value)} seeds, more than {MAX_SEEDS}; give fewer")
+        out = S.INTS(value)
+    else:
+        out = []
+        for part in (x.strip() for x in value.split(",")):
+            if not part:
+                continue
+            span = re.fullmatch(r"(-?\d+)-(-?\d+)", part)
+            try:
+                lo, hi = (int(span.group(1)), int(span.group(2))) if span else (int(part), int(part))
+            except ValueError:
+                raise ValueError(f"must be integers like 0,1,2 or 0-3, got {value!r}") from None
+            if hi < lo:
+                raise ValueError(f"the range {part} runs backwards; write it low-high, e.g. {hi}-{lo}")
+            if hi - lo + 1 + len(out) > MAX_SEEDS:
+                raise ValueError(f"{value!r} gives more than {MAX_SEEDS} seeds; give fewer")
+            out.extend(range(lo, hi + 1))
     if not out:
         raise ValueError(f"must hold at least one integer, got {value!r}")
+    big = next((x for x in out if abs(x) >= 2**63), None)
+    if big is not None:
+        raise ValueError(f"seed {big} is too large: seeds must be below 2**63")
+    if len(set(out)) < len(out):
+        seen: set[int] = set()
+        twice = next(x for x in out if x in seen or seen.add(x))
+        raise ValueError(f"seed {twice} is given more than once (its images would count twice); give it once")
     return out
 
 
@@ -559,6 +586,15 @@ class SuiteConfig:
         S.check_fields(self)
         if self.slerp_steps < 2:
             raise ValueError("slerp_steps must be at least 2")
+        if self.slerp_steps > MAX_SLERP_STEPS:
+            raise ValueError(
+                f"--slerp-steps {self.slerp_steps}: a strip holds at most {MAX_SLERP_STEPS} images; give fewer"
+            )
+        if self.inference_steps > MAX_INFERENCE_STEPS:
+            raise ValueError(
+                f"--inference-steps {self.inference_steps} is more than {MAX_INFERENCE_STEPS} (the schedulers' "
+                "training timesteps); give at most that (the paper samples with 50)"
+            )
         if self.style_data is None and (self.styles_file or self.styles or self.style_prompts_file):
             raise ValueError(
                 "suite: --styles-file, --style and --style-prompts-file need --style-data (the style images)"
@@ -660,6 +696,7 @@ class _Run:
             for s in self.styles:
                 self.prompts[s.name] = list(self.style_content)
         self.concepts = self.subjects + self.styles  # what each method trains and generates
+        self._check_image_count()
         from .models import resolve_source
 
         self.resolved = resolve_source(str(cfg.model), None, None)
@@ -687,6 +724,22 @@ class _Run:
         self.log = print if cfg.progress else (lambda *a, **k: None)
 
     # -- checks before any stage -----------------------------------------------------------
+
+    def _strip_images(self) -> int:
+        """Images of the slerp strips: DTI's slerp row, TI's lerp and slerp rows."""
+        jobs = {self.train_method(m) for m in self.cfg.methods}
+        return self.cfg.slerp_steps * (("dti" in jobs) + 2 * ("ti" in jobs))
+
+    def _check_image_count(self) -> None:
+        c = self.cfg
+        per_method = sum(len(self.prompts[x.name]) for x in self.concepts) * len(c.seeds)
+        total = per_method * len(c.methods) + self._strip_images()
+        if total > MAX_IMAGES:
+            raise ValueError(
+                f"this suite would generate {total} images ({len(self.concepts)} subjects and styles x their "
+                f"prompts x {len(c.seeds)} --seeds x {len(c.methods)} --methods), more than {MAX_IMAGES}; give fewer "
+                "--seeds (or --max-prompts, --subject, --methods)"
+            )
 
     def _check_slerp_pair(self) -> None:
         """An explicit --slerp-pair: two different subjects of this run whose initializers give the same

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,47 @@ def test_damaged_state_and_cache_files_of_the_suite_are_read_as_absent(tmp_path)
     (tmp_path / "model_index.json").write_text("[1]")
     assert _local_index(SimpleNamespace(local=True, source=str(tmp_path))) == {}
     assert _norm_lists([[1.0, 2.0]]) and not _norm_lists([]) and not _norm_lists({"a": 1}) and not _norm_lists([["x"]])
+
+
+# -- F3: unbounded counts -------------------------------------------------------------------------
+
+
+def test_a_huge_seed_range_is_refused_as_the_flags_are_parsed(tmp_path, capsys):
+    from dti_fast.cli import main
+
+    out = tmp_path / "o"
+    for bad, words in (
+        ("0-100000000", "more than 10000 seeds"),
+        ("1,1", "given more than once"),
+        ("3-0", "runs backwards"),
+        (str(2**64), "below 2**63"),
+    ):
+        t0 = time.perf_counter()
+        with pytest.raises(SystemExit) as stop:
+            main(["suite", "--output", str(out), "--model", "m", "--data", str(tmp_path), "--seeds", bad])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "argument --seeds" in err and words in err, err
+        assert time.perf_counter() - t0 < 5 and not out.exists()
+
+
+def test_a_run_of_too_many_images_is_refused_before_any_work(eval_sd_model, tiny_metrics, tmp_path, capsys):
+    out = tmp_path / "o"
+    args = _base(eval_sd_model, tiny_metrics)
+    args[args.index("--max-prompts") + 1] = "41"
+    args[args.index("--seeds") + 1] = "0-9999"
+    t0 = time.perf_counter()
+    rc, err = _suite(capsys, out, *args)
+    _refused(rc, err, out, "would generate 1640005 images", "more than 100000", "give fewer --seeds")
+    assert time.perf_counter() - t0 < 30
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [("--slerp-steps", "1000", "at most 100 images"), ("--inference-steps", "5000", "more than 1000")],
+)
+def test_huge_strip_and_sampling_step_counts_are_refused_before_any_work(
+    eval_sd_model, tiny_metrics, tmp_path, capsys, flag, value, words
+):
+    out = tmp_path / "o"
+    rc, err = _suite(capsys, out, *_base(eval_sd_model, tiny_metrics), flag, value)
+    _refused(rc, err, out, f"{flag} {value}", words)
