@@ -93,7 +93,7 @@ def load_pipeline(
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from .models import resolve_source
+    from .models import model_load_errors, probe_tokenizer, resolve_source
 
     r = resolve_source(str(model), None, None)
     dev, dt = resolve_device_dtype(device, dtype)
@@ -106,7 +106,9 @@ def load_pipeline(
     if not progress:
         dlog.disable_progress_bar()  # diffusers' "Loading pipeline components" bar
     try:
-        with warnings.catch_warnings():
+        # A damaged or mismatched part (a UNet config that does not fit its weights) is named in one
+        # line, not with diffusers' advice about from_pretrained's arguments.
+        with warnings.catch_warnings(), model_load_errors(r):
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)  # newer: dtype=
             if r.family in ("sana", "wan"):
                 import diffusers
@@ -132,6 +134,9 @@ def load_pipeline(
             )
     else:
         _set_scheduler(pipe, scheduler)
+    for part in ("tokenizer", "tokenizer_2"):  # a tokenizer that loads but cannot tokenize: named now
+        if getattr(pipe, part, None) is not None:
+            probe_tokenizer(getattr(pipe, part), r.shown, part)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=not progress)
     pipe._dti_fast_model = r.shown  # for error messages

@@ -303,3 +303,31 @@ def test_world_gate_refuses_a_damaged_scorer_and_too_many_prompts(tmp_path, caps
     a_file.write_text("x")
     code, err = run(["world", "gate", "--output", a_file], capsys)
     assert code == 2 and f"--output {a_file} is a file" in last_line(err)
+
+
+def test_a_toy_suite_rerun_with_other_settings_draws_its_own_images(tmp_path, capsys):
+    from dti_fast.concept_files import read_concept
+    from dti_fast.generate import concept_digest
+
+    out = tmp_path / "s"
+    assert run(["suite", "--world", "toy", "--quick", "--output", out], capsys)[0] == 0
+    # other training steps: other vectors, so every image must be drawn again (none kept from the first run)
+    assert run(["suite", "--world", "toy", "--quick", "--output", out, "--steps", "3"], capsys)[0] == 0
+    manifest = json.loads((out / "images" / "dti" / "images.json").read_text())
+    for name, digest in manifest["run"]["concepts"].items():
+        assert digest == concept_digest(read_concept(out / "train" / "dti" / name))
+
+
+def test_generate_names_a_unet_config_that_does_not_fit_its_weights(trained_sd, eval_sd_model, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "mixed"
+    shutil.copytree(eval_sd_model, model)
+    config = json.loads((model / "unet" / "config.json").read_text())
+    config["block_out_channels"] = [2 * c for c in config["block_out_channels"]]
+    (model / "unet" / "config.json").write_text(json.dumps(config))
+    args = ["generate", "--model", model, "--concept", concept_dir(trained_sd), "--output", tmp_path / "g"]
+    code, err = run(args + ["--steps", "1", "--no-progress"], capsys)
+    assert code == 2, err
+    assert f"model '{model}': the config of unet/ does not match its weights" in last_line(err)
+    assert "low_cpu_mem_usage" not in err

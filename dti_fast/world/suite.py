@@ -373,6 +373,7 @@ def run_toy_suite(cfg: ToySuiteConfig) -> dict:
             guidance=cfg.guidance,
             batch_size=8,
             pipe=pipe,
+            skip_existing=False,  # every run trains afresh: images of an earlier run are not this one's
         )
         seconds[f"generate:{m}"] = time.perf_counter() - t
         # 6. score
@@ -485,17 +486,18 @@ def run_toy_suite(cfg: ToySuiteConfig) -> dict:
             None,
             embs,
             ["a photo of a {}"],
-            out / "slerp" / "images",
+            out / "slerp" / "seeds",  # every seed per t (the strip itself is in slerp/images/)
             seeds=list(cfg.seeds),
             steps=cfg.inference_steps,
             guidance=cfg.guidance,
             batch_size=8,
             pipe=pipe,
             grid=False,
+            skip_existing=False,
         )
         by_t: dict[str, list] = {}
         for r in gen.records:
-            with Image.open(out / "slerp" / "images" / r.file) as im:
+            with Image.open(out / "slerp" / "seeds" / r.file) as im:
                 by_t.setdefault(r.concept, []).append(im.convert("RGB"))
         curve = []
         for ti, e in zip(res.times, embs):
