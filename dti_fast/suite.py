@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -310,49 +309,11 @@ def _comma_list(*choices: str) -> S.Kind:
     return S.Kind(describe, convert)
 
 
-#: The most seeds one list may hold (a range is measured before it is expanded): more is a typo.
-MAX_SEEDS = 10_000
 #: The most images one suite run may generate (concepts x prompts x seeds x methods, plus the strips):
 #: the paper's protocol is 30 subjects x 41 prompts x 4 seeds x 3 methods = 14,760.
 MAX_IMAGES = 100_000
-#: The most t values of a slerp strip (one image each, side by side in one PNG).
-MAX_SLERP_STEPS = 100
 #: The most denoising steps: the schedulers' training timesteps (DDIM refuses more).
 MAX_INFERENCE_STEPS = 1000
-
-
-def _int_list(value: Any, from_text: bool) -> list[int]:
-    """``0,1,2`` or ``0-3`` (inclusive), or a list of integers: at most :data:`MAX_SEEDS`, each once, each
-    below 2**63 in size (what torch's generators take)."""
-    if not isinstance(value, str):
-        if isinstance(value, (list, tuple)) and len(value) > MAX_SEEDS:
-            raise ValueError(f"holds {len(value)} seeds, more than {MAX_SEEDS}; give fewer")
-        out = S.INTS(value)
-    else:
-        out = []
-        for part in (x.strip() for x in value.split(",")):
-            if not part:
-                continue
-            span = re.fullmatch(r"(-?\d+)-(-?\d+)", part)
-            try:
-                lo, hi = (int(span.group(1)), int(span.group(2))) if span else (int(part), int(part))
-            except ValueError:
-                raise ValueError(f"must be integers like 0,1,2 or 0-3, got {value!r}") from None
-            if hi < lo:
-                raise ValueError(f"the range {part} runs backwards; write it low-high, e.g. {hi}-{lo}")
-            if hi - lo + 1 + len(out) > MAX_SEEDS:
-                raise ValueError(f"{value!r} gives more than {MAX_SEEDS} seeds; give fewer")
-            out.extend(range(lo, hi + 1))
-    if not out:
-        raise ValueError(f"must hold at least one integer, got {value!r}")
-    big = next((x for x in out if abs(x) >= 2**63), None)
-    if big is not None:
-        raise ValueError(f"seed {big} is too large: seeds must be below 2**63")
-    if len(set(out)) < len(out):
-        seen: set[int] = set()
-        twice = next(x for x in out if x in seen or seen.add(x))
-        raise ValueError(f"seed {twice} is given more than once (its images would count twice); give it once")
-    return out
 
 
 def _names(value: Any, from_text: bool) -> list[str]:
@@ -382,7 +343,6 @@ def _pair(value: Any, from_text: bool) -> tuple[str, str]:
     return (parts[0], parts[1])
 
 
-INT_LIST = S.Kind("integers like 0,1,2 or 0-3", _int_list)
 PAIR = S.Kind("two subject names A,B", _pair)
 NAMES = S.Kind("names like dog or dog,cat2", _names)
 _SCHEDULERS = S.choice("auto", "model", "ddim", "euler", "dpm", "pndm")
@@ -456,7 +416,7 @@ class SuiteConfig:
         default_text="default all",
     )
     seeds: list[int] = S.setting(
-        kind=INT_LIST,
+        kind=S.SEEDS,
         default_factory=lambda: [0, 1, 2, 3],
         help="generation seeds, e.g. 0-3",
         default_text="default 0,1,2,3; --quick 0",
@@ -586,9 +546,12 @@ class SuiteConfig:
         S.check_fields(self)
         if self.slerp_steps < 2:
             raise ValueError("slerp_steps must be at least 2")
-        if self.slerp_steps > MAX_SLERP_STEPS:
+        from .interpolate import MAX_STEPS
+
+        if self.slerp_steps > MAX_STEPS:
             raise ValueError(
-                f"--slerp-steps {self.slerp_steps}: a strip holds at most {MAX_SLERP_STEPS} images; give fewer"
+                f"--slerp-steps {self.slerp_steps}: a strip holds at most {MAX_STEPS} images (as interpolate's "
+                "--steps); give fewer"
             )
         if self.inference_steps > MAX_INFERENCE_STEPS:
             raise ValueError(
