@@ -399,6 +399,16 @@ def generate(
     shown_model = str(model) if model is not None else getattr(pipe, "_dti_fast_model", None)
     if shown_model is not None and Path(shown_model).expanduser().exists():
         shown_model = str(Path(shown_model).expanduser().resolve())  # a folder, however it was typed
+    for c in loaded:  # the right family but another model (SD 1.5 vs a fine-tune of it): it loads, warned
+        trained_on = c.info.get("model")
+        if isinstance(trained_on, str) and Path(trained_on).expanduser().exists():
+            trained_on = str(Path(trained_on).expanduser().resolve())
+        if shown_model is not None and isinstance(trained_on, str) and trained_on != shown_model:
+            warnings.warn(
+                f"concept {c.name!r} was trained on {trained_on}, not on {shown_model}: its vectors may mean "
+                "less there",
+                stacklevel=2,
+            )
     run = {
         "model": shown_model,
         "steps": steps,

@@ -331,3 +331,38 @@ def test_generate_names_a_unet_config_that_does_not_fit_its_weights(trained_sd, 
     assert code == 2, err
     assert f"model '{model}': the config of unet/ does not match its weights" in last_line(err)
     assert "low_cpu_mem_usage" not in err
+
+
+def test_resume_trains_again_a_concept_whose_concept_json_is_not_an_object(tmp_path):
+    from dti_fast.data import Concept
+    from dti_fast.demo import demo_images_dir
+    from dti_fast.train import TrainConfig
+    from dti_fast.train.checkpoint import finished_concepts
+
+    cfg = TrainConfig(
+        model="unused",
+        output_dir=tmp_path,
+        concepts=[Concept(name="dog", images=demo_images_dir() / "dog", init="dog")],
+    )
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "concept.json").write_text('["a list, not what train writes"]')
+    assert finished_concepts(cfg, 1) == set()
+
+
+def test_generate_warns_when_a_concept_was_trained_on_another_model(trained_sd, eval_sd_model, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "other-sd"
+    shutil.copytree(eval_sd_model, other)  # the same family and widths: it loads
+    args = ["generate", "--model", other, "--concept", concept_dir(trained_sd), "--output", tmp_path / "g"]
+    code, err = run(args + ["--steps", "1", "--no-grid", "--no-progress"], capsys)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "warning" in line]
+    assert len(warned) == 1 and f"was trained on {Path(eval_sd_model).resolve()}, not on {other}" in warned[0], err
+    capsys.readouterr()
+    code, err = run(
+        ["generate", "--model", eval_sd_model, "--concept", concept_dir(trained_sd), "--output", tmp_path / "h"]
+        + ["--steps", "1", "--no-grid", "--no-progress"],
+        capsys,
+    )
+    assert code == 0 and "warning" not in err, err

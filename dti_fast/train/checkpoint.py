@@ -232,6 +232,8 @@ def finished_concepts(cfg: TrainConfig, data_world: int) -> set[str]:
             info = json.loads(info_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
+        if not isinstance(info, dict):  # not what train writes (damaged, edited): trained again
+            continue
         if (
             info.get("status") == "complete"
             and info.get("fingerprint") == cfg.concept_fingerprint(c, data_world)
