@@ -424,7 +424,7 @@ class SuiteConfig:
     inference_steps: int = S.setting(
         50, kind=S.POSITIVE_INT, help="denoising steps", default_text="default 50; --quick 10"
     )
-    guidance: float = S.setting(7.5, kind=S.FLOAT, help="classifier-free guidance scale")
+    guidance: float = S.setting(7.5, kind=S.NONNEG_FLOAT, help="classifier-free guidance scale, >= 0")
     gen_batch_size: int = S.setting(8, kind=S.POSITIVE_INT, help="images per pipeline call")
     scheduler: str = S.setting(
         "auto", kind=_SCHEDULERS, help="sampler: auto = the model's, DDIM instead of a training DDPM scheduler"
@@ -664,6 +664,11 @@ class _Run:
 
         self.resolved = resolve_source(str(cfg.model), None, None)
         # Everything that would otherwise be refused only after hours of training and sampling.
+        if self.resolved.family in ("sana", "wan") and cfg.scheduler not in ("auto", "model"):
+            raise ValueError(
+                f"--scheduler {cfg.scheduler}: {self.resolved.family} models sample with their own flow-matching "
+                "scheduler; use auto or model"
+            )
         self._check_slerp_pair()
         check_metric_models(cfg.dino_model, cfg.siglip_model, cfg.clip_model, cfg.metrics)
         self._check_masks()
@@ -679,6 +684,10 @@ class _Run:
                 f"{self.out} holds files but no {STATE_FILE} (not a suite's output); give the suite a new or "
                 "empty folder as --output"
             )
+        from .io import check_output_folder
+
+        # Writable and not under a file (makes the folder, as run_suite does next).
+        check_output_folder(self.out, owner="dti-fast suite", may_hold_others=True)
         self.state = _State(self.out, cfg.force)
         self.ran: list[str] = []
         self.skipped: list[str] = []

@@ -306,3 +306,35 @@ def test_huge_strip_and_sampling_step_counts_are_refused_before_any_work(
     out = tmp_path / "o"
     rc, err = _suite(capsys, out, *_base(eval_sd_model, tiny_metrics), flag, value)
     _refused(rc, err, out, f"{flag} {value}", words)
+
+
+# -- other settings that failed only at a later stage ---------------------------------------------
+
+
+def test_a_negative_guidance_is_refused_as_the_flags_are_parsed(tmp_path, capsys):
+    """generate refuses it, but in the suite only after every method trained."""
+    from dti_fast.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["suite", "--output", str(tmp_path / "o"), "--model", "m", "--guidance", "-5"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "argument --guidance" in err and ">= 0" in err, err
+
+
+def test_a_scheduler_a_flow_model_cannot_use_is_refused_before_training(tiny_metrics, tmp_path, capsys):
+    from dti_fast.testing.tiny_flow import make_tiny_flow_model
+
+    sana = make_tiny_flow_model(tmp_path / "sana", "sana")
+    capsys.readouterr()  # the builder's progress bars
+    out = tmp_path / "o"
+    rc, err = _suite(capsys, out, *_base(sana, tiny_metrics), "--scheduler", "ddim")
+    _refused(rc, err, out, "--scheduler ddim", "flow-matching", "use auto or model")
+
+
+def test_an_output_folder_under_a_file_is_refused_naming_the_flag(eval_sd_model, tiny_metrics, tmp_path, capsys):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("mine")
+    rc, err = _suite(capsys, afile / "run", *_base(eval_sd_model, tiny_metrics))
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--output" in err and "which is a file" in err, err
+    assert afile.read_text() == "mine"
