@@ -393,7 +393,7 @@ class SuiteConfig:
     batch_size: int = S.setting(4, kind=S.POSITIVE_INT, help="training images per subject per step")
     max_batch: int | None = S.setting(
         16,
-        kind=S.optional(S.INT),
+        kind=S.optional(S.NONNEG_INT),
         help="most training images per forward pass, subjects take turns (0 = every subject every step)",
     )
     resolution: int | None = S.setting(

@@ -311,14 +311,16 @@ def test_huge_strip_and_sampling_step_counts_are_refused_before_any_work(
 # -- other settings that failed only at a later stage ---------------------------------------------
 
 
-def test_a_negative_guidance_is_refused_as_the_flags_are_parsed(tmp_path, capsys):
-    """generate refuses it, but in the suite only after every method trained."""
+@pytest.mark.parametrize("flag", ["--guidance", "--max-batch"])
+def test_a_negative_guidance_or_max_batch_is_refused_as_the_flags_are_parsed(tmp_path, capsys, flag):
+    """generate refuses a negative guidance, but in the suite only after every method trained; a negative
+    --max-batch was silently read as --batch-size."""
     from dti_fast.cli import main
 
     with pytest.raises(SystemExit) as stop:
-        main(["suite", "--output", str(tmp_path / "o"), "--model", "m", "--guidance", "-5"])
+        main(["suite", "--output", str(tmp_path / "o"), "--model", "m", flag, "-5"])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and "argument --guidance" in err and ">= 0" in err, err
+    assert stop.value.code == 2 and f"argument {flag}" in err and ">= 0" in err, err
 
 
 def test_a_scheduler_a_flow_model_cannot_use_is_refused_before_training(tiny_metrics, tmp_path, capsys):
