@@ -119,14 +119,31 @@ def save_torch(obj: Any, path: Path) -> Path:
 
 
 def load_torch(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True``: a pickle that would run code is refused."""
+    """``torch.load`` with ``weights_only=True``: a pickle that would run code is refused.
+
+    The refusal does not repeat torch's own text, which suggests loading again with
+    ``weights_only=False`` (the unsafe way), nor its warning about pickle protocols.
+    """
+    import pickle
+    import warnings
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Detected pickle protocol 4 ...": the refusal below says it all
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        why = "it holds Python objects beyond tensors and plain data, which could run code when loaded"
+        if "Weights only load failed" not in str(err):  # not a pickle at all: cut short, or another file
+            why = f"it is not a readable torch file ({first_line(err)})"
+        raise ValueError(
+            f"{path} was not loaded: {why}; no code from it ran. Use a .safetensors embedding, or re-export "
+            "this one from a trusted source as tensors only"
+        ) from None
     except Exception as err:
         raise ValueError(
-            f"{path} could not be loaded safely ({type(err).__name__}: {first_line(err)}); "
-            "only tensors and plain data are accepted from .pt/.bin files: re-export it as safetensors"
-        ) from err
+            f"{path} is not a readable torch file ({type(err).__name__}: {first_line(err)}); only tensors and "
+            "plain data are read from .pt/.bin files: re-export it, as safetensors if you can"
+        ) from None
 
 
 def write_json(obj: Any, path: Path) -> Path:

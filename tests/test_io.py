@@ -75,5 +75,11 @@ def test_damaged_and_crafted_files_are_refused_by_name(tmp_path):
 
     crafted = tmp_path / "crafted.pt"
     crafted.write_bytes(pickle.dumps(Boom()))
-    with pytest.raises(ValueError, match="crafted.pt could not be loaded safely"):
+    with pytest.raises(ValueError, match="crafted.pt was not loaded: it holds Python objects") as info:
         load_torch(crafted)
+    # torch's own text suggests weights_only=False, the unsafe way: not repeated to a user
+    assert "weights_only" not in str(info.value) and "no code from it ran" in str(info.value)
+    text = tmp_path / "notes.bin"
+    text.write_text("hello world")
+    with pytest.raises(ValueError, match="notes.bin is not a readable torch file"):
+        load_torch(text)
