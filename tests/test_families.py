@@ -253,7 +253,9 @@ def test_folder_without_tokenizer_is_refused_naming_it(tiny, tmp_path, family, m
     shutil.copytree(tiny[family] / "tokenizer", broken / "tokenizer")
     (broken / "tokenizer" / "tokenizer.json").write_text("{not json")
     _refused_before_loading(
-        _config(broken, tmp_path / "out"), r"tokenizer/ folder does not load.*restore tokenizer/", monkeypatch
+        _config(broken, tmp_path / "out"),
+        r"tokenizer/tokenizer.json is not valid JSON .* the model folder is damaged: .* restore the file",
+        monkeypatch,
     )
 
 
