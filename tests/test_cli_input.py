@@ -23,6 +23,17 @@ from _shared import small_tmpfs
 from dti_fast import settings as S
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Commands run in this process set torch's thread count (world gate, the toy suite): restored after,
+    so that later tests comparing this process's arithmetic with a subprocess's see the usual count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def run(argv: list[str], capsys) -> tuple[int, str]:
     from dti_fast.cli import main
 
