@@ -97,6 +97,19 @@ def default_style_prompts_file() -> Path:
     return _asset("style_prompts.json")
 
 
+def _intact(path: Path, *keys: str) -> bool:
+    """Whether the suite's own output ``path`` is there and whole: a JSON object holding ``keys``.
+
+    A stage whose output is damaged (cut short by a failing disk, edited) counts as not done, so a
+    rerun makes it again instead of failing on it later with a raw JSON error.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(k in data for k in keys)
+
+
 def _read_json(path: Path, what: str) -> Any:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
@@ -946,8 +959,10 @@ class _Run:
         folder = self.out / "images" / method
         c = self.cfg
 
+        intact = _intact(folder / "images.json", "records", "run")
+
         def work(changed: bool):
-            if changed and folder.exists():
+            if (changed or not intact) and folder.exists():  # other settings, or a damaged manifest
                 shutil.rmtree(folder)
             concepts = [read_concept(self.concept_dir(method, s.name)) for s in self.concepts]
             res = generate(
@@ -963,8 +978,7 @@ class _Run:
             )
             return {"images": len(res.records), "generated": res.generated}
 
-        exist = (folder / "images.json").is_file()
-        self._stage(f"generate:{method}", self.generate_fp(method), exist, work)
+        self._stage(f"generate:{method}", self.generate_fp(method), intact, work)
 
     def score(self, method: str) -> None:
         from .evaluate import evaluate_generated
@@ -981,7 +995,7 @@ class _Run:
             write_json(result, path)
             return {}
 
-        self._stage(f"score:{method}", self.score_fp(method), path.is_file(), work)
+        self._stage(f"score:{method}", self.score_fp(method), _intact(path, "mean", "subjects", "images"), work)
 
     def score_style(self, method: str) -> None:
         """Style concepts: Image / CLIP-I against the style's images (unmasked), Text / CLIP-T of the
@@ -998,7 +1012,8 @@ class _Run:
             write_json(result, path)
             return {}
 
-        self._stage(f"score-style:{method}", self.score_style_fp(method), path.is_file(), work)
+        intact = _intact(path, "mean", "subjects", "images")
+        self._stage(f"score-style:{method}", self.score_style_fp(method), intact, work)
 
     def slerp(self) -> dict[str, dict[str, str]]:
         """Strips between two subjects: DTI (slerp) and, when trained, TI (lerp vs slerp)."""

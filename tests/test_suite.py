@@ -292,3 +292,19 @@ def test_quick_mode_end_to_end_through_the_command(tmp_path, monkeypatch, capsys
     assert report["style_images"] == {"dti": 6, "ti": 6, "ti-rescaled": 6}  # 2 styles x 3 prompts x 1 seed
     assert report["tiny_diffusion_model"] and all(report["random_weight_metric_models"].values())
     assert (tmp_path / "cache" / "tiny-metrics-v1" / "siglip" / "README.txt").is_file()
+
+
+def test_a_damaged_output_of_a_finished_stage_is_made_again_not_read(eval_sd_model, tiny_metrics, tmp_path):
+    cfg = dict(methods=["dti"], metrics=["image"])
+    run_suite(_reduced(tmp_path / "r", eval_sd_model, tiny_metrics, **cfg))
+    scores = tmp_path / "r" / "scores" / "dti.json"
+    manifest = tmp_path / "r" / "images" / "dti" / "images.json"
+    good = json.loads(scores.read_text())
+    scores.write_text(scores.read_text()[:40])  # cut short, as a failing disk leaves a file
+    manifest.write_text("[]")
+    again = run_suite(_reduced(tmp_path / "r", eval_sd_model, tiny_metrics, **cfg))
+    # the damaged stages run again; what did not read them (seeded images come out the same) stays done
+    assert again.ran == ["generate:dti", "score:dti"]
+    assert again.skipped == ["train:dti", "score-style:dti", "slerp:dti"]
+    assert json.loads(scores.read_text())["mean"] == good["mean"]  # the same images, scored again
+    assert isinstance(json.loads(manifest.read_text())["records"], list)
