@@ -59,10 +59,7 @@ def _interpolation_steps(text: str) -> int:
     return value
 
 
-def _output_path(text: str) -> Path:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a path; must be a non-empty path, got ''")
-    return Path(text).expanduser()
+_output_path = S.argparse_type(S.PATH)
 
 
 def parse_concept_flag(text: str) -> Concept:

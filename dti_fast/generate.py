@@ -303,15 +303,20 @@ def concept_digest(concept: ConceptEmbeddings) -> str:
 
 
 def _run_differences(before: dict, now: dict) -> list[str]:
-    """What differs between two runs' settings (``images.json``'s ``run``), one phrase each."""
+    """What differs between two runs' settings (``images.json``'s ``run``), one phrase each.
+
+    A model recorded as None (a caller's own pipeline, unnamed) is not compared.
+    """
     out = []
     for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
         if key == "concepts":
-            a, b = before.get(key) or {}, now.get(key) or {}
-            changed = sorted(n for n in set(a) & set(b) if a[n] != b[n])
-            out += [f"concept {n!r} has other vectors" for n in changed]
-        elif before.get(key) != now.get(key):
-            out.append(f"{key} {before.get(key)!r} -> {now.get(key)!r}")
+            a, b = a or {}, b or {}
+            out += [f"concept {n!r} has other vectors" for n in sorted(set(a) & set(b)) if a[n] != b[n]]
+        elif key == "model" and None in (a, b):
+            continue
+        elif a != b:
+            out.append(f"{key} {a!r} -> {b!r}")
     return out
 
 
@@ -498,14 +503,7 @@ def _check_kept_images(out: Path, run: dict) -> None:
         )
     if not isinstance(before.get("run"), dict):
         return  # written before runs were recorded (dti-fast <= 2026-12-01): kept as before
-    before_run = before["run"]
-    same_pipe = before_run.get("model") == run["model"] or None in (before_run.get("model"), run["model"])
-    diff = _run_differences(
-        {k: v for k, v in before_run.items() if k not in ("model", "concepts")},
-        {k: v for k, v in run.items() if k not in ("model", "concepts")},
-    )
-    diff += [] if same_pipe else [f"model {before_run.get('model')!r} -> {run['model']!r}"]
-    diff += _run_differences({"concepts": before_run.get("concepts")}, {"concepts": run["concepts"]})
+    diff = _run_differences(before["run"], run)
     if diff:
         raise ValueError(
             f"{out} holds images of another run ({'; '.join(diff)}); add --overwrite to make them again, or "

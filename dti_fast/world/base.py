@@ -184,6 +184,12 @@ class BuildInterrupted(Exception):
         )
 
 
+def _halt_if_stopped(stop, folder: Path) -> None:
+    """Raise :class:`BuildInterrupted` when ``stop`` (a StopSignals, or None) has caught a signal."""
+    if stop is not None and stop.signum is not None:
+        raise BuildInterrupted(stop.signum, folder)
+
+
 class _Checkpoint:
     """One stage's resumable state: a safetensors file of tensors with its JSON in the metadata.
 
@@ -708,11 +714,9 @@ def build_base(
         f"vocab {len(vocab)} ({len(used)} word rows)"
     )
 
-    def halt() -> None:
-        # A signal during the renders, the object masks or the latent cache (a minute or more at
-        # the default size) stops the build here: what the stages learned is in their checkpoints.
-        if stop is not None and stop.signum is not None:
-            raise BuildInterrupted(stop.signum, out)
+    # A signal during the renders, the object masks or the latent cache (a minute or more at the
+    # default size) stops the build there: what the stages learned is in their checkpoints.
+    halt = functools.partial(_halt_if_stopped, stop, out)
 
     t = time.perf_counter()
     specs, images = render_set(cfg.images, cfg.seed, check=halt, held=False)
@@ -1016,9 +1020,7 @@ def build_world(
         proc = ctx.Process(target=_scorer_process, args=args, name="world-scorer")
         proc.start()
 
-    def halt() -> None:  # the build's stop check (the VAE and UNet stages check at their checkpoints)
-        if stop is not None and stop.signum is not None:
-            raise BuildInterrupted(stop.signum, out)
+    halt = functools.partial(_halt_if_stopped, stop, out)  # (the VAE and UNet stages check at their checkpoints)
 
     def join_scorer() -> None:
         if proc is None:

@@ -168,12 +168,6 @@ def _cmd_gate(args: argparse.Namespace) -> int:
 MAX_GATE_PROMPTS = 10_000
 
 
-def _nonempty_path(text: str) -> Path:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a path; must be a non-empty path, got ''")
-    return Path(text).expanduser()
-
-
 def _gate_count(text: str) -> int:
     value = S.argparse_type(S.POSITIVE_INT)(text)
     if value > MAX_GATE_PROMPTS:
@@ -236,7 +230,7 @@ def add_world_parser(sub) -> None:
     g.add_argument("--inference-steps", type=count, default=20, help="DDIM steps (default 20)")
     g.add_argument("--guidance", type=scale, default=4.0, help="classifier-free guidance (default 4)")
     g.add_argument("--threads", type=count, default=1, help="torch threads (default 1)")
-    g.add_argument("--output", type=_nonempty_path, help="write gate.png (the images) into this folder")
+    g.add_argument("--output", type=S.argparse_type(S.PATH), help="write gate.png (the images) into this folder")
     g.set_defaults(func=_cmd_gate)
 
 
