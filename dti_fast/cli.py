@@ -479,8 +479,20 @@ def _add_suite_parser(sub) -> None:
     p.set_defaults(func=_cmd_suite)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line refusal: the error, and where the flags are listed.
+
+    argparse's own ``error`` prints the whole usage block (20 lines for ``train``) above the
+    one line that says what is wrong; the help is one flag away for whoever wants it.
+    Subcommand parsers are made of this class too (``add_subparsers`` takes the parent's).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dti-fast",
         description="Directional Textual Inversion (arXiv 2512.13672) for diffusers models: learn token "
         "embeddings of fixed norm whose direction is trained on the sphere.",

@@ -421,19 +421,27 @@ def check_model_files(folder: str | os.PathLike, family: str, shown: str | None 
             if data["model_max_length"] <= 0:
                 raise _damaged(shown, rel, f'has "model_max_length": {data["model_max_length"]}, not a positive number')
         _mark_checked(file)
+    for part in required_parts(family):
+        check_safetensors_files(folder / part, folder, shown)
+
+
+def check_safetensors_files(where: Path, folder: Path, shown: str) -> None:
+    """Refuse a damaged ``*.safetensors`` file directly in ``where`` (a part of model ``folder``), reading
+    only headers: safetensors checks that the header parses and that its offsets end at the file's end,
+    so a truncated or overwritten file fails here rather than when its weights load. Raises ValueError
+    naming the model and the file; intact files are remembered like :func:`check_model_files`'s."""
     from safetensors import safe_open
 
-    for part in required_parts(family):
-        for file in sorted((folder / part).glob("*.safetensors")):
-            if _unchanged(file):
-                continue
-            try:
-                with safe_open(str(file), "pt") as handle:
-                    handle.keys()
-            except Exception as err:  # safetensors raises its own error types for damaged files
-                why = f"is not a readable safetensors file ({first_line_of(err)[:120]})"
-                raise _damaged(shown, file.relative_to(folder).as_posix(), why) from None
-            _mark_checked(file)
+    for file in sorted(where.glob("*.safetensors")):
+        if _unchanged(file):
+            continue
+        try:
+            with safe_open(str(file), "pt") as handle:
+                handle.keys()
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            why = f"is not a readable safetensors file ({first_line_of(err)[:120]})"
+            raise _damaged(shown, file.relative_to(folder).as_posix(), why) from None
+        _mark_checked(file)
 
 
 def first_line_of(err: BaseException) -> str:

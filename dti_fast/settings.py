@@ -340,7 +340,7 @@ def argparse_type(kind: Kind, flag: str = "") -> Callable[[str], Any]:
         try:
             value = kind(text, from_text=True)
         except ValueError as err:
-            raise argparse.ArgumentTypeError(f"expected {kind.describe}; {err}") from None
+            raise argparse.ArgumentTypeError(str(err)) from None  # "must be a positive integer, got 'x'"
         return value[0] if isinstance(value, list) and len(value) == 1 and kind is TEXTS else value
 
     parse.__name__ = kind.describe  # argparse names the type in its messages

@@ -1137,7 +1137,7 @@ def _check_metric_model(what: str, model: str) -> None:
     import transformers
 
     from .evaluate import ClipScorer, DinoScorer, SiglipScorer, _load_error, _source
-    from .models import _cached_snapshot, offline_by_env
+    from .models import _cached_snapshot, check_safetensors_files, offline_by_env
 
     src, kw = _source(model, what)  # a file, a missing folder, a folder without config.json: refused here
     folder = Path(src) if Path(src).is_dir() else None
@@ -1164,12 +1164,13 @@ def _check_metric_model(what: str, model: str) -> None:
         if what == "dino":
             del needed["tokenizer"]
         lacking = [k for k, names in needed.items() if not any((folder / n).is_file() for n in names)]
+        shown = model if Path(model).expanduser() == folder else f"{model} ({folder})"
         if lacking:
-            shown = model if Path(model).expanduser() == folder else f"{model} ({folder})"
             raise FileNotFoundError(
                 f"{what} model {shown} has no {' and no '.join(lacking)}; pass a complete folder written by "
                 "save_pretrained (the model and its processor), or download the model again"
             )
+        check_safetensors_files(folder, folder, shown)  # a truncated weights file: refused now, not at scoring
 
 
 def _norm_lists(value: Any) -> bool:

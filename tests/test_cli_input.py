@@ -49,6 +49,23 @@ def last_line(err: str) -> str:
     return err.strip().splitlines()[-1] if err.strip() else ""
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--steps", "x"], "dti-fast train: error: argument --steps: must be a positive integer, got 'x'"),
+        (["world", "build-base", "--ema", "2"], "dti-fast world build-base: error: argument --ema: must be a number"),
+        (["make-tiny-model"], "dti-fast make-tiny-model: error: the following arguments are required: dir"),
+        (["train", "--no-such-flag"], "dti-fast: error: unrecognized arguments: --no-such-flag"),
+        (["bogus"], "dti-fast: error: argument command: invalid choice: 'bogus'"),
+    ],
+)
+def test_a_bad_flag_is_refused_in_one_line_without_the_usage_block(argv, message, capsys):
+    code, err = run(argv, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "usage:" not in err, err
+    assert err.startswith(message) and err.rstrip().endswith("--help)"), err
+
+
 # ---------------------------------------------------------------------------------------------
 # Seeds
 # ---------------------------------------------------------------------------------------------
@@ -99,12 +116,12 @@ def test_generate_refuses_bad_flags_and_files_before_the_model_loads(trained_sd,
     comments = tmp_path / "comments.txt"
     comments.write_text("# only a comment\n\n   \n")
     cases = [
-        (["--output", ""], "argument --output: expected a path; must be a non-empty path, got ''"),
+        (["--output", ""], "argument --output: must be a non-empty path, got ''"),
         (["--output", out, "--seeds", "0-100000000"], "gives more than 10000 seeds"),
         (["--output", out, "--seeds", "3,3"], "seed 3 is given more than once"),
         (["--output", out, "--seeds", str(2**64)], "outside 0 to 2**63 - 1"),
-        (["--output", out, "--guidance", "nan"], "argument --guidance: expected a finite number >= 0"),
-        (["--output", out, "--guidance", "-5"], "argument --guidance: expected a finite number >= 0"),
+        (["--output", out, "--guidance", "nan"], "argument --guidance: must be a finite number >= 0"),
+        (["--output", out, "--guidance", "-5"], "argument --guidance: must be a finite number >= 0"),
         (["--output", out, "--height", "1000000"], "1000000 px is above the largest side dti-fast samples, 4096 px"),
         (["--output", out, "--width", "100"], "--width must be a positive multiple of 8, got 100"),
         (["--output", out, "--prompt", ""], "--prompt is empty"),
@@ -239,7 +256,7 @@ def test_interpolate_refuses_bad_input_before_writing_anything(trained_sd, eval_
         (["interpolate", dog, dog, "--output", out, "--no-images"], f"A and B are the same concept ({dog})"),
         (["interpolate", dog, cat, "--output", out, "--steps", "100000000"], "expected 2 to 1001 t values"),
         (["interpolate", dog, cat, "--output", out, "--seed", str(2**64)], "must be below 2**63"),
-        (["interpolate", dog, cat, "--output", out, "--guidance", "nan"], "expected a finite number >= 0"),
+        (["interpolate", dog, cat, "--output", out, "--guidance", "nan"], "must be a finite number >= 0"),
         (["interpolate", dog, cat, "--output", out, "--resolution", "65"], "--resolution must be a positive multiple"),
         (["interpolate", dog, cat, "--output", ""], "must be a non-empty path"),
         (

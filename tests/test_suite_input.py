@@ -124,6 +124,12 @@ def test_a_metric_model_that_is_a_file_or_an_incomplete_folder_is_refused_before
     (half / "model.safetensors").unlink()
     rc, err = _suite(capsys, out, *_base(eval_sd_model, tiny_metrics, dino=half))
     _refused(rc, err, out, "--dino-model", "no weights", "save_pretrained")
+    cut = tmp_path / "cut-siglip"  # a download cut short: the header promises more bytes than the file has
+    shutil.copytree(tiny_metrics["siglip"], cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    rc, err = _suite(capsys, out, *_base(eval_sd_model, tiny_metrics, siglip=cut))
+    _refused(rc, err, out, "--siglip-model", "model.safetensors is not a readable safetensors file", "re-save")
     bare = tmp_path / "bare"
     bare.mkdir()
     rc, err = _suite(capsys, out, *_base(eval_sd_model, tiny_metrics, siglip=bare))

@@ -301,22 +301,22 @@ def test_an_output_folder_holding_other_files_is_refused_before_any_work_and_lef
     assert done.returncode == 2 and "is a file" in done.stderr and (tmp_path / "a-file").read_text() == "x"
 
 
-BAD_FLAGS = [  # refused as they are parsed (argparse: usage and one error line, exit 2), like train's flags
-    (["--batch", "0"], "argument --batch: expected a positive integer; must be a positive integer, got 0"),
-    (["--steps", "-3"], "argument --steps: expected a positive integer"),
-    (["--images", "0"], "argument --images: expected a positive integer"),
-    (["--vae-steps", "0"], "argument --vae-steps: expected a positive integer"),
-    (["--seed", "-1"], "argument --seed: expected an integer >= 0"),
-    (["--timestep-shift", "0"], "argument --timestep-shift: expected positive and finite"),
-    (["--ema", "1.5"], "argument --ema: expected a number in [0, 1); must be a number in [0, 1), got 1.5"),
-    (["--lr", "nan"], "argument --lr: expected positive and finite; must be positive and finite, got nan"),
-    (["--lr", "0"], "argument --lr: expected positive and finite"),
-    (["--checkpoint-minutes", "-1"], "argument --checkpoint-minutes: expected a finite number >= 0"),
-    (["--minutes", "0"], "argument --minutes: expected positive and finite"),
-    (["--unet-threads", "0"], "argument --unet-threads: expected a positive integer"),
-    (["--vae-object-weight", "-1"], "argument --vae-object-weight: expected a finite number >= 0"),
-    (["--unet-object-weight", "nan"], "argument --unet-object-weight: expected a finite number >= 0"),
-    (["--scorer-steps", "0"], "argument --scorer-steps: expected a positive integer"),
+BAD_FLAGS = [  # refused as they are parsed (one error line, exit 2), like train's flags
+    (["--batch", "0"], "argument --batch: must be a positive integer, got 0"),
+    (["--steps", "-3"], "argument --steps: must be a positive integer"),
+    (["--images", "0"], "argument --images: must be a positive integer"),
+    (["--vae-steps", "0"], "argument --vae-steps: must be a positive integer"),
+    (["--seed", "-1"], "argument --seed: must be an integer >= 0"),
+    (["--timestep-shift", "0"], "argument --timestep-shift: must be positive and finite"),
+    (["--ema", "1.5"], "argument --ema: must be a number in [0, 1), got 1.5"),
+    (["--lr", "nan"], "argument --lr: must be positive and finite, got nan"),
+    (["--lr", "0"], "argument --lr: must be positive and finite"),
+    (["--checkpoint-minutes", "-1"], "argument --checkpoint-minutes: must be a finite number >= 0"),
+    (["--minutes", "0"], "argument --minutes: must be positive and finite"),
+    (["--unet-threads", "0"], "argument --unet-threads: must be a positive integer"),
+    (["--vae-object-weight", "-1"], "argument --vae-object-weight: must be a finite number >= 0"),
+    (["--unet-object-weight", "nan"], "argument --unet-object-weight: must be a finite number >= 0"),
+    (["--scorer-steps", "0"], "argument --scorer-steps: must be a positive integer"),
 ]
 BAD_TOGETHER = [  # each flag is valid alone: refused in one line before any work
     (["--offset-noise", "0.3", "--pyramid", "0.8"], "give one of them"),
@@ -365,12 +365,12 @@ def test_a_build_config_from_python_is_checked_naming_the_setting():
 
 def test_world_gate_refuses_bad_settings_naming_the_flag_before_sampling(capsys):
     for extra, message in [
-        (["--prompts", "0"], "argument --prompts: expected a positive integer"),
-        (["--inference-steps", "0"], "argument --inference-steps: expected a positive integer"),
-        (["--threads", "0"], "argument --threads: expected a positive integer"),
-        (["--guidance", "nan"], "argument --guidance: expected a finite number >= 0"),
-        (["--guidance", "-1"], "argument --guidance: expected a finite number >= 0"),
-        (["--prompt-seed", "-2"], "argument --prompt-seed: expected an integer >= 0"),
+        (["--prompts", "0"], "argument --prompts: must be a positive integer"),
+        (["--inference-steps", "0"], "argument --inference-steps: must be a positive integer"),
+        (["--threads", "0"], "argument --threads: must be a positive integer"),
+        (["--guidance", "nan"], "argument --guidance: must be a finite number >= 0"),
+        (["--guidance", "-1"], "argument --guidance: must be a finite number >= 0"),
+        (["--prompt-seed", "-2"], "argument --prompt-seed: must be an integer >= 0"),
     ]:
         code, err = refused(["world", "gate", *extra], capsys)
         assert code == 2 and message in err and "Traceback" not in err, (extra, err)
@@ -378,7 +378,7 @@ def test_world_gate_refuses_bad_settings_naming_the_flag_before_sampling(capsys)
 
 def test_the_toy_suite_refuses_bad_settings_naming_the_flag_before_any_work(tmp_path, capsys):
     for extra, message in [
-        (["--world-draws", "0"], "argument --world-draws: expected a positive integer"),
+        (["--world-draws", "0"], "argument --world-draws: must be a positive integer"),
         (["--slerp-steps", "1"], "--slerp-steps must be"),
         (["--slerp-pair", "dog,dog"], "--slerp-pair dog,dog: give two different toy concepts"),
     ]:
