@@ -519,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, default=Path("dti-demo-output"), help="output folder (default ./dti-demo-output)"
     )
     demo.add_argument("--steps", type=_positive_int, default=400, help="steps per concept (default 400, the paper's)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     demo.set_defaults(func=_cmd_demo)
 
     tiny = sub.add_parser(

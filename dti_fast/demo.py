@@ -38,6 +38,10 @@ def demo_concepts(names=("dog", "clock", "backpack")) -> list[Concept]:
     return [Concept(name=n, images=root / n, init=DEMO_SUBJECTS[n][0], class_noun=DEMO_SUBJECTS[n][1]) for n in names]
 
 
+#: The file in a demo's --output that says the demo wrote its dti/ and ti/ folders.
+DEMO_MARKER = ".dti_fast_demo"
+
+
 def run_demo(output: Path = Path("dti-demo-output"), steps: int = 400, seed: int = 0, progress: bool = True) -> dict:
     """Run the demo; returns {method: TrainResult}."""
     from .testing import tiny_model_path
@@ -46,14 +50,21 @@ def run_demo(output: Path = Path("dti-demo-output"), steps: int = 400, seed: int
     model = tiny_model_path("sd")
     print(f"dti-fast demo: tiny SD model at {model}; concepts from {demo_images_dir()}")
     results = {}
+    marker = output / DEMO_MARKER
+    for method in ("dti", "ti"):  # checked for both before anything is removed
+        out = output / method
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not marker.is_file():
+            # Only a folder an earlier demo wrote (its marker says so) is replaced: a `train` job's
+            # output holds the same lock file, and its concepts are the user's work.
+            raise ValueError(
+                f"{out} holds files that the demo did not write; give the demo a new folder as --output"
+            )
+    output.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by dti-fast demo: its dti/ and ti/ folders are replaced by the next demo\n")
     for method in ("dti", "ti"):
         out = output / method
-        if out.exists():  # an earlier demo's job (its lock file says so) or nothing: replaced
-            if not out.is_dir() or (any(out.iterdir()) and not (out / ".dti_fast.lock").is_file()):
-                raise ValueError(
-                    f"{out} holds files that no dti-fast job wrote; give the demo a new folder as --output"
-                )
-            shutil.rmtree(out)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
         cfg = TrainConfig(
             model=str(model),
             output_dir=out,

@@ -162,9 +162,24 @@ def test_demo_refuses_an_output_whose_method_folder_holds_other_files_and_leaves
     mine = tmp_path / "here" / "dti" / "notes.txt"
     mine.parent.mkdir(parents=True)
     mine.write_text("mine")
-    with pytest.raises(ValueError, match="holds files that no dti-fast job wrote"):
+    with pytest.raises(ValueError, match="holds files that the demo did not write"):
         run_demo(output=tmp_path / "here", steps=1, progress=False)
     assert mine.read_text() == "mine"
+
+
+def test_demo_leaves_a_train_jobs_output_alone(tmp_path):
+    """A `train` output holds the same lock file as the demo's jobs; the demo used to take that as its
+    own earlier output and delete the user's trained concepts."""
+    from dti_fast.demo import run_demo
+
+    job = tmp_path / "work" / "ti"
+    (job / "dog").mkdir(parents=True)
+    (job / ".dti_fast.lock").write_text("")
+    learned = job / "dog" / "learned_embeds.safetensors"
+    learned.write_bytes(b"the user's concept")
+    with pytest.raises(ValueError, match="holds files that the demo did not write"):
+        run_demo(output=tmp_path / "work", steps=1, progress=False)
+    assert learned.read_bytes() == b"the user's concept" and not (tmp_path / "work" / "dti").exists()
 
 
 def test_throughput_flags_reach_the_config(tmp_path):
