@@ -56,9 +56,7 @@ def run_demo(output: Path = Path("dti-demo-output"), steps: int = 400, seed: int
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not marker.is_file():
             # Only a folder an earlier demo wrote (its marker says so) is replaced: a `train` job's
             # output holds the same lock file, and its concepts are the user's work.
-            raise ValueError(
-                f"{out} holds files that the demo did not write; give the demo a new folder as --output"
-            )
+            raise ValueError(f"{out} holds files that the demo did not write; give the demo a new folder as --output")
     output.mkdir(parents=True, exist_ok=True)
     marker.write_text("written by dti-fast demo: its dti/ and ti/ folders are replaced by the next demo\n")
     for method in ("dti", "ti"):
