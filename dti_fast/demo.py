@@ -61,8 +61,10 @@ def run_demo(output: Path = Path("dti-demo-output"), steps: int = 400, seed: int
     marker.write_text("written by dti-fast demo: its dti/ and ti/ folders are replaced by the next demo\n")
     for method in ("dti", "ti"):
         out = output / method
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
         cfg = TrainConfig(
             model=str(model),
             output_dir=out,
